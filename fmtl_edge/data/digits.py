@@ -1,0 +1,134 @@
+"""``digits``: scikit-learn's bundled handwritten digits, the embedded default data set.
+
+1,797 grey 8×8 images of the digits 0..9 (UCI "Optical Recognition of Handwritten Digits", the
+test part, shipped inside scikit-learn: no download). Inputs ``(N, 1, 8, 8)`` float32 in [0, 1]
+(pixel counts 0..16 divided by 16).
+
+Tasks (all read the same image):
+
+=============== ============== ======= ============================================================
+name            kind           out_dim target
+=============== ============== ======= ============================================================
+``digit``       classification 10      the digit, int64 0..9
+``parity``      binary         1       1.0 if the digit is odd, else 0.0
+``ge5``         binary         1       1.0 if the digit is >= 5, else 0.0
+``reconstruct`` dense          1       the input image itself (autoencoding; shares x's memory)
+``edges``       dense          1       Sobel magnitude of the image, in [0, 1] (see ``sobel_edges``)
+=============== ============== ======= ============================================================
+
+Default federation: 8 clients, ``Dirichlet(0.5)`` over the digit class, each client split
+80/20 into train/test stratified by digit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fmtl_edge.data._common import (
+    build_clients,
+    client_sizes,
+    default_min_size,
+    reject_option,
+    seed_streams,
+    sobel_edges,
+)
+from fmtl_edge.data.base import DataError, FederatedDataset
+from fmtl_edge.data.partition import dirichlet_partition, split_train_test, stratified_subsample
+from fmtl_edge.tasks import Task, TaskSet
+
+DEFAULT_CLIENTS = 8
+DEFAULT_ALPHA = 0.5
+
+TASKS = TaskSet(
+    [
+        Task("digit", "classification", 10, description="handwritten digit 0-9"),
+        Task("parity", "binary", 1, description="digit is odd (1) or even (0)"),
+        Task("ge5", "binary", 1, description="digit is >= 5 (1) or < 5 (0)"),
+        Task("reconstruct", "dense", 1, description="reconstruct the 8x8 image (autoencoding)"),
+        Task("edges", "dense", 1, description="Sobel edge magnitude of the 8x8 image, [0, 1]"),
+    ]
+)
+
+
+def load_digits(
+    *,
+    data_dir: str | Path | None = None,
+    n_clients: int | None = None,
+    seed: int = 0,
+    alpha: float | None = None,
+    test_fraction: float = 0.2,
+    image_size: int | None = None,
+    max_samples: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> FederatedDataset:
+    """Load ``digits`` federated over ``n_clients`` (default 8) with ``Dirichlet(alpha)`` (0.5).
+
+    ``cache_dir`` is accepted and unused (nothing to cache).
+
+    Raises:
+        DataError: ``data_dir`` given (the data is built in), ``image_size`` other than 8, or a
+            federation the 1,797 samples cannot fill.
+    """
+    if data_dir is not None:
+        reject_option("digits", "data_dir", data_dir, "the digits ship inside scikit-learn; drop --data-dir")
+    if image_size not in (None, 8):
+        reject_option("digits", "image_size", image_size, "the digits are 8x8; drop --image-size or pass 8")
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError as e:  # pragma: no cover - sklearn is a dependency
+        raise DataError(f"digits: scikit-learn is needed for the built-in digits ({e}); pip install scikit-learn") from e
+
+    n_clients = DEFAULT_CLIENTS if n_clients is None else int(n_clients)
+    alpha = DEFAULT_ALPHA if alpha is None else float(alpha)
+    rng_sub, rng_part, rng_split = seed_streams(seed, 3)
+
+    raw = _sk_load_digits()
+    images = np.asarray(raw.images, dtype=np.float32)  # (1797, 8, 8), 0..16
+    labels = np.asarray(raw.target, dtype=np.int64)
+    keep = stratified_subsample(labels, max_samples, rng_sub)
+    images, labels = images[keep], labels[keep]
+
+    x = (images / 16.0).astype(np.float32)[:, None, :, :]  # (N, 1, 8, 8) in [0, 1]
+    edges = np.stack([sobel_edges(im[0]) for im in x])[:, None].astype(np.float32)
+    n = len(labels)
+
+    parts = dirichlet_partition(labels, n_clients, alpha, rng_part, min_size=default_min_size(n, n_clients))
+    splits = [split_train_test(p, test_fraction, rng_split, stratify=labels[p]) for p in parts]
+
+    def get_x(idx: np.ndarray) -> np.ndarray:
+        return x[idx]
+
+    def get_y(idx: np.ndarray, xi: np.ndarray) -> dict[str, np.ndarray]:
+        d = labels[idx]
+        return {
+            "digit": d,
+            "parity": (d % 2).astype(np.float32),
+            "ge5": (d >= 5).astype(np.float32),
+            "reconstruct": xi,
+            "edges": edges[idx],
+        }
+
+    clients = build_clients(splits, get_x, get_y)
+    ds = FederatedDataset(
+        name="digits",
+        tasks=TASKS,
+        clients=clients,
+        input_shape=(1, 8, 8),
+        info={
+            "source": "sklearn.datasets.load_digits (bundled, UCI optdigits test part)",
+            "n_samples": int(n),
+            "n_clients": int(n_clients),
+            "partition": f"dirichlet(alpha={alpha:g}) over class",
+            "image_size": 8,
+            "test_fraction": float(test_fraction),
+            "split": "per client, stratified by digit",
+            "seed": int(seed),
+            "max_samples": None if max_samples is None else int(max_samples),
+            "skipped_files": 0,
+            "client_sizes": client_sizes(clients),
+        },
+    )
+    ds.validate()
+    return ds
