@@ -1,0 +1,235 @@
+"""The ``fmtl-edge`` command line: ``simulate``, ``report``, ``info``, ``meter``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+SIMULATE_HELP = """\
+Train several federated tasks at once over a pool of simulated clients, with MAS (merge and split)
+and its baselines, and compare total test loss, device time and energy per method.
+
+Methods (--methods, comma separated):
+  mas-<x>      merge all tasks into one multi-task model, train it all-in-one for R0 rounds while
+               measuring task affinities (lookahead, MAS Eq. 3), split the tasks into x groups that
+               maximise affinity (exact search), train each group R-R0 rounds from the merged weights
+  all-in-one   one multi-task model (shared backbone + one head per task), FedAvg for R rounds
+  one-by-one   one single-task FL job per task, one after another, R rounds each
+  fedprox      all-in-one with FedProx's proximal term (--fedprox-mu)
+
+Datasets (--dataset):
+  digits       scikit-learn's bundled 8x8 digits (no download; the default): digit, parity, ge5,
+               reconstruct, edges; 8 clients, Dirichlet(0.5) over the digit
+  utkface      a UTKFace image folder (--data-dir .../utkface/images): age, age_group, gender, race,
+               autoencode, edges, keypoints; 32 clients, Dirichlet over race
+  uci-har      UCI HAR per-subject arrays (--data-dir .../uci_har): one client per subject
+  npz          your own data: a folder of client_<id>.npz files and a tasks.toml (see docs/data.md)
+
+Settings come from built-in defaults < the dataset's preset < --config FILE.toml < flags.
+
+examples:
+  fmtl-edge simulate                                   # digits, mas-2,all-in-one,one-by-one
+  fmtl-edge simulate --dataset utkface --data-dir ../shared/data/utkface/images \\
+      --methods mas-2,mas-3,all-in-one,one-by-one --rounds 30 --out runs/utk
+  fmtl-edge simulate --config job.toml --seed 3       # flags override the file
+"""
+
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser(
+        "simulate", help="train FL tasks with MAS and baselines over simulated clients",
+        description=SIMULATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="digits | utkface | uci-har | npz (default: digits)")
+    g.add_argument("--data-dir", help="folder of the data set (utkface images, uci_har, npz folder)")
+    g.add_argument("--clients", type=int, help="number of clients (default: the dataset's)")
+    g.add_argument("--max-samples", type=int, help="use at most this many samples (quick runs)")
+    g.add_argument("--image-size", type=int, help="resize images to S×S pixels (utkface; default 64)")
+    g.add_argument("--alpha", type=float, help="Dirichlet concentration of the non-IID split")
+    g = p.add_argument_group("federated training")
+    g.add_argument("--methods", help="comma list (default: mas-2,all-in-one,one-by-one)")
+    g.add_argument("--rounds", type=int, help="R, rounds per task (preset: 30; paper: 100)")
+    g.add_argument("--r0", type=int, help="R0, rounds of MAS's merged phase (default: R/3)")
+    g.add_argument("--clients-per-round", type=int, help="K, clients sampled per round (default 4)")
+    g.add_argument("--local-epochs", type=int, help="E, local epochs per round (default 1)")
+    g.add_argument("--batch-size", type=int, help="samples per SGD step (default: preset)")
+    g.add_argument("--lr", type=float, help="base learning rate, poly-decayed per round (default 0.1)")
+    g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=float, help="weight decay (default 1e-4)")
+    g.add_argument("--affinity-every", type=int, help="ρ, measure task affinity every ρ batches (default 5)")
+    g.add_argument("--affinity-divide-by-lr", action="store_const", const=True,
+                   help="divide affinities by η as TAG does (off by default)")
+    g.add_argument("--fedprox-mu", type=float, help="μ of the fedprox method (default 0.01)")
+    g.add_argument("--width", type=int, help="backbone width (default 16)")
+    g.add_argument("--seed", type=int, help="run seed (default 0)")
+    g = p.add_argument_group("device and output")
+    g.add_argument("--device", help="cpu | cuda | cuda:N (default cpu)")
+    g.add_argument("--meter", help="energy meter: auto | estimate | null | nvml | jetson | rapl (default estimate)")
+    g.add_argument("--time-budget-s", type=float, help="per-round time budget of a client execution (s)")
+    g.add_argument("--energy-budget-j", type=float, help="per-round energy budget of a client execution (J)")
+    g.add_argument("--out", help="output folder (default runs/latest)")
+    g.add_argument("--config", help="TOML file with the same keys as these flags")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
+    g.add_argument("--json", action="store_true", help="print results.json to stdout instead of the table")
+    p.set_defaults(func=cmd_simulate)
+
+
+_CONFIG_KEYS = (
+    "dataset", "data_dir", "clients", "max_samples", "image_size", "alpha", "methods", "rounds", "r0",
+    "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
+    "affinity_divide_by_lr", "fedprox_mu", "width", "seed", "device", "meter", "time_budget_s",
+    "energy_budget_j", "out",
+)
+
+
+def _err(prog: str, msg: str) -> int:
+    print(f"fmtl-edge {prog}: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fmtl_edge.config import ConfigError, build_config
+    from fmtl_edge.data.base import DataError
+
+    console = Console(stderr=True)
+    try:
+        cfg = build_config({k: getattr(args, k) for k in _CONFIG_KEYS}, args.config)
+        from fmtl_edge.report import check_out_dir
+
+        check_out_dir(cfg.out)
+        from fmtl_edge.data import load_dataset
+
+        with console.status(f"loading {cfg.dataset}…", spinner="dots") if not args.no_progress else _null():
+            dataset = load_dataset(
+                cfg.dataset, data_dir=cfg.data_dir, n_clients=cfg.clients, seed=cfg.seed, alpha=cfg.alpha,
+                image_size=cfg.image_size, max_samples=cfg.max_samples,
+            )
+        cfg.validate_against(len(dataset.tasks), dataset.n_clients)
+        from fmtl_edge.methods import make_method
+
+        for m in cfg.methods:
+            make_method(m, dataset.tasks, cfg.rounds, cfg.r0, cfg.fedprox_mu)
+        from fmtl_edge.runtime import make_meter
+
+        make_meter(cfg.meter)
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+        return _err("simulate", str(e))
+
+    from fmtl_edge.models import ModelSpec
+    from fmtl_edge.report import summary_table, write_outputs
+    from fmtl_edge.simulation import run_methods
+
+    console.print(
+        f"[bold]{dataset.name}[/]: {len(dataset.tasks)} tasks ({', '.join(dataset.tasks.names)}), "
+        f"{dataset.n_clients} clients, K={cfg.clients_per_round}, R={cfg.rounds}, R0={cfg.r0}, "
+        f"methods {', '.join(cfg.methods)}"
+    )
+    hooks = {}
+    progress = None
+    if not args.no_progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+        bars: dict[str, int] = {}
+
+        def start(method):
+            bars[method.name] = progress.add_task(method.name, total=method.planned_rounds(), info="")
+
+        def on_round(method, rec):
+            loss = sum(rec.train_loss.values())
+            progress.update(bars[method.name], advance=1,
+                            info=f"{rec.job} r{rec.round + 1} train loss {loss:.3f}")
+
+        def end(method, entry):
+            progress.update(bars[method.name], info=f"test loss {entry['total_test_loss']:.3f}")
+
+        hooks = dict(on_method_start=start, on_round=on_round, on_method_end=end)
+    try:
+        if progress is not None:
+            with progress:
+                results, models = run_methods(cfg, dataset, **hooks)
+        else:
+            results, models = run_methods(cfg, dataset)
+        spec = ModelSpec(tuple(dataset.input_shape), width=cfg.width)
+        out = write_outputs(cfg.out, results, models, dataset.tasks, spec)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted: nothing was written[/]")
+        return 130
+    except (ConfigError, DataError, ValueError) as e:
+        return _err("simulate", str(e))
+    if args.json:
+        print((out / "results.json").read_text())
+    else:
+        Console().print(summary_table(results))
+        console.print(f"results: {out / 'results.json'}  models: {out / 'models'}")
+    return 0
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fmtl_edge.report import summary_table
+
+    p = Path(args.results)
+    if p.is_dir():
+        p = p / "results.json"
+    try:
+        results = json.loads(p.read_text())
+        table = summary_table(results)
+    except FileNotFoundError:
+        return _err("report", f"no results file at {p}; pass a results.json or the --out folder of a run")
+    except (json.JSONDecodeError, KeyError) as e:
+        return _err("report", f"{p} is not an fmtl-edge results.json ({e})")
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fmtl-edge",
+        description="Energy-aware federated multi-task learning on Jetson-class edge devices.",
+        epilog="Run `fmtl-edge <command> --help` for each command's options.",
+    )
+    from fmtl_edge import __version__
+
+    parser.add_argument("--version", action="version", version=f"fmtl-edge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    _add_simulate(sub)
+    rp = sub.add_parser("report", help="print the summary table of a finished run",
+                        description="Print the summary table of a run's results.json.")
+    rp.add_argument("results", help="results.json or the run's --out folder")
+    rp.set_defaults(func=cmd_report)
+    try:
+        from fmtl_edge.runtime.cli import register
+    except ImportError:
+        pass
+    else:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Run configuration of ``fmtl-edge simulate``: defaults, per-dataset presets, TOML files, validation.
+
+Precedence: built-in defaults < the dataset's preset < ``--config FILE.toml`` < command-line flags.
+TOML keys are the flag names without ``--`` (``clients-per-round`` or ``clients_per_round``).
+
+The paper's defaults (MAS §4): K = 4 clients per round, E = 1, R = 100, R0 ∈ [30, 40], ρ = 5,
+SGD momentum 0.9, wd 1e-4, lr 0.1 with poly decay. The dataset presets scale R and R0 down so the
+default runs finish in minutes on two CPU cores; they never change the logic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """An impossible or malformed setting. ``field`` names the offending key (flag name)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+DEFAULT_METHODS = ("mas-2", "all-in-one", "one-by-one")
+
+#: Per-dataset presets (R, R0 and sizes scaled down from the paper for 2-core machines).
+PRESETS: dict[str, dict[str, Any]] = {
+    "digits": {"rounds": 30, "r0": 10, "batch_size": 32},
+    "utkface": {"rounds": 30, "r0": 10, "batch_size": 64},
+    "uci-har": {"rounds": 30, "r0": 10, "batch_size": 32},
+    "npz": {"rounds": 30, "r0": 10},
+}
+
+
+@dataclass
+class SimulationConfig:
+    """Every setting of a simulation run (see ``fmtl-edge simulate --help`` for each)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    rounds: int = 100
+    r0: int = 35
+    clients: int | None = None
+    clients_per_round: int = 4
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    affinity_every: int = 5
+    affinity_divide_by_lr: bool = False
+    fedprox_mu: float = 0.01
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/latest"
+    meter: str = "estimate"
+    max_samples: int | None = None
+    image_size: int | None = None
+    alpha: float | None = None
+    width: int = 16
+    time_budget_s: float | None = None
+    energy_budget_j: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["methods"] = list(self.methods)
+        return d
+
+    # -- validation that needs no data -----------------------------------------------------------
+    def validate(self) -> None:
+        """Check values that are wrong whatever the data.
+
+        Raises:
+            ConfigError: naming the field (as its flag) and the fix.
+        """
+        _positive_int(self, "rounds")
+        _positive_int(self, "r0")
+        _positive_int(self, "clients_per_round")
+        _positive_int(self, "local_epochs")
+        _positive_int(self, "batch_size")
+        _positive_int(self, "affinity_every")
+        _positive_int(self, "width")
+        if self.clients is not None:
+            _positive_int(self, "clients")
+        if self.max_samples is not None:
+            _positive_int(self, "max_samples")
+        if self.image_size is not None and self.image_size < 8:
+            raise ConfigError("--image-size", f"must be >= 8 pixels, got {self.image_size}")
+        if not self.lr > 0:
+            raise ConfigError("--lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("--momentum", f"must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError("--weight-decay", f"must be >= 0, got {self.weight_decay}")
+        if not self.methods:
+            raise ConfigError("--methods", "name at least one method, e.g. mas-2,all-in-one,one-by-one")
+        if any(m.startswith("mas-") for m in self.methods) and self.r0 >= self.rounds:
+            raise ConfigError(
+                "--r0", f"the merge phase R0={self.r0} must be shorter than R={self.rounds} rounds; "
+                f"lower --r0 (e.g. {max(1, self.rounds // 3)}) or raise --rounds"
+            )
+        if self.clients is not None and self.clients_per_round > self.clients:
+            raise ConfigError(
+                "--clients-per-round", f"K={self.clients_per_round} is more than the {self.clients} "
+                "clients; lower --clients-per-round or raise --clients"
+            )
+        if self.device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ConfigError("--device", f"{self.device!r} is not cpu, cuda or cuda:N")
+        for name in ("time_budget_s", "energy_budget_j"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigError("--" + name.replace("_", "-"), f"must be > 0, got {v}")
+
+    def validate_against(self, n_tasks: int, n_clients: int) -> None:
+        """Checks that need the loaded dataset (task and client counts).
+
+        Raises:
+            ConfigError: K > clients, or a ``mas-x`` with more splits than tasks.
+        """
+        if self.clients_per_round > n_clients:
+            raise ConfigError(
+                "--clients-per-round", f"K={self.clients_per_round} but the dataset has {n_clients} "
+                "clients; lower --clients-per-round"
+            )
+        for m in self.methods:
+            mm = re.fullmatch(r"mas-(\d+)", m)
+            if mm and not 1 <= int(mm.group(1)) <= n_tasks:
+                raise ConfigError(
+                    "--methods", f"{m} asks for {mm.group(1)} splits but there are {n_tasks} tasks; "
+                    f"use mas-1..mas-{n_tasks}"
+                )
+
+
+def _positive_int(cfg: SimulationConfig, name: str) -> None:
+    v = getattr(cfg, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError("--" + name.replace("_", "-"), f"must be a whole number >= 1, got {v!r}")
+
+
+_FIELDS = {f.name: f for f in fields(SimulationConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Coerce a TOML value to the field's type, or raise ConfigError naming the key."""
+    if name == "methods":
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError("methods", "must be a list of names or a comma-separated string")
+        return tuple(v.strip() for v in value)
+    default = _FIELDS[name].default
+    kind = type(default) if default is not None else None
+    if value is None:
+        return None
+    if name in ("clients", "max_samples", "image_size"):
+        kind = int
+    elif name in ("alpha", "time_budget_s", "energy_budget_j"):
+        kind = float
+    elif name == "data_dir":
+        kind = str
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, f"must be a whole number, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, f"must be a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a config file; keys may use ``-`` or ``_``; an optional ``[simulate]`` table is accepted.
+
+    Raises:
+        ConfigError: missing file, bad TOML, unknown key or wrong type (naming the key).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", f"no such file {str(p)!r}")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("--config", f"{p} is not valid TOML: {e}") from None
+    if "simulate" in raw and isinstance(raw["simulate"], dict):
+        raw = {**{k: v for k, v in raw.items() if k != "simulate"}, **raw["simulate"]}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS:
+            known = ", ".join(sorted(k.replace("_", "-") for k in _FIELDS))
+            raise ConfigError(f"{p}: {key}", f"unknown key; known keys: {known}")
+        out[name] = _coerce(name, value)
+    return out
+
+
+def build_config(overrides: Mapping[str, Any], config_file: str | Path | None = None) -> SimulationConfig:
+    """Defaults < dataset preset < TOML file < ``overrides`` (flags given on the command line).
+
+    ``overrides`` holds only values the user set (None means "not given").
+
+    Raises:
+        ConfigError: as :func:`load_toml` and :meth:`SimulationConfig.validate`.
+    """
+    from_file = load_toml(config_file) if config_file else {}
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    dataset = flags.get("dataset", from_file.get("dataset", SimulationConfig.dataset))
+    merged: dict[str, Any] = dict(PRESETS.get(dataset, {}))
+    merged.update(from_file)
+    merged.update(flags)
+    explicit = {**from_file, **flags}
+    if "rounds" in explicit and "r0" not in explicit:
+        # R0 follows R (a third, as the presets and the paper's R0 ≈ 0.3–0.4·R) unless set.
+        merged["r0"] = max(1, min(int(merged["rounds"]) - 1, round(int(merged["rounds"]) / 3)))
+    if "methods" in merged:
+        merged["methods"] = _coerce("methods", merged["methods"])
+    cfg = SimulationConfig(**merged)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,60 @@
+"""Per-task model files: safetensors (always) — ONNX export comes with the device-runtime work.
+
+A per-task file holds the backbone θ_s of the task's final group plus the task's head θ_i, under the
+same names as :class:`~fmtl_edge.models.MultiTaskModel`'s state dict, with string metadata:
+``task``, ``kind``, ``out_dim``, ``method``, ``input_shape`` (JSON), ``width``, ``format`` =
+``fmtl-edge/task-model/1``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from fmtl_edge.models import ModelSpec, MultiTaskModel
+from fmtl_edge.tasks import Task
+
+FORMAT = "fmtl-edge/task-model/1"
+
+
+def save_task_model(path: str | Path, state: Mapping[str, np.ndarray], task: Task, spec: ModelSpec,
+                    method: str = "") -> Path:
+    """Write one task's final model (``state``: backbone + that task's head) as safetensors."""
+    meta = {
+        "format": FORMAT, "task": task.name, "kind": task.kind, "out_dim": str(task.out_dim),
+        "target_mean": repr(task.target_mean), "target_std": repr(task.target_std), "units": task.units,
+        "method": method, "input_shape": json.dumps(list(spec.input_shape)), "width": str(spec.width),
+        "depth": str(spec.depth),
+    }
+    arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(arrays, str(path), metadata=meta)
+    return path
+
+
+def load_task_model(path: str | Path) -> tuple[MultiTaskModel, Task]:
+    """Read a file written by :func:`save_task_model` back into a one-task model (eval mode).
+
+    Raises:
+        ValueError: the file is not an fmtl-edge task model.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an fmtl-edge task model (metadata format {meta.get('format')!r})")
+    task = Task(meta["task"], meta["kind"], int(meta["out_dim"]), float(meta["target_mean"]),
+                float(meta["target_std"]), meta.get("units", ""))
+    spec = ModelSpec(tuple(json.loads(meta["input_shape"])), int(meta["width"]), int(meta["depth"]))
+    import torch
+
+    model = MultiTaskModel(spec, [task])
+    state = load_file(str(path))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    return model.eval(), task

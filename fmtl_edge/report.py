@@ -1,0 +1,123 @@
+"""Outputs of a run: ``results.json``, per-task model files and the summary table.
+
+Files are written into a hidden staging folder beside ``--out`` and moved into place only when all
+of them are complete, so an interrupted or failed run never leaves anything that looks like a result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from fmtl_edge.config import ConfigError
+from fmtl_edge.export import save_task_model
+from fmtl_edge.models import ModelSpec
+from fmtl_edge.tasks import TaskSet
+
+RESULTS = "results.json"
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """Refuse an ``--out`` that holds something other than an earlier fmtl-edge result.
+
+    Raises:
+        ConfigError: ``--out`` is a file, or a non-empty folder without ``results.json``.
+    """
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ConfigError("--out", f"{p} is a file; name a folder")
+    if p.is_dir() and any(p.iterdir()) and not (p / RESULTS).is_file():
+        raise ConfigError("--out", f"{p} is not empty and holds no {RESULTS}; name a new or empty folder")
+    return p
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(o: Any) -> Any:
+    """NaN/Inf → None so results.json is strict JSON."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def write_outputs(out: str | Path, results: Mapping[str, Any],
+                  models: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
+                  tasks: TaskSet, spec: ModelSpec) -> Path:
+    """Write ``results.json`` and ``models/<method>/<task>.safetensors`` atomically into ``out``.
+
+    An earlier result in ``out`` is replaced only once the new one is complete.
+    """
+    out = check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        for method, per_task in models.items():
+            for task, state in per_task.items():
+                save_task_model(stage / "models" / method / f"{task}.safetensors", state, tasks[task], spec, method)
+        text = json.dumps(_clean(dict(results)), indent=2, default=_json_default)
+        (stage / RESULTS).write_text(text + "\n")
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(stage, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return f"{v:.{digits}f}"
+
+
+def summary_table(results: Mapping[str, Any]):
+    """A rich Table: one row per method (total test loss, per-task loss/metric, device s, energy J)."""
+    from rich.table import Table
+
+    tasks = results["tasks"]
+    table = Table(title=f"fmtl-edge · {results['dataset']} · {len(tasks)} tasks · {results['clients']} clients",
+                  show_lines=False)
+    table.add_column("method", style="bold")
+    table.add_column("total test loss", justify="right")
+    for t in tasks:
+        table.add_column(t, justify="right")
+    table.add_column("device s", justify="right")
+    table.add_column("energy J", justify="right")
+    table.add_column("splits")
+    for name, m in results["methods"].items():
+        cells = []
+        for t in tasks:
+            pt = m["per_task"][t]
+            cells.append(f"{_fmt(pt['test_loss'])}\n{pt['metric_name']} {_fmt(pt['metric'])}")
+        energy = _fmt(m["energy_j"], 1)
+        if m["energy_j"] is not None and m["energy_estimated"]:
+            energy += " (est.)"
+        splits = " | ".join("+".join(g) for g in m["splits"])
+        table.add_row(name, _fmt(m["total_test_loss"]), *cells, _fmt(m["device_s"], 1), energy, splits)
+    sources = sorted({m["energy_source"] for m in results["methods"].values()})
+    table.caption = "energy source: " + "; ".join(sources) + " — per task: test loss / metric"
+    return table

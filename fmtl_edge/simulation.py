@@ -1,0 +1,171 @@
+"""``fmtl-edge simulate``'s engine: every method over the same simulated client pool and data.
+
+:func:`run_methods` builds the in-process client pool (each execution leased and metered), runs each
+method's plan with the :class:`~fmtl_edge.coordinator.Coordinator`, reconstructs every task's final
+model (its group's θ_s plus its θ_i) and evaluates it on the union of the clients' test splits. It
+returns the ``results.json`` content and the final per-task states; :mod:`fmtl_edge.report` writes
+them. Nothing here writes files.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import replace
+from typing import Any, Callable
+
+import numpy as np
+
+from fmtl_edge import __version__
+from fmtl_edge.client import build_model, evaluate
+from fmtl_edge.config import SimulationConfig
+from fmtl_edge.coordinator import Coordinator, EnergyTally, InProcessClientPool, JobOutcome, RoundRecord
+from fmtl_edge.data.base import FederatedDataset
+from fmtl_edge.messages import TrainConfig
+from fmtl_edge.methods import Method, make_method
+from fmtl_edge.models import ModelSpec
+from fmtl_edge.partition import select_state
+
+
+def train_config(cfg: SimulationConfig) -> TrainConfig:
+    return TrainConfig(
+        local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, affinity_every=cfg.affinity_every,
+        affinity_divide_by_lr=cfg.affinity_divide_by_lr, fedprox_mu=0.0, device=cfg.device,
+    )
+
+
+def versions() -> dict[str, Any]:
+    import torch
+
+    out: dict[str, Any] = {
+        "fmtl_edge": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+        "numpy": np.__version__, "platform": platform.platform(),
+    }
+    try:
+        from fmtl_edge import _kernels
+
+        out["kernels"] = getattr(_kernels, "__version__", "built")
+        out["kernels_cuda_compiled"] = bool(getattr(_kernels, "cuda_compiled", False))
+    except ImportError:  # pragma: no cover - the package cannot work without it
+        out["kernels"] = None
+    return out
+
+
+def make_runtime(cfg: SimulationConfig):
+    """The meter and the per-execution lease factory for the simulated pool."""
+    from fmtl_edge.runtime import DeviceLease, make_meter
+
+    meter = make_meter(cfg.meter)
+
+    def lease(_cid: int):
+        # All simulated clients share this machine: one FL task at a time on it.
+        return DeviceLease("local", timeout_s=600.0)
+
+    return meter, lease
+
+
+def evaluate_method(method: Method, done: dict[str, JobOutcome], dataset: FederatedDataset,
+                    spec: ModelSpec, device: str) -> tuple[dict[str, dict], dict[str, dict[str, np.ndarray]]]:
+    """Test loss/metric of each task with its final model, and those models' states.
+
+    Returns:
+        (task → evaluation dict, task → state of backbone + that task's head)
+    """
+    finals = method.final_jobs(done)
+    per_task: dict[str, dict] = {}
+    states: dict[str, dict[str, np.ndarray]] = {}
+    by_job: dict[str, list[str]] = {}
+    for task, job in finals.items():
+        by_job.setdefault(job, []).append(task)
+    for job, tasks in by_job.items():
+        outcome = done[job]
+        model = build_model(spec, dataset.tasks.subset(outcome.job.tasks), outcome.state, device)
+        per_task.update(evaluate(model, dataset.clients, tasks))
+        for t in tasks:
+            states[t] = select_state(outcome.state, [t])
+    return {t: per_task[t] for t in dataset.tasks.names}, states
+
+
+def run_methods(
+    cfg: SimulationConfig,
+    dataset: FederatedDataset,
+    *,
+    on_method_start: Callable[[Method], None] | None = None,
+    on_round: Callable[[Method, RoundRecord], None] | None = None,
+    on_method_end: Callable[[Method, dict], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, np.ndarray]]]]:
+    """Run every method of ``cfg.methods`` on ``dataset``.
+
+    Returns:
+        (results, models): ``results`` in the ``results.json`` layout (see README), ``models[method][task]``
+        the final state of that task's model (backbone + its head).
+
+    Raises:
+        ConfigError, ValueError: invalid method names or settings (before any training).
+    """
+    cfg.validate_against(len(dataset.tasks), dataset.n_clients)
+    spec = ModelSpec(tuple(dataset.input_shape), width=cfg.width)
+    methods = [make_method(m, dataset.tasks, cfg.rounds, cfg.r0, cfg.fedprox_mu) for m in cfg.methods]
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--methods lists a method twice: {cfg.methods}")
+    meter, lease = make_runtime(cfg)
+    pool = InProcessClientPool(dataset, spec, meter, lease)
+    train = train_config(cfg)
+    results: dict[str, Any] = {
+        "dataset": dataset.name, "dataset_info": dataset.info, "tasks": list(dataset.tasks.names),
+        "task_kinds": {t.name: t.kind for t in dataset.tasks},
+        "clients": dataset.n_clients, "config": cfg.to_dict(), "versions": versions(), "methods": {},
+    }
+    models: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for method in methods:
+        if on_method_start:
+            on_method_start(method)
+        coord = Coordinator(
+            pool, spec, dataset.tasks, replace(train, fedprox_mu=0.0), cfg.clients_per_round, cfg.seed,
+            on_round=(lambda rec, m=method: on_round(m, rec)) if on_round else None,
+            time_budget_s=cfg.time_budget_s, energy_budget_j=cfg.energy_budget_j,
+        )
+        t0 = time.perf_counter()
+        done = coord.run_method(method)
+        wall = time.perf_counter() - t0
+        per_task, states = evaluate_method(method, done, dataset, spec, cfg.device)
+        tally = EnergyTally()
+        for o in done.values():
+            tally.merge(o.energy)
+        aff = method.affinity(done)
+        entry = {
+            "total_test_loss": float(sum(v["loss"] for v in per_task.values())),
+            "per_task": {t: {"test_loss": v["loss"], "metric_name": v["metric_name"], "metric": v["metric"],
+                             "test_samples": v["n"]} for t, v in per_task.items()},
+            "device_s": tally.device_s,
+            "energy_j": tally.total_j,
+            "energy_source": tally.source,
+            "energy_scope": tally.scope,
+            "energy_estimated": tally.estimated,
+            "client_executions": tally.executions,
+            "rounds": sum(o.job.rounds for o in done.values()),
+            "rounds_per_task": cfg.rounds,
+            "splits": method.splits(done),
+            "affinity": None if aff is None else np.asarray(aff).tolist(),
+            "wall_s": wall,
+            "jobs": [
+                {"name": o.job.name, "tasks": list(o.job.tasks), "rounds": o.job.rounds,
+                 "init_from": o.job.init_from, "device_s": o.energy.device_s, "energy_j": o.energy.total_j,
+                 "wall_s": o.wall_s,
+                 "train_loss_last_round": o.history[-1].train_loss if o.history else None}
+                for o in done.values()
+            ],
+            "history": [
+                {"job": r.job, "round": r.round, "clients": r.clients, "lr": r.lr, "train_loss": r.train_loss,
+                 "samples": r.samples, "device_s": r.device_s, "energy_j": r.energy_j, "wall_s": r.wall_s}
+                for o in done.values() for r in o.history
+            ],
+        }
+        results["methods"][method.name] = entry
+        models[method.name] = states
+        if on_method_end:
+            on_method_end(method, entry)
+    return results, models
