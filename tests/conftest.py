@@ -1,0 +1,50 @@
+"""Shared fixtures: small synthetic multi-task data and the shared-data locator."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmtl_edge.data.base import ClientData, FederatedDataset
+from fmtl_edge.tasks import Task, TaskSet
+
+
+def shared_data_dir() -> Path:
+    """``../shared/data`` beside the checkout (override: FMTL_EDGE_SHARED_DATA)."""
+    env = os.environ.get("FMTL_EDGE_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def make_toy_dataset(n_clients: int = 4, n_per_client: int = 24, seed: int = 0, size: int = 8) -> FederatedDataset:
+    """Tiny image dataset with a classification, a binary, a regression and a dense task."""
+    rng = np.random.default_rng(seed)
+    tasks = TaskSet([
+        Task("cls", "classification", 3),
+        Task("bin", "binary"),
+        Task("reg", "regression", target_mean=2.0, target_std=1.5, units="u"),
+        Task("den", "dense", 1),
+    ])
+    clients = []
+    for c in range(n_clients):
+        def split(n):
+            x = rng.random((n, 1, size, size), dtype=np.float32)
+            m = x.mean(axis=(1, 2, 3))
+            y = {
+                "cls": (m * 3 * 1.999).astype(np.int64).clip(0, 2),
+                "bin": (x[:, 0, 0, 0] > 0.5).astype(np.float32),
+                "reg": (m * 4).astype(np.float32),
+                "den": (1 - x).astype(np.float32),
+            }
+            return x, y
+        xtr, ytr = split(n_per_client)
+        xte, yte = split(max(4, n_per_client // 4))
+        clients.append(ClientData(c, xtr, ytr, xte, yte))
+    return FederatedDataset("toy", tasks, clients, (1, size, size), {"source": "synthetic"})
+
+
+@pytest.fixture
+def toy_dataset() -> FederatedDataset:
+    return make_toy_dataset()
