@@ -213,11 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Print the summary table of a run's results.json.")
     rp.add_argument("results", help="results.json or the run's --out folder")
     rp.set_defaults(func=cmd_report)
-    try:
-        from fmtl_edge.runtime.cli import register
-    except ImportError:
-        pass
-    else:
+    for module in ("fmtl_edge.runtime.cli", "fmtl_edge.transport.cli"):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except ImportError:
+            continue  # that part is not installed in this build
         register(sub)
     return parser
 
