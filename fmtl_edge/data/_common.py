@@ -33,7 +33,11 @@ def default_data_candidates(rel: str) -> list[tuple[str, Path]]:
 
 
 def resolve_data_path(
-    dataset: str, data_dir: str | Path | None, rel: str, accept: Callable[[Path], Path | None]
+    dataset: str,
+    data_dir: str | Path | None,
+    rel: str,
+    accept: Callable[[Path], Path | None],
+    expect: str = "",
 ) -> Path:
     """Find a data set's folder or file.
 
@@ -42,6 +46,7 @@ def resolve_data_path(
         data_dir: the user's ``--data-dir`` (or ``None`` for the defaults).
         rel: path below a data root (e.g. ``utkface/images``).
         accept: maps a candidate path to the usable path, or ``None`` when it does not hold the data.
+        expect: what the data looks like (e.g. the file name pattern), added to error messages.
 
     Raises:
         DataError: nothing usable; the message lists what was tried and says to pass ``--data-dir``.
@@ -61,7 +66,8 @@ def resolve_data_path(
                     return got
             raise DataError(
                 f"{dataset}: {str(p)!r} does not hold the {dataset} data (looked for "
-                f"{rel!r} inside it too); pass --data-dir pointing at the {dataset} data"
+                f"{rel!r} inside it too){'; expected ' + expect if expect else ''}; pass --data-dir "
+                f"pointing at the {dataset} data"
             )
         return got
     tried = []
@@ -72,6 +78,7 @@ def resolve_data_path(
     raise DataError(
         f"{dataset}: no data folder given and none found (tried {'; '.join(tried)}); pass "
         f"--data-dir (data_dir=...) or set ${DATA_DIR_ENV} to the folder holding {rel!r}"
+        + (f"; expected {expect}" if expect else "")
     )
 
 

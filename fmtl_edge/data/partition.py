@@ -43,7 +43,7 @@ def _check_n_clients(n_clients: int, n_samples: int, min_size: int) -> None:
     if n_clients * min_size > n_samples:
         raise DataError(
             f"cannot give {n_clients} clients at least {min_size} samples each from {n_samples} "
-            "samples: lower n_clients (--clients) or raise max_samples"
+            "samples: lower n_clients (--clients) or use more samples (max_samples, --data-dir)"
         )
 
 
@@ -228,14 +228,26 @@ def split_train_test(
 
 
 def stratified_subsample(
-    labels: Sequence | np.ndarray, max_samples: int | None, rng: np.random.Generator | int | None
+    labels: Sequence | np.ndarray,
+    max_samples: int | None,
+    rng: np.random.Generator | int | None,
+    cover: Sequence | np.ndarray | None = None,
 ) -> np.ndarray:
     """At most ``max_samples`` positions of ``labels``, keeping each label's share (seeded).
 
-    Returns all positions (sorted) when ``max_samples`` is ``None`` or not smaller than ``N``.
+    Args:
+        labels: one label per sample; the subset keeps their proportions (near) exactly.
+        max_samples: size of the subset; ``None`` or ``>= N`` keeps everything.
+        rng: generator or seed.
+        cover: optional coarser groups (one per sample) of which each gets at least one sample
+            when ``max_samples`` is at least the number of groups (e.g. every client's train and
+            test part).
+
+    Returns:
+        Sorted int64 positions.
 
     Raises:
-        DataError: ``max_samples < 1``.
+        DataError: ``max_samples < 1`` or ``cover`` of another length.
     """
     labels = np.asarray(labels).reshape(-1)
     n = len(labels)
@@ -244,6 +256,14 @@ def stratified_subsample(
     if int(max_samples) != max_samples or max_samples < 1:
         raise DataError(f"max_samples must be a positive integer, got {max_samples!r}")
     order = _stratified_order(labels, as_rng(rng))
+    if cover is not None:
+        cover = np.asarray(cover).reshape(-1)
+        if len(cover) != n:
+            raise DataError(f"cover has {len(cover)} entries but labels has {n}")
+        _, first = np.unique(cover[order], return_index=True)
+        front = np.zeros(n, dtype=bool)
+        front[first] = True
+        order = np.concatenate([order[front], order[~front]])
     return np.sort(order[: int(max_samples)]).astype(np.int64)
 
 
