@@ -13,8 +13,12 @@ from fmtl_edge.data import DataError, load_dataset
 SHARED = Path(os.environ.get("FMTL_EDGE_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 HAR = SHARED / "uci_har" / "har265_per_subject.npz"
 
-needs_har = pytest.mark.skipif(not HAR.is_file(), reason=f"shared UCI HAR file not found at {HAR} (set FMTL_EDGE_SHARED_DATA)")
-pytestmark = pytest.mark.data
+_skip = pytest.mark.skipif(not HAR.is_file(), reason=f"shared UCI HAR file not found at {HAR} (set FMTL_EDGE_SHARED_DATA)")
+
+
+def needs_har(f):
+    """Real-data test: marked ``data`` and skipped where the shared file is absent."""
+    return pytest.mark.data(_skip(f))
 
 
 @pytest.fixture(scope="module")

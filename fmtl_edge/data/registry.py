@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from pathlib import Path
 from typing import Callable
 
@@ -74,9 +75,9 @@ def load_dataset(
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     if n_clients is not None and (isinstance(n_clients, bool) or int(n_clients) != n_clients or n_clients < 1):
         raise DataError(f"n_clients must be a positive integer, got {n_clients!r}")
-    if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+    if alpha is not None and not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha > 0):
         raise DataError(f"alpha (Dirichlet concentration) must be a number > 0, got {alpha!r}")
-    if not (isinstance(test_fraction, (int, float)) and 0.0 <= test_fraction < 1.0):
+    if not (isinstance(test_fraction, numbers.Real) and 0.0 <= test_fraction < 1.0):
         raise DataError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
     if image_size is not None and (int(image_size) != image_size or not 4 <= image_size <= 1024):
         raise DataError(f"image_size must be an integer in [4, 1024], got {image_size!r}")
