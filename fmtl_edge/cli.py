@@ -123,7 +123,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return _err("simulate", str(e))
 
     from fmtl_edge.models import ModelSpec
-    from fmtl_edge.report import summary_table, write_outputs
+    from fmtl_edge.report import summary_tables, write_outputs
     from fmtl_edge.simulation import run_methods
 
     console.print(
@@ -168,7 +168,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         print((out / "results.json").read_text())
     else:
-        Console().print(summary_table(results))
+        for table in summary_tables(results):
+            Console().print(table)
         console.print(f"results: {out / 'results.json'}  models: {out / 'models'}")
     return 0
 
@@ -182,19 +183,20 @@ def _null():
 def cmd_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from fmtl_edge.report import summary_table
+    from fmtl_edge.report import summary_tables
 
     p = Path(args.results)
     if p.is_dir():
         p = p / "results.json"
     try:
         results = json.loads(p.read_text())
-        table = summary_table(results)
+        tables = summary_tables(results)
     except FileNotFoundError:
         return _err("report", f"no results file at {p}; pass a results.json or the --out folder of a run")
     except (json.JSONDecodeError, KeyError) as e:
         return _err("report", f"{p} is not an fmtl-edge results.json ({e})")
-    Console().print(table)
+    for table in tables:
+        Console().print(table)
     return 0
 
 

@@ -94,30 +94,35 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
-def summary_table(results: Mapping[str, Any]):
-    """A rich Table: one row per method (total test loss, per-task loss/metric, device s, energy J)."""
+def summary_tables(results: Mapping[str, Any]):
+    """Two rich Tables: per method (total test loss, device s, energy J, splits) and per task
+    (test loss and metric of each task under each method)."""
     from rich.table import Table
 
     tasks = results["tasks"]
-    table = Table(title=f"fmtl-edge · {results['dataset']} · {len(tasks)} tasks · {results['clients']} clients",
-                  show_lines=False)
-    table.add_column("method", style="bold")
-    table.add_column("total test loss", justify="right")
-    for t in tasks:
-        table.add_column(t, justify="right")
-    table.add_column("device s", justify="right")
-    table.add_column("energy J", justify="right")
-    table.add_column("splits")
-    for name, m in results["methods"].items():
-        cells = []
-        for t in tasks:
-            pt = m["per_task"][t]
-            cells.append(f"{_fmt(pt['test_loss'])}\n{pt['metric_name']} {_fmt(pt['metric'])}")
+    methods = results["methods"]
+    main = Table(title=f"fmtl-edge · {results['dataset']} · {len(tasks)} tasks · {results['clients']} clients")
+    main.add_column("method", style="bold")
+    main.add_column("total test loss", justify="right")
+    main.add_column("device s", justify="right")
+    main.add_column("energy J", justify="right")
+    main.add_column("rounds", justify="right")
+    main.add_column("splits")
+    for name, m in methods.items():
         energy = _fmt(m["energy_j"], 1)
         if m["energy_j"] is not None and m["energy_estimated"]:
             energy += " (est.)"
         splits = " | ".join("+".join(g) for g in m["splits"])
-        table.add_row(name, _fmt(m["total_test_loss"]), *cells, _fmt(m["device_s"], 1), energy, splits)
-    sources = sorted({m["energy_source"] for m in results["methods"].values()})
-    table.caption = "energy source: " + "; ".join(sources) + " — per task: test loss / metric"
-    return table
+        main.add_row(name, _fmt(m["total_test_loss"]), _fmt(m["device_s"], 1), energy, str(m["rounds"]), splits)
+    sources = sorted({m["energy_source"] for m in methods.values()})
+    main.caption = "energy source: " + "; ".join(sources)
+    per = Table(title="per task: test loss / metric")
+    per.add_column("task", style="bold")
+    per.add_column("metric")
+    for name in methods:
+        per.add_column(name, justify="right")
+    for t in tasks:
+        first = next(iter(methods.values()))["per_task"][t]
+        cells = [f"{_fmt(m['per_task'][t]['test_loss'])} / {_fmt(m['per_task'][t]['metric'])}" for m in methods.values()]
+        per.add_row(t, first["metric_name"], *cells)
+    return main, per
