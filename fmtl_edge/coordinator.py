@@ -6,6 +6,19 @@ coordinator code aggregates the updates. Per round of a job it samples K eligibl
 the global state and the round's learning rate, and FedAvg-aggregates the returned states slice by slice
 (``common`` over all K, ``task:<t>`` over the clients that trained t, weighted by samples used) with the
 streaming :class:`fmtl_edge.aggregation.Accumulator`, so the server holds O(P) memory.
+
+Deployment hooks (used by ``fmtl-server``; the in-process behaviour is unchanged when they are unset):
+
+- ``on_round_end(RoundCheckpoint)`` after every round: everything needed to resume the job at the
+  next round boundary (global state, affinity per round, energy tally, history). Client sampling and
+  client batch order are derived from ``(seed, job, round[, client])``, so no RNG state is carried.
+- ``run_job(..., resume=checkpoint)`` / ``run_method(..., done=..., resume=...)`` continue a plan from
+  its finished jobs and the last completed round of the running job.
+- ``min_updates``: a round with fewer usable updates raises :class:`RoundFailed` (the pool's deadline
+  and retry policy decides how many arrive; the in-process pool always returns all of them).
+- An update whose ``state`` has an ``as_flat(layout)`` method (a memory-mapped upload) is aggregated
+  from that flat float32 vector without a copy, which keeps the server at about three model sizes
+  (global vector, accumulator, one mapped update) whatever K is.
 """
 
 from __future__ import annotations
@@ -72,6 +85,25 @@ class EnergyTally:
         self.scopes.add(str(energy.get("total_scope", "none")))
         self.estimated = self.estimated or bool(energy.get("estimated", False))
 
+    def copy(self) -> "EnergyTally":
+        return EnergyTally.from_dict(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (checkpoints); :meth:`from_dict` reads it back."""
+        return {"device_s": self.device_s, "total_j": self.total_j, "executions": self.executions,
+                "sources": sorted(self.sources), "scopes": sorted(self.scopes), "estimated": self.estimated}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "EnergyTally":
+        t = cls()
+        t.device_s = float(d["device_s"])
+        t.total_j = None if d.get("total_j") is None else float(d["total_j"])
+        t.executions = int(d["executions"])
+        t.sources = set(d.get("sources", ()))
+        t.scopes = set(d.get("scopes", ()))
+        t.estimated = bool(d.get("estimated", False))
+        return t
+
     def merge(self, other: "EnergyTally") -> None:
         self.device_s += other.device_s
         self.executions += other.executions
@@ -103,6 +135,9 @@ class RoundRecord:
     energy_j: float | None
     wall_s: float
     stopped_early: int = 0
+    #: client ids whose updates were aggregated, in arrival order (differs from ``clients`` when a
+    #: remote pool replaced a sampled device that failed; the same in simulation)
+    executed: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -116,6 +151,40 @@ class JobOutcome:
     energy: EnergyTally
     history: list[RoundRecord] = field(default_factory=list)
     wall_s: float = 0.0
+
+
+class RoundFailed(RuntimeError):
+    """A round ended with fewer usable updates than ``min_updates`` (no aggregate was applied)."""
+
+    def __init__(self, job: str, round_idx: int, got: int, needed: int, detail: str = ""):
+        self.job, self.round, self.got, self.needed = job, round_idx, got, needed
+        if got == 0:
+            msg = f"job {job!r} round {round_idx}: no client returned a usable update"
+        else:
+            msg = f"job {job!r} round {round_idx}: {got} usable updates, at least {needed} needed"
+        super().__init__(msg + (f" ({detail})" if detail else ""))
+
+
+@dataclass
+class RoundCheckpoint:
+    """Everything needed to resume job ``job`` after its completed round ``round`` (0-based).
+
+    ``state`` is the global model after that round (every entry of the model state, in the model's
+    order). When handed to ``on_round_end`` its float entries are views into the coordinator's
+    working vector: write or copy them before returning.
+    """
+
+    job: Job
+    round: int
+    state: dict[str, np.ndarray]
+    affinity_per_round: dict[int, np.ndarray]
+    energy: EnergyTally
+    history: list[RoundRecord]
+    wall_s: float
+
+    @property
+    def job_done(self) -> bool:
+        return self.round + 1 >= self.job.rounds
 
 
 class ClientPool(ABC):
@@ -177,18 +246,24 @@ class Coordinator:
         on_round: optional callback ``(RoundRecord) -> None`` (progress bars, logs).
         affinity_rounds: which rounds of an affinity-measuring job are averaged (None: all).
         time_budget_s, energy_budget_j: per-round budgets sent with every assignment.
+        on_round_end: optional ``(RoundCheckpoint) -> None`` called after every round (persistence).
+        min_updates: fewest usable updates a round may aggregate; fewer raise :class:`RoundFailed`.
 
     Raises:
-        ValueError: K < 1, or a job whose tasks have fewer eligible clients than K.
+        ValueError: K < 1, min_updates outside 1..K, or a job whose tasks have fewer eligible
+            clients than K.
     """
 
     def __init__(self, pool: ClientPool, spec: ModelSpec, tasks: TaskSet, train: TrainConfig,
                  clients_per_round: int, seed: int = 0,
                  on_round: Callable[[RoundRecord], None] | None = None,
                  affinity_rounds: Sequence[int] | None = None,
-                 time_budget_s: float | None = None, energy_budget_j: float | None = None):
+                 time_budget_s: float | None = None, energy_budget_j: float | None = None,
+                 on_round_end: Callable[[RoundCheckpoint], None] | None = None, min_updates: int = 1):
         if clients_per_round < 1:
             raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}")
+        if not 1 <= min_updates <= clients_per_round:
+            raise ValueError(f"min_updates must be in 1..{clients_per_round} (K), got {min_updates}")
         self.pool = pool
         self.spec = spec
         self.tasks = tasks
@@ -199,6 +274,8 @@ class Coordinator:
         self.affinity_rounds = affinity_rounds
         self.time_budget_s = time_budget_s
         self.energy_budget_j = energy_budget_j
+        self.on_round_end = on_round_end
+        self.min_updates = min_updates
 
     # -- one job ---------------------------------------------------------------------------------
     def initial_state(self, tasks: Sequence[str]) -> dict[str, np.ndarray]:
@@ -217,21 +294,37 @@ class Coordinator:
         rng = np.random.default_rng(derive_seed(self.seed, job.name, round_idx))
         return sorted(int(c) for c in rng.choice(eligible, size=self.k, replace=False))
 
-    def run_job(self, job: Job, init_state: Mapping[str, np.ndarray] | None = None) -> JobOutcome:
-        """Train ``job`` for ``job.rounds`` rounds from ``init_state`` (fresh init if None)."""
+    def run_job(self, job: Job, init_state: Mapping[str, np.ndarray] | None = None,
+                resume: RoundCheckpoint | None = None) -> JobOutcome:
+        """Train ``job`` for ``job.rounds`` rounds from ``init_state`` (fresh init if None), or
+        continue it after the completed round of ``resume`` (``init_state`` is then ignored)."""
         t_job = time.perf_counter()
-        state = dict(init_state) if init_state is not None else self.initial_state(job.tasks)
+        start = 0
+        if resume is not None:
+            if resume.job.name != job.name:
+                raise ValueError(f"checkpoint of job {resume.job.name!r} cannot resume job {job.name!r}")
+            state = dict(resume.state)
+            start = resume.round + 1
+            t_job -= resume.wall_s
+        else:
+            state = dict(init_state) if init_state is not None else self.initial_state(job.tasks)
         layout = ParameterLayout.from_state(state)
         global_vec = layout.flatten(state)
+        # From here the float entries of ``state`` are views into ``global_vec`` (one copy of the model).
+        state = {**state, **layout.unflatten(global_vec)}
         train = self.train if job.fedprox_mu == self.train.fedprox_mu else _replace(self.train, fedprox_mu=job.fedprox_mu)
         averager = AffinityAverager(len(job.tasks), self.affinity_rounds)
         tally = EnergyTally()
         history: list[RoundRecord] = []
-        for r in range(job.rounds):
+        if resume is not None:
+            averager.per_round.update({int(r): np.asarray(m, dtype=np.float64) for r, m in resume.affinity_per_round.items()})
+            tally = resume.energy.copy()
+            history = list(resume.history)
+        for r in range(start, job.rounds):
             t_round = time.perf_counter()
             clients = self.sample_clients(job, r)
             lr = poly_lr(train.lr, r, job.rounds)
-            round_state = {**state, **layout.unflatten(global_vec)}
+            round_state = state
             work = [
                 (cid, Assignment(job=job.name, round=r, tasks=tuple(job.tasks), state=round_state, lr=lr,
                                  config=train, measure_affinity=job.measure_affinity, seed=self.seed,
@@ -244,53 +337,98 @@ class Coordinator:
             samples = 0
             matrices = []
             stopped = 0
-            scratch = np.empty(layout.n_params, dtype=np.float32)
+            executed: list[int] = []
+            scratch: list[np.ndarray] = []
             for upd in self.pool.execute_many(work):
+                executed.append(int(upd.client_id))
                 if upd.n_samples <= 0:
                     round_tally.add(upd.device_s, upd.energy)
                     continue
-                acc.add(layout.flatten(upd.state, out=scratch), float(upd.n_samples), layout.contributes(upd.tasks))
+                acc.add(_update_vector(layout, upd.state, scratch), float(upd.n_samples), layout.contributes(upd.tasks))
                 round_tally.add(upd.device_s, upd.energy)
                 for t, v in upd.train_loss.items():
                     loss_num[t] += v * upd.n_samples
                 samples += upd.n_samples
                 matrices.append(upd.affinity)
                 stopped += upd.stopped_by is not None
-            if acc.n_added == 0:
-                raise RuntimeError(f"job {job.name!r} round {r}: no client returned a usable update")
+            upd = None  # release the last update (a mapped upload) before the result is formed
+            scratch.clear()
+            if acc.n_added < self.min_updates:
+                raise RoundFailed(job.name, r, acc.n_added, self.min_updates)
             global_vec = acc.result(global_vec.copy())
+            acc = None
+            state = {**state, **layout.unflatten(global_vec)}
             if job.measure_affinity:
                 averager.add_round(r, matrices)
             tally.merge(round_tally)
             rec = RoundRecord(job.name, r, clients, lr, {t: v / max(samples, 1) for t, v in loss_num.items()},
                               samples, round_tally.device_s, round_tally.total_j, time.perf_counter() - t_round,
-                              stopped)
+                              stopped, executed)
             history.append(rec)
             if self.on_round:
                 self.on_round(rec)
+            if self.on_round_end:
+                self.on_round_end(RoundCheckpoint(job, r, state, dict(averager.per_round), tally.copy(),
+                                                  list(history), time.perf_counter() - t_job))
         final = {**state, **{k: v.copy() for k, v in layout.unflatten(global_vec).items()}}
         return JobOutcome(job, final, averager.result(), dict(averager.per_round), tally, history,
                           time.perf_counter() - t_job)
 
+    def outcome_from_checkpoint(self, ckpt: RoundCheckpoint) -> JobOutcome:
+        """The :class:`JobOutcome` of a job whose last round is ``ckpt`` (a finished job restored
+        from persistence): the same affinity average as :meth:`run_job` would have returned."""
+        if not ckpt.job_done:
+            raise ValueError(f"job {ckpt.job.name!r} checkpoint is at round {ckpt.round}, not its last")
+        averager = AffinityAverager(len(ckpt.job.tasks), self.affinity_rounds)
+        averager.per_round.update({int(r): np.asarray(m, dtype=np.float64) for r, m in ckpt.affinity_per_round.items()})
+        return JobOutcome(ckpt.job, dict(ckpt.state), averager.result(), dict(averager.per_round), ckpt.energy.copy(),
+                          list(ckpt.history), ckpt.wall_s)
+
     # -- a whole method --------------------------------------------------------------------------
-    def run_method(self, method) -> dict[str, JobOutcome]:
+    def run_method(self, method, done: Mapping[str, JobOutcome] | None = None,
+                   resume: RoundCheckpoint | None = None) -> dict[str, JobOutcome]:
         """Run ``method``'s plan to the end: ask it for the next jobs until it has none.
+
+        Args:
+            done: jobs already finished (a resumed plan); the method decides what follows from them.
+            resume: checkpoint of the job that was running; it must be the plan's next job.
 
         Returns:
             job name → :class:`JobOutcome`, in execution order.
         """
-        done: dict[str, JobOutcome] = {}
+        done = dict(done or {})
         while True:
             pending = [j for j in method.next_jobs(done) if j.name not in done]
             if not pending:
                 return done
             job = pending[0]
+            if resume is not None:
+                if resume.job.name != job.name:
+                    raise RuntimeError(
+                        f"the plan's next job is {job.name!r} but the checkpoint is of job {resume.job.name!r}"
+                    )
+                done[job.name] = self.run_job(job, resume=resume)
+                resume = None
+                continue
             init = None
             if job.init_from is not None:
                 if job.init_from not in done:
                     raise RuntimeError(f"job {job.name!r} starts from {job.init_from!r}, which has not run")
                 init = select_state(done[job.init_from].state, job.tasks)
             done[job.name] = self.run_job(job, init)
+
+
+def _update_vector(layout: ParameterLayout, state: Mapping[str, Any], scratch: list[np.ndarray]) -> np.ndarray:
+    """The update as a flat float32 vector in ``layout`` order: the state's own flat view when it
+    offers one (``as_flat``), else a copy into a scratch vector allocated once per round."""
+    as_flat = getattr(state, "as_flat", None)
+    if as_flat is not None:
+        vec = as_flat(layout)
+        if vec is not None:
+            return vec
+    if not scratch:
+        scratch.append(np.empty(layout.n_params, dtype=np.float32))
+    return layout.flatten(state, out=scratch[0])
 
 
 def _replace(cfg: TrainConfig, **kw) -> TrainConfig:
