@@ -112,11 +112,11 @@ inline void axpy4(float* acc, const Input* const* x, int64_t i0, int64_t n, cons
   }
 }
 
-// acc[i] *= s; returns true if any result is non-finite.
-inline bool scale_check(float* __restrict acc, int64_t n, float s) {
+// acc[i] /= d; returns true if any result is non-finite.
+inline bool scale_check(float* __restrict acc, int64_t n, float d) {
   uint32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float r = acc[i] * s;
+    const float r = acc[i] / d;
     acc[i] = r;
     bad |= uint32_t((f2u(r) & 0x7f800000u) == 0x7f800000u);
   }
@@ -200,8 +200,8 @@ AggError locate_nonfinite(const std::vector<Input>& inputs, const std::vector<Sl
 
 struct SlicePlan {
   std::vector<int> clients;      // contributing client indices, increasing
-  std::vector<float> w;          // float(weight) per contributing client
-  float inv = 0.f;               // float(1 / sum of double weights)
+  std::vector<float> w;          // float(w_k / w_first) per contributing client
+  float div = 1.f;               // float(sum of double weights / w_first)
 };
 
 }  // namespace
@@ -231,15 +231,16 @@ AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
   std::vector<SlicePlan> plan(S);
   std::vector<uint8_t> use(S, 0);
   for (size_t s = 0; s < S; ++s) {
-    double tot = 0.0;
+    double tot = 0.0, ref = 0.0;
     for (size_t k = 0; k < K; ++k) {
       if (!contrib[s * K + k]) continue;
+      if (ref == 0.0) ref = weights[k];
       plan[s].clients.push_back(int(k));
-      plan[s].w.push_back(float(weights[k]));
+      plan[s].w.push_back(float(weights[k] / ref));
       tot += weights[k];
     }
     if (!plan[s].clients.empty()) {
-      plan[s].inv = float(1.0 / tot);
+      plan[s].div = float(tot / ref);
       use[s] = 1;
     }
   }
@@ -279,7 +280,7 @@ AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
         axpy(acc, inputs[p.clients[j]], b, n, p.w[j]);
         ++j;
       }
-      if (scale_check(acc, n, p.inv)) {
+      if (scale_check(acc, n, p.div)) {
         failed.store(true, std::memory_order_relaxed);
         atomic_min(bad_slice, wk.slice);
         return;
@@ -380,6 +381,7 @@ Accumulator::Accumulator(int64_t n_params, std::vector<SliceSpec> slices)
   acc_size_ = pos;
   acc_.reset(new float[std::max<size_t>(acc_size_, 1)]);
   wsum_.assign(slices_.size(), 0.0);
+  wref_.assign(slices_.size(), 0.0);
   reset();
 }
 
@@ -392,6 +394,7 @@ void Accumulator::reset() {
     std::fill(acc + work[wi].pos, acc + work[wi].pos + (work[wi].end - work[wi].begin), 0.0f);
   });
   std::fill(wsum_.begin(), wsum_.end(), 0.0);
+  std::fill(wref_.begin(), wref_.end(), 0.0);
   n_added_ = 0;
   poisoned_ = false;
 }
@@ -408,16 +411,22 @@ AggError Accumulator::add(const Input& x, double weight, const uint8_t* contrib,
   for (size_t s = 0; s < slices_.size(); ++s) use[s] = contrib[s] ? 1 : 0;
   int64_t total = 0;
   const std::vector<Work> work = make_work(slices_, use, &total);
-  const float w = float(weight);
+  std::vector<float> mult(slices_.size(), 0.0f);
+  for (size_t s = 0; s < slices_.size(); ++s)
+    if (use[s]) mult[s] = float(weight / (wref_[s] == 0.0 ? weight : wref_[s]));
   float* acc = acc_.get();
   std::atomic<int64_t> overflow_slice{INT64_MAX};
   parallel_for(int64_t(work.size()), threads_for(total, n_threads), [&](int64_t wi) {
     const Work& wk = work[wi];
     float* a = acc + acc_off_[wk.slice] + (wk.begin - slices_[wk.slice].offset);
-    axpy(a, x, wk.begin, wk.end - wk.begin, w);
+    axpy(a, x, wk.begin, wk.end - wk.begin, mult[wk.slice]);
     if (any_nonfinite(a, wk.end - wk.begin)) atomic_min(overflow_slice, wk.slice);
   });
-  for (size_t s = 0; s < slices_.size(); ++s) if (use[s]) wsum_[s] += weight;
+  for (size_t s = 0; s < slices_.size(); ++s) {
+    if (!use[s]) continue;
+    if (wref_[s] == 0.0) wref_[s] = weight;
+    wsum_[s] += weight;
+  }
   ++n_added_;
   if (overflow_slice.load() != INT64_MAX) {
     poisoned_ = true;
@@ -435,10 +444,10 @@ void Accumulator::result(float* out, int n_threads) const {
   const float* acc = acc_.get();
   parallel_for(int64_t(work.size()), threads_for(total, n_threads), [&](int64_t wi) {
     const Work& wk = work[wi];
-    const float inv = float(1.0 / wsum_[wk.slice]);
+    const float d = float(wsum_[wk.slice] / wref_[wk.slice]);
     const float* a = acc + acc_off_[wk.slice] + (wk.begin - slices_[wk.slice].offset);
     float* o = out + wk.begin;
-    for (int64_t i = 0, n = wk.end - wk.begin; i < n; ++i) o[i] = a[i] * inv;
+    for (int64_t i = 0, n = wk.end - wk.begin; i < n; ++i) o[i] = a[i] / d;
   });
 }
 

@@ -35,8 +35,10 @@ struct AggError {
 
 // out[off:off+len] = sum_k w_k x_k / sum_k w_k for every slice with at least one
 // contributor (contrib is S x K row-major, nonzero = contributes).  Float32
-// accumulation in client order: acc = 0; acc = acc + float(w_k) * x_k; then
-// out = acc * float(1 / sum_k w_k) (sum in double).  Atomic: on error nothing
+// accumulation in client order with weights relative to the slice's first
+// contributor f: acc = 0; acc = acc + float(w_k / w_f) * x_k; then
+// out = acc / float(W / w_f), W = sum_k w_k in double.  (A single client, or
+// equal weights, thus multiply by exactly 1.)  Atomic: on error nothing
 // is written.  Shapes/ranges must have been validated by the caller.
 AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
                                  const std::vector<double>& weights,
@@ -85,6 +87,7 @@ class Accumulator {
   std::unique_ptr<float[]> acc_;
   size_t acc_size_ = 0;
   std::vector<double> wsum_;
+  std::vector<double> wref_;  // weight of the first contributor per slice
   int64_t n_added_ = 0;
   bool poisoned_ = false;
 };

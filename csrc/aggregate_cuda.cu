@@ -1,6 +1,7 @@
 // CUDA slice aggregation: one launch computes every contributing slice.
 // Arithmetic matches the CPU kernel exactly (compiled with --fmad=false):
-// acc = 0; acc = acc + float(w_k) * x_k (client order); out = acc * float(1/W).
+// acc = 0; acc = acc + float(w_k / w_first) * x_k (client order);
+// out = acc / float(W / w_first).
 #include "aggregate_cuda.hpp"
 
 #include <cuda_runtime.h>
@@ -28,7 +29,7 @@ struct DevChunk {
 struct DevSlice {
   int32_t first;      // index into the contributor arrays
   int32_t count;
-  float inv;
+  float div;
   int32_t pad;
 };
 
@@ -63,7 +64,7 @@ __global__ void wavg_kernel(float* __restrict__ out, float* __restrict__ backup,
       const int k = client[s.first + j];
       acc = __fadd_rn(acc, __fmul_rn(w[s.first + j], load_elem(ptrs[k], dts[k], i)));
     }
-    const float r = __fmul_rn(acc, s.inv);
+    const float r = __fdiv_rn(acc, s.div);
     bad |= (__float_as_uint(r) & 0x7f800000u) == 0x7f800000u;
     if (backup) backup[c.pos + (i - c.begin)] = out[i];
     out[i] = r;
@@ -132,16 +133,17 @@ AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
   std::vector<DevChunk> chunks;
   int64_t pos = 0;
   for (size_t s = 0; s < S; ++s) {
-    double tot = 0.0;
+    double tot = 0.0, ref = 0.0;
     ds[s].first = int32_t(cl.size());
     for (size_t k = 0; k < K; ++k) {
       if (!contrib[s * K + k]) continue;
+      if (ref == 0.0) ref = weights[k];
       cl.push_back(int32_t(k));
-      wf.push_back(float(weights[k]));
+      wf.push_back(float(weights[k] / ref));
       tot += weights[k];
     }
     ds[s].count = int32_t(cl.size()) - ds[s].first;
-    ds[s].inv = ds[s].count ? float(1.0 / tot) : 0.0f;
+    ds[s].div = ds[s].count ? float(tot / ref) : 1.0f;
     ds[s].pad = 0;
     if (!ds[s].count || slices[s].length <= 0) continue;
     for (int64_t b = 0; b < slices[s].length; b += kChunk) {

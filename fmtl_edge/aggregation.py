@@ -26,8 +26,10 @@ Inputs (one per client, all of P elements)
 safetensors spellings work), or a NumPy/torch dtype; give one for all clients or a sequence with one
 entry (or ``None`` = infer) per client.
 
-Arithmetic (all paths): per element ``acc = 0; acc = acc + float32(w_k) * x_k`` in float32 in client
-order, then ``out = acc * float32(1 / W)`` with ``W = sum_k w_k`` summed in float64.  Relative error
+Arithmetic (all paths): weights are taken relative to the slice's first contributing client f; per
+element ``acc = 0; acc = acc + float32(w_k / w_f) * x_k`` in float32 in client order, then
+``out = acc / float32(W / w_f)`` with ``W = sum_k w_k`` summed in float64.  A single client or equal
+weights thus multiply by exactly 1 (one client gives its values back unchanged).  Relative error
 versus exact arithmetic is below ``(K + 2) * 2**-24`` times ``sum_k w_k |x_k| / W``.
 
 Errors: :class:`ValueError` naming the client index for a weight that is <= 0, NaN or Inf, a
@@ -365,11 +367,11 @@ def _wavg_ref_core(out, bufs, codes, w, s, c) -> np.ndarray:
         if ks.size == 0 or ln == 0:
             continue
         acc = np.zeros(ln, dtype=np.float32)
-        tot = 0.0
+        tot, ref = 0.0, float(w[ks[0]])
         for k in ks:
-            acc = acc + np.float32(w[k]) * xs[k][off:off + ln]
+            acc = acc + np.float32(float(w[k]) / ref) * xs[k][off:off + ln]
             tot += float(w[k])
-        res = acc * np.float32(1.0 / tot)
+        res = acc / np.float32(tot / ref)
         if not np.isfinite(res).all():
             raise ValueError(f"the float32 weighted sum overflowed in slice {i} (inputs are finite; scale the "
                              "weights or inputs down); nothing was written to out")
@@ -444,15 +446,15 @@ def _wavg_torch(out, xs, codes, w, s, c):
         if ks.size == 0 or ln == 0:
             continue
         acc = torch.zeros(ln, dtype=torch.float32, device=out.device)
-        tot = 0.0
+        tot, ref = 0.0, float(w[ks[0]])
         for k in ks:
             x = dec(xs[k], codes[k]).reshape(-1)[off:off + ln]
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"client {k}: input contains a non-finite value (NaN or Inf) in slice {i}; "
                                  "nothing was written to out")
-            acc = acc + x * float(np.float32(w[k]))
+            acc = acc + x * float(np.float32(float(w[k]) / ref))
             tot += float(w[k])
-        results.append((off, ln, acc * float(np.float32(1.0 / tot))))
+        results.append((off, ln, acc / float(np.float32(tot / ref))))
     for off, ln, r in results:
         out[off:off + ln] = r
     return out
@@ -486,6 +488,7 @@ class Accumulator:
         if self._native is None:
             self._acc = np.zeros(self.n_params, dtype=np.float32)
             self._wsum = np.zeros(self.slices.shape[0], dtype=np.float64)
+            self._wref = np.zeros(self.slices.shape[0], dtype=np.float64)
             self._n = 0
 
     @property
@@ -539,9 +542,12 @@ class Accumulator:
                 raise ValueError(f"{who}: input contains a non-finite value (NaN or Inf) in slice {i}; "
                                  "the accumulator is unchanged")
         for i, (off, ln) in enumerate(self.slices):
-            if c[i] and ln:
-                self._acc[off:off + ln] = self._acc[off:off + ln] + np.float32(wf) * xs[off:off + ln]
-        self._wsum[c] += wf
+            if c[i]:
+                if self._wref[i] == 0:
+                    self._wref[i] = wf
+                m = np.float32(wf / self._wref[i])
+                self._acc[off:off + ln] = self._acc[off:off + ln] + m * xs[off:off + ln]
+                self._wsum[i] += wf
         self._n += 1
 
     def result(self, out: np.ndarray) -> np.ndarray:
@@ -561,7 +567,7 @@ class Accumulator:
             return out
         for i, (off, ln) in enumerate(self.slices):
             if self._wsum[i] > 0 and ln:
-                out[off:off + ln] = self._acc[off:off + ln] * np.float32(1.0 / self._wsum[i])
+                out[off:off + ln] = self._acc[off:off + ln] / np.float32(self._wsum[i] / self._wref[i])
         return out
 
     def reset(self) -> None:
@@ -571,6 +577,7 @@ class Accumulator:
         else:
             self._acc[:] = 0
             self._wsum[:] = 0
+            self._wref[:] = 0
             self._n = 0
 
 
