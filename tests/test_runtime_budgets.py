@@ -185,3 +185,18 @@ def test_profile_from_env_and_detection(tmp_path, monkeypatch):
     f.write_text('name = "x"\ndevice_class = "workstation"\n')
     monkeypatch.setenv("FMTL_EDGE_PROFILE", str(f))
     assert load_profile().name == "x"
+
+
+def test_peak_watcher_cuda_path_uses_max_memory_allocated(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda i=None: calls.append(("reset", i)))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i=None: 100)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i=None: 5000)
+    with PeakMemoryWatcher("cuda:1", limit_bytes=4000) as w:
+        assert w.is_cuda
+        with pytest.raises(BudgetExceeded) as ei:
+            w.check()
+    assert calls == [("reset", 1)]
+    assert w.peak_bytes == 5000 and w.job_peak_bytes == 4900
+    assert "cuda:1" in ei.value.message

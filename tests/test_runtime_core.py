@@ -340,3 +340,33 @@ def test_concurrent_windows_from_threads():
     for t in ts:
         t.join()
     assert not errors and m.open_windows == []
+
+
+# ---- CUDA synchronisation at window edges (fake torch.cuda) -------------------------------------
+
+
+def test_window_edges_synchronize_initialised_cuda(monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda i=None: calls.append(i))
+    m = make_meter("null")
+    with m.window("w") as win:
+        assert calls == [0, 1]
+        win.peek()
+    assert calls == [0, 1, 0, 1, 0, 1]
+    m2 = make_meter("null", sync_cuda=False)
+    with m2.window("w"):
+        pass
+    assert len(calls) == 6
+
+
+def test_no_sync_when_cuda_not_initialised(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda i=None: (_ for _ in ()).throw(AssertionError("synced")))
+    with make_meter("null").window("w"):
+        pass

@@ -112,3 +112,33 @@ def test_auto_picks_rapl_when_no_gpu(tmp_path, monkeypatch):
     assert m.backend == "rapl"
     assert [(r.backend, r.ok) for r in m.probe_log] == [("jetson", False), ("nvml", False), ("rapl", True)]
     m.close()
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rng=st.integers(min_value=1000, max_value=2**40),
+    start_frac=st.floats(min_value=0, max_value=0.999),
+    steps_frac=st.lists(st.floats(min_value=0, max_value=0.999), min_size=1, max_size=20),
+)
+def test_wrap_accumulation_property(tmp_path_factory, rng, start_frac, steps_frac):
+    """Any sequence of increases each below the range is recovered exactly, wraps or not."""
+    root = tmp_path_factory.mktemp("rapl")
+    fake = build_rapl(root, packages=1, dram=False, psys=False, mmio=False, max_range_uj=rng)
+    raw = int(start_frac * rng)
+    fake.set_energy_uj("package-0", raw)
+    m = RaplMeter(sysfs_root=str(root))
+    m.sampler.start = lambda: None
+    m.begin_window("w")
+    total = 0
+    for f in steps_frac:
+        step = int(f * rng)
+        total += step
+        raw = (raw + step) % rng
+        fake.set_energy_uj("package-0", raw)
+        m._update()
+    meas = m.end_window("w")
+    m.close()
+    assert round(meas.total_j * 1e6) == total

@@ -110,8 +110,8 @@ def make_meter(backend: str = "auto", **options: Any) -> Meter:
     if order:
         meter.add_warning(
             "auto: no hardware energy meter works here ("
-            + "; ".join(f"{r.backend}: {r.reason}" for r in log if not r.ok)
-            + "); using the CPU-time estimate"
+            + ", ".join(r.backend for r in log if not r.ok)
+            + " unavailable: see `fmtl-edge info` or meter.probe_log); using the CPU-time estimate"
         )
     return meter
 

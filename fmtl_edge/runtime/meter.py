@@ -427,6 +427,8 @@ class Sampler:
         period = 1.0 / self.hz
         next_t = time.monotonic() + period
         try:
+            # Event.wait (not time.sleep): stop() takes effect at once, so closing a window never
+            # waits for the rest of a sampling period.
             while not self._stop.wait(max(0.0, next_t - time.monotonic())):
                 try:
                     self.fn()
