@@ -76,7 +76,7 @@ def test_memory_estimate_parts_exact_for_mlp():
     p = sum(x.numel() for x in net.parameters()) * 4
     b = 32
     act = b * (64 + 64 + 64 + 64 + 10) * 4  # Linear, ReLU, Linear, ReLU, Linear outputs
-    inp = b * 256 * 4
+    inp = b * 256 * 4 + 2 * b * 64 * 4  # input batch + backward transient (2 x largest activation)
     assert estimate_job_memory_bytes(net, (256,), b, "sgd") == 2 * p + act + inp
     assert estimate_job_memory_bytes(net, (256,), b, "sgd_momentum") == 3 * p + act + inp
     assert estimate_job_memory_bytes(net, (256,), b, "adam") == 4 * p + act + inp
@@ -99,7 +99,8 @@ def test_memory_estimate_leaves_model_untouched_and_handles_inplace():
     params = sum(x.numel() for x in net.parameters()) * 4
     bufs = sum(x.numel() * x.element_size() for x in net.buffers())
     act = 2 * 4 * 8 * 16 * 16 * 4  # conv + bn outputs; in-place ReLU adds nothing
-    assert n == 2 * params + bufs + act + 4 * 3 * 16 * 16 * 4
+    transient = 2 * 4 * 8 * 16 * 16 * 4
+    assert n == 2 * params + bufs + act + transient + 4 * 3 * 16 * 16 * 4
 
 
 def test_memory_estimate_order_of_magnitude_vs_measured_training_step():
@@ -200,3 +201,21 @@ def test_peak_watcher_cuda_path_uses_max_memory_allocated(monkeypatch):
     assert calls == [("reset", 1)]
     assert w.peak_bytes == 5000 and w.job_peak_bytes == 4900
     assert "cuda:1" in ei.value.message
+
+
+def test_memory_estimate_falls_back_to_a_real_sample_without_meta_support():
+    class NoMeta(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 4)
+
+        def forward(self, x):
+            if x.device.type == "meta":
+                raise NotImplementedError("this model cannot run on meta tensors")
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    weird, plain = NoMeta(), nn.Sequential(nn.Linear(8, 4))
+    before = weird.lin.weight.clone()
+    assert estimate_job_memory_bytes(weird, (8,), 16) == estimate_job_memory_bytes(plain, (8,), 16)
+    assert torch.equal(weird.lin.weight, before)

@@ -204,3 +204,17 @@ def test_real_sampler_thread_on_fake_tree(tmp_path, monkeypatch):
     assert meas.total_j == pytest.approx(18.0 * meas.wall_s, rel=0.02)
     assert m.sampler.ticks >= 8  # ~15 expected at 50 Hz; 2 shared cores may be slow
     m.close()
+
+
+def test_power_mode_change_shows_up_in_later_windows(tmp_path):
+    build_jetson(tmp_path, "orin-nano")
+    clock = [0.0]
+    m = _hand_meter(tmp_path, clock)
+    m.power_mode_ttl_s = 0.0
+    with m.window("a") as a:
+        pass
+    (tmp_path / "var/lib/nvpmodel/status").write_text("pmode:0001 fmode:quiet\n")
+    with m.window("b") as b:
+        pass
+    assert a.measurement.power_mode == "15W (nvpmodel 0)"
+    assert b.measurement.power_mode == "7W (nvpmodel 1)"

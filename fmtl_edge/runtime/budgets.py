@@ -10,7 +10,6 @@ reports the samples it actually used.
 from __future__ import annotations
 
 import math
-import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -277,18 +276,21 @@ def _tensors_in(obj) -> list:
     return []
 
 
-def _activation_bytes(model, run) -> int:
-    """Sum of the output bytes of every leaf module during ``run()`` (one forward pass of ``model``):
-    what autograd keeps for the backward pass, to first order."""
+def _activation_bytes(model, run) -> tuple[int, int]:
+    """(sum, largest) of the output bytes of the leaf modules during ``run()`` (one forward pass of
+    ``model``): the sum is what autograd keeps for the backward pass, to first order."""
     total = 0
+    largest = 0
 
     def hook(mod, inputs, output):
-        nonlocal total
+        nonlocal total, largest
         ins = {id(t) for t in _tensors_in(inputs)}
         for t in _tensors_in(output):
             if id(t) in ins:  # in-place op (ReLU(inplace=True)): no new storage
                 continue
-            total += t.numel() * t.element_size()
+            b = t.numel() * t.element_size()
+            total += b
+            largest = max(largest, b)
 
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
@@ -297,7 +299,7 @@ def _activation_bytes(model, run) -> int:
     finally:
         for h in handles:
             h.remove()
-    return total
+    return total, largest
 
 
 def estimate_job_memory_bytes(
@@ -309,7 +311,8 @@ def estimate_job_memory_bytes(
     dtype=None,
 ) -> int:
     """Memory one training step needs: parameters + buffers + gradients + optimizer state +
-    activations of one batch.
+    activations of one batch (+ the input batch and 2 × the largest activation, the gradients that
+    coexist in the backward pass).
 
     * Gradients and optimizer state count trainable parameters only (``requires_grad``); optimizer
       state per parameter: ``sgd`` 0, ``sgd_momentum`` 1, ``adam``/``adamw`` 2, ``adagrad``/
@@ -319,8 +322,10 @@ def estimate_job_memory_bytes(
       the ``meta`` device through ``torch.func.functional_call`` (no memory, no change to the model:
       BatchNorm statistics untouched); if the model does not support meta tensors, a real batch of
       one sample runs under ``no_grad`` on a copy of the state and is scaled by ``batch_size``.
-    * Not included: the CUDA context and allocator caching (budget them in the device profile),
-      the data loader's batches beyond the one in use.
+    * Not included: the CUDA context, allocator caching, library workspaces (cuDNN / oneDNN) and
+      the data loader's batches beyond the one in use: leave headroom for them in the profile's
+      ``memory_bytes``. On CPU, measured peak RSS of a real step is typically 1.5-2.5 × this estimate
+      minus the parameters (RSS also counts library code and allocator slack).
     """
     import torch
 
@@ -337,7 +342,7 @@ def estimate_job_memory_bytes(
     grad_bytes = trainable
     opt_bytes = _OPTIMIZER_STATES[optimizer] * trainable
 
-    act: int | None = None
+    act: tuple[int, int] | None = None
     try:
         from torch.func import functional_call
 
@@ -355,9 +360,13 @@ def estimate_job_memory_bytes(
             with torch.no_grad():
                 dev = next(iter(model.parameters()), torch.empty(0)).device
                 x1 = torch.zeros((1, *shape[1:]), dtype=dtype, device=dev)
-                act = _activation_bytes(model, lambda: model(x1)) * int(batch_size)
+                a1, l1 = _activation_bytes(model, lambda: model(x1))
+                act = (a1 * int(batch_size), l1 * int(batch_size))
         finally:
             model.load_state_dict(saved)
             model.train(was_training)
     input_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return int(param_bytes + buffer_bytes + grad_bytes + opt_bytes + act + input_bytes)
+    act_bytes, largest = act
+    # during backward the gradients w.r.t. the largest layer's output and input exist at once
+    backward_transient = 2 * largest
+    return int(param_bytes + buffer_bytes + grad_bytes + opt_bytes + act_bytes + backward_transient + input_bytes)

@@ -83,7 +83,7 @@ class Meter:
         self._events: dict[str, list[int]] = {}  # message -> [last_seq, count]
         self._event_seq = 0
         self._events_lock = threading.Lock()  # separate from _lock: the sampler thread records events
-        self._power_mode_cache: tuple[bool, str | None] = (False, None)
+        self._power_mode_cache: tuple[float, str | None] | None = None  # (monotonic time, value)
         self._closed = False
 
     # -- backend hooks ---------------------------------------------------------------------------
@@ -120,15 +120,21 @@ class Meter:
         self._read()
 
     # -- shared machinery ------------------------------------------------------------------------
+    power_mode_ttl_s = 5.0
+
     @property
     def power_mode(self) -> str | None:
-        done, value = self._power_mode_cache
-        if not done:
-            try:
-                value = self._read_power_mode()
-            except Exception:  # a power mode is informative; never fail a measurement for it
-                value = None
-            self._power_mode_cache = (True, value)
+        """The device's power mode (nvpmodel, GPU power limit, CPU governor), re-read at most every
+        :attr:`power_mode_ttl_s` seconds so that a mode change shows up in later windows."""
+        now = time.monotonic()
+        cached = self._power_mode_cache
+        if cached is not None and now - cached[0] < self.power_mode_ttl_s:
+            return cached[1]
+        try:
+            value = self._read_power_mode()
+        except Exception:  # a power mode is informative; never fail a measurement for it
+            value = None
+        self._power_mode_cache = (now, value)
         return value
 
     @property
