@@ -4,8 +4,16 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <numeric>
+#include <type_traits>
+
+#include <sys/mman.h>
+#if defined(__SSE2__) || defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace fmtl {
 namespace {
@@ -16,7 +24,7 @@ typedef float f32u __attribute__((aligned(1), may_alias));
 typedef uint16_t u16u __attribute__((aligned(1), may_alias));
 
 constexpr int64_t kBlock = 2048;       // elements per inner block (8 KiB of fp32 accumulator)
-constexpr int64_t kChunk = 1 << 16;    // elements per scheduled work item
+constexpr int64_t kChunk = 1 << 17;    // elements per scheduled work item
 
 struct Work {
   int32_t slice;
@@ -72,55 +80,6 @@ inline void axpy(float* acc, const Input& x, int64_t i0, int64_t n, float w) {
     case DType::F16: axpy_t<DType::F16>(acc, x.data, i0, n, w); break;
     case DType::BF16: axpy_t<DType::BF16>(acc, x.data, i0, n, w); break;
   }
-}
-
-// Same as axpy for four clients of one dtype at once, keeping the rounding
-// order ((acc + w0 x0) + w1 x1) + ... so results equal four single calls.
-template <DType D>
-inline void axpy4_t(float* __restrict acc, const void* const* src, int64_t i0, int64_t n, const float* w) {
-  const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
-  if constexpr (D == DType::F32) {
-    const f32u* a = static_cast<const f32u*>(src[0]) + i0;
-    const f32u* b = static_cast<const f32u*>(src[1]) + i0;
-    const f32u* c = static_cast<const f32u*>(src[2]) + i0;
-    const f32u* d = static_cast<const f32u*>(src[3]) + i0;
-    for (int64_t i = 0; i < n; ++i) {
-      float r = acc[i];
-      r = r + w0 * a[i]; r = r + w1 * b[i]; r = r + w2 * c[i]; r = r + w3 * d[i];
-      acc[i] = r;
-    }
-  } else {
-    const u16u* a = static_cast<const u16u*>(src[0]) + i0;
-    const u16u* b = static_cast<const u16u*>(src[1]) + i0;
-    const u16u* c = static_cast<const u16u*>(src[2]) + i0;
-    const u16u* d = static_cast<const u16u*>(src[3]) + i0;
-    auto cvt = [](uint16_t h) { return D == DType::F16 ? half_to_float(h) : bf16_to_float(h); };
-    for (int64_t i = 0; i < n; ++i) {
-      float r = acc[i];
-      r = r + w0 * cvt(a[i]); r = r + w1 * cvt(b[i]); r = r + w2 * cvt(c[i]); r = r + w3 * cvt(d[i]);
-      acc[i] = r;
-    }
-  }
-}
-
-inline void axpy4(float* acc, const Input* const* x, int64_t i0, int64_t n, const float* w) {
-  const void* src[4] = {x[0]->data, x[1]->data, x[2]->data, x[3]->data};
-  switch (x[0]->dtype) {
-    case DType::F32: axpy4_t<DType::F32>(acc, src, i0, n, w); break;
-    case DType::F16: axpy4_t<DType::F16>(acc, src, i0, n, w); break;
-    case DType::BF16: axpy4_t<DType::BF16>(acc, src, i0, n, w); break;
-  }
-}
-
-// acc[i] /= d; returns true if any result is non-finite.
-inline bool scale_check(float* __restrict acc, int64_t n, float d) {
-  uint32_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float r = acc[i] / d;
-    acc[i] = r;
-    bad |= uint32_t((f2u(r) & 0x7f800000u) == 0x7f800000u);
-  }
-  return bad != 0;
 }
 
 inline bool any_nonfinite(const float* a, int64_t n) {
@@ -223,6 +182,214 @@ int64_t find_nonfinite(const Input& x, const std::vector<SliceSpec>& slices, con
   return b == INT64_MAX ? -1 : b;
 }
 
+namespace {
+
+constexpr int64_t kWBlock = 32768;  // accumulator block (128 KiB of fp32: stays in L2)
+constexpr int kGroup = 8;           // clients folded per pass over a block (register accumulation)
+
+// acc[j] = (((first ? 0 : acc[j]) + w0 x0[j]) + w1 x1[j]) + ... over G clients of
+// one dtype, for j in [0, n).  The rounding order is the client order, so any
+// grouping gives the same bits as one client at a time.
+template <DType D, int G>
+bool fold_group(float* __restrict acc, const void* const* src, const float* w, int64_t i0, int64_t n, bool first,
+                bool last, float div) {
+  typedef typename std::conditional<D == DType::F32, float, uint16_t>::type E;
+  typedef E T __attribute__((aligned(1), may_alias));
+  const T* p[G];
+  float ww[G];
+  for (int g = 0; g < G; ++g) { p[g] = static_cast<const T*>(src[g]) + i0; ww[g] = w[g]; }
+  auto cvt = [](E v) -> float {
+    if constexpr (D == DType::F32) return v;
+    else if constexpr (D == DType::F16) return half_to_float(v);
+    else return bf16_to_float(v);
+  };
+  const float z = 0.0f;
+  uint32_t bad = 0;
+  if (last) {
+    for (int64_t j = 0; j < n; ++j) {
+      float r = first ? z : acc[j];
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) r = r + ww[g] * cvt(p[g][j]);
+      r = r / div;
+      bad |= uint32_t((f2u(r) & 0x7f800000u) == 0x7f800000u);
+      acc[j] = r;
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      float r = first ? z : acc[j];
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) r = r + ww[g] * cvt(p[g][j]);
+      acc[j] = r;
+    }
+  }
+  return bad != 0;
+}
+
+#if defined(__AVX512F__)
+// float16 with the hardware converter (vcvtph2ps is exact, like half_to_float).
+template <int G>
+bool fold_f16_avx512(float* __restrict acc, const void* const* src, const float* w, int64_t i0, int64_t n,
+                     bool first, bool last, float div) {
+  const uint16_t* p[G];
+  __m512 ww[G];
+  for (int g = 0; g < G; ++g) { p[g] = static_cast<const uint16_t*>(src[g]) + i0; ww[g] = _mm512_set1_ps(w[g]); }
+  const __m512 vd = _mm512_set1_ps(div);
+  const __m512i expm = _mm512_set1_epi32(0x7f800000);
+  __mmask16 bad = 0;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512 r = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + j);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g)
+      r = _mm512_add_ps(r, _mm512_mul_ps(ww[g], _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[g] + j)))));
+    if (last) {
+      r = _mm512_div_ps(r, vd);
+      const __m512i e = _mm512_and_si512(_mm512_castps_si512(r), expm);
+      bad |= _mm512_cmpeq_epi32_mask(e, expm);
+    }
+    _mm512_storeu_ps(acc + j, r);
+  }
+  uint32_t bad_tail = 0;
+  for (; j < n; ++j) {
+    float r = first ? 0.0f : acc[j];
+    for (int g = 0; g < G; ++g) {
+      uint16_t h;
+      std::memcpy(&h, p[g] + j, 2);
+      r = r + w[g] * half_to_float(h);
+    }
+    if (last) {
+      r = r / div;
+      bad_tail |= uint32_t(!is_finite_bits(r));
+    }
+    acc[j] = r;
+  }
+  return bad != 0 || bad_tail != 0;
+}
+#endif
+
+// Folds G (1..8) clients of dtype D into acc; on the last group also divides
+// by `div` and returns whether any result is non-finite.
+template <DType D>
+bool fold_dispatch(int G, float* acc, const void* const* src, const float* w, int64_t i0, int64_t n, bool first,
+                   bool last, float div) {
+#if defined(__AVX512F__)
+  if constexpr (D == DType::F16) {
+    switch (G) {
+      case 1: return fold_f16_avx512<1>(acc, src, w, i0, n, first, last, div);
+      case 2: return fold_f16_avx512<2>(acc, src, w, i0, n, first, last, div);
+      case 3: return fold_f16_avx512<3>(acc, src, w, i0, n, first, last, div);
+      case 4: return fold_f16_avx512<4>(acc, src, w, i0, n, first, last, div);
+      case 5: return fold_f16_avx512<5>(acc, src, w, i0, n, first, last, div);
+      case 6: return fold_f16_avx512<6>(acc, src, w, i0, n, first, last, div);
+      case 7: return fold_f16_avx512<7>(acc, src, w, i0, n, first, last, div);
+      default: return fold_f16_avx512<8>(acc, src, w, i0, n, first, last, div);
+    }
+  }
+#endif
+  switch (G) {
+    case 1: return fold_group<D, 1>(acc, src, w, i0, n, first, last, div);
+    case 2: return fold_group<D, 2>(acc, src, w, i0, n, first, last, div);
+    case 3: return fold_group<D, 3>(acc, src, w, i0, n, first, last, div);
+    case 4: return fold_group<D, 4>(acc, src, w, i0, n, first, last, div);
+    case 5: return fold_group<D, 5>(acc, src, w, i0, n, first, last, div);
+    case 6: return fold_group<D, 6>(acc, src, w, i0, n, first, last, div);
+    case 7: return fold_group<D, 7>(acc, src, w, i0, n, first, last, div);
+    default: return fold_group<D, 8>(acc, src, w, i0, n, first, last, div);
+  }
+}
+
+// Saves out[0, n) to backup (non-temporal stores) and writes acc into out, in
+// one pass.
+inline void commit_block(float* __restrict out, float* __restrict backup, const float* __restrict acc, int64_t n) {
+#if defined(__AVX512F__)
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(backup + i) & 63u); ++i) { backup[i] = out[i]; out[i] = acc[i]; }
+  for (; i + 16 <= n; i += 16) {
+    _mm512_stream_ps(backup + i, _mm512_loadu_ps(out + i));
+    _mm512_storeu_ps(out + i, _mm512_loadu_ps(acc + i));
+  }
+  for (; i < n; ++i) { backup[i] = out[i]; out[i] = acc[i]; }
+#elif defined(__AVX__)
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(backup + i) & 31u); ++i) { backup[i] = out[i]; out[i] = acc[i]; }
+  for (; i + 8 <= n; i += 8) {
+    _mm256_stream_ps(backup + i, _mm256_loadu_ps(out + i));
+    _mm256_storeu_ps(out + i, _mm256_loadu_ps(acc + i));
+  }
+  for (; i < n; ++i) { backup[i] = out[i]; out[i] = acc[i]; }
+#else
+  std::memcpy(backup, out, size_t(n) * 4);
+  std::memcpy(out, acc, size_t(n) * 4);
+#endif
+}
+
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#else
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
+}
+
+// Process-wide scratch for the rollback copy, reused across calls so that large
+// calls do not page-fault a fresh P-sized buffer every time.  A concurrent
+// call that finds it busy allocates its own.
+struct Scratch {
+  std::mutex m;
+  float* ptr = nullptr;
+  size_t cap = 0;
+  ~Scratch() { std::free(ptr); }
+};
+Scratch g_scratch;
+
+struct ScratchLease {
+  std::unique_lock<std::mutex> lock;
+  float* own = nullptr;
+  float* ptr = nullptr;
+  ~ScratchLease() { std::free(own); }
+};
+
+float* alloc_floats(size_t n) {
+  const size_t bytes = ((n * 4 + 4095) / 4096) * 4096;
+  void* p = std::aligned_alloc(4096, std::max<size_t>(bytes, 4096));
+  if (!p) throw std::bad_alloc();
+#if defined(MADV_HUGEPAGE)
+  if (bytes >= (size_t(4) << 20)) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+  return static_cast<float*>(p);
+}
+
+void lease_scratch(ScratchLease& l, size_t n) {
+  l.lock = std::unique_lock<std::mutex>(g_scratch.m, std::try_to_lock);
+  if (l.lock.owns_lock()) {
+    if (g_scratch.cap < n) {
+      std::free(g_scratch.ptr);
+      g_scratch.ptr = nullptr;
+      g_scratch.cap = 0;
+      g_scratch.ptr = alloc_floats(n);
+      g_scratch.cap = n;
+    }
+    l.ptr = g_scratch.ptr;
+  } else {
+    l.own = alloc_floats(n);
+    l.ptr = l.own;
+  }
+}
+
+}  // namespace
+
+size_t scratch_bytes() {
+  std::lock_guard<std::mutex> g(g_scratch.m);
+  return g_scratch.cap * 4;
+}
+
+void release_scratch() {
+  std::lock_guard<std::mutex> g(g_scratch.m);
+  std::free(g_scratch.ptr);
+  g_scratch.ptr = nullptr;
+  g_scratch.cap = 0;
+}
+
 AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
                                  const std::vector<double>& weights,
                                  const std::vector<SliceSpec>& slices, const uint8_t* contrib,
@@ -230,6 +397,7 @@ AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
   const size_t K = inputs.size(), S = slices.size();
   std::vector<SlicePlan> plan(S);
   std::vector<uint8_t> use(S, 0);
+  int64_t extent = 0;  // 1 + last element written
   for (size_t s = 0; s < S; ++s) {
     double tot = 0.0, ref = 0.0;
     for (size_t k = 0; k < K; ++k) {
@@ -239,19 +407,24 @@ AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
       plan[s].w.push_back(float(weights[k] / ref));
       tot += weights[k];
     }
-    if (!plan[s].clients.empty()) {
+    if (!plan[s].clients.empty() && slices[s].length > 0) {
       plan[s].div = float(tot / ref);
       use[s] = 1;
+      extent = std::max(extent, slices[s].offset + slices[s].length);
     }
   }
   int64_t total = 0;
   const std::vector<Work> work = make_work(slices, use, &total);
   if (work.empty()) return AggError{};
 
-  // Atomicity: results are committed block by block; the previous contents of
-  // every committed block are saved so that a failure found later (a
-  // non-finite value, checked on the result in registers) can be rolled back.
-  std::unique_ptr<float[]> backup(new float[size_t(total)]);
+  // Atomicity: every block is checked (non-finite results, in registers) before
+  // it is committed, and the previous contents of each committed block are
+  // streamed to a scratch copy with the same layout as `out`, so a failure found
+  // later can be rolled back.  Cost: one extra P-sized write; the old values are
+  // read anyway (write-allocate of out).
+  ScratchLease lease;
+  lease_scratch(lease, size_t(extent));
+  float* backup = lease.ptr;
   std::vector<int64_t> committed(work.size(), 0);
   std::atomic<bool> failed{false};
   std::atomic<int64_t> bad_slice{INT64_MAX};
@@ -261,42 +434,48 @@ AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
     if (failed.load(std::memory_order_relaxed)) return;
     const Work& wk = work[wi];
     const SlicePlan& p = plan[wk.slice];
-    alignas(64) float acc[kBlock];
+    thread_local std::unique_ptr<float[]> acc_buf;
+    if (!acc_buf) acc_buf.reset(new float[kWBlock + 16]);
+    float* acc = acc_buf.get();
     const size_t m = p.clients.size();
-    for (int64_t b = wk.begin; b < wk.end; b += kBlock) {
-      const int64_t n = std::min(kBlock, wk.end - b);
-      std::fill(acc, acc + n, 0.0f);
+    for (int64_t b = wk.begin; b < wk.end; b += kWBlock) {
+      const int64_t n = std::min(kWBlock, wk.end - b);
       size_t j = 0;
+      bool first = true, bad = false;
       while (j < m) {
-        if (j + 4 <= m) {
-          const Input* x4[4] = {&inputs[p.clients[j]], &inputs[p.clients[j + 1]],
-                                &inputs[p.clients[j + 2]], &inputs[p.clients[j + 3]]};
-          if (x4[1]->dtype == x4[0]->dtype && x4[2]->dtype == x4[0]->dtype && x4[3]->dtype == x4[0]->dtype) {
-            axpy4(acc, x4, b, n, &p.w[j]);
-            j += 4;
-            continue;
-          }
+        const DType d = inputs[p.clients[j]].dtype;
+        const void* src[kGroup];
+        int G = 0;
+        while (G < kGroup && j + G < m && inputs[p.clients[j + G]].dtype == d) {
+          src[G] = inputs[p.clients[j + G]].data;
+          ++G;
         }
-        axpy(acc, inputs[p.clients[j]], b, n, p.w[j]);
-        ++j;
+        const bool last = j + size_t(G) == m;
+        switch (d) {
+          case DType::F32: bad = fold_dispatch<DType::F32>(G, acc, src, &p.w[j], b, n, first, last, p.div); break;
+          case DType::F16: bad = fold_dispatch<DType::F16>(G, acc, src, &p.w[j], b, n, first, last, p.div); break;
+          case DType::BF16: bad = fold_dispatch<DType::BF16>(G, acc, src, &p.w[j], b, n, first, last, p.div); break;
+        }
+        first = false;
+        j += size_t(G);
       }
-      if (scale_check(acc, n, p.div)) {
+      if (bad) {
         failed.store(true, std::memory_order_relaxed);
         atomic_min(bad_slice, wk.slice);
-        return;
+        break;
       }
       float* o = out + b;
-      std::memcpy(backup.get() + wk.pos + (b - wk.begin), o, size_t(n) * 4);
-      std::memcpy(o, acc, size_t(n) * 4);
+      commit_block(o, backup + b, acc, n);
       committed[wi] = b + n - wk.begin;
     }
+    store_fence();
   });
 
   if (!failed.load()) return AggError{};
   // Roll back, then find the culprit deterministically.
   for (size_t wi = 0; wi < work.size(); ++wi)
     if (committed[wi] > 0)
-      std::memcpy(out + work[wi].begin, backup.get() + work[wi].pos, size_t(committed[wi]) * 4);
+      std::memcpy(out + work[wi].begin, backup + work[wi].begin, size_t(committed[wi]) * 4);
   AggError e = locate_nonfinite(inputs, slices, contrib, n_threads);
   if (e.kind == 0) { e.kind = 2; e.slice = bad_slice.load(); }
   return e;

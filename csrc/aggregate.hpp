@@ -45,6 +45,11 @@ AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
                                  const std::vector<SliceSpec>& slices,
                                  const uint8_t* contrib, int n_threads);
 
+// Bytes held by the process-wide rollback scratch of weighted_average_slices
+// (grows to the largest P aggregated; reused), and a way to free it.
+size_t scratch_bytes();
+void release_scratch();
+
 // Coordinate-wise median / trimmed mean over the contributing clients of each
 // slice (unweighted).  trimmed: drops floor(trim_fraction * m) smallest and
 // largest of the m contributors per coordinate, averages the rest (double sum).

@@ -155,6 +155,9 @@ PYBIND11_MODULE(_kernels, m) {
   }, "True when the CUDA kernel was compiled and a CUDA device is usable.");
   m.attr("max_tasks") = kMaxTasks;
   m.def("default_threads", &default_threads);
+  m.def("scratch_bytes", &scratch_bytes, "Bytes held by the reusable rollback scratch of weighted_average_slices.");
+  m.def("release_scratch", &release_scratch, "Frees the reusable rollback scratch (it is re-grown on demand).");
+  m.attr("__version__") = "0.1.0";
 
   m.def("weighted_average_slices",
         [](py::array out, const py::sequence& xs, const std::vector<int>& dtypes,
