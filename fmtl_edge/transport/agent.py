@@ -1,0 +1,483 @@
+"""The device agent behind ``fmtl-edge join``: registers with the coordinator and runs its work.
+
+The agent opens no port. It registers (device profile, budgets, meter, which client of the data
+partition it holds and its per-task sample counts), keeps a heartbeat going on a side thread, and
+long-polls for work. Each assignment is run one at a time: the global model is downloaded in chunks,
+trained by :func:`fmtl_edge.client.execute` under the device lease (one FL task at a time per device,
+across processes), the profile's budgets and the meter window, and the update is streamed back in
+chunks with its metadata. When the connection is lost it reconnects with exponential backoff (with
+jitter) and registers again; a refused token or a data partition the job cannot use ends it.
+
+Data are named by a spec: ``NAME:client=ID[,clients=N][,seed=S][,max-samples=M][,alpha=A][,image-size=P]``
+(the partition must be the one the job uses: same ``clients``, ``seed``, ``max-samples``... as the
+job's config; the server checks and says what differs).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fmtl_edge import __version__
+from fmtl_edge.transport import fmtl_edge_pb2 as pb
+from fmtl_edge.transport import fmtl_edge_pb2_grpc as pb_grpc
+from fmtl_edge.transport.convert import assignment_from_pb, task_to_pb
+from fmtl_edge.transport.service import bearer, channel
+from fmtl_edge.transport.tensors import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    MIN_CHUNK_BYTES,
+    ChunkSink,
+    MappedState,
+    SafetensorsFile,
+    TensorFileError,
+    iter_chunks,
+    write_update_file,
+)
+
+EXIT_AUTH = 3
+EXIT_REFUSED = 2
+FAULTS = ("nan", "shape", "delay", "echo")
+
+
+@dataclass
+class DataSpec:
+    """Which data a device holds: client ``client_id`` of ``dataset`` split into ``n_clients``."""
+
+    dataset: str
+    client_id: int
+    n_clients: int | None = None
+    seed: int = 0
+    alpha: float | None = None
+    max_samples: int | None = None
+    image_size: int | None = None
+    data_dir: str | None = None
+
+    _KEYS = {"client": "client_id", "clients": "n_clients", "seed": "seed", "alpha": "alpha",
+             "max-samples": "max_samples", "max_samples": "max_samples", "image-size": "image_size",
+             "image_size": "image_size", "dir": "data_dir", "data-dir": "data_dir"}
+
+    @classmethod
+    def parse(cls, text: str, data_dir: str | None = None) -> "DataSpec":
+        """Parse ``digits:client=3,clients=8,seed=0``.
+
+        Raises:
+            ValueError: no ``client=``, unknown key or bad value (the message shows the form).
+        """
+        form = "NAME:client=ID[,clients=N][,seed=S][,max-samples=M][,alpha=A][,image-size=P]"
+        name, _, rest = text.partition(":")
+        if not name.strip():
+            raise ValueError(f"--data {text!r}: expected {form}")
+        kw: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in rest.split(","))):
+            k, eq, v = part.partition("=")
+            if not eq or k.strip() not in cls._KEYS:
+                raise ValueError(f"--data {text!r}: unknown or malformed {part!r}; expected {form}")
+            field_name = cls._KEYS[k.strip()]
+            try:
+                kw[field_name] = float(v) if field_name == "alpha" else (v if field_name == "data_dir" else int(v))
+            except ValueError:
+                raise ValueError(f"--data {text!r}: {k}={v!r} is not a number") from None
+        if "client_id" not in kw:
+            raise ValueError(f"--data {text!r}: name the client this device holds (client=ID); expected {form}")
+        if data_dir is not None:
+            kw["data_dir"] = data_dir
+        return cls(dataset=name.strip(), **kw)
+
+    def load(self):
+        """(ClientData, FederatedDataset) of this client.
+
+        Raises:
+            fmtl_edge.data.DataError: missing data or a client id outside the partition.
+        """
+        from fmtl_edge.data import load_dataset
+        from fmtl_edge.data.base import DataError
+
+        ds = load_dataset(self.dataset, data_dir=self.data_dir, n_clients=self.n_clients, seed=self.seed,
+                          alpha=self.alpha, image_size=self.image_size, max_samples=self.max_samples)
+        by_id = {c.client_id: c for c in ds.clients}
+        if self.client_id not in by_id:
+            raise DataError(f"client {self.client_id} is not in the {ds.n_clients}-client partition of "
+                            f"{ds.name} (client ids 0..{ds.n_clients - 1})")
+        return by_id[self.client_id], ds
+
+
+@dataclass
+class AgentOptions:
+    """Settings of one agent (``fmtl-edge join`` flags)."""
+
+    server: str
+    token: str
+    data: DataSpec
+    profile: str | None = None
+    meter: str | None = None
+    device: str | None = None
+    lease: str = "local"
+    lease_wait_s: float = 5.0
+    runtime_dir: str | None = None
+    insecure: bool = False
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+    work_dir: str | None = None
+    min_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    poll_wait_s: float = 20.0
+    fault: str | None = None          # testing only: nan | shape | delay:S | echo
+    max_works: int | None = None      # testing only: exit after this many work items
+    torch_threads: int | None = None
+
+
+class Agent:
+    """One device agent. ``run()`` blocks until ``stop`` is set, a fatal refusal, or ``max_works``.
+
+    Args:
+        opts: the settings.
+        log: ``(str) -> None`` for progress lines (default: stderr).
+    """
+
+    def __init__(self, opts: AgentOptions, log: Callable[[str], None] | None = None):
+        self.opts = opts
+        self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.stop = threading.Event()
+        self.state = "idle"
+        self.work_id = ""
+        self.cancelled: set[str] = set()
+        self.session_lost = threading.Event()
+        self.works_done = 0
+        self.client = None
+        self.dataset = None
+        self.meter = None
+        self.profile = None
+        self.chunk_bytes = DEFAULT_CHUNK_BYTES
+        self.work_dir = Path(opts.work_dir) if opts.work_dir else Path(tempfile.mkdtemp(prefix="fmtl-agent-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if opts.fault is not None and opts.fault.split(":")[0] not in FAULTS:
+            raise ValueError(f"unknown fault {opts.fault!r}; known: {FAULTS}")
+
+    def log(self, msg: str) -> None:
+        cid = self.opts.data.client_id
+        self._log(f"{time.strftime('%H:%M:%S')} [agent client {cid}] {msg}")
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Load the data, the device profile and the meter (before connecting).
+
+        Raises:
+            DataError, ValueError, FileNotFoundError: bad data spec, profile or meter.
+        """
+        from fmtl_edge.runtime import load_profile, make_meter
+
+        if self.opts.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.opts.torch_threads)
+        self.client, self.dataset = self.opts.data.load()
+        self.profile = load_profile(self.opts.profile)
+        if self.opts.meter:
+            self.meter = make_meter(self.opts.meter, **self.profile.meter_kwargs())
+        else:
+            self.meter = self.profile.make_meter()
+        self.log(f"{self.dataset.name}: client {self.client.client_id} of {self.dataset.n_clients}, "
+                 f"{self.client.n_train} training samples, tasks {', '.join(self.dataset.tasks.names)}; "
+                 f"profile {self.profile.name}, meter {self.meter.source}")
+
+    def register_request(self) -> pb.RegisterRequest:
+        p, ds, c, spec = self.profile, self.dataset, self.client, self.opts.data
+        import json
+
+        data = pb.DataInfo(
+            dataset=ds.name, client_id=c.client_id, n_clients=ds.n_clients, seed=spec.seed,
+            alpha=spec.alpha or 0.0, max_samples=spec.max_samples or 0, image_size=spec.image_size or 0,
+            input_shape=[int(s) for s in ds.input_shape],
+            tasks=[task_to_pb(t, c.n_train, c.n_test) for t in ds.tasks],
+            info_json=json.dumps(ds.info, default=str),
+        )
+        dev = pb.DeviceInfo(
+            hostname=socket.gethostname(), agent_version=__version__, profile_name=p.name,
+            device_class=p.device_class, memory_budget_bytes=p.memory_budget_bytes or 0,
+            round_time_s=p.round_time_s or 0.0, round_energy_j=p.round_energy_j or 0.0,
+            meter=f"{self.meter.backend}:{self.meter.source}" if hasattr(self.meter, "backend") else str(self.meter.source),
+            torch_device=self.opts.device or "", pid=os.getpid(),
+        )
+        return pb.RegisterRequest(device=dev, data=data)
+
+    # -- main loop ------------------------------------------------------------------------------------
+    def run(self) -> int:
+        import grpc
+
+        if self.client is None:
+            self.prepare()
+        o = self.opts
+        md = bearer(o.token)
+        backoff = o.min_backoff_s
+        lost_since = None
+        last_note = 0.0
+        while not self.stop.is_set():
+            ch = channel(o.server, insecure=o.insecure, ca=o.ca, cert=o.cert, key=o.key, server_name=o.server_name)
+            hb_stop = threading.Event()
+            hb = None
+            try:
+                stub = pb_grpc.CoordinatorStub(ch)
+                reg = stub.Register(self.register_request(), timeout=30, metadata=md)
+                backoff = o.min_backoff_s
+                lost_since = None
+                self.session_lost.clear()
+                chunk = int(reg.chunk_bytes or DEFAULT_CHUNK_BYTES)
+                self.chunk_bytes = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, chunk))
+                self.log(f"registered with {o.server} ({reg.message}; session {reg.session_id[:8]})")
+                hb = threading.Thread(target=self._heartbeat, args=(stub, reg.session_id, reg.heartbeat_interval_s or 2.0,
+                                                                  hb_stop), daemon=True, name="fmtl-heartbeat")
+                hb.start()
+                while not self.stop.is_set() and not self.session_lost.is_set():
+                    r = stub.PullWork(pb.PullWorkRequest(session_id=reg.session_id, wait_s=o.poll_wait_s),
+                                      timeout=o.poll_wait_s + 15, metadata=md)
+                    if r.reregister:
+                        self.log("the server does not know this session (restarted?): registering again")
+                        break
+                    if r.has_work:
+                        self._run_work(stub, reg.session_id, r.work)
+                        self.works_done += 1
+                        if o.max_works is not None and self.works_done >= o.max_works:
+                            self.log(f"done {self.works_done} work items: exiting (--max-works)")
+                            return 0
+            except grpc.RpcError as e:
+                code = e.code()
+                if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    self.log(f"refused by the server: {e.details()} ({code.name})")
+                    return EXIT_AUTH
+                if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                    self.log(f"registration refused: {e.details()}")
+                    return EXIT_REFUSED
+                delay = backoff * (0.5 + random.random())
+                now = time.monotonic()
+                if lost_since is None or now - last_note > 30:
+                    since = "" if lost_since is None else f" for {now - lost_since:.0f} s"
+                    self.log(f"no connection to {o.server}{since} ({code.name}: {e.details()}); "
+                             f"retrying with backoff up to {o.max_backoff_s:.0f} s")
+                    last_note = now
+                    lost_since = lost_since or now
+                self.stop.wait(delay)
+                backoff = min(o.max_backoff_s, backoff * 2)
+            finally:
+                hb_stop.set()
+                if hb is not None:
+                    hb.join(timeout=5)
+                ch.close()
+                self.state, self.work_id = "idle", ""
+        return 0
+
+    def _heartbeat(self, stub, session_id: str, interval_s: float, stop: threading.Event) -> None:
+        import grpc
+
+        md = bearer(self.opts.token)
+        while not stop.wait(interval_s):
+            try:
+                r = stub.Heartbeat(pb.HeartbeatRequest(session_id=session_id, state=self.state, work_id=self.work_id),
+                                   timeout=max(2.0, 2 * interval_s), metadata=md)
+            except grpc.RpcError:
+                continue
+            if not r.ok:
+                self.session_lost.set()
+            for w in r.cancel_work_ids:
+                if w == self.work_id and w not in self.cancelled:
+                    self.log(f"work {w} cancelled by the server")
+                self.cancelled.add(w)
+
+    # -- one work item --------------------------------------------------------------------------------
+    def _run_work(self, stub, session_id: str, w: pb.Work) -> None:
+        import grpc
+
+        md = bearer(self.opts.token)
+        self.work_id = w.work_id
+        what = f"{w.kind} {w.job} round {w.round}"
+        path = self.work_dir / f"model-{w.work_id}.safetensors"
+        upath = self.work_dir / f"update-{w.work_id}.safetensors"
+        try:
+            self.state = "downloading"
+            t0 = time.perf_counter()
+            sink = ChunkSink(path, int(w.model_bytes), None, w.model_sha256 or None)
+            try:
+                for ch in stub.DownloadModel(pb.DownloadRequest(session_id=session_id, work_id=w.work_id), metadata=md):
+                    sink.write(int(ch.offset), ch.data)
+                sink.finish()
+            except BaseException:
+                sink.abort()
+                raise
+            dl_s = time.perf_counter() - t0
+            self.log(f"{what}: model {w.model_bytes / 1e6:.1f} MB downloaded in {dl_s:.2f} s")
+            model_file = SafetensorsFile(path)
+            if w.kind == "evaluate":
+                meta = self._evaluate(w, model_file)
+                meta.session_id, meta.work_id = session_id, w.work_id
+                self.state = "uploading"
+                reply = stub.UploadUpdate(iter([pb.UploadMessage(meta=meta)]), timeout=60, metadata=md)
+                self.log(f"{what}: evaluation {'accepted' if reply.accepted else 'rejected: ' + reply.reason}")
+                return
+            self.state = "training"
+            try:
+                meta = self._train(w, model_file, upath)
+            except Exception as e:  # a structured failure the server can act on
+                kind = _failure_kind(e)
+                self.log(f"{what}: cannot run it ({kind}): {e}")
+                stub.ReportFailure(pb.FailureReport(session_id=session_id, work_id=w.work_id, kind=kind, reason=str(e)),
+                                   timeout=30, metadata=md)
+                return
+            finally:
+                model_file.release()
+            if w.work_id in self.cancelled:
+                self.log(f"{what}: cancelled by the server; update not sent")
+                return
+            meta.session_id, meta.work_id = session_id, w.work_id
+            self.state = "uploading"
+            t1 = time.perf_counter()
+
+            def messages():
+                yield pb.UploadMessage(meta=meta)
+                for off, data, total in iter_chunks(upath, self.chunk_bytes):
+                    yield pb.UploadMessage(chunk=pb.Chunk(offset=off, data=data, total_bytes=total))
+
+            reply = stub.UploadUpdate(messages(), metadata=md)
+            up_s = time.perf_counter() - t1
+            if reply.accepted:
+                self.log(f"{what}: update accepted ({meta.total_bytes / 1e6:.1f} MB in {up_s:.2f} s, "
+                         f"{meta.n_samples} samples, {meta.device_s:.2f} s on device)")
+            else:
+                self.log(f"{what}: update REJECTED by the server: {reply.reason}")
+        except TensorFileError as e:
+            self.log(f"{what}: bad model download: {e}")
+            try:
+                stub.ReportFailure(pb.FailureReport(session_id=session_id, work_id=w.work_id, kind="error",
+                                                    reason=f"download: {e}"), timeout=30, metadata=md)
+            except grpc.RpcError:
+                pass
+        finally:
+            for p in (path, upath):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+            self.state, self.work_id = "idle", ""
+
+    def _train(self, w: pb.Work, model_file: SafetensorsFile, upath: Path) -> pb.UpdateMeta:
+        from fmtl_edge.client import execute
+        from fmtl_edge.messages import ClientUpdate
+        from fmtl_edge.models import ModelSpec
+        from fmtl_edge.runtime import DeviceLease
+
+        fault, _, arg = (self.opts.fault or "").partition(":")
+        order = model_file.names
+        spec = ModelSpec(tuple(int(s) for s in w.model.input_shape), width=int(w.model.width), depth=int(w.model.depth or 1))
+        if tuple(spec.input_shape) != tuple(self.dataset.input_shape):
+            raise ValueError(f"the job's model takes inputs {spec.input_shape}, this device's data are {self.dataset.input_shape}")
+        p = self.profile
+        if fault == "echo":  # benchmarks: no training, send the model back
+            t0 = time.perf_counter()
+            state = MappedState(model_file.path, model_file)
+            upd = ClientUpdate(self.client.client_id, w.job, w.round, tuple(w.tasks), state, self.client.n_train,
+                               {t: 0.0 for t in w.tasks}, None, 0, 0.0,
+                               {"total_j": None, "source": "none", "total_scope": "none", "estimated": False})
+            size, sha = write_update_file(upath, upd.state, order)
+            upd.device_s = time.perf_counter() - t0
+            return self._meta(upd, size, sha)
+        a = assignment_from_pb(w, model_file.load(), device=self.opts.device,
+                               time_budget_s=p.round_time_s, energy_budget_j=p.round_energy_j)
+        if p.memory_budget_bytes:
+            from fmtl_edge.models import MultiTaskModel
+            from fmtl_edge.runtime import check_memory, estimate_job_memory_bytes
+
+            probe = MultiTaskModel(spec, self.dataset.tasks.subset(a.tasks))
+            check_memory(estimate_job_memory_bytes(probe, spec.input_shape, a.config.batch_size), p)
+            del probe
+        lease = DeviceLease(self.opts.lease, self.opts.runtime_dir, timeout_s=self.opts.lease_wait_s,
+                            owner=f"fmtl-edge join client {self.client.client_id}")
+        upd = execute(self.client, spec, self.dataset.tasks, a, self.meter, lease)
+        if fault == "nan":
+            k = next(n for n, v in upd.state.items() if np.issubdtype(v.dtype, np.floating))
+            upd.state[k] = upd.state[k].copy()
+            upd.state[k].reshape(-1)[0] = np.nan
+        elif fault == "shape":
+            k = next(n for n, v in upd.state.items() if np.issubdtype(v.dtype, np.floating) and v.ndim >= 1)
+            v = upd.state[k]
+            upd.state[k] = np.zeros((v.shape[0] + 1, *v.shape[1:]), dtype=v.dtype)
+        elif fault == "delay":
+            self.log(f"fault injection: waiting {float(arg or 5):.1f} s before the upload")
+            end = time.monotonic() + float(arg or 5)
+            while time.monotonic() < end and not self.stop.is_set():
+                time.sleep(0.05)
+        size, sha = write_update_file(upath, upd.state, order)
+        return self._meta(upd, size, sha)
+
+    def _meta(self, upd, size: int, sha: str) -> pb.UpdateMeta:
+        import json
+
+        meta = pb.UpdateMeta(job=upd.job, round=int(upd.round), client_id=int(upd.client_id), n_samples=int(upd.n_samples),
+                             train_loss={k: float(v) for k, v in upd.train_loss.items()},
+                             affinity_steps=int(upd.affinity_steps), device_s=float(upd.device_s),
+                             energy_json=json.dumps(upd.energy, default=str), stopped_by=upd.stopped_by or "",
+                             peak_memory_bytes=int(upd.peak_memory_bytes or 0), total_bytes=int(size), sha256=sha)
+        if upd.affinity is not None:
+            aff = np.asarray(upd.affinity, dtype=np.float64)
+            meta.affinity_n = aff.shape[0]
+            meta.affinity.extend(aff.reshape(-1).tolist())
+        j = upd.energy.get("total_j")
+        if j is not None:
+            meta.energy_j = float(j)
+        return meta
+
+    def _evaluate(self, w: pb.Work, model_file: SafetensorsFile) -> pb.UpdateMeta:
+        from fmtl_edge.models import ModelSpec
+
+        spec = ModelSpec(tuple(int(s) for s in w.model.input_shape), width=int(w.model.width), depth=int(w.model.depth or 1))
+        sums = evaluate_sums(spec, self.dataset.tasks.subset(tuple(w.tasks)), model_file.load(), self.client,
+                             device=self.opts.device or "cpu")
+        meta = pb.UpdateMeta(job=w.job, round=int(w.round), client_id=self.client.client_id)
+        for t, s in sums.items():
+            meta.eval[t].CopyFrom(pb.EvalSums(loss_sum=s["loss_sum"], metric_sum=s["metric_sum"], n=s["n"]))
+        return meta
+
+
+def evaluate_sums(spec, tasks, state, client, device: str = "cpu", batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Per-task test-loss and metric *sums* over one client's test split (the server adds the clients
+    up and finishes the metric, which gives the simulation's union-of-clients evaluation)."""
+    import torch
+
+    from fmtl_edge.client import build_model
+
+    model = build_model(spec, tasks, state, device)
+    model.eval()
+    names = list(tasks.names)
+    out = {n: {"loss_sum": 0.0, "metric_sum": 0.0, "n": 0} for n in names}
+    with torch.no_grad():
+        for i in range(0, client.n_test, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(client.x_test[i : i + batch_size])).to(device, torch.float32)
+            outs = model(x, names)
+            for n in names:
+                y = torch.from_numpy(np.ascontiguousarray(client.y_test[n][i : i + batch_size])).to(device)
+                task = model.tasks[n]
+                out[n]["loss_sum"] += float(task.loss(outs[n], y, reduction="sum"))
+                out[n]["metric_sum"] += task.metric_sum(outs[n], y)
+                out[n]["n"] += len(x)
+    return out
+
+
+def _failure_kind(e: BaseException) -> str:
+    name = type(e).__name__
+    if name == "DeviceBusy":
+        return "busy"
+    if name == "BudgetExceeded":
+        return "memory" if getattr(e, "kind", "") == "memory" else "budget"
+    if name == "DataError":
+        return "data"
+    return "error"

@@ -1,0 +1,245 @@
+"""The gRPC endpoint of the coordinator: the servicer over a :class:`RemoteClientPool`, TLS and tokens.
+
+Authentication is a bearer token in the ``authorization`` metadata of every call; the server checks
+it with an ``authenticate(token) -> Identity | None`` function (``fmtl-server`` reads a tokens
+file). A call without a valid token is answered ``UNAUTHENTICATED`` and logged with its peer. Device
+tokens may use the device RPCs; ``GetStatus`` needs an ``admin`` token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+
+from fmtl_edge.transport import fmtl_edge_pb2 as pb
+from fmtl_edge.transport import fmtl_edge_pb2_grpc as pb_grpc
+from fmtl_edge.transport.convert import message_to_dict, work_to_pb
+from fmtl_edge.transport.pool import RegistrationRefused, RemoteClientPool
+from fmtl_edge.transport.tensors import MAX_CHUNK_BYTES, ChunkSink, TensorFileError, iter_chunks
+
+log = logging.getLogger("fmtl_edge.transport.service")
+
+#: message size limit on both sides: a 4 MiB chunk plus its envelope
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (1 << 20)
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a bearer token belongs to: a device name and its role (``device`` or ``admin``)."""
+
+    name: str
+    role: str = "device"
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying ``token``."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """Answers the device agents on behalf of a :class:`RemoteClientPool`.
+
+    Args:
+        pool: the pool the coordinator runs rounds on.
+        authenticate: ``token -> Identity | None``.
+        heartbeat_interval_s: what devices are told to use.
+        status: ``() -> dict`` for ``GetStatus`` (defaults to the pool's status).
+    """
+
+    def __init__(self, pool: RemoteClientPool, authenticate: Callable[[str], Identity | None],
+                 heartbeat_interval_s: float = 2.0, status: Callable[[], dict[str, Any]] | None = None):
+        self.pool = pool
+        self.authenticate = authenticate
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.status_fn = status or pool.status
+        self.refused = 0
+
+    # -- auth --------------------------------------------------------------------------------------------
+    def _who(self, context: grpc.ServicerContext, admin: bool = False) -> Identity:
+        token = ""
+        for k, v in context.invocation_metadata() or ():
+            if k == "authorization" and isinstance(v, str) and v.startswith("Bearer "):
+                token = v[len("Bearer "):].strip()
+        ident = self.authenticate(token) if token else None
+        if ident is None:
+            self.refused += 1
+            log.warning("refused %s from %s: %s bearer token", _method(context), context.peer(),
+                        "invalid" if token else "missing")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required (fmtl-edge join --token)")
+        if admin and ident.role != "admin":
+            log.warning("refused %s from %s (%s): admin role needed", _method(context), context.peer(), ident.name)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "this call needs an admin token")
+        return ident
+
+    # -- RPCs ----------------------------------------------------------------------------------------------
+    def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterReply:
+        who = self._who(context)
+        data = request.data
+        tasks = {t.name: int(t.train_samples) for t in data.tasks}
+        n_train = max(tasks.values(), default=0)
+        n_test = max((int(t.test_samples) for t in data.tasks), default=0)
+        try:
+            d = self.pool.register(who.name, int(data.client_id), tasks, n_train, n_test, message_to_dict(data),
+                                   message_to_dict(request.device))
+        except RegistrationRefused as e:
+            log.warning("registration of %s (client %d) refused: %s", who.name, data.client_id, e)
+            context.abort(getattr(grpc.StatusCode, e.code), str(e))
+        return pb.RegisterReply(session_id=d.session_id, server_id=self.pool.server_id,
+                                heartbeat_interval_s=self.heartbeat_interval_s,
+                                heartbeat_timeout_s=self.pool.policy.heartbeat_timeout_s,
+                                chunk_bytes=self.pool.chunk_bytes, max_update_bytes=self.pool.max_update_bytes,
+                                message=f"registered as client {d.client_id}")
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        who = self._who(context)
+        ok, cancel = self.pool.heartbeat(request.session_id, who.name, request.state, request.work_id)
+        return pb.HeartbeatReply(ok=ok, cancel_work_ids=cancel)
+
+    def PullWork(self, request: pb.PullWorkRequest, context) -> pb.PullWorkReply:
+        who = self._who(context)
+        wait = request.wait_s if request.wait_s > 0 else 20.0
+        # do not hold the thread past the client's own deadline
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = min(wait, max(0.0, remaining - 1.0))
+        item = self.pool.pull(request.session_id, who.name, wait)
+        if item == "reregister":
+            return pb.PullWorkReply(reregister=True, message="unknown session: register again")
+        if item is None:
+            return pb.PullWorkReply(has_work=False)
+        a = item.slot.assignment
+        return pb.PullWorkReply(has_work=True, work=work_to_pb(item.work_id, item.kind, a, self.pool.model_info,
+                                                               item.model.size_bytes, item.model.sha256,
+                                                               item.deadline_s))
+
+    def DownloadModel(self, request: pb.DownloadRequest, context):
+        who = self._who(context)
+        item = self.pool.item_for(request.session_id, who.name, request.work_id)
+        if item is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no running work {request.work_id!r} for this session (cancelled?)")
+        try:
+            for off, data, total in iter_chunks(item.model.path, self.pool.chunk_bytes, int(request.offset)):
+                yield pb.Chunk(offset=off, data=data, total_bytes=total)
+        except FileNotFoundError:
+            context.abort(grpc.StatusCode.NOT_FOUND, "the round is over; the model is gone")
+        except ValueError as e:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, str(e))
+
+    def UploadUpdate(self, request_iterator, context) -> pb.UploadReply:
+        who = self._who(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("body") != "meta":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of an upload must be its metadata")
+        meta = first.meta
+        item = self.pool.item_for(meta.session_id, who.name, meta.work_id)
+        if item is None:  # answering ends the call; the chunks are not read
+            return pb.UploadReply(accepted=False, reason=self.pool.why_not(meta.work_id))
+        path = None
+        if item.kind == "train":
+            path = self.pool.incoming_path(item.work_id)
+            try:
+                sink = ChunkSink(path, int(meta.total_bytes), self.pool.max_update_bytes, meta.sha256 or None)
+            except TensorFileError as e:
+                return pb.UploadReply(accepted=False, reason=self.pool.reject_upload(item, str(e)))
+            try:
+                for msg in request_iterator:
+                    if msg.WhichOneof("body") != "chunk":
+                        raise TensorFileError("metadata sent twice in one upload")
+                    sink.write(int(msg.chunk.offset), msg.chunk.data)
+                sink.finish()
+            except TensorFileError as e:
+                sink.abort()
+                return pb.UploadReply(accepted=False, reason=self.pool.reject_upload(item, str(e)))
+            except BaseException:
+                sink.abort()  # the stream broke (device gone): the heartbeat timeout frees the slot
+                raise
+        ok, reason = self.pool.finish_upload(item, meta, path)
+        return pb.UploadReply(accepted=ok, reason=reason)
+
+    def ReportFailure(self, request: pb.FailureReport, context) -> pb.Ack:
+        who = self._who(context)
+        ok = self.pool.report_failure(request.session_id, who.name, request.work_id, request.kind, request.reason)
+        return pb.Ack(ok=ok, message="" if ok else "unknown work or session")
+
+    def GetStatus(self, request: pb.StatusRequest, context) -> pb.StatusReply:
+        self._who(context, admin=True)
+        return pb.StatusReply(json=json.dumps(self.status_fn(), default=str))
+
+
+def _method(context) -> str:
+    try:
+        return context._rpc_event.call_details.method.decode()  # type: ignore[attr-defined]
+    except Exception:
+        return "a call"
+
+
+@dataclass
+class TLSConfig:
+    """Server TLS: certificate and key (PEM); ``client_ca`` set = client certificates required."""
+
+    cert: str | Path
+    key: str | Path
+    client_ca: str | Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials([(Path(self.key).read_bytes(), Path(self.cert).read_bytes())],
+                                           root_certificates=ca, require_client_auth=ca is not None)
+
+
+def start_server(servicer: CoordinatorServicer, listen: str, tls: TLSConfig | None, max_workers: int = 64) -> tuple[grpc.Server, int]:
+    """Start the gRPC server on ``listen`` (``HOST:PORT``; port 0 picks one). ``tls=None`` is plaintext.
+
+    Returns:
+        (server, bound port)
+
+    Raises:
+        RuntimeError: the address cannot be bound (in use, bad host).
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fmtl-rpc"),
+                         options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    try:
+        port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot listen on {listen}: {e}") from None
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {listen} (address in use or not available)")
+    server.start()
+    return server, port
+
+
+def channel(target: str, *, insecure: bool = False, ca: str | Path | None = None, cert: str | Path | None = None,
+            key: str | Path | None = None, server_name: str | None = None) -> grpc.Channel:
+    """A client channel to the coordinator: TLS (``ca`` = the server's CA or self-signed certificate;
+    ``cert``/``key`` = client certificate) unless ``insecure``."""
+    opts = list(GRPC_OPTIONS)
+    if insecure:
+        return grpc.insecure_channel(target, options=opts)
+    if server_name:
+        opts.append(("grpc.ssl_target_name_override", server_name))
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes() if ca else None,
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
+    return grpc.secure_channel(target, creds, options=opts)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,104 @@
+"""Per-device bearer tokens.
+
+The tokens file holds one line per device: ``NAME ROLE sha256:HEX`` (``ROLE`` is ``device`` or
+``admin``); only the SHA-256 of a token is stored, the token itself is printed once by
+``fmtl-server token add``. The file is re-read when it changes, so devices can be added (or
+revoked, by deleting their line) while the server runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import threading
+from pathlib import Path
+
+from fmtl_edge.transport.service import Identity
+
+ROLES = ("device", "admin")
+_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+
+
+class TokenError(ValueError):
+    """A malformed tokens file or request (the message names the line or value)."""
+
+
+def hash_token(token: str) -> str:
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def parse_tokens(text: str, where: str = "tokens file") -> dict[str, tuple[str, str]]:
+    """``hash → (name, role)`` from a tokens file's text.
+
+    Raises:
+        TokenError: a line that is not ``NAME ROLE sha256:HEX``.
+    """
+    out: dict[str, tuple[str, str]] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 3 or not _NAME.match(parts[0]) or parts[1] not in ROLES or not re.fullmatch(r"sha256:[0-9a-f]{64}", parts[2]):
+            raise TokenError(f"{where}:{i}: expected 'NAME ROLE sha256:HEX' (ROLE device|admin), got {line!r}")
+        out[parts[2]] = (parts[0], parts[1])
+    return out
+
+
+def add_token(path: str | Path, name: str, role: str = "device") -> str:
+    """Append a fresh token for ``name`` to the tokens file (created 0600) and return it.
+
+    Raises:
+        TokenError: bad name or role, or ``name`` already has a token.
+    """
+    if not _NAME.match(name):
+        raise TokenError(f"device name {name!r}: use 1-64 letters, digits, '_', '-', '.', '@'")
+    if role not in ROLES:
+        raise TokenError(f"role must be one of {ROLES}, got {role!r}")
+    p = Path(path)
+    existing = parse_tokens(p.read_text(), str(p)) if p.exists() else {}
+    if any(n == name for n, _ in existing.values()):
+        raise TokenError(f"{name!r} already has a token in {p}; delete its line to revoke it first")
+    token = secrets.token_urlsafe(32)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(f"{name} {role} {hash_token(token)}\n")
+    return token
+
+
+class TokenFile:
+    """Checks bearer tokens against a tokens file (re-read when its modification time changes)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._mtime: float | None = None
+        self._table: dict[str, tuple[str, str]] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Raises TokenError (bad file) or FileNotFoundError."""
+        st = self.path.stat()
+        table = parse_tokens(self.path.read_text(), str(self.path))
+        with self._lock:
+            self._table, self._mtime = table, st.st_mtime
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __call__(self, token: str) -> Identity | None:
+        try:
+            if self.path.stat().st_mtime != self._mtime:
+                self.reload()
+        except (OSError, TokenError):
+            pass  # keep the last good table
+        h = hash_token(token)
+        with self._lock:
+            for k, (name, role) in self._table.items():
+                if hmac.compare_digest(k, h):
+                    return Identity(name, role)
+        return None

@@ -1,0 +1,222 @@
+"""``job.toml``: the job (``[job]``) and the server's settings (``[server]``).
+
+``[job]`` takes the keys of ``fmtl-edge simulate`` (``dataset``, ``clients``, ``max_samples``,
+``methods``, ``rounds``, ``r0``, ``clients_per_round``, ``local_epochs``, ``batch_size``, ``lr``, ``seed``,
+``width``, ``time_budget_s``, ``energy_budget_j``...) with the same defaults and presets, so a job over
+agents trains what ``fmtl-edge simulate`` with the same settings trains, plus the deployment keys
+below. Device-side settings (``meter``, ``data_dir``) are not job keys: each agent names its own.
+
+``[server]`` paths are relative to the config file; command-line flags override them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from fmtl_edge.config import ConfigError, SimulationConfig, build_config
+
+#: [job] keys of the deployment (the rest are simulate keys)
+JOB_KEYS = {
+    "name": "job name (results, status)",
+    "tasks": "the tasks to train (default: every task of the dataset)",
+    "round_deadline_s": "seconds a round waits for its K updates (default: no deadline)",
+    "min_updates": "fewest updates a round may end with at its deadline (default 1)",
+    "max_attempts": "devices tried per sampled client: the sampled one plus replacements (default 3)",
+    "dispatch_wait_s": "wait this long for a sampled device that is offline or busy before replacing it (default 10)",
+    "deadline_retries": "deadline extensions with other devices before a round fails (default 2)",
+    "wait_for_devices": "devices that must be online before the first round (default: clients, else K)",
+    "start_timeout_s": "give up waiting for devices after this long (default: wait forever)",
+    "eval_timeout_s": "seconds the final evaluation on the devices may take (default 600)",
+    "retry_wait_s": "pause before a failed round is tried again from the last checkpoint (default 5)",
+    "max_round_retries": "failed attempts of one round before the server gives up (default 20)",
+}
+_DEVICE_SIDE = {"meter": "a device setting: fmtl-edge join --meter or the device profile",
+                "data_dir": "a device setting: fmtl-edge join --data-dir", "out": "a [server] setting"}
+SERVER_KEYS = ("listen", "state_dir", "out", "tokens", "tls_cert", "tls_key", "client_ca", "insecure",
+               "heartbeat_interval_s", "heartbeat_timeout_s", "chunk_mib", "max_update_mib", "max_workers")
+_SERVER_PATHS = ("state_dir", "out", "tokens", "tls_cert", "tls_key", "client_ca")
+
+
+@dataclass
+class JobConfig:
+    """What to train and how rounds over devices behave."""
+
+    name: str
+    sim: SimulationConfig
+    tasks: tuple[str, ...] | None = None
+    round_deadline_s: float | None = None
+    min_updates: int = 1
+    max_attempts: int = 3
+    dispatch_wait_s: float = 10.0
+    deadline_retries: int = 2
+    wait_for_devices: int | None = None
+    start_timeout_s: float | None = None
+    eval_timeout_s: float = 600.0
+    retry_wait_s: float = 5.0
+    max_round_retries: int = 20
+    table: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def devices_needed(self) -> int:
+        if self.wait_for_devices is not None:
+            return self.wait_for_devices
+        return self.sim.clients or self.sim.clients_per_round
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the job's settings: a state folder belongs to one job."""
+        return hashlib.sha256(json.dumps(self.table, sort_keys=True, default=str).encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("sim", "table")}
+        d["tasks"] = list(self.tasks) if self.tasks else None
+        return d
+
+
+@dataclass
+class ServerConfig:
+    listen: str = "0.0.0.0:50051"
+    state_dir: str = "fmtl-state"
+    out: str = "runs/server"
+    tokens: str = "tokens.txt"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    client_ca: str | None = None
+    insecure: bool = False
+    heartbeat_interval_s: float = 2.0
+    heartbeat_timeout_s: float = 10.0
+    chunk_mib: float = 2.0
+    max_update_mib: float = 4096.0
+    max_workers: int = 64
+
+    def validate(self) -> None:
+        if not 1.0 <= self.chunk_mib <= 4.0:
+            raise ConfigError("[server] chunk_mib", f"must be within 1..4 MiB, got {self.chunk_mib}")
+        if not self.heartbeat_timeout_s > self.heartbeat_interval_s > 0:
+            raise ConfigError("[server] heartbeat_timeout_s",
+                              "must be larger than heartbeat_interval_s (> 0); e.g. interval 2, timeout 10")
+        if not self.max_update_mib > 0:
+            raise ConfigError("[server] max_update_mib", "must be > 0")
+        if self.insecure and (self.tls_cert or self.tls_key):
+            raise ConfigError("--insecure", "given together with a TLS certificate; choose one")
+        if not self.insecure and not (self.tls_cert and self.tls_key):
+            raise ConfigError("--tls-cert/--tls-key", "TLS needs a certificate and a key (PEM); "
+                              "name --insecure to run without TLS (trusted networks and tests only)")
+        if self.client_ca and self.insecure:
+            raise ConfigError("--client-ca", "client certificates need TLS; drop --insecure")
+
+    @property
+    def chunk_bytes(self) -> int:
+        return int(self.chunk_mib * (1 << 20))
+
+    @property
+    def max_update_bytes(self) -> int:
+        return int(self.max_update_mib * (1 << 20))
+
+
+def _num(name: str, v: Any, kind: type, lo: float | None = None, allow_none: bool = False):
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        raise ConfigError(f"[job] {name}", f"must be a {'whole ' if kind is int else ''}number, got {v!r}")
+    if not math.isfinite(v) or (lo is not None and v < lo):
+        raise ConfigError(f"[job] {name}", f"must be >= {lo}, got {v!r}")
+    return kind(v)
+
+
+def parse_job(table: Mapping[str, Any], name: str = "job") -> JobConfig:
+    """The ``[job]`` table → :class:`JobConfig`.
+
+    Raises:
+        ConfigError: unknown key, wrong type or impossible value (naming the key).
+    """
+    table = {k.replace("-", "_"): v for k, v in table.items()}
+    sim_fields = {f.name for f in fields(SimulationConfig)}
+    sim: dict[str, Any] = {}
+    for k, v in table.items():
+        if k in _DEVICE_SIDE:
+            raise ConfigError(f"[job] {k}", f"is {_DEVICE_SIDE[k]}")
+        if k in JOB_KEYS:
+            continue
+        if k not in sim_fields:
+            known = sorted(JOB_KEYS) + sorted(sim_fields - set(_DEVICE_SIDE))
+            raise ConfigError(f"[job] {k}", f"unknown key; known keys: {', '.join(known)}")
+        if isinstance(v, int) and not isinstance(v, bool) and k in ("lr", "momentum", "weight_decay", "fedprox_mu", "alpha",
+                                                                      "time_budget_s", "energy_budget_j"):
+            v = float(v)
+        sim[k] = v
+    cfg = build_config(sim)
+    job = JobConfig(name=str(table.get("name", name)), sim=cfg, table=dict(table))
+    if "tasks" in table:
+        t = table["tasks"]
+        if isinstance(t, str):
+            t = [x.strip() for x in t.split(",") if x.strip()]
+        if not isinstance(t, list) or not t or not all(isinstance(x, str) for x in t):
+            raise ConfigError("[job] tasks", "must be a non-empty list of task names")
+        job.tasks = tuple(t)
+    for k, kind, lo, none_ok in (("round_deadline_s", float, 0.001, True), ("min_updates", int, 1, False),
+                                 ("max_attempts", int, 1, False), ("dispatch_wait_s", float, 0.0, False),
+                                 ("deadline_retries", int, 0, False), ("wait_for_devices", int, 1, True),
+                                 ("start_timeout_s", float, 0.0, True), ("eval_timeout_s", float, 1.0, False),
+                                 ("retry_wait_s", float, 0.0, False), ("max_round_retries", int, 0, False)):
+        if k in table:
+            setattr(job, k, _num(k, table[k], kind, lo, none_ok))
+    if job.min_updates > cfg.clients_per_round:
+        raise ConfigError("[job] min_updates", f"{job.min_updates} is more than K = clients_per_round = {cfg.clients_per_round}")
+    if job.wait_for_devices is not None and job.wait_for_devices < cfg.clients_per_round:
+        raise ConfigError("[job] wait_for_devices", f"must be at least K = {cfg.clients_per_round}")
+    return job
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> tuple[ServerConfig, JobConfig]:
+    """Read ``job.toml``; ``overrides`` (flags, None = not given) beat its ``[server]`` table.
+
+    Raises:
+        ConfigError: missing file, bad TOML, unknown key or impossible value.
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", f"no such file {str(p)!r}")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError("--config", f"{p} is not valid TOML: {e}") from None
+        base = p.resolve().parent
+    unknown = set(raw) - {"job", "server"}
+    if unknown:
+        raise ConfigError("--config", f"unknown tables {sorted(unknown)}; a job file has [job] and [server]")
+    if "job" not in raw:
+        raise ConfigError("--config", "no [job] table (dataset, methods, rounds, clients_per_round, ...)")
+    job = parse_job(raw["job"], Path(path).stem if path else "job")
+    srv_table = {k.replace("-", "_"): v for k, v in raw.get("server", {}).items()}
+    bad = set(srv_table) - set(SERVER_KEYS)
+    if bad:
+        raise ConfigError("[server]", f"unknown keys {sorted(bad)}; known: {', '.join(SERVER_KEYS)}")
+    for k in _SERVER_PATHS:
+        if isinstance(srv_table.get(k), str) and srv_table[k]:
+            srv_table[k] = str(base / srv_table[k])
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            srv_table[k] = v
+    try:
+        srv = ServerConfig(**srv_table)
+    except TypeError as e:
+        raise ConfigError("[server]", str(e)) from None
+    srv.validate()
+    return srv, job
+
+
+def as_dict(srv: ServerConfig) -> dict[str, Any]:
+    return asdict(srv)

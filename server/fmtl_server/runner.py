@@ -1,0 +1,438 @@
+"""``fmtl-server serve``: the gRPC service, the job's plan over the devices, persistence, results.
+
+One process: the gRPC server answers the agents on a thread pool while the main thread runs the job
+with :class:`fmtl_edge.coordinator.Coordinator` over a :class:`~fmtl_edge.transport.pool.RemoteClientPool`
+— the coordinator of ``fmtl-edge simulate``; only the pool differs. After each method the final
+per-task models are evaluated on the devices' test splits (each device returns loss and metric sums,
+the server adds them up: the simulation's union-of-clients evaluation) and the method's entry is
+stored; at the end ``results.json`` and the per-task models are written in the simulation's layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fmtl_edge.config import ConfigError
+from fmtl_edge.coordinator import Coordinator, EnergyTally, RoundCheckpoint, RoundFailed, RoundRecord
+from fmtl_edge.messages import Assignment
+from fmtl_edge.models import ModelSpec
+from fmtl_edge.partition import select_state
+from fmtl_edge.tasks import TaskSet
+from fmtl_edge.transport.convert import task_from_pb, task_signature
+from fmtl_edge.transport.pool import Device, PoolClosed, RegistrationRefused, RemoteClientPool, RoundPolicy
+from fmtl_edge.transport.service import CoordinatorServicer, TLSConfig, start_server
+
+from fmtl_server.auth import TokenFile
+from fmtl_server.config import JobConfig, ServerConfig
+from fmtl_server.store import StateMismatch, Store
+
+log = logging.getLogger("fmtl_server")
+
+#: DataInfo fields that must agree with the job's partition settings
+_PARTITION = (("n_clients", "clients"), ("seed", "seed"), ("max_samples", "max_samples"), ("alpha", "alpha"),
+              ("image_size", "image_size"))
+
+
+class Stopped(Exception):
+    """The server was asked to stop (signal) while waiting."""
+
+
+class JobServer:
+    """Runs one job (``[job]``) with the service settings (``[server]``)."""
+
+    def __init__(self, srv: ServerConfig, job: JobConfig, echo=None):
+        self.srv = srv
+        self.job = job
+        self.stop = threading.Event()
+        self.echo = echo or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.store: Store | None = None
+        self.pool: RemoteClientPool | None = None
+        self.server = None
+        self.port: int | None = None
+        self.tasks: TaskSet | None = None
+        self.input_shape: tuple[int, ...] | None = None
+        self._signature: str | None = None
+        self._dataset_info: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.phase = "starting"
+        self.current: dict[str, Any] = {}
+        self._final_states: dict[str, dict] = {}
+        self._last_eval_clients: set[int] = set()
+        self._train = None
+
+    def say(self, msg: str) -> None:
+        self.echo(f"{time.strftime('%H:%M:%S')} [fmtl-server] {msg}")
+
+    # -- registration policy --------------------------------------------------------------------------
+    def validate_registration(self, d: Device) -> None:
+        """Refuse a device whose data cannot serve this job (wrong dataset, partition or tasks)."""
+        sim = self.job.sim
+        data = d.data
+        if data.get("dataset", "") != sim.dataset:
+            raise RegistrationRefused("FAILED_PRECONDITION",
+                                      f"this job trains on {sim.dataset!r}, the device holds {data.get('dataset')!r}")
+        for dk, jk in _PARTITION:
+            dev_v = data.get(dk) or None
+            job_v = getattr(sim, jk)
+            if jk == "clients" and job_v is None:
+                continue  # the dataset's default partition: the device reports it, checked across devices below
+            if jk == "seed":
+                dev_v, job_v = int(data.get("seed", 0)), int(sim.seed)
+            if (dev_v or None) != (job_v or None) and not (isinstance(dev_v, (int, float)) and isinstance(job_v, (int, float))
+                                                           and float(dev_v) == float(job_v)):
+                key = jk.replace("_", "-") if jk != "clients" else "clients"
+                raise RegistrationRefused(
+                    "FAILED_PRECONDITION",
+                    f"the device's partition has {jk}={dev_v}, the job uses {jk}={job_v}: "
+                    f"join with --data {sim.dataset}:client={d.client_id},{key}={job_v}")
+        try:
+            tasks = [task_from_pb(_task_msg(t)) for t in data.get("tasks", [])]
+        except ValueError as e:
+            raise RegistrationRefused("INVALID_ARGUMENT", f"bad task definition: {e}") from None
+        shape = tuple(int(s) for s in data.get("input_shape", []))
+        sig = task_signature(tasks, shape)
+        with self._lock:
+            if self._signature is None:
+                stored = self.store.get("task_signature") if self.store else None
+                if stored is not None and stored != sig:
+                    raise RegistrationRefused("FAILED_PRECONDITION", "the device's tasks or input shape differ from "
+                                              "those this job started with")
+                names = [t.name for t in tasks]
+                if self.job.tasks:
+                    missing = [t for t in self.job.tasks if t not in names]
+                    if missing:
+                        raise RegistrationRefused("FAILED_PRECONDITION", f"the device's data lack tasks {missing}")
+                self._adopt(tasks, shape, sig, data)
+            elif sig != self._signature:
+                raise RegistrationRefused("FAILED_PRECONDITION",
+                                          "the device's tasks or input shape differ from the other devices'")
+            n_known = self.store.get("n_clients") if self.store else None
+            if n_known is not None and data.get("n_clients") and int(data["n_clients"]) != int(n_known):
+                raise RegistrationRefused("FAILED_PRECONDITION",
+                                          f"the device's partition has {data['n_clients']} clients, the others {n_known}")
+            if not 0 <= d.client_id < int(data.get("n_clients") or 1 << 30):
+                raise RegistrationRefused("INVALID_ARGUMENT", f"client id {d.client_id} is outside the partition")
+
+    def _adopt(self, tasks, shape, sig, data) -> None:
+        all_tasks = TaskSet(tasks)
+        self.tasks = all_tasks.subset(self.job.tasks) if self.job.tasks else all_tasks
+        self.input_shape = shape
+        self._signature = sig
+        try:
+            self._dataset_info = json.loads(data.get("info_json") or "{}")
+        except json.JSONDecodeError:
+            self._dataset_info = {}
+        if self.store is not None:
+            self.store.put("task_signature", sig)
+            self.store.put("tasks", [[t.name, t.kind, t.out_dim, t.target_mean, t.target_std, t.units, t.description]
+                                     for t in tasks])
+            self.store.put("input_shape", list(shape))
+            self.store.put("dataset_info", self._dataset_info)
+            if data.get("n_clients"):
+                self.store.put("n_clients", int(data["n_clients"]))
+        if self.pool is not None:
+            self.pool.model_info = {"input_shape": list(shape), "width": self.job.sim.width, "depth": 1}
+
+    def _restore_tasks(self) -> None:
+        from fmtl_edge.tasks import Task
+
+        rows = self.store.get("tasks")
+        if rows is None:
+            return
+        tasks = [Task(r[0], r[1], int(r[2]), float(r[3]), float(r[4]), r[5], r[6]) for r in rows]
+        shape = tuple(self.store.get("input_shape"))
+        all_tasks = TaskSet(tasks)
+        self.tasks = all_tasks.subset(self.job.tasks) if self.job.tasks else all_tasks
+        self.input_shape = shape
+        self._signature = self.store.get("task_signature")
+        self._dataset_info = self.store.get("dataset_info", {})
+        self.pool.model_info = {"input_shape": list(shape), "width": self.job.sim.width, "depth": 1}
+
+    # -- status -----------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        st = self.store.status()
+        st["phase"] = self.phase
+        st["current"] = dict(self.current)
+        live = self.pool.status()
+        st["devices"] = live["devices"]
+        st["counters"] = live["counters"]
+        st["round"] = live["round"]
+        st["refused_calls"] = self.servicer.refused if getattr(self, "servicer", None) else 0
+        st["listen"] = f"{self.srv.listen} (port {self.port})"
+        return st
+
+    def _set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.store.put("phase", phase)
+
+    # -- serve --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the state, start the gRPC service (raises ConfigError/RuntimeError on bad setup)."""
+        srv = self.srv
+        try:
+            tokens = TokenFile(srv.tokens)
+        except FileNotFoundError:
+            raise ConfigError("--tokens", f"no tokens file {srv.tokens!r}; create one with "
+                              f"`fmtl-server token add DEVICE --tokens {srv.tokens}`") from None
+        self.store = Store(srv.state_dir)
+        try:
+            resumed = self.store.claim(self.job.fingerprint(), self.job.name)
+        except StateMismatch as e:
+            raise ConfigError("--state-dir", str(e)) from None
+        self.store.put("methods", list(self.job.sim.methods))
+        policy = RoundPolicy(deadline_s=self.job.round_deadline_s, min_updates=self.job.min_updates,
+                             max_attempts=self.job.max_attempts, dispatch_wait_s=self.job.dispatch_wait_s,
+                             deadline_retries=self.job.deadline_retries, heartbeat_timeout_s=srv.heartbeat_timeout_s)
+        self.pool = RemoteClientPool(Path(srv.state_dir) / "work", policy, seed=self.job.sim.seed,
+                                     max_update_bytes=srv.max_update_bytes, chunk_bytes=srv.chunk_bytes,
+                                     validate_registration=self.validate_registration,
+                                     on_device_change=self.store.save_device)
+        self.pool.load_registry(self.store.devices())
+        self._restore_tasks()
+        self.servicer = CoordinatorServicer(self.pool, tokens, srv.heartbeat_interval_s, status=self.status)
+        tls = None if srv.insecure else TLSConfig(srv.tls_cert, srv.tls_key, srv.client_ca)
+        self.server, self.port = start_server(self.servicer, srv.listen, tls, srv.max_workers)
+        if srv.insecure:
+            self.say("WARNING: --insecure: no TLS; bearer tokens and models travel in plaintext. "
+                     "Use only on a trusted network or for tests.")
+        self.say(f"listening on {srv.listen} (port {self.port}), "
+                 f"{'TLS' + (' + client certificates' if srv.client_ca else '') if not srv.insecure else 'plaintext'}, "
+                 f"{len(tokens)} tokens; state {srv.state_dir}" + (" (resuming)" if resumed else ""))
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        if self.server is not None:
+            self.server.stop(grace=2).wait(5)
+        if self.store is not None:
+            self.store.close()
+
+    def run(self) -> int:
+        """The whole job; returns the exit status."""
+        job, sim = self.job, self.job.sim
+        done_flag = self.store.get("results_path")
+        if done_flag and self.store.get("phase") == "complete":
+            self.say(f"job {job.name!r} is already complete: {done_flag}")
+            return 0
+        need = job.devices_needed
+        known = [d.client_id for d in self.pool.devices()]
+        self._set_phase("waiting for devices")
+        if known and len(known) >= need:
+            # a resumed job: give every device it knew time to come back, so rounds go where they went
+            self.say(f"waiting for the {len(known)} known devices to reconnect "
+                     f"(up to {max(30.0, 3 * self.srv.heartbeat_timeout_s):.0f} s)")
+            self.pool.wait_for_devices(len(known), max(30.0, 3 * self.srv.heartbeat_timeout_s), self.stop, clients=known)
+        self.say(f"waiting for {need} devices to join (job {job.name!r}: {sim.dataset}, methods {', '.join(sim.methods)}, "
+                 f"K={sim.clients_per_round}, R={sim.rounds})")
+        if not self.pool.wait_for_devices(need, job.start_timeout_s, self.stop):
+            if self.stop.is_set():
+                raise Stopped()
+            self.say(f"only {self.pool.online_count()} of {need} devices joined within {job.start_timeout_s} s")
+            return 4
+        self.say(f"{self.pool.online_count()} devices online: starting")
+        from fmtl_edge.methods import make_method
+        from fmtl_edge.simulation import train_config
+
+        spec = ModelSpec(tuple(self.input_shape), width=sim.width)
+        n_clients = len(self.pool.client_ids)
+        if sim.clients_per_round > n_clients:
+            self.say(f"K={sim.clients_per_round} but only {n_clients} clients joined")
+            return 4
+        methods = [make_method(m, self.tasks, sim.rounds, sim.r0, sim.fedprox_mu) for m in sim.methods]
+        train = train_config(sim)
+        self._train = train
+        for seq, method in enumerate(methods):
+            if self.store.method_entry(method.name) is not None:
+                self.say(f"{method.name}: already finished")
+                continue
+            self._run_method(seq, method, spec, train)
+        self._write_results(methods, spec)
+        return 0
+
+    def _run_method(self, seq: int, method, spec: ModelSpec, train) -> None:
+        from dataclasses import replace
+
+        sim, job = self.job.sim, self.job
+        self._set_phase(f"training {method.name}")
+
+        def on_round(rec: RoundRecord) -> None:
+            loss = sum(rec.train_loss.values())
+            rep = "" if sorted(rec.executed) == sorted(rec.clients) else f" (replacements: ran on {sorted(rec.executed)})"
+            energy = "—" if rec.energy_j is None else f"{rec.energy_j:.1f} J"
+            self.say(f"{method.name} {rec.job} round {rec.round + 1}: clients {rec.clients}{rep}, train loss {loss:.4f}, "
+                     f"{rec.samples} samples, device {rec.device_s:.2f} s, {energy}, wall {rec.wall_s:.2f} s")
+
+        def on_round_end(ck: RoundCheckpoint) -> None:
+            names = [r[0] for r in self._job_rows(method.name)]
+            seq_j = names.index(ck.job.name) if ck.job.name in names else len(names)
+            self.store.checkpoint(method.name, seq_j, ck)
+            self.current = {"method": method.name, "job": ck.job.name, "rounds_done": ck.round + 1, "rounds": ck.job.rounds}
+
+        failures = 0
+        while True:
+            coord = Coordinator(self.pool, spec, self.tasks, replace(train, fedprox_mu=0.0), sim.clients_per_round, sim.seed,
+                                on_round=on_round, time_budget_s=sim.time_budget_s, energy_budget_j=sim.energy_budget_j,
+                                on_round_end=on_round_end, min_updates=job.min_updates)
+            done, resume = {}, None
+            for ck in self.store.load_checkpoints(method.name):
+                if ck.job_done:
+                    done[ck.job.name] = coord.outcome_from_checkpoint(ck)
+                else:
+                    resume = ck
+            if done or resume:
+                where = f"job {resume.job.name!r} after round {resume.round + 1}" if resume else "the next job"
+                self.say(f"{method.name}: resuming with {len(done)} finished jobs, at {where}")
+            t0 = time.perf_counter()
+            try:
+                done = coord.run_method(method, done=done, resume=resume)
+                break
+            except RoundFailed as e:
+                failures += 1
+                self.store.event("round_failed", str(e))
+                if failures > job.max_round_retries:
+                    raise
+                self.say(f"{e}; retrying from the last checkpoint in {job.retry_wait_s:.0f} s "
+                         f"({failures}/{job.max_round_retries})")
+                if self.stop.wait(job.retry_wait_s):
+                    raise Stopped() from None
+        wall = sum(o.wall_s for o in done.values())
+        self._set_phase(f"evaluating {method.name}")
+        per_task = self._evaluate(method, done)
+        tally = EnergyTally()
+        for o in done.values():
+            tally.merge(o.energy)
+        aff = method.affinity(done)
+        entry = {
+            "total_test_loss": float(sum(v["loss"] for v in per_task.values())),
+            "per_task": {t: {"test_loss": v["loss"], "metric_name": v["metric_name"], "metric": v["metric"],
+                             "test_samples": v["n"]} for t, v in per_task.items()},
+            "device_s": tally.device_s, "energy_j": tally.total_j, "energy_source": tally.source,
+            "energy_scope": tally.scope, "energy_estimated": tally.estimated, "client_executions": tally.executions,
+            "rounds": sum(o.job.rounds for o in done.values()), "rounds_per_task": sim.rounds,
+            "splits": method.splits(done), "affinity": None if aff is None else np.asarray(aff).tolist(), "wall_s": wall,
+            "jobs": [{"name": o.job.name, "tasks": list(o.job.tasks), "rounds": o.job.rounds, "init_from": o.job.init_from,
+                      "device_s": o.energy.device_s, "energy_j": o.energy.total_j, "wall_s": o.wall_s,
+                      "train_loss_last_round": o.history[-1].train_loss if o.history else None} for o in done.values()],
+            "history": [{"job": r.job, "round": r.round, "clients": r.clients, "lr": r.lr, "train_loss": r.train_loss,
+                         "samples": r.samples, "device_s": r.device_s, "energy_j": r.energy_j, "wall_s": r.wall_s,
+                         "executed_by": r.executed} for o in done.values() for r in o.history],
+            "evaluated_clients": sorted(self._last_eval_clients),
+        }
+        self.store.save_method(method.name, seq, entry)
+        self.say(f"{method.name}: total test loss {entry['total_test_loss']:.4f}, splits {entry['splits']}, "
+                 f"device {entry['device_s']:.1f} s")
+
+    def _job_rows(self, method: str) -> list[tuple[str]]:
+        with self.store._lock:
+            return self.store.db.execute("SELECT job FROM jobs WHERE method = ? ORDER BY seq", (method,)).fetchall()
+
+    def _evaluate(self, method, done) -> dict[str, dict[str, Any]]:
+        """Each final model's tasks on every known device's test split (sums added up here)."""
+        finals = method.final_jobs(done)
+        by_job: dict[str, list[str]] = {}
+        for t, j in finals.items():
+            by_job.setdefault(j, []).append(t)
+        clients = self.pool.client_ids
+        reqs = []
+        train = self.job.sim
+        from fmtl_edge.simulation import train_config
+
+        cfg = train_config(train)
+        for j, tasks in by_job.items():
+            outcome = done[j]
+            a = Assignment(job=j, round=0, tasks=tuple(outcome.job.tasks), state=outcome.state, lr=0.0, config=cfg,
+                           seed=train.seed)
+            reqs += [(c, a) for c in clients]
+        res = self.pool.evaluate(reqs, timeout_s=self.job.eval_timeout_s)
+        self._last_eval_clients = set(res)
+        missing = sorted(set(clients) - set(res))
+        if missing:
+            self.say(f"evaluation: clients {missing} did not answer; test losses are over clients {sorted(res)}")
+        per_task: dict[str, dict[str, Any]] = {}
+        for t in self.tasks.names:
+            j = finals[t]
+            loss = metric = 0.0
+            n = 0
+            for c in sorted(res):
+                s = res[c].get(j, {}).get(t)
+                if s is None:
+                    continue
+                loss += s["loss_sum"]
+                metric += s["metric_sum"]
+                n += s["n"]
+            task = self.tasks[t]
+            per_task[t] = {"loss": loss / n if n else float("nan"), "metric": task.finish_metric(metric, n),
+                           "metric_name": task.metric_name, "n": n}
+        self._final_states[method.name] = {t: select_state(done[finals[t]].state, [t]) for t in self.tasks.names}
+        return per_task
+
+    def _write_results(self, methods, spec: ModelSpec) -> None:
+        from fmtl_edge.report import write_outputs
+        from fmtl_edge.simulation import versions
+
+        sim = self.job.sim
+        results: dict[str, Any] = {
+            "dataset": sim.dataset, "dataset_info": self._dataset_info, "tasks": list(self.tasks.names),
+            "task_kinds": {t.name: t.kind for t in self.tasks},
+            "clients": int(self.store.get("n_clients") or len(self.pool.client_ids)),
+            "config": sim.to_dict(), "versions": versions(), "methods": {},
+            "deployment": {"job": self.job.to_dict(), "server": {"listen": self.srv.listen, "tls": not self.srv.insecure,
+                                                                  "client_certificates": bool(self.srv.client_ca)},
+                           "devices": [d.to_status(time.monotonic(), self.srv.heartbeat_timeout_s) for d in self.pool.devices()],
+                           "counters": dict(self.pool.counters)},
+        }
+        models = {}
+        coord = Coordinator(self.pool, spec, self.tasks, self._train, sim.clients_per_round, sim.seed)
+        for m in methods:
+            results["methods"][m.name] = self.store.method_entry(m.name)
+            states = self._final_states.get(m.name)
+            if states is None:  # finished before a restart: rebuild from the checkpoints
+                done = {ck.job.name: coord.outcome_from_checkpoint(ck)
+                        for ck in self.store.load_checkpoints(m.name) if ck.job_done}
+                states = {t: select_state(done[j].state, [t]) for t, j in m.final_jobs(done).items()}
+            models[m.name] = states
+        out = write_outputs(self.srv.out, results, models, self.tasks, spec)
+        self.store.put("results_path", str(out / "results.json"))
+        self._set_phase("complete")
+        self.say(f"job {self.job.name!r} complete: {out / 'results.json'}")
+
+
+def _task_msg(d: dict[str, Any]):
+    from fmtl_edge.transport import fmtl_edge_pb2 as pb
+
+    return pb.TaskSpec(name=d.get("name", ""), kind=d.get("kind", ""), out_dim=int(d.get("out_dim", 1)),
+                       target_mean=float(d.get("target_mean", 0.0)), target_std=float(d.get("target_std", 1.0)),
+                       units=d.get("units", ""), description=d.get("description", ""))
+
+
+def serve(srv: ServerConfig, job: JobConfig) -> int:
+    """Start, run the job to the end, stop. Exit status 0 when the job is complete."""
+    js = JobServer(srv, job)
+    js.start()
+
+    def _stop(signum, frame):
+        js.say(f"signal {signum}: stopping (state is kept; run the same command to resume)")
+        js.stop.set()
+        if js.pool is not None:
+            js.pool.close()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        return js.run()
+    except (Stopped, PoolClosed):
+        return 130
+    except RoundFailed as e:
+        js.say(f"giving up: {e}")
+        return 5
+    finally:
+        js.shutdown()

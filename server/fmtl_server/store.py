@@ -1,0 +1,255 @@
+"""Job state in SQLite (WAL) and model checkpoints as safetensors files.
+
+Layout of ``--state-dir``::
+
+    state.db                      SQLite, WAL mode: meta, devices, jobs (plan position), methods (results)
+    checkpoints/<method>/<job>.r<round>.safetensors   global model after that round
+    work/                         round models and uploads in flight (scratch; emptied at start)
+
+At the end of every round the global model is written to a temporary file, fsync'ed and renamed
+(atomic), and only then the job's row (last completed round, the checkpoint's file name, affinity per
+round, energy tally, history) is committed; the previous checkpoint is deleted after the commit. A
+server killed at any moment therefore finds a consistent last completed round: the plan position is
+the finished jobs (a method is a pure function of them) plus that round, and the client sampling and
+batch order of every later round are derived from ``(seed, job, round)``, so nothing else is needed to
+continue with the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from fmtl_edge.coordinator import EnergyTally, Job, RoundCheckpoint, RoundRecord
+from fmtl_edge.transport.pool import Device
+from fmtl_edge.transport.tensors import SafetensorsFile, write_state
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    client_id INTEGER PRIMARY KEY, device TEXT NOT NULL, tasks_json TEXT NOT NULL, n_train INTEGER, n_test INTEGER,
+    data_json TEXT, info_json TEXT, registered_unix_s REAL, last_seen_unix_s REAL, executions INTEGER DEFAULT 0,
+    rejected INTEGER DEFAULT 0, failures INTEGER DEFAULT 0, last_energy_j REAL, last_device_s REAL, last_job TEXT);
+CREATE TABLE IF NOT EXISTS jobs (
+    method TEXT NOT NULL, job TEXT NOT NULL, seq INTEGER NOT NULL, job_json TEXT NOT NULL,
+    completed_round INTEGER NOT NULL, rounds INTEGER NOT NULL, done INTEGER NOT NULL, checkpoint TEXT NOT NULL,
+    affinity_json TEXT NOT NULL, tally_json TEXT NOT NULL, history_json TEXT NOT NULL, wall_s REAL NOT NULL,
+    updated_unix_s REAL NOT NULL, PRIMARY KEY (method, job));
+CREATE TABLE IF NOT EXISTS methods (method TEXT PRIMARY KEY, seq INTEGER NOT NULL, entry_json TEXT NOT NULL,
+    finished_unix_s REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, t_unix_s REAL, kind TEXT, detail TEXT);
+"""
+
+
+class StateMismatch(RuntimeError):
+    """The state folder belongs to another job (its settings changed)."""
+
+
+class Store:
+    """Persistence of one job.
+
+    Args:
+        state_dir: the folder (created).
+        readonly: open for ``fmtl-server status`` (no schema changes, no writes).
+    """
+
+    def __init__(self, state_dir: str | Path, readonly: bool = False):
+        self.dir = Path(state_dir)
+        self.readonly = readonly
+        db = self.dir / "state.db"
+        if readonly:
+            if not db.is_file():
+                raise FileNotFoundError(f"no job state in {self.dir} (state.db missing)")
+            self.db = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False, timeout=10)
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "checkpoints").mkdir(exist_ok=True)
+            self.db = sqlite3.connect(str(db), check_same_thread=False, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    # -- meta ----------------------------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            (key, json.dumps(value, default=str)))
+
+    def claim(self, fingerprint: str, job_name: str) -> bool:
+        """Bind the folder to a job; True when it already held this job (a resume).
+
+        Raises:
+            StateMismatch: it holds another job.
+        """
+        old = self.get("job_fingerprint")
+        if old is None:
+            self.put("job_fingerprint", fingerprint)
+            self.put("job_name", job_name)
+            self.put("created_unix_s", time.time())
+            return False
+        if old != fingerprint:
+            raise StateMismatch(
+                f"{self.dir} holds the state of another job ({self.get('job_name')!r}, different settings); "
+                "use a new --state-dir, or delete this one to start over"
+            )
+        return True
+
+    def event(self, kind: str, detail: Mapping[str, Any] | str) -> None:
+        with self._lock:
+            self.db.execute("INSERT INTO events(t_unix_s, kind, detail) VALUES(?, ?, ?)",
+                            (time.time(), kind, detail if isinstance(detail, str) else json.dumps(detail, default=str)))
+
+    # -- devices ---------------------------------------------------------------------------------------
+    def save_device(self, d: Device) -> None:
+        with self._lock:
+            self.db.execute(
+                "INSERT INTO devices VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(client_id) DO UPDATE SET "
+                "device=excluded.device, tasks_json=excluded.tasks_json, n_train=excluded.n_train, n_test=excluded.n_test, "
+                "data_json=excluded.data_json, info_json=excluded.info_json, registered_unix_s=excluded.registered_unix_s, "
+                "last_seen_unix_s=excluded.last_seen_unix_s, executions=excluded.executions, rejected=excluded.rejected, "
+                "failures=excluded.failures, last_energy_j=excluded.last_energy_j, last_device_s=excluded.last_device_s, "
+                "last_job=excluded.last_job",
+                (d.client_id, d.name, json.dumps(d.tasks), d.n_train, d.n_test, json.dumps(d.data), json.dumps(d.info),
+                 d.registered_at, d.last_seen_wall or time.time(), d.executions, d.rejected, d.failures, d.last_energy_j,
+                 d.last_device_s, d.last_job),
+            )
+
+    def devices(self) -> list[Device]:
+        with self._lock:
+            rows = self.db.execute("SELECT client_id, device, tasks_json, n_train, n_test, data_json, info_json, "
+                                   "registered_unix_s, last_seen_unix_s, executions, rejected, failures, last_energy_j, "
+                                   "last_device_s, last_job FROM devices ORDER BY client_id").fetchall()
+        out = []
+        for r in rows:
+            d = Device(int(r[0]), r[1], json.loads(r[2]), int(r[3] or 0), int(r[4] or 0), json.loads(r[5] or "{}"),
+                       json.loads(r[6] or "{}"), registered_at=r[7] or 0.0)
+            d.last_seen_wall = r[8] or 0.0
+            d.executions, d.rejected, d.failures = int(r[9] or 0), int(r[10] or 0), int(r[11] or 0)
+            d.last_energy_j, d.last_device_s, d.last_job = r[12], r[13], r[14] or ""
+            out.append(d)
+        return out
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def checkpoint(self, method: str, seq: int, ckpt: RoundCheckpoint) -> Path:
+        """Persist the end of a round: model file (atomic), then the job's row, then drop the older file."""
+        safe_m = _safe(method)
+        rel = Path("checkpoints") / safe_m / f"{_safe(ckpt.job.name)}.r{ckpt.round:05d}.safetensors"
+        path = self.dir / rel
+        write_state(path, ckpt.state, {"format": "fmtl-edge/checkpoint/1", "method": method, "job": ckpt.job.name,
+                                       "round": str(ckpt.round)}, fsync=True)
+        job_json = json.dumps({"name": ckpt.job.name, "tasks": list(ckpt.job.tasks), "rounds": ckpt.job.rounds,
+                               "init_from": ckpt.job.init_from, "measure_affinity": ckpt.job.measure_affinity,
+                               "fedprox_mu": ckpt.job.fedprox_mu})
+        aff = json.dumps({str(r): np.asarray(m).tolist() for r, m in ckpt.affinity_per_round.items()})
+        hist = json.dumps([_rec_to_dict(r) for r in ckpt.history])
+        with self._lock:
+            old = self.db.execute("SELECT checkpoint FROM jobs WHERE method = ? AND job = ?",
+                                  (method, ckpt.job.name)).fetchone()
+            self.db.execute(
+                "INSERT INTO jobs VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(method, job) DO UPDATE SET "
+                "seq=excluded.seq, job_json=excluded.job_json, completed_round=excluded.completed_round, "
+                "rounds=excluded.rounds, done=excluded.done, checkpoint=excluded.checkpoint, "
+                "affinity_json=excluded.affinity_json, tally_json=excluded.tally_json, history_json=excluded.history_json, "
+                "wall_s=excluded.wall_s, updated_unix_s=excluded.updated_unix_s",
+                (method, ckpt.job.name, seq, job_json, ckpt.round, ckpt.job.rounds, int(ckpt.job_done), str(rel), aff,
+                 json.dumps(ckpt.energy.to_dict()), hist, ckpt.wall_s, time.time()),
+            )
+        if old is not None and old[0] != str(rel):
+            try:
+                (self.dir / old[0]).unlink()
+            except FileNotFoundError:
+                pass
+        return path
+
+    def load_checkpoints(self, method: str) -> list[RoundCheckpoint]:
+        """Every job of ``method`` with its last completed round, in execution order (state loaded)."""
+        with self._lock:
+            rows = self.db.execute("SELECT job_json, completed_round, checkpoint, affinity_json, tally_json, history_json, "
+                                   "wall_s FROM jobs WHERE method = ? ORDER BY seq", (method,)).fetchall()
+        out = []
+        for job_json, rnd, rel, aff, tally, hist, wall in rows:
+            j = json.loads(job_json)
+            job = Job(j["name"], tuple(j["tasks"]), int(j["rounds"]), j.get("init_from"), bool(j.get("measure_affinity")),
+                      float(j.get("fedprox_mu", 0.0)))
+            state = SafetensorsFile(self.dir / rel).load()
+            out.append(RoundCheckpoint(
+                job=job, round=int(rnd), state=state,
+                affinity_per_round={int(r): np.asarray(m, dtype=np.float64) for r, m in json.loads(aff).items()},
+                energy=EnergyTally.from_dict(json.loads(tally)),
+                history=[_rec_from_dict(d) for d in json.loads(hist)], wall_s=float(wall)))
+        return out
+
+    # -- methods -----------------------------------------------------------------------------------------
+    def save_method(self, method: str, seq: int, entry: Mapping[str, Any]) -> None:
+        with self._lock:
+            self.db.execute("INSERT OR REPLACE INTO methods VALUES(?,?,?,?)",
+                            (method, seq, json.dumps(entry, default=_json_default), time.time()))
+
+    def method_entry(self, method: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self.db.execute("SELECT entry_json FROM methods WHERE method = ?", (method,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    # -- status ------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            jobs = self.db.execute("SELECT method, job, completed_round, rounds, done, wall_s, updated_unix_s, tally_json "
+                                   "FROM jobs ORDER BY method, seq").fetchall()
+            methods = self.db.execute("SELECT method, finished_unix_s, entry_json FROM methods ORDER BY seq").fetchall()
+        out_jobs = []
+        for m, j, rnd, rounds, done, wall, upd, tally in jobs:
+            t = json.loads(tally)
+            out_jobs.append({"method": m, "job": j, "rounds_done": int(rnd) + 1, "rounds": int(rounds), "done": bool(done),
+                             "wall_s": wall, "device_s": t.get("device_s"), "energy_j": t.get("total_j"),
+                             "updated_unix_s": upd})
+        out_methods = []
+        for m, fin, entry in methods:
+            e = json.loads(entry)
+            out_methods.append({"method": m, "finished_unix_s": fin, "total_test_loss": e.get("total_test_loss"),
+                                "device_s": e.get("device_s"), "energy_j": e.get("energy_j"), "splits": e.get("splits")})
+        devs = [{"client_id": d.client_id, "device": d.name, "executions": d.executions, "rejected": d.rejected,
+                 "failures": d.failures, "last_energy_j": d.last_energy_j, "last_device_s": d.last_device_s,
+                 "last_job": d.last_job, "last_seen_unix_s": d.last_seen_wall, "train_samples": d.n_train,
+                 "hostname": d.info.get("hostname"), "meter": d.info.get("meter")} for d in self.devices()]
+        return {"job": self.get("job_name"), "phase": self.get("phase", "unknown"), "methods_planned": self.get("methods", []),
+                "methods_done": out_methods, "jobs": out_jobs, "devices": devs, "results": self.get("results_path")}
+
+
+def _safe(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
+
+
+def _rec_to_dict(r: RoundRecord) -> dict[str, Any]:
+    return {"job": r.job, "round": r.round, "clients": list(r.clients), "lr": r.lr, "train_loss": r.train_loss,
+            "samples": r.samples, "device_s": r.device_s, "energy_j": r.energy_j, "wall_s": r.wall_s,
+            "stopped_early": r.stopped_early, "executed": list(r.executed)}
+
+
+def _rec_from_dict(d: Mapping[str, Any]) -> RoundRecord:
+    return RoundRecord(d["job"], int(d["round"]), list(d["clients"]), float(d["lr"]), dict(d["train_loss"]),
+                       int(d["samples"]), float(d["device_s"]), d.get("energy_j"), float(d["wall_s"]),
+                       int(d.get("stopped_early", 0)), list(d.get("executed", [])))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
