@@ -5,7 +5,7 @@
 
 Prints, for slice aggregation of K ∈ {4, 32} clients × P ∈ {1M, 64M} parameters (fp32 and fp16 inputs):
 the achieved GB/s of ``fmtl_edge.aggregation.weighted_average_slices`` (counting (K·b + 4)·P bytes,
-b = input bytes per element: (K+1)·P·4 for fp32) next to the memory-copy bandwidth measured in the same
+b = input bytes per element: (K+1)·P·4 for fp32; default atomic call, and with ``rollback=False``) next to the memory-copy bandwidth measured in the same
 run (the faster of ``np.copyto`` and ``torch.Tensor.copy_``, counting 2·P·4 bytes), and the speed-up
 over the plain NumPy way (``np.average(xs, axis=0, weights=w)``) and the PyTorch way
 (``torch.stack(xs).mul(w[:, None]).sum(0) / w.sum()``).  Then the streaming Accumulator's peak memory
@@ -37,6 +37,10 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+
+# Side-by-side timings on few cores: keep torch's OpenMP workers from spin-waiting after their
+# parallel regions, which would steal the cores from the next measurement.  Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 M = 1 << 20
 
@@ -126,9 +130,12 @@ def bench_aggregation(Ks, Ps, dtypes, repeats: int, threads: int) -> list[dict[s
                 def ours():
                     weighted_average_slices(out, xs, w, slices, contrib, n_threads=threads)
 
+                def ours_nr():
+                    weighted_average_slices(out, xs, w, slices, contrib, n_threads=threads, rollback=False)
+
                 ours()  # warm-up: grows the rollback scratch once
-                t = _best({"copy_np": lambda: np.copyto(out, src), "copy_torch": lambda: t_out.copy_(t_src),
-                           "ours": ours}, repeats)
+                t = _best({"copy_torch": lambda: t_out.copy_(t_src), "copy_np": lambda: np.copyto(out, src),
+                           "ours": ours, "ours_norollback": ours_nr}, repeats)
                 tb = _best({"numpy": np_way, "torch": torch_way}, max(1, repeats // 2))
                 moved = (K * b + 4) * P
                 copy_gbs = 2 * P * 4 / min(t["copy_np"], t["copy_torch"]) / 1e9
@@ -137,12 +144,14 @@ def bench_aggregation(Ks, Ps, dtypes, repeats: int, threads: int) -> list[dict[s
                     "dtype": dt_name, "K": K, "P": P, "ours_s": t["ours"], "ours_gbs": gbs, "copy_gbs": copy_gbs,
                     "copy_np_gbs": 2 * P * 4 / t["copy_np"] / 1e9, "copy_torch_gbs": 2 * P * 4 / t["copy_torch"] / 1e9,
                     "ratio_copy": gbs / copy_gbs, "numpy_s": tb["numpy"], "torch_s": tb["torch"],
+                    "norollback_s": t["ours_norollback"], "norollback_gbs": moved / t["ours_norollback"] / 1e9,
                     "vs_numpy": tb["numpy"] / t["ours"], "vs_torch": tb["torch"] / t["ours"],
                     "baseline_chunked": chunk != P,
                 })
                 r = rows[-1]
                 print(f"  {dt_name:8s} K={K:3d} P={P // M:3d}M  ours {r['ours_s'] * 1e3:8.1f} ms {gbs:6.1f} GB/s"
                       f" | copy {copy_gbs:5.1f} GB/s -> {100 * r['ratio_copy']:5.1f} %"
+                      f" | no-rollback {r['norollback_gbs']:5.1f} GB/s ({100 * r['norollback_gbs'] / copy_gbs:3.0f} %)"
                       f" | np.average {r['vs_numpy']:6.1f}x  torch {r['vs_torch']:5.1f}x"
                       f"{'  (baselines chunked)' if r['baseline_chunked'] else ''}", flush=True)
                 del xs, txs, out, src, t_out, t_src

@@ -323,6 +323,23 @@ inline void commit_block(float* __restrict out, float* __restrict backup, const 
 #endif
 }
 
+// out[0, n) = acc[0, n) with non-temporal stores (no read-for-ownership of out).
+inline void stream_store(float* __restrict out, const float* __restrict acc, int64_t n) {
+#if defined(__AVX512F__)
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(out + i) & 63u); ++i) out[i] = acc[i];
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(out + i, _mm512_loadu_ps(acc + i));
+  for (; i < n; ++i) out[i] = acc[i];
+#elif defined(__AVX__)
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(out + i) & 31u); ++i) out[i] = acc[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(out + i, _mm256_loadu_ps(acc + i));
+  for (; i < n; ++i) out[i] = acc[i];
+#else
+  std::memcpy(out, acc, size_t(n) * 4);
+#endif
+}
+
 inline void store_fence() {
 #if defined(__SSE2__)
   _mm_sfence();
@@ -393,7 +410,7 @@ void release_scratch() {
 AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
                                  const std::vector<double>& weights,
                                  const std::vector<SliceSpec>& slices, const uint8_t* contrib,
-                                 int n_threads) {
+                                 int n_threads, bool rollback) {
   const size_t K = inputs.size(), S = slices.size();
   std::vector<SlicePlan> plan(S);
   std::vector<uint8_t> use(S, 0);
@@ -423,7 +440,7 @@ AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
   // later can be rolled back.  Cost: one extra P-sized write; the old values are
   // read anyway (write-allocate of out).
   ScratchLease lease;
-  lease_scratch(lease, size_t(extent));
+  if (rollback) lease_scratch(lease, size_t(extent));
   float* backup = lease.ptr;
   std::vector<int64_t> committed(work.size(), 0);
   std::atomic<bool> failed{false};
@@ -465,7 +482,8 @@ AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
         break;
       }
       float* o = out + b;
-      commit_block(o, backup + b, acc, n);
+      if (rollback) commit_block(o, backup + b, acc, n);
+      else stream_store(o, acc, n);
       committed[wi] = b + n - wk.begin;
     }
     store_fence();
@@ -473,7 +491,7 @@ AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
 
   if (!failed.load()) return AggError{};
   // Roll back, then find the culprit deterministically.
-  for (size_t wi = 0; wi < work.size(); ++wi)
+  for (size_t wi = 0; rollback && wi < work.size(); ++wi)
     if (committed[wi] > 0)
       std::memcpy(out + work[wi].begin, backup + work[wi].begin, size_t(committed[wi]) * 4);
   AggError e = locate_nonfinite(inputs, slices, contrib, n_threads);

@@ -38,12 +38,15 @@ struct AggError {
 // accumulation in client order with weights relative to the slice's first
 // contributor f: acc = 0; acc = acc + float(w_k / w_f) * x_k; then
 // out = acc / float(W / w_f), W = sum_k w_k in double.  (A single client, or
-// equal weights, thus multiply by exactly 1.)  Atomic: on error nothing
-// is written.  Shapes/ranges must have been validated by the caller.
+// equal weights, thus multiply by exactly 1.)  With rollback (default) the
+// call is atomic: on error nothing is written (costs one extra read and one
+// extra write of the written part of out).  Without it, out is written with
+// non-temporal stores and may be partly updated when an error is returned.
+// Shapes/ranges must have been validated by the caller.
 AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
                                  const std::vector<double>& weights,
                                  const std::vector<SliceSpec>& slices,
-                                 const uint8_t* contrib, int n_threads);
+                                 const uint8_t* contrib, int n_threads, bool rollback = true);
 
 // Bytes held by the process-wide rollback scratch of weighted_average_slices
 // (grows to the largest P aggregated; reused), and a way to free it.

@@ -94,6 +94,22 @@ __global__ void scan_kernel(const DevChunk* __restrict__ chunks, const DevSlice*
   }
 }
 
+// Stream-ordered allocation where the driver supports memory pools, else a
+// plain (synchronising) cudaMalloc.  `pooled` says which free to use.
+cudaError_t dev_alloc(void** p, size_t bytes, cudaStream_t stream, bool* pooled) {
+  cudaError_t e = cudaMallocAsync(p, bytes, stream);
+  if (e == cudaSuccess) { *pooled = true; return e; }
+  cudaGetLastError();
+  *pooled = false;
+  return cudaMalloc(p, bytes);
+}
+
+void dev_free(void* p, cudaStream_t stream, bool pooled) {
+  if (!p) return;
+  if (pooled) cudaFreeAsync(p, stream);
+  else { cudaStreamSynchronize(stream); cudaFree(p); }
+}
+
 template <class T>
 size_t append(std::vector<char>& buf, const std::vector<T>& v) {
   const size_t off = (buf.size() + 15) & ~size_t(15);
@@ -124,7 +140,17 @@ std::string version_string() {
 AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
                                  const std::vector<double>& weights,
                                  const std::vector<SliceSpec>& slices, const uint8_t* contrib,
-                                 uintptr_t stream_handle, bool check_finite) {
+                                 uintptr_t stream_handle, bool check_finite, int device) {
+  // This module links its own (static) CUDA runtime, whose current device is
+  // independent of the caller's (e.g. torch's): select the tensors' device.
+  struct DeviceGuard {
+    int prev = -1;
+    explicit DeviceGuard(int d) {
+      if (cudaGetDevice(&prev) != cudaSuccess) { cudaGetLastError(); prev = -1; }
+      if (d >= 0 && d != prev) check(cudaSetDevice(d), "cudaSetDevice");
+    }
+    ~DeviceGuard() { if (prev >= 0) cudaSetDevice(prev); }
+  } guard(device);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const size_t K = inputs.size(), S = slices.size();
   std::vector<DevSlice> ds(S);
@@ -163,7 +189,8 @@ AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
   const size_t o_flag = append(host, std::vector<unsigned long long>(K + 1, ~0ull));
 
   char* dev = nullptr;
-  check(cudaMallocAsync(reinterpret_cast<void**>(&dev), host.size(), stream), "cudaMallocAsync(descriptors)");
+  bool dev_pooled = false, backup_pooled = false;
+  check(dev_alloc(reinterpret_cast<void**>(&dev), host.size(), stream, &dev_pooled), "allocate descriptors");
   float* backup = nullptr;
   AggError result;
   try {
@@ -172,7 +199,7 @@ AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
     unsigned long long* first_bad = reinterpret_cast<unsigned long long*>(dev + o_flag) + 1;
     check(cudaMemsetAsync(flag, 0, sizeof(int), stream), "memset flag");
     if (check_finite)
-      check(cudaMallocAsync(reinterpret_cast<void**>(&backup), size_t(pos) * 4, stream), "cudaMallocAsync(backup)");
+      check(dev_alloc(reinterpret_cast<void**>(&backup), size_t(pos) * 4, stream, &backup_pooled), "allocate backup");
     const auto* dc = reinterpret_cast<const DevChunk*>(dev + o_chunks);
     const auto* dsl = reinterpret_cast<const DevSlice*>(dev + o_slices);
     const auto* dcl = reinterpret_cast<const int32_t*>(dev + o_cl);
@@ -205,13 +232,13 @@ AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
       }
     }
   } catch (...) {
-    if (backup) cudaFreeAsync(backup, stream);
-    cudaFreeAsync(dev, stream);
     cudaStreamSynchronize(stream);
+    dev_free(backup, stream, backup_pooled);
+    dev_free(dev, stream, dev_pooled);
     throw;
   }
-  if (backup) cudaFreeAsync(backup, stream);
-  cudaFreeAsync(dev, stream);
+  dev_free(backup, stream, backup_pooled);
+  dev_free(dev, stream, dev_pooled);
   // No final synchronisation: a host-to-device cudaMemcpyAsync from pageable
   // memory returns only once the source has been staged, so `host` may go.
   return result;

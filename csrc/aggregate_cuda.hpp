@@ -20,11 +20,12 @@ std::string version_string();
 // contract and bit-for-bit the same arithmetic as the CPU kernel.  When
 // check_finite, the call waits for the stream to read the error flag and, on a
 // non-finite result, restores out and reports the culprit; otherwise it is
-// fully asynchronous.  Inputs' `data` are device pointers.
+// fully asynchronous.  Inputs' `data` are device pointers on CUDA device
+// `device` (made current for the call; -1 = leave the current device).
 AggError weighted_average_slices(float* out, const std::vector<Input>& inputs,
                                  const std::vector<double>& weights,
                                  const std::vector<SliceSpec>& slices, const uint8_t* contrib,
-                                 uintptr_t stream, bool check_finite);
+                                 uintptr_t stream, bool check_finite, int device);
 
 }  // namespace cuda
 }  // namespace fmtl

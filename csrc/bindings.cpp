@@ -163,7 +163,8 @@ PYBIND11_MODULE(_kernels, m) {
         [](py::array out, const py::sequence& xs, const std::vector<int>& dtypes,
            const py::array_t<double, py::array::c_style | py::array::forcecast>& weights,
            const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& slices,
-           const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& contrib, int n_threads) {
+           const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& contrib, int n_threads,
+           bool rollback) {
           float* o = out_ptr(out);
           const int64_t P = int64_t(out.size());
           Clients c = to_inputs(xs, dtypes, P);
@@ -173,12 +174,12 @@ PYBIND11_MODULE(_kernels, m) {
           AggError e;
           {
             py::gil_scoped_release nogil;
-            e = weighted_average_slices(o, c.inputs, w, sl, cb.data(), n_threads);
+            e = weighted_average_slices(o, c.inputs, w, sl, cb.data(), n_threads, rollback);
           }
-          if (e.kind) raise_agg(e, "nothing was written to out");
+          if (e.kind) raise_agg(e, rollback ? "nothing was written to out" : "out may be partly updated (rollback=False)");
         },
         py::arg("out"), py::arg("inputs"), py::arg("dtypes"), py::arg("weights"), py::arg("slices"),
-        py::arg("contrib"), py::arg("n_threads") = 0);
+        py::arg("contrib"), py::arg("n_threads") = 0, py::arg("rollback") = true);
 
   auto robust = [](bool median) {
     return [median](py::array out, const py::sequence& xs, const std::vector<int>& dtypes,
@@ -211,7 +212,7 @@ PYBIND11_MODULE(_kernels, m) {
            const py::array_t<double, py::array::c_style | py::array::forcecast>& weights,
            const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& slices,
            const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& contrib, uintptr_t stream,
-           bool check_finite) {
+           bool check_finite, int device) {
           if (ptrs.size() != dtypes.size()) throw py::value_error("ptrs and dtypes differ in length");
           std::vector<Input> in(ptrs.size());
           for (size_t k = 0; k < ptrs.size(); ++k)
@@ -222,12 +223,14 @@ PYBIND11_MODULE(_kernels, m) {
           AggError e;
           {
             py::gil_scoped_release nogil;
-            e = cuda::weighted_average_slices(reinterpret_cast<float*>(out), in, w, sl, cb.data(), stream, check_finite);
+            e = cuda::weighted_average_slices(reinterpret_cast<float*>(out), in, w, sl, cb.data(), stream, check_finite,
+                                              device);
           }
           if (e.kind) raise_agg(e, "nothing was written to out");
         },
         py::arg("out_ptr"), py::arg("n_params"), py::arg("input_ptrs"), py::arg("dtypes"), py::arg("weights"),
-        py::arg("slices"), py::arg("contrib"), py::arg("stream") = 0, py::arg("check_finite") = true);
+        py::arg("slices"), py::arg("contrib"), py::arg("stream") = 0, py::arg("check_finite") = true,
+        py::arg("device") = -1);
 #endif
 
   py::class_<Accumulator>(m, "Accumulator")

@@ -289,7 +289,8 @@ def _threads(n_threads: int | None) -> int:
 # ------------------------------------------------------------------------- batch average ----
 
 def weighted_average_slices(out: Any, inputs: Sequence[Any], weights: Any, slices: Any, contrib: Any,
-                            dtype: Any = None, *, n_threads: int | None = None, check_finite: bool = True) -> Any:
+                            dtype: Any = None, *, n_threads: int | None = None, check_finite: bool = True,
+                            rollback: bool = True) -> Any:
     """Weighted average of parameter slices over their contributing clients (FedAvg per slice).
 
     For every slice ``s`` with at least one contributing client::
@@ -311,6 +312,11 @@ def weighted_average_slices(out: Any, inputs: Sequence[Any], weights: Any, slice
         n_threads: CPU worker threads (default: ``FMTL_NUM_THREADS`` or all cores).
         check_finite: CUDA only: ``False`` skips the NaN/Inf check and its stream synchronisation (the call
             is then fully asynchronous on the current stream).  The CPU path always checks (it is free).
+        rollback: CPU only.  ``True`` (default) makes the call atomic: the previous contents of the written
+            part of ``out`` are saved (streamed to a reusable scratch of P floats held by the process, see
+            ``fmtl_edge.kernels.info()['scratch_bytes']``) and restored on error.  ``False`` saves that
+            extra read and write of P·4 bytes (about 30 % of the time at K = 4, 6 % at K = 32) and writes
+            ``out`` with cache-bypassing stores, but after an error ``out`` may be partly updated.
 
     Returns:
         ``out``.
@@ -318,7 +324,7 @@ def weighted_average_slices(out: Any, inputs: Sequence[Any], weights: Any, slice
     Raises:
         ValueError: naming the client index for a weight <= 0/NaN/Inf, a NaN/Inf in an element that
             enters an average, a length mismatch or an unknown dtype; also for malformed slices/contrib.
-            ``out`` is unchanged when it is raised.
+            ``out`` is unchanged when it is raised (with the default ``rollback=True``).
     """
     if _is_torch(out) or any(_is_torch(x) and x.is_cuda for x in inputs):
         return _weighted_average_slices_cuda(out, inputs, weights, slices, contrib, dtype, check_finite)
@@ -326,7 +332,7 @@ def weighted_average_slices(out: Any, inputs: Sequence[Any], weights: Any, slice
     K = _native()
     if K is None:
         return _wavg_ref_core(out, bufs, codes, w, s, c)
-    K.weighted_average_slices(out, bufs, codes, w, s, c, _threads(n_threads))
+    K.weighted_average_slices(out, bufs, codes, w, s, c, _threads(n_threads), bool(rollback))
     return out
 
 
@@ -424,7 +430,8 @@ def _weighted_average_slices_cuda(out, inputs, weights, slices, contrib, dtype, 
     if K is not None and getattr(K, "cuda_compiled", False):
         with torch.cuda.device(dev):
             stream = torch.cuda.current_stream(dev).cuda_stream
-            K.weighted_average_slices_cuda(out.data_ptr(), P, ptrs, codes, w, s, c, stream, bool(check_finite))
+            K.weighted_average_slices_cuda(out.data_ptr(), P, ptrs, codes, w, s, c, stream, bool(check_finite),
+                                           dev.index if dev.index is not None else torch.cuda.current_device())
         return out
     return _wavg_torch(out, keep, codes, w, s, c)
 

@@ -172,6 +172,11 @@ def test_multithreaded_large_matches_reference_and_rolls_back():
     with pytest.raises(ValueError, match=r"client 3: .*NaN or Inf.*index %d" % (P - 1500)):
         weighted_average_slices(out, bad, w, slices, contrib, n_threads=2)
     np.testing.assert_array_equal(out, g)
+    # without rollback: same result, and the error is still raised
+    fast = weighted_average_slices(g.copy(), xs, w, slices, contrib, n_threads=2, rollback=False)
+    np.testing.assert_array_equal(fast, got)
+    with pytest.raises(ValueError, match="client 3: .*partly updated"):
+        weighted_average_slices(g.copy(), bad, w, slices, contrib, rollback=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
