@@ -301,7 +301,7 @@ class Agent:
 
         md = bearer(self.opts.token)
         self.work_id = w.work_id
-        what = f"{w.kind} {w.job} round {w.round}"
+        what = f"evaluate {w.job}" if w.kind == "evaluate" else f"train {w.job} round {w.round + 1}"
         path = self.work_dir / f"model-{w.work_id}.safetensors"
         upath = self.work_dir / f"update-{w.work_id}.safetensors"
         try:

@@ -63,6 +63,8 @@ def add_token(path: str | Path, name: str, role: str = "device") -> str:
     if any(n == name for n, _ in existing.values()):
         raise TokenError(f"{name!r} already has a token in {p}; delete its line to revoke it first")
     token = secrets.token_urlsafe(32)
+    while not token[0].isalnum():  # a leading '-' would read as an option on a command line
+        token = secrets.token_urlsafe(32)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as f:

@@ -375,6 +375,17 @@ class JobServer:
         self._final_states[method.name] = {t: select_state(done[finals[t]].state, [t]) for t in self.tasks.names}
         return per_task
 
+    def _device_summary(self) -> dict[str, Any]:
+        """The simulation's ``device`` entry, summarised over the devices (details: ``deployment.devices``)."""
+        infos = [d.info for d in self.pool.devices()]
+
+        def join(key: str) -> str:
+            return ", ".join(sorted({str(i.get(key) or "?") for i in infos})) or "?"
+
+        budgets = [int(i["memory_budget_bytes"]) for i in infos if i.get("memory_budget_bytes")]
+        return {"profile": join("profile_name"), "profile_source": "agents", "device_class": join("device_class"),
+                "meter": join("meter"), "memory_budget_bytes": min(budgets) if budgets else None}
+
     def _write_results(self, methods, spec: ModelSpec) -> None:
         from fmtl_edge.report import write_outputs
         from fmtl_edge.simulation import versions
@@ -384,7 +395,7 @@ class JobServer:
             "dataset": sim.dataset, "dataset_info": self._dataset_info, "tasks": list(self.tasks.names),
             "task_kinds": {t.name: t.kind for t in self.tasks},
             "clients": int(self.store.get("n_clients") or len(self.pool.client_ids)),
-            "config": sim.to_dict(), "versions": versions(), "methods": {},
+            "config": sim.to_dict(), "versions": versions(), "device": self._device_summary(), "methods": {},
             "deployment": {"job": self.job.to_dict(), "server": {"listen": self.srv.listen, "tls": not self.srv.insecure,
                                                                   "client_certificates": bool(self.srv.client_ca)},
                            "devices": [d.to_status(time.monotonic(), self.srv.heartbeat_timeout_s) for d in self.pool.devices()],

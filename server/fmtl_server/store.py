@@ -238,13 +238,17 @@ def _safe(s: str) -> str:
 def _rec_to_dict(r: RoundRecord) -> dict[str, Any]:
     return {"job": r.job, "round": r.round, "clients": list(r.clients), "lr": r.lr, "train_loss": r.train_loss,
             "samples": r.samples, "device_s": r.device_s, "energy_j": r.energy_j, "wall_s": r.wall_s,
-            "stopped_early": r.stopped_early, "executed": list(r.executed)}
+            "stopped_early": r.stopped_early, "executed": list(r.executed),
+            "refused": list(getattr(r, "refused", []) or [])}
 
 
 def _rec_from_dict(d: Mapping[str, Any]) -> RoundRecord:
-    return RoundRecord(d["job"], int(d["round"]), list(d["clients"]), float(d["lr"]), dict(d["train_loss"]),
-                       int(d["samples"]), float(d["device_s"]), d.get("energy_j"), float(d["wall_s"]),
-                       int(d.get("stopped_early", 0)), list(d.get("executed", [])))
+    rec = RoundRecord(d["job"], int(d["round"]), list(d["clients"]), float(d["lr"]), dict(d["train_loss"]),
+                      int(d["samples"]), float(d["device_s"]), d.get("energy_j"), float(d["wall_s"]),
+                      int(d.get("stopped_early", 0)), list(d.get("executed", [])))
+    if hasattr(rec, "refused"):
+        rec.refused = list(d.get("refused", []))
+    return rec
 
 
 def _json_default(o: Any) -> Any:
