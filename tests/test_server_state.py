@@ -1,0 +1,155 @@
+"""fmtl-server's job file, tokens and persistence (SQLite + safetensors checkpoints), without processes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import fmtl_server  # noqa: F401
+except ImportError:  # running from a checkout
+    sys.path.insert(0, str(ROOT / "server"))
+
+from fmtl_edge.config import ConfigError  # noqa: E402
+from fmtl_edge.coordinator import ClientPool, Coordinator, RoundCheckpoint  # noqa: E402
+from fmtl_edge.messages import ClientUpdate, TrainConfig  # noqa: E402
+from fmtl_edge.methods import MAS  # noqa: E402
+from fmtl_edge.models import ModelSpec  # noqa: E402
+from fmtl_edge.tasks import Task, TaskSet  # noqa: E402
+from fmtl_server.auth import TokenError, TokenFile, add_token, parse_tokens  # noqa: E402
+from fmtl_server.cli import main as server_main  # noqa: E402
+from fmtl_server.config import load_config  # noqa: E402
+from fmtl_server.store import StateMismatch, Store  # noqa: E402
+
+TASKS = TaskSet([Task(n, "binary") for n in ("a", "b", "c", "d")])
+S_TRUE = np.array([[0, .5, -.2, -.1], [.4, 0, -.3, -.2], [-.2, -.1, 0, .6], [-.3, -.2, .5, 0]])
+
+
+class Scripted(ClientPool):
+    """Clients whose update depends on (client, job, round) only, with a reproducible affinity."""
+
+    def __init__(self, n=5):
+        self.n = n
+        self.calls = 0
+
+    @property
+    def client_ids(self):
+        return list(range(self.n))
+
+    def execute_many(self, work):
+        for cid, a in work:
+            self.calls += 1
+            shift = np.float32(0.01 * (cid + 1) + 0.001 * a.round + 0.1 * len(a.job))
+            idx = [TASKS.index(t) for t in a.tasks]
+            aff = S_TRUE[np.ix_(idx, idx)] + 0.01 * cid if a.measure_affinity else None
+            yield ClientUpdate(cid, a.job, a.round, a.tasks,
+                               {k: v + shift if np.issubdtype(v.dtype, np.floating) else v for k, v in a.state.items()},
+                               5 + cid, {t: 1.0 for t in a.tasks}, aff, 1, 0.25,
+                               {"total_j": 1.0, "source": "test", "total_scope": "none"})
+
+
+def _coord(pool, **kw):
+    return Coordinator(pool, ModelSpec((1, 8, 8), 4), TASKS, TrainConfig(), clients_per_round=2, seed=3, **kw)
+
+
+def test_job_file_parsing_and_errors(tmp_path):
+    f = tmp_path / "job.toml"
+    f.write_text('[job]\ndataset = "digits"\nclients = 4\nmethods = ["mas-2"]\nrounds = 6\nclients_per_round = 2\n'
+                 'round_deadline_s = 30\nmin_updates = 1\nlr = 1\n[server]\ntokens = "t.txt"\ninsecure = true\n')
+    srv, job = load_config(f)
+    assert job.sim.rounds == 6 and job.sim.r0 == 2 and job.sim.lr == 1.0 and job.round_deadline_s == 30.0
+    assert job.devices_needed == 4 and srv.tokens == str(tmp_path / "t.txt") and srv.insecure
+    assert load_config(f, {"listen": "127.0.0.1:1"})[0].listen == "127.0.0.1:1"
+    fp = job.fingerprint()
+    f.write_text(f.read_text().replace("rounds = 6", "rounds = 7"))
+    assert load_config(f)[1].fingerprint() != fp
+    for bad, match in [
+        ('[job]\nmeter = "null"\n[server]\ninsecure = true\n', "device setting"),
+        ('[job]\nbogus = 1\n[server]\ninsecure = true\n', "unknown key"),
+        ('[job]\nmin_updates = 9\n[server]\ninsecure = true\n', "min_updates"),
+        ('[job]\n[server]\n', "TLS needs a certificate"),
+        ('[job]\n[server]\ninsecure = true\nchunk_mib = 8\n', "1..4 MiB"),
+        ('[server]\ninsecure = true\n', "no \\[job\\]"),
+        ('[job]\nround_deadline_s = "soon"\n[server]\ninsecure = true\n', "number"),
+    ]:
+        f.write_text(bad)
+        with pytest.raises(ConfigError, match=match):
+            load_config(f)
+
+
+def test_tokens_file(tmp_path, capsys):
+    p = tmp_path / "tokens.txt"
+    t1 = add_token(p, "jetson-1")
+    t2 = add_token(p, "ops", "admin")
+    assert t1 not in p.read_text() and (p.stat().st_mode & 0o777) == 0o600
+    tf = TokenFile(p)
+    assert tf(t1).name == "jetson-1" and tf(t1).role == "device" and tf(t2).role == "admin"
+    assert tf("nope") is None and tf("") is None
+    with pytest.raises(TokenError, match="already has a token"):
+        add_token(p, "jetson-1")
+    # revoking = deleting the line; a running server re-reads the file
+    import os
+    import time
+
+    p.write_text("\n".join(line for line in p.read_text().splitlines() if not line.startswith("jetson-1")) + "\n")
+    os.utime(p, (time.time() + 5, time.time() + 5))
+    assert tf(t1) is None and tf(t2) is not None
+    with pytest.raises(TokenError, match="NAME ROLE"):
+        parse_tokens("x device plaintext\n")
+    assert server_main(["token", "add", "jetson-2", "--tokens", str(p)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert TokenFile(p)(printed).name == "jetson-2" and printed[0].isalnum()
+
+
+def test_checkpoints_resume_a_plan_with_the_uninterrupted_result(tmp_path):
+    """Kill after any round: resuming from the store gives the uninterrupted run's weights bit for bit."""
+    mas = MAS(TASKS, rounds=4, r0=2, n_splits=2)
+    ref = _coord(Scripted()).run_method(mas)
+    total_rounds = mas.planned_rounds()
+    for stop_after in (1, 2, 4):  # inside merge, at its end, inside a split
+        store = Store(tmp_path / f"s{stop_after}")
+        assert store.claim("fp", "job") is False
+        seen = {"n": 0}
+
+        class Crash(Exception):
+            pass
+
+        def on_end(ck: RoundCheckpoint, store=store, seen=seen):
+            store.checkpoint("mas-2", seen["n"], ck)
+            seen["n"] += 1
+            if seen["n"] == stop_after:
+                raise Crash()
+
+        with pytest.raises(Crash):
+            _coord(Scripted(), on_round_end=on_end).run_method(mas)
+        store.close()
+        store = Store(tmp_path / f"s{stop_after}")  # "restarted"
+        assert store.claim("fp", "job") is True
+        with pytest.raises(StateMismatch):
+            store.claim("other", "job")
+        pool = Scripted()
+        coord = _coord(pool, on_round_end=lambda ck, store=store: store.checkpoint("mas-2", 0, ck))
+        done, resume = {}, None
+        for ck in store.load_checkpoints("mas-2"):
+            if ck.job_done:
+                done[ck.job.name] = coord.outcome_from_checkpoint(ck)
+            else:
+                resume = ck
+        out = coord.run_method(mas, done=done, resume=resume)
+        assert pool.calls == 2 * (total_rounds - stop_after)  # only the missing rounds ran
+        assert list(out) == list(ref)
+        for name, o in ref.items():
+            for k, v in o.state.items():
+                np.testing.assert_array_equal(out[name].state[k], v, err_msg=f"{name} {k}")
+            assert [r.clients for r in out[name].history] == [r.clients for r in o.history]
+            assert out[name].energy.executions == o.energy.executions
+        np.testing.assert_array_equal(out["merge"].affinity, ref["merge"].affinity)
+        st = store.status()
+        assert {j["job"] for j in st["jobs"]} == {"merge", "split-0", "split-1"} and all(j["done"] for j in st["jobs"])
+        ckpts = list((tmp_path / f"s{stop_after}" / "checkpoints").rglob("*.safetensors"))
+        assert len(ckpts) == 3  # one per job: older rounds are deleted once the next one is committed
+        store.close()
