@@ -69,7 +69,10 @@ def _add_simulate(sub) -> None:
     g.add_argument("--seed", type=int, help="run seed (default 0)")
     g = p.add_argument_group("device and output")
     g.add_argument("--device", help="cpu | cuda | cuda:N (default cpu)")
-    g.add_argument("--meter", help="energy meter: auto | estimate | null | nvml | jetson | rapl (default estimate)")
+    g.add_argument("--meter", help="energy meter: auto | jetson | nvml | rapl | estimate | null (default: the "
+                   "profile's, auto: the first that reads, else a labelled CPU-time estimate)")
+    g.add_argument("--profile", help="device profile: a TOML file or a device class (jetson-nano, jetson-orin-nano, "
+                   "workstation, ...; default: detected) giving memory/round budgets and the meter")
     g.add_argument("--time-budget-s", type=float, help="per-round time budget of a client execution (s)")
     g.add_argument("--energy-budget-j", type=float, help="per-round energy budget of a client execution (J)")
     g.add_argument("--out", help="output folder (default runs/latest)")
@@ -83,7 +86,7 @@ _CONFIG_KEYS = (
     "dataset", "data_dir", "clients", "max_samples", "image_size", "alpha", "methods", "rounds", "r0",
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
     "affinity_divide_by_lr", "fedprox_mu", "width", "seed", "device", "meter", "time_budget_s",
-    "energy_budget_j", "out",
+    "energy_budget_j", "out", "profile",
 )
 
 
@@ -116,9 +119,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         for m in cfg.methods:
             make_method(m, dataset.tasks, cfg.rounds, cfg.r0, cfg.fedprox_mu)
-        from fmtl_edge.runtime import make_meter
+        from fmtl_edge.runtime import MeterUnavailable, load_profile
 
-        make_meter(cfg.meter)
+        load_profile(cfg.profile)
+        if cfg.meter not in (None, "auto", "estimate", "null"):
+            from fmtl_edge.runtime import make_meter
+
+            make_meter(cfg.meter)  # probe now: a meter that cannot read is a usage error
+    except MeterUnavailable as e:
+        return _err("simulate", f"--meter: {e}")
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         return _err("simulate", str(e))
 
@@ -165,6 +174,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 130
     except (ConfigError, DataError, ValueError) as e:
         return _err("simulate", str(e))
+    except RuntimeError as e:  # a round no client could run (budgets, busy device): nothing written
+        print(f"fmtl-edge simulate: failed: {e}; nothing was written", file=sys.stderr)
+        return 1
     if args.json:
         print((out / "results.json").read_text())
     else:

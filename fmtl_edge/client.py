@@ -60,7 +60,8 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarr
     out = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     # A batch of one sample breaks BatchNorm in training mode: fold it into the previous batch.
     if len(out) > 1 and len(out[-1]) < 2:
-        out[-2] = np.concatenate([out[-2], out.pop()])
+        last = out.pop()
+        out[-1] = np.concatenate([out[-1], last])
     return out
 
 
@@ -175,6 +176,27 @@ def _budget_hit(a: Assignment, elapsed_s: float, energy_probe) -> str | None:
     return None
 
 
+def check_memory_budget(spec: ModelSpec, tasks: TaskSet, assignment: Assignment,
+                        memory_budget_bytes: int | None) -> int:
+    """Estimate the job's memory need before it starts (parameters, gradients, momentum, activations
+    of one batch; :func:`fmtl_edge.runtime.estimate_job_memory_bytes`).
+
+    Returns:
+        The estimate in bytes.
+
+    Raises:
+        fmtl_edge.runtime.BudgetExceeded: ``kind="memory"`` when over ``memory_budget_bytes``.
+    """
+    from fmtl_edge.runtime import check_memory, estimate_job_memory_bytes
+
+    model = MultiTaskModel(spec, tasks.subset(assignment.tasks))
+    optimizer = "sgd_momentum" if assignment.config.momentum > 0 else "sgd"
+    need = estimate_job_memory_bytes(model, spec.input_shape, assignment.config.batch_size, optimizer)
+    if memory_budget_bytes is not None:
+        check_memory(need, memory_budget_bytes)
+    return int(need)
+
+
 def execute(
     data: ClientData,
     spec: ModelSpec,
@@ -182,33 +204,46 @@ def execute(
     assignment: Assignment,
     meter=None,
     lease=None,
+    memory_budget_bytes: int | None = None,
 ) -> ClientUpdate:
-    """:func:`train_round` under a device lease and a meter window.
+    """:func:`train_round` under a device lease, a memory budget and a meter window.
 
     Args:
         meter: a :class:`fmtl_edge.runtime.Meter` (None: wall time only, energy unknown).
         lease: a context manager holding the device exclusively (one FL task at a time), e.g.
             :class:`fmtl_edge.runtime.DeviceLease`; None runs without one.
+        memory_budget_bytes: refuse the job before it starts when its estimated memory need is over
+            this (None: no budget).
 
     Returns:
-        The update with ``device_s`` (measured seconds) and ``energy`` (the window's measurement
-        as a dict: ``total_j``, ``total_scope``, ``estimated``, ``source``, ``domains``...).
+        The update with ``device_s`` (measured seconds), ``energy`` (the window's measurement as a
+        dict: ``total_j``, ``total_scope``, ``estimated``, ``source``, ``domains``...) and
+        ``peak_memory_bytes`` (what the execution added to the process's peak memory).
+
+    Raises:
+        fmtl_edge.runtime.BudgetExceeded: the memory estimate is over the budget (nothing ran).
+        fmtl_edge.runtime.DeviceBusy: the lease could not be taken.
     """
+    from fmtl_edge.runtime import watch_peak_memory
+
+    check_memory_budget(spec, tasks, assignment, memory_budget_bytes)
     with lease if lease is not None else nullcontext():
-        if meter is None:
-            t0 = time.perf_counter()
-            upd = train_round(data, spec, tasks, assignment)
-            upd.device_s = time.perf_counter() - t0
-            upd.energy = {"wall_s": upd.device_s, "total_j": None, "estimated": False, "source": "none",
-                          "total_scope": "none", "domains": [], "warnings": ["no meter"]}
-            return upd
-        with meter.window(f"client-{data.client_id}/{assignment.job}/round-{assignment.round}") as win:
-            probe = (lambda: win.peek().total_j) if assignment.energy_budget_j is not None else None
-            upd = train_round(data, spec, tasks, assignment, energy_probe=probe)
-        m = win.measurement
-        upd.device_s = float(m.wall_s)
-        upd.energy = m.to_dict()
-        return upd
+        with watch_peak_memory(assignment.config.device) as mem:
+            if meter is None:
+                t0 = time.perf_counter()
+                upd = train_round(data, spec, tasks, assignment)
+                upd.device_s = time.perf_counter() - t0
+                upd.energy = {"wall_s": upd.device_s, "total_j": None, "estimated": False, "source": "none",
+                              "total_scope": "none", "domains": [], "warnings": ["no meter"]}
+            else:
+                with meter.window(f"client-{data.client_id}/{assignment.job}/round-{assignment.round}") as win:
+                    probe = (lambda: win.peek().total_j) if assignment.energy_budget_j is not None else None
+                    upd = train_round(data, spec, tasks, assignment, energy_probe=probe)
+                m = win.measurement
+                upd.device_s = float(m.wall_s)
+                upd.energy = m.to_dict()
+    upd.peak_memory_bytes = mem.job_peak_bytes
+    return upd
 
 
 @torch.no_grad()

@@ -63,7 +63,8 @@ class SimulationConfig:
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/latest"
-    meter: str = "estimate"
+    meter: str | None = None
+    profile: str | None = None
     max_samples: int | None = None
     image_size: int | None = None
     alpha: float | None = None
@@ -116,6 +117,10 @@ class SimulationConfig:
             )
         if self.device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
             raise ConfigError("--device", f"{self.device!r} is not cpu, cuda or cuda:N")
+        from fmtl_edge.runtime.factory import BACKENDS
+
+        if self.meter is not None and self.meter not in ("auto", *BACKENDS):
+            raise ConfigError("--meter", f"{self.meter!r} is not auto or one of {', '.join(BACKENDS)}")
         for name in ("time_budget_s", "energy_budget_j"):
             v = getattr(self, name)
             if v is not None and not v > 0:
@@ -166,7 +171,7 @@ def _coerce(name: str, value: Any) -> Any:
         kind = int
     elif name in ("alpha", "time_budget_s", "energy_budget_j"):
         kind = float
-    elif name == "data_dir":
+    elif name in ("data_dir", "meter", "profile"):
         kind = str
     if kind is bool:
         if not isinstance(value, bool):

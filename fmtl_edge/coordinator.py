@@ -138,6 +138,8 @@ class RoundRecord:
     #: client ids whose updates were aggregated, in arrival order (differs from ``clients`` when a
     #: remote pool replaced a sampled device that failed; the same in simulation)
     executed: list[int] = field(default_factory=list)
+    #: structured refusals (``BudgetExceeded``/``DeviceBusy`` as dicts) of clients that did not train
+    refused: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -204,6 +206,13 @@ class ClientPool(ABC):
         """Run the assignments (one per client), yielding updates as they complete."""
 
 
+def refusal(client_id: int, a: Assignment, error: dict[str, Any]) -> ClientUpdate:
+    """The update of a client that refused or could not run an assignment (not aggregated)."""
+    return ClientUpdate(client_id, a.job, a.round, tuple(a.tasks), {}, 0, {}, None, 0, 0.0,
+                        {"total_j": 0.0, "source": "none", "total_scope": "none", "estimated": False},
+                        error=error)
+
+
 class InProcessClientPool(ClientPool):
     """Simulated clients in this process, run one after another (a device runs one task at a time).
 
@@ -216,11 +225,13 @@ class InProcessClientPool(ClientPool):
     """
 
     def __init__(self, dataset: FederatedDataset, spec: ModelSpec, meter=None,
-                 lease_factory: Callable[[int], Any] | None = None):
+                 lease_factory: Callable[[int], Any] | None = None,
+                 memory_budget_bytes: int | None = None):
         self.dataset = dataset
         self.spec = spec
         self.meter = meter
         self.lease_factory = lease_factory
+        self.memory_budget_bytes = memory_budget_bytes
         self._by_id = {c.client_id: c for c in dataset.clients}
 
     @property
@@ -228,9 +239,16 @@ class InProcessClientPool(ClientPool):
         return sorted(self._by_id)
 
     def execute_many(self, work: Sequence[tuple[int, Assignment]]) -> Iterator[ClientUpdate]:
+        from fmtl_edge.runtime import BudgetExceeded, DeviceBusy
+
         for cid, a in work:
             lease = self.lease_factory(cid) if self.lease_factory else None
-            yield execute(self._by_id[cid], self.spec, self.dataset.tasks, a, self.meter, lease)
+            try:
+                yield execute(self._by_id[cid], self.spec, self.dataset.tasks, a, self.meter, lease,
+                              self.memory_budget_bytes)
+            except (BudgetExceeded, DeviceBusy) as e:
+                # A refusal is a structured answer, not a crash: the round goes on without this client.
+                yield refusal(cid, a, e.to_dict())
 
 
 class Coordinator:
@@ -339,7 +357,11 @@ class Coordinator:
             stopped = 0
             executed: list[int] = []
             scratch: list[np.ndarray] = []
+            refused: list[dict] = []
             for upd in self.pool.execute_many(work):
+                if upd.error is not None:
+                    refused.append({"client_id": int(upd.client_id), **upd.error})
+                    continue
                 executed.append(int(upd.client_id))
                 if upd.n_samples <= 0:
                     round_tally.add(upd.device_s, upd.energy)
@@ -354,7 +376,8 @@ class Coordinator:
             upd = None  # release the last update (a mapped upload) before the result is formed
             scratch.clear()
             if acc.n_added < self.min_updates:
-                raise RoundFailed(job.name, r, acc.n_added, self.min_updates)
+                raise RoundFailed(job.name, r, acc.n_added, self.min_updates,
+                                  "; ".join(sorted({e.get("message", "") for e in refused} - {""})))
             global_vec = acc.result(global_vec.copy())
             acc = None
             state = {**state, **layout.unflatten(global_vec)}
@@ -363,7 +386,7 @@ class Coordinator:
             tally.merge(round_tally)
             rec = RoundRecord(job.name, r, clients, lr, {t: v / max(samples, 1) for t, v in loss_num.items()},
                               samples, round_tally.device_s, round_tally.total_j, time.perf_counter() - t_round,
-                              stopped, executed)
+                              stopped, executed, refused)
             history.append(rec)
             if self.on_round:
                 self.on_round(rec)

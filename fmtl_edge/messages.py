@@ -93,6 +93,8 @@ class ClientUpdate:
         energy: the meter's :meth:`Measurement.to_dict` for the execution window.
         stopped_by: ``"time"``/``"energy"`` if a budget ended training early, else None.
         peak_memory_bytes: peak memory observed during the execution, if watched.
+        error: a structured refusal (``BudgetExceeded.to_dict()``, ``DeviceBusy.to_dict()``) when the
+            client did not train; such an update has ``n_samples == 0`` and is not aggregated.
     """
 
     client_id: int
@@ -108,3 +110,4 @@ class ClientUpdate:
     energy: dict[str, Any] = field(default_factory=dict)
     stopped_by: str | None = None
     peak_memory_bytes: int | None = None
+    error: dict[str, Any] | None = None

@@ -65,16 +65,22 @@ def warm_up() -> None:
 
 
 def make_runtime(cfg: SimulationConfig):
-    """The meter and the per-execution lease factory for the simulated pool."""
-    from fmtl_edge.runtime import DeviceLease, make_meter
+    """The meter, the per-execution lease factory and the device profile of the simulated pool.
 
-    meter = make_meter(cfg.meter)
+    The profile (``--profile``: a TOML file or a device class such as ``jetson-orin-nano``; default:
+    the detected device class) gives the memory budget, the per-round time/energy budgets unless
+    flags set them, and the meter unless ``--meter`` names one.
+    """
+    from fmtl_edge.runtime import DeviceLease, load_profile, make_meter
+
+    profile = load_profile(cfg.profile)
+    meter = profile.make_meter() if cfg.meter is None else make_meter(cfg.meter, **profile.meter_kwargs())
 
     def lease(_cid: int):
         # All simulated clients share this machine: one FL task at a time on it.
-        return DeviceLease("local", timeout_s=600.0)
+        return DeviceLease("local", timeout_s=600.0, owner="fmtl-edge simulate")
 
-    return meter, lease
+    return meter, lease, profile
 
 
 def evaluate_method(method: Method, done: dict[str, JobOutcome], dataset: FederatedDataset,
@@ -122,14 +128,17 @@ def run_methods(
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"--methods lists a method twice: {cfg.methods}")
-    meter, lease = make_runtime(cfg)
+    meter, lease, profile = make_runtime(cfg)
     warm_up()
-    pool = InProcessClientPool(dataset, spec, meter, lease)
+    pool = InProcessClientPool(dataset, spec, meter, lease, profile.memory_budget_bytes)
     train = train_config(cfg)
     results: dict[str, Any] = {
         "dataset": dataset.name, "dataset_info": dataset.info, "tasks": list(dataset.tasks.names),
         "task_kinds": {t.name: t.kind for t in dataset.tasks},
-        "clients": dataset.n_clients, "config": cfg.to_dict(), "versions": versions(), "methods": {},
+        "clients": dataset.n_clients, "config": cfg.to_dict(), "versions": versions(),
+        "device": {"profile": profile.name, "profile_source": profile.source, "device_class": profile.device_class,
+                   "meter": type(meter).__name__, "memory_budget_bytes": profile.memory_budget_bytes},
+        "methods": {},
     }
     models: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for method in methods:
@@ -138,7 +147,8 @@ def run_methods(
         coord = Coordinator(
             pool, spec, dataset.tasks, replace(train, fedprox_mu=0.0), cfg.clients_per_round, cfg.seed,
             on_round=(lambda rec, m=method: on_round(m, rec)) if on_round else None,
-            time_budget_s=cfg.time_budget_s, energy_budget_j=cfg.energy_budget_j,
+            time_budget_s=cfg.time_budget_s if cfg.time_budget_s is not None else profile.round_time_s,
+            energy_budget_j=cfg.energy_budget_j if cfg.energy_budget_j is not None else profile.round_energy_j,
         )
         t0 = time.perf_counter()
         done = coord.run_method(method)
