@@ -100,6 +100,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from fmtl_edge.config import ConfigError, build_config
     from fmtl_edge.data.base import DataError
+    from fmtl_edge.runtime import MeterUnavailable
 
     console = Console(stderr=True)
     try:
@@ -119,7 +120,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         for m in cfg.methods:
             make_method(m, dataset.tasks, cfg.rounds, cfg.r0, cfg.fedprox_mu)
-        from fmtl_edge.runtime import MeterUnavailable, load_profile
+        from fmtl_edge.runtime import load_profile
 
         load_profile(cfg.profile)
         if cfg.meter not in (None, "auto", "estimate", "null"):
