@@ -13,6 +13,7 @@ Convention: ``S[i, j]`` = effect of task i's lookahead step on task j's loss.
 
 from fmtl_edge.affinity.measure import AffinityAverager, lookahead_affinity
 from fmtl_edge.affinity.search import (
+    MAX_TASKS,
     Partition,
     TagSelection,
     best_partition,
@@ -25,6 +26,7 @@ from fmtl_edge.affinity.search import (
 )
 
 __all__ = [
+    "MAX_TASKS",
     "AffinityAverager",
     "Partition",
     "TagSelection",
