@@ -37,6 +37,7 @@ JOB_KEYS = {
     "wait_for_devices": "devices that must be online before the first round (default: clients, else K)",
     "start_timeout_s": "give up waiting for devices after this long (default: wait forever)",
     "eval_timeout_s": "seconds the final evaluation on the devices may take (default 600)",
+    "evaluate": "evaluate the final models on the devices' test splits (default true; false: test losses are null)",
     "retry_wait_s": "pause before a failed round is tried again from the last checkpoint (default 5)",
     "max_round_retries": "failed attempts of one round before the server gives up (default 20)",
 }
@@ -62,6 +63,7 @@ class JobConfig:
     wait_for_devices: int | None = None
     start_timeout_s: float | None = None
     eval_timeout_s: float = 600.0
+    evaluate: bool = True
     retry_wait_s: float = 5.0
     max_round_retries: int = 20
     table: dict[str, Any] = field(default_factory=dict)
@@ -170,6 +172,10 @@ def parse_job(table: Mapping[str, Any], name: str = "job") -> JobConfig:
                                  ("retry_wait_s", float, 0.0, False), ("max_round_retries", int, 0, False)):
         if k in table:
             setattr(job, k, _num(k, table[k], kind, lo, none_ok))
+    if "evaluate" in table:
+        if not isinstance(table["evaluate"], bool):
+            raise ConfigError("[job] evaluate", f"must be true or false, got {table['evaluate']!r}")
+        job.evaluate = table["evaluate"]
     if job.min_updates > cfg.clients_per_round:
         raise ConfigError("[job] min_updates", f"{job.min_updates} is more than K = clients_per_round = {cfg.clients_per_round}")
     if job.wait_for_devices is not None and job.wait_for_devices < cfg.clients_per_round:

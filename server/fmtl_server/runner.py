@@ -341,7 +341,7 @@ class JobServer:
         by_job: dict[str, list[str]] = {}
         for t, j in finals.items():
             by_job.setdefault(j, []).append(t)
-        clients = self.pool.client_ids
+        clients = self.pool.client_ids if self.job.evaluate else []
         reqs = []
         train = self.job.sim
         from fmtl_edge.simulation import train_config
@@ -352,10 +352,12 @@ class JobServer:
             a = Assignment(job=j, round=0, tasks=tuple(outcome.job.tasks), state=outcome.state, lr=0.0, config=cfg,
                            seed=train.seed)
             reqs += [(c, a) for c in clients]
-        res = self.pool.evaluate(reqs, timeout_s=self.job.eval_timeout_s)
+        res = self.pool.evaluate(reqs, timeout_s=self.job.eval_timeout_s) if reqs else {}
         self._last_eval_clients = set(res)
         missing = sorted(set(clients) - set(res))
-        if missing:
+        if not self.job.evaluate:
+            self.say("evaluation skipped ([job] evaluate = false): test losses are null")
+        elif missing:
             self.say(f"evaluation: clients {missing} did not answer; test losses are over clients {sorted(res)}")
         per_task: dict[str, dict[str, Any]] = {}
         for t in self.tasks.names:
