@@ -198,10 +198,27 @@ max_workers = {8 * k + 16}
         a.wait(30)
     res = json.loads((work / "out" / "results.json").read_text())
     hist = res["methods"]["all-in-one"]["history"]
-    model_file = work / "model.safetensors"
     return {"size_mb": size_mb, "width": width, "model_bytes": model_bytes, "k": k, "rounds": rounds,
             "round_wall_s": [h["wall_s"] for h in hist], "peak_rss_bytes": peak, "base_rss_bytes": base_rss,
-            "server_rc": server.returncode, "model_file": str(model_file)}
+            "server_rc": server.returncode, "breakdown": breakdown(work, k)}
+
+
+def breakdown(work: Path, k: int) -> dict:
+    """Mean per-round phases from the server's timing lines and the agents' logs."""
+    import re
+
+    out: dict[str, list[float]] = {}
+    for line in (work / "server.log").read_text().splitlines():
+        if "timing of" not in line:
+            continue
+        for name, v in re.findall(r"(model file|first update|last update|validation|aggregation|checkpoint) ([0-9.]+) s", line):
+            out.setdefault(name, []).append(float(v))
+    for c in range(k):
+        text = (work / f"agent{c}.log").read_text()
+        out.setdefault("agent download", []).extend(float(v) for v in re.findall(r"downloaded in ([0-9.]+) s", text))
+        out.setdefault("agent upload", []).extend(float(v) for v in re.findall(r"MB in ([0-9.]+) s,", text))
+        out.setdefault("agent write update", []).extend(float(v) for v in re.findall(r"samples, ([0-9.]+) s on device", text))
+    return {k_: sum(v) / len(v) for k_, v in out.items() if v}
 
 
 def main() -> int:
@@ -228,7 +245,7 @@ def main() -> int:
         sysr = run_system(size, args.agents, args.rounds, work)
         f = work / "raw.safetensors"
         write_state(f, {"w": np.zeros(sysr["model_bytes"] // 4, np.float32)}, fsync=False)
-        raw_s = raw_transfer(f, args.agents, DEFAULT_CHUNK_BYTES, work)
+        raw_s = min(raw_transfer(f, args.agents, DEFAULT_CHUNK_BYTES, work) for _ in range(3))  # best of 3
         f.unlink()
         rounds = sysr["round_wall_s"]
         mean_round = sum(rounds) / len(rounds)
@@ -245,6 +262,7 @@ def main() -> int:
               f"{sysr['peak_rss_bytes'] / 1e6:.0f} MB = {row['peak_over_model']:.2f} model sizes "
               f"({row['peak_above_base_over_model']:.2f} above the {((sysr['base_rss_bytes'] or 0) / 1e6):.0f} MB "
               f"baseline) vs K x model = {args.agents * mb / 1e6:.0f} MB", flush=True)
+        print("  mean per round: " + ", ".join(f"{k_} {v:.2f} s" for k_, v in sysr["breakdown"].items()), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

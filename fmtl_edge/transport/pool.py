@@ -36,7 +36,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -453,6 +453,13 @@ class RemoteClientPool(ClientPool):
         if item.slot.item is item:
             item.slot.item = None
 
+    def _prune_items(self, keep: int = 20000) -> None:
+        if len(self._items) <= keep:
+            return
+        for wid in list(self._items)[: len(self._items) - keep // 2]:
+            if self._items[wid].status not in ("queued", "running"):
+                del self._items[wid]
+
     def _ready(self, d: Device, now: float) -> bool:
         return d.online(now, self.policy.heartbeat_timeout_s) and d.idle()
 
@@ -520,14 +527,16 @@ class RemoteClientPool(ClientPool):
         job, rnd = work[0][1].job, work[0][1].round
         files: dict[int, ModelFile] = {}
         by_state: dict[int, ModelFile] = {}
+        t0 = time.monotonic()
         for s in slots:
             key = id(s.assignment.state)
             if key not in by_state:
                 by_state[key] = self.write_model(s.assignment.state, f"{job}-r{rnd}")
             files[s.index] = by_state[key]
-        yield from self._run_slots(slots, files, job, rnd)
+        yield from self._run_slots(slots, files, job, rnd, model_write_s=time.monotonic() - t0)
 
-    def _run_slots(self, slots: list[Slot], files: dict[int, ModelFile], job: str, rnd: int) -> Iterator[Any]:
+    def _run_slots(self, slots: list[Slot], files: dict[int, ModelFile], job: str, rnd: int,
+                   model_write_s: float = 0.0) -> Iterator[Any]:
         pol = self.policy
         used: set[int] = set()
         t0 = time.monotonic()
@@ -535,7 +544,9 @@ class RemoteClientPool(ClientPool):
         extensions = 0
         next_out = 0
         got = 0
-        self.round_info = {"job": job, "round": rnd, "slots": len(slots), "started_unix_s": time.time()}
+        self.round_info = {"job": job, "round": rnd, "slots": len(slots), "started_unix_s": time.time(),
+                           "model_write_s": model_write_s, "first_update_s": None, "last_update_s": None,
+                           "validate_s": 0.0, "yield_wait_s": 0.0, "_t0": t0}
         try:
             while True:
                 out = None
@@ -592,9 +603,11 @@ class RemoteClientPool(ClientPool):
                     got += 1
                     res = out.result
                     out.result = None
+                    t_y = time.monotonic()
                     try:
                         yield res
                     finally:
+                        self.round_info["consumer_s"] = self.round_info.get("consumer_s", 0.0) + time.monotonic() - t_y
                         self._release(res)
         finally:
             with self._cv:
@@ -604,6 +617,10 @@ class RemoteClientPool(ClientPool):
                     if isinstance(s.result, ClientUpdate):
                         self._release(s.result)
                         s.result = None
+                    # work items outlive the round (to answer late devices): they must not keep the
+                    # round's global model alive
+                    s.assignment = replace(s.assignment, state={})
+                self._prune_items()
             for f in {id(m): m for m in files.values()}.values():
                 try:
                     f.path.unlink()
@@ -651,10 +668,25 @@ class RemoteClientPool(ClientPool):
 
     def finish_upload(self, item: WorkItem, meta, path: Path | None) -> tuple[bool, str]:
         """Validate an uploaded update and hand it to its slot. Returns (accepted, reason)."""
+        with self._cv:
+            if item.status != "running":  # the round ended (or gave the slot away) while it was uploading
+                if path is not None:
+                    path.unlink(missing_ok=True)
+                d = self._devices.get(item.client_id)
+                if d is not None and d.current is item:
+                    d.current = None
+                    d.state = "idle"
+                self._cv.notify_all()
+                return False, self.why_not(item.work_id)
+        t_v = time.monotonic()
         try:
             result = self._validate(item, meta, path)
         except (TensorFileError, ValueError, KeyError) as e:
             return False, self.reject_upload(item, str(e), path)
+        finally:
+            ri = self.round_info
+            if ri.get("_t0") is not None:
+                ri["validate_s"] = ri.get("validate_s", 0.0) + time.monotonic() - t_v
         with self._cv:
             d = self._devices.get(item.client_id)
             if d is not None and d.current is item:
@@ -671,6 +703,11 @@ class RemoteClientPool(ClientPool):
             item.slot.result = result
             item.slot.done = True
             self.counters["updates_accepted"] += 1
+            ri = self.round_info
+            if ri.get("_t0") is not None:
+                since = time.monotonic() - ri["_t0"]
+                ri["first_update_s"] = since if ri.get("first_update_s") is None else ri["first_update_s"]
+                ri["last_update_s"] = since
             if d is not None:
                 d.executions += 1
                 d.last_job = f"{item.slot.assignment.job}/r{item.slot.assignment.round}"
@@ -784,7 +821,7 @@ class RemoteClientPool(ClientPool):
                 "devices": [d.to_status(now, self.policy.heartbeat_timeout_s) for d in
                             (self._devices[c] for c in sorted(self._devices))],
                 "counters": dict(self.counters),
-                "round": dict(self.round_info),
+                "round": {k: v for k, v in self.round_info.items() if not k.startswith("_")},
             }
 
     def close(self) -> None:

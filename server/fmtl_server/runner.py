@@ -274,7 +274,14 @@ class JobServer:
         def on_round_end(ck: RoundCheckpoint) -> None:
             names = [r[0] for r in self._job_rows(method.name)]
             seq_j = names.index(ck.job.name) if ck.job.name in names else len(names)
+            t0 = time.perf_counter()
             self.store.checkpoint(method.name, seq_j, ck)
+            ri = self.pool.round_info
+            fmt = lambda v: "—" if v is None else f"{v:.2f} s"  # noqa: E731
+            self.say(f"  timing of {ck.job.name} round {ck.round + 1}: model file {fmt(ri.get('model_write_s'))}, "
+                     f"first update {fmt(ri.get('first_update_s'))}, last update {fmt(ri.get('last_update_s'))}, "
+                     f"validation {fmt(ri.get('validate_s'))} (sum), aggregation {fmt(ri.get('consumer_s'))}, "
+                     f"checkpoint {fmt(time.perf_counter() - t0)}")
             self.current = {"method": method.name, "job": ck.job.name, "rounds_done": ck.round + 1, "rounds": ck.job.rounds}
 
         failures = 0
