@@ -11,6 +11,8 @@ import types
 
 import pytest
 
+import fmtl_edge
+
 from fmtl_edge.runtime import cli as rcli
 from runtime_fakes import build_jetson
 
@@ -101,6 +103,8 @@ def test_info_json_on_fake_orin(tmp_path, monkeypatch, capsys):
     fake_k.cuda_compiled = True
     fake_k.cuda_available = lambda: False
     monkeypatch.setitem(sys.modules, "fmtl_edge._kernels", fake_k)
+    # `from fmtl_edge import _kernels` reads the package attribute once the real module was imported
+    monkeypatch.setattr(fmtl_edge, "_kernels", fake_k, raising=False)
     assert _run(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["device"]["device_class"] == "jetson-agx-orin"
@@ -117,6 +121,7 @@ def test_info_json_on_fake_orin(tmp_path, monkeypatch, capsys):
 
 def test_info_text_without_kernels(empty_root, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fmtl_edge._kernels", None)  # import fails
+    monkeypatch.delattr(fmtl_edge, "_kernels", raising=False)
     assert _run(["info"]) == 0
     out = capsys.readouterr().out
     assert "energy meters:" in out and "estimate" in out
