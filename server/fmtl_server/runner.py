@@ -278,7 +278,7 @@ class JobServer:
             self.store.checkpoint(method.name, seq_j, ck)
             ri = self.pool.round_info
             fmt = lambda v: "—" if v is None else f"{v:.2f} s"  # noqa: E731
-            self.say(f"  timing of {ck.job.name} round {ck.round + 1}: model file {fmt(ri.get('model_write_s'))}, "
+            log.info(f"timing of {ck.job.name} round {ck.round + 1}: model file {fmt(ri.get('model_write_s'))}, "
                      f"first update {fmt(ri.get('first_update_s'))}, last update {fmt(ri.get('last_update_s'))}, "
                      f"validation {fmt(ri.get('validate_s'))} (sum), aggregation {fmt(ri.get('consumer_s'))}, "
                      f"checkpoint {fmt(time.perf_counter() - t0)}")
