@@ -87,17 +87,24 @@ def raw_transfer(model_file: Path, k: int, chunk: int, work: Path) -> float:
     port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
-    go = time.time() + 3.0 + 0.5 * k
+    barrier = Path(tempfile.mkdtemp(prefix="raw-", dir=work))
     procs = [subprocess.Popen([sys.executable, __file__, "--raw-client", f"127.0.0.1:{port}",
-                               str(model_file.stat().st_size), str(chunk), str(go)],
+                               str(model_file.stat().st_size), str(chunk), str(barrier / str(i))],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": _pythonpath()})
-             for _ in range(k)]
+             for i in range(k)]
+    # every client has done one untimed transfer (warm connection and HTTP/2 windows, like a running
+    # agent's); then all start the timed one together
+    while len(list(barrier.glob("*.ready"))) < k:
+        if any(p.poll() not in (None, 0) for p in procs):
+            raise RuntimeError("a raw client failed")
+        time.sleep(0.05)
+    (barrier / "go").touch()
     spans = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     server.stop(0)
     return max(s["end"] for s in spans) - min(s["start"] for s in spans)
 
 
-def raw_client(addr: str, size: int, chunk: int, go: float) -> None:
+def raw_client(addr: str, size: int, chunk: int, ready: str) -> None:
     import grpc
 
     from fmtl_edge.transport import fmtl_edge_pb2 as pb
@@ -108,17 +115,25 @@ def raw_client(addr: str, size: int, chunk: int, go: float) -> None:
     grpc.channel_ready_future(ch).result(timeout=30)
     stub = pb_grpc.CoordinatorStub(ch)
     buf = os.urandom(chunk)
-    time.sleep(max(0.0, go - time.time()))
-    t0 = time.time()
-    got = sum(len(c.data) for c in stub.DownloadModel(pb.DownloadRequest()))
-    assert got == size
+    tail = buf[: size % chunk]
 
     def up():
         yield pb.UploadMessage(meta=pb.UpdateMeta())
         for off in range(0, size, chunk):
-            yield pb.UploadMessage(chunk=pb.Chunk(offset=off, data=buf[: min(chunk, size - off)]))
+            yield pb.UploadMessage(chunk=pb.Chunk(offset=off, data=buf if size - off >= chunk else tail))
 
-    stub.UploadUpdate(up())
+    def transfer():
+        got = sum(len(c.data) for c in stub.DownloadModel(pb.DownloadRequest()))
+        assert got == size
+        stub.UploadUpdate(up())
+
+    transfer()  # warm-up
+    Path(ready + ".ready").touch()
+    go = Path(ready).parent / "go"
+    while not go.exists():
+        time.sleep(0.005)
+    t0 = time.time()
+    transfer()
     print(json.dumps({"start": t0, "end": time.time()}))
 
 
@@ -231,8 +246,8 @@ def main() -> int:
     ap.add_argument("--raw-client", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.raw_client:
-        addr, size, chunk, go = args.raw_client
-        raw_client(addr, int(size), int(chunk), float(go))
+        addr, size, chunk, ready = args.raw_client
+        raw_client(addr, int(size), int(chunk), ready)
         return 0
     from fmtl_edge.transport.tensors import DEFAULT_CHUNK_BYTES, write_state
 
