@@ -252,6 +252,7 @@ def test_deadline_ends_a_round_with_min_updates_and_fails_below(service):
         out = _coord(pool, 3, min_updates=2).run_job(Job("all", ("a", "b"), 1))
         assert time.monotonic() - t0 < 1.9
         assert sorted(out.history[0].executed) == [0, 1]
+        assert [r["sampled"] for r in out.history[0].refused] == [2]  # recorded as the simulation records refusals
         time.sleep(2.0)  # the slow device's late update is refused
         assert any(not ok and "late" in reason for *_, ok, reason in devs[2].replies)
         with pytest.raises(RoundFailed, match="at least 3"):

@@ -393,16 +393,10 @@ class Agent:
             return self._meta(upd, size, sha)
         a = assignment_from_pb(w, model_file.load(), device=self.opts.device,
                                time_budget_s=p.round_time_s, energy_budget_j=p.round_energy_j)
-        if p.memory_budget_bytes:
-            from fmtl_edge.models import MultiTaskModel
-            from fmtl_edge.runtime import check_memory, estimate_job_memory_bytes
-
-            probe = MultiTaskModel(spec, self.dataset.tasks.subset(a.tasks))
-            check_memory(estimate_job_memory_bytes(probe, spec.input_shape, a.config.batch_size), p)
-            del probe
         lease = DeviceLease(self.opts.lease, self.opts.runtime_dir, timeout_s=self.opts.lease_wait_s,
                             owner=f"fmtl-edge join client {self.client.client_id}")
-        upd = execute(self.client, spec, self.dataset.tasks, a, self.meter, lease)
+        # (raises BudgetExceeded before training when the job's memory estimate is over the profile's budget)
+        upd = execute(self.client, spec, self.dataset.tasks, a, self.meter, lease, p.memory_budget_bytes)
         if fault == "nan":
             k = next(n for n, v in upd.state.items() if np.issubdtype(v.dtype, np.floating))
             upd.state[k] = upd.state[k].copy()

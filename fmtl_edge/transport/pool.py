@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from fmtl_edge.client import derive_seed
-from fmtl_edge.coordinator import ClientPool, RoundFailed
+from fmtl_edge.coordinator import ClientPool, RoundFailed, refusal
 from fmtl_edge.messages import Assignment, ClientUpdate
 from fmtl_edge.transport.tensors import (
     MappedState,
@@ -599,7 +599,12 @@ class RemoteClientPool(ClientPool):
                             wait = max(0.01, min(wait, deadline - now))
                         self._cv.wait(wait)
                         continue
-                if out.result is not None:
+                if out.result is None and out.kind == "train":
+                    # the simulation's pool answers a refusing client with a refusal: so does this one
+                    yield refusal(out.tried[-1] if out.tried else out.sampled, out.assignment,
+                                  {"error": "NoUpdate", "message": out.failed or "no update", "sampled": out.sampled,
+                                   "tried": list(out.tried)})
+                elif out.result is not None:
                     got += 1
                     res = out.result
                     out.result = None

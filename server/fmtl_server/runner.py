@@ -266,7 +266,10 @@ class JobServer:
 
         def on_round(rec: RoundRecord) -> None:
             loss = sum(rec.train_loss.values())
-            rep = "" if sorted(rec.executed) == sorted(rec.clients) else f" (replacements: ran on {sorted(rec.executed)})"
+            rep = "" if sorted(rec.executed) == sorted(rec.clients) else f" (ran on {sorted(rec.executed)})"
+            missing = getattr(rec, "refused", None) or []
+            if missing:
+                rep += f", {len(missing)} slot(s) without update: " + "; ".join(m.get("message", "?") for m in missing)
             energy = "—" if rec.energy_j is None else f"{rec.energy_j:.1f} J"
             self.say(f"{method.name} {rec.job} round {rec.round + 1}: clients {rec.clients}{rep}, train loss {loss:.4f}, "
                      f"{rec.samples} samples, device {rec.device_s:.2f} s, {energy}, wall {rec.wall_s:.2f} s")
