@@ -34,19 +34,19 @@ from fmtl_edge.transport.testing import Proc, agent_cmd, python_path, server_cmd
 from fmtl_server.auth import add_token  # noqa: E402
 
 CLIENTS, MAX_SAMPLES, WIDTH = 4, 320, 4
-JOB = f"""
+JOB = """
 [job]
 name = "it"
-dataset = "digits"
-clients = {CLIENTS}
-max_samples = {MAX_SAMPLES}
+dataset = "{dataset}"
+clients = {clients}
+max_samples = {max_samples}
 methods = ["mas-2"]
-rounds = {{rounds}}
+rounds = {rounds}
 r0 = 1
 clients_per_round = 2
-width = {WIDTH}
+width = {width}
 dispatch_wait_s = 1.0
-{{extra}}
+{extra}
 
 [server]
 state_dir = "state"
@@ -58,12 +58,15 @@ heartbeat_timeout_s = 2.5
 
 
 class Deployment:
-    def __init__(self, tmp: Path, rounds: int = 3, extra: str = "", tls: bool = False):
+    def __init__(self, tmp: Path, rounds: int = 3, extra: str = "", tls: bool = False, dataset: str = "digits",
+                 clients: int = CLIENTS, max_samples: int = MAX_SAMPLES, data_dir: str | None = None):
         self.tmp = tmp
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
-        (tmp / "job.toml").write_text(JOB.format(rounds=rounds, extra=extra))
-        self.tokens = {c: add_token(tmp / "tokens.txt", f"agent-{c}") for c in range(CLIENTS)}
+        self.dataset, self.clients, self.max_samples, self.data_dir = dataset, clients, max_samples, data_dir
+        (tmp / "job.toml").write_text(JOB.format(rounds=rounds, extra=extra, dataset=dataset, clients=clients,
+                                                 max_samples=max_samples, width=WIDTH))
+        self.tokens = {c: add_token(tmp / "tokens.txt", f"agent-{c}") for c in range(clients)}
         self.admin = add_token(tmp / "tokens.txt", "ops", "admin")
         self.tls = tls
         self.sec_server: list[str] = ["--insecure"]
@@ -87,7 +90,9 @@ class Deployment:
         return self.server
 
     def start_agent(self, c: int, *extra: str, token: str | None = None, log: str | None = None) -> Proc:
-        data = f"digits:client={c},clients={CLIENTS},max-samples={MAX_SAMPLES}"
+        data = f"{self.dataset}:client={c},clients={self.clients},max-samples={self.max_samples}"
+        if self.data_dir:
+            extra = ("--data-dir", self.data_dir, *extra)
         # one torch thread per agent: several agents share two cores (and the reference uses one too)
         p = Proc(agent_cmd(self.addr, data, f"--token={token or self.tokens[c]}", "--max-backoff-s", "1",
                            "--poll-wait-s", "2", "--lease", f"it-{c}", "--meter", "estimate", "--torch-threads", "1",
@@ -138,6 +143,10 @@ def deployment(tmp_path):
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
+    return _simulate(tmp_path_factory)
+
+
+def _simulate(tmp_path_factory, dataset="digits", clients=CLIENTS, max_samples=MAX_SAMPLES, rounds=3, data_dir=None):
     """The in-process simulation of the same job (reference weights), on one torch thread like the agents."""
     import torch
 
@@ -145,9 +154,9 @@ def simulated(tmp_path_factory):
     from fmtl_edge.data import load_dataset
     from fmtl_edge.simulation import run_methods
 
-    cfg = build_config({"rounds": 3, "r0": 1, "max_samples": MAX_SAMPLES, "clients_per_round": 2, "methods": "mas-2",
-                        "meter": "null", "clients": CLIENTS, "width": WIDTH})
-    ds = load_dataset("digits", n_clients=CLIENTS, seed=0, max_samples=MAX_SAMPLES)
+    cfg = build_config({"dataset": dataset, "data_dir": data_dir, "rounds": rounds, "r0": 1, "max_samples": max_samples,
+                        "clients_per_round": 2, "methods": "mas-2", "meter": "null", "clients": clients, "width": WIDTH})
+    ds = load_dataset(dataset, data_dir=data_dir, n_clients=clients, seed=0, max_samples=max_samples)
     threads = torch.get_num_threads()
     old_dir = os.environ.get("FMTL_EDGE_RUNTIME_DIR")
     # a lease of our own: another FL process on this machine must not hold up the reference run
@@ -263,4 +272,25 @@ def test_the_server_killed_mid_job_resumes_with_the_same_result(deployment, simu
     assert res["methods"]["mas-2"]["splits"] == ref_results["methods"]["mas-2"]["splits"]
     assert res["methods"]["mas-2"]["total_test_loss"] == pytest.approx(ref_results["methods"]["mas-2"]["total_test_loss"],
                                                                         rel=1e-9)
+    _assert_same_models(d.tmp / "out", ref_models)
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_the_readme_loopback_mas_job_on_utkface(deployment, tmp_path_factory):
+    """docs/deployment.md's quick start, smaller: server and two agents on the shared UTKFace images."""
+    from conftest import shared_data_dir
+
+    images = shared_data_dir() / "utkface" / "images"
+    if not images.is_dir():
+        pytest.skip(f"UTKFace images not found at {images}")
+    d = deployment(dataset="utkface", clients=2, max_samples=600, data_dir=str(images))
+    d.start_server()
+    for c in range(2):
+        d.start_agent(c)
+    res = d.results(timeout=900)
+    ref_results, ref_models = _simulate(tmp_path_factory, "utkface", 2, 600, data_dir=str(images))
+    assert res["methods"]["mas-2"]["splits"] == ref_results["methods"]["mas-2"]["splits"]
+    assert res["methods"]["mas-2"]["total_test_loss"] == pytest.approx(
+        ref_results["methods"]["mas-2"]["total_test_loss"], rel=1e-9)
     _assert_same_models(d.tmp / "out", ref_models)
