@@ -210,6 +210,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         return _err("report", f"{p} is not an fmtl-edge results.json ({e})")
     for table in tables:
         Console().print(table)
+    if args.plot:
+        from fmtl_edge.plots import plot_results
+
+        try:
+            out = plot_results(results, args.plot)
+        except ImportError as e:
+            return _err("report", f"--plot: {e}")
+        Console(stderr=True).print(f"figure: {out}")
     return 0
 
 
@@ -224,9 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fmtl-edge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
     _add_simulate(sub)
-    rp = sub.add_parser("report", help="print the summary table of a finished run",
-                        description="Print the summary table of a run's results.json.")
+    rp = sub.add_parser("report", help="print the summary table (and a figure) of a finished run",
+                        description="Print the summary tables of a run's results.json; --plot draws a figure.",
+                        epilog="example: fmtl-edge report runs/latest --plot runs/latest/summary.png")
     rp.add_argument("results", help="results.json or the run's --out folder")
+    rp.add_argument("--plot", metavar="FILE.png", help="also draw loss vs device time, energy per method and "
+                    "the task-affinity matrix (needs matplotlib)")
     rp.set_defaults(func=cmd_report)
     for module in ("fmtl_edge.runtime.cli", "fmtl_edge.transport.cli"):
         try:

@@ -378,7 +378,9 @@ class Coordinator:
             if acc.n_added < self.min_updates:
                 raise RoundFailed(job.name, r, acc.n_added, self.min_updates,
                                   "; ".join(sorted({e.get("message", "") for e in refused} - {""})))
-            global_vec = acc.result(global_vec.copy())
+            # In place: the round's updates are all in, and the slices nobody contributed to keep their
+            # values, so the server holds the global vector, the accumulator and one update (3·P).
+            global_vec = acc.result(global_vec)
             acc = None
             state = {**state, **layout.unflatten(global_vec)}
             if job.measure_affinity:

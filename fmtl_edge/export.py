@@ -30,7 +30,8 @@ def save_task_model(path: str | Path, state: Mapping[str, np.ndarray], task: Tas
         "method": method, "input_shape": json.dumps(list(spec.input_shape)), "width": str(spec.width),
         "depth": str(spec.depth),
     }
-    arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
+    # np.ascontiguousarray would turn 0-d buffers (num_batches_tracked) into shape (1,)
+    arrays = {k: np.array(v, order="C", copy=True) for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(arrays, str(path), metadata=meta)

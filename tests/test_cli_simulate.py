@@ -55,8 +55,15 @@ def test_simulate_digits_end_to_end(tmp_path, capsys):
     assert not any(k.startswith("heads.digit.") for k in state)
     table = capsys.readouterr().out
     assert "mas-2" in table and "one-by-one" in table
-    # the report command reprints the table
+    # the report command reprints the table, and draws the figure where matplotlib is installed
     assert main(["report", str(out)]) == 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    png = tmp_path / "summary.png"
+    assert main(["report", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 def test_same_seed_same_results(tmp_path):
@@ -126,3 +133,25 @@ def test_out_folder_with_foreign_content_is_refused(tmp_path, capsys):
     assert main(["simulate", *QUICK, "--out", str(out)]) == 2
     assert (out / "thesis.tex").read_text() == "precious"
     assert "--out" in capsys.readouterr().err
+
+
+def test_task_model_file_keeps_shapes(tmp_path):
+    import torch
+
+    from fmtl_edge.export import save_task_model
+    from fmtl_edge.models import ModelSpec, MultiTaskModel
+    from fmtl_edge.partition import state_to_numpy
+    from fmtl_edge.tasks import Task
+
+    task = Task("y", "regression", target_mean=3.0, target_std=2.0, units="years")
+    spec = ModelSpec((1, 8, 8), 4)
+    model = MultiTaskModel(spec, [task], seed=1)
+    state = state_to_numpy(model.state_dict())
+    f = save_task_model(tmp_path / "y.safetensors", state, task, spec, "all-in-one")
+    raw = load_file(str(f))
+    assert {k: v.shape for k, v in raw.items()} == {k: v.shape for k, v in state.items()}
+    back, t2 = load_task_model(f)
+    assert t2 == task
+    x = torch.rand(3, 1, 8, 8)
+    model.eval()
+    assert torch.equal(back(x)["y"], model(x)["y"])
