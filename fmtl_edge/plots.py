@@ -71,6 +71,6 @@ def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
     fig.suptitle(f"fmtl-edge · {results['dataset']} · {len(tasks)} tasks · {results['clients']} clients")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
