@@ -19,6 +19,8 @@ Deployment hooks (used by ``fmtl-server``; the in-process behaviour is unchanged
 - An update whose ``state`` has an ``as_flat(layout)`` method (a memory-mapped upload) is aggregated
   from that flat float32 vector without a copy, which keeps the server at about three model sizes
   (global vector, accumulator, one mapped update) whatever K is.
+- A pool with a ``global_vector_buffer(n)`` method supplies the global vector's storage (the gRPC
+  pool: a file-backed mapping it pages out of RAM while the round's updates arrive and are added).
 """
 
 from __future__ import annotations
@@ -327,7 +329,10 @@ class Coordinator:
         else:
             state = dict(init_state) if init_state is not None else self.initial_state(job.tasks)
         layout = ParameterLayout.from_state(state)
-        global_vec = layout.flatten(state)
+        # A pool may supply the global vector's buffer (the gRPC pool: a file-backed mapping whose pages
+        # it drops from RAM once the round's model file is written); the in-process pool does not.
+        buffer = getattr(self.pool, "global_vector_buffer", None)
+        global_vec = layout.flatten(state, out=None if buffer is None else buffer(layout.n_params))
         # From here the float entries of ``state`` are views into ``global_vec`` (one copy of the model).
         state = {**state, **layout.unflatten(global_vec)}
         train = self.train if job.fedprox_mu == self.train.fedprox_mu else _replace(self.train, fedprox_mu=job.fedprox_mu)

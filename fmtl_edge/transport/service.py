@@ -22,7 +22,7 @@ import grpc
 from fmtl_edge.transport import fmtl_edge_pb2 as pb
 from fmtl_edge.transport import fmtl_edge_pb2_grpc as pb_grpc
 from fmtl_edge.transport.convert import message_to_dict, work_to_pb
-from fmtl_edge.transport.pool import RegistrationRefused, RemoteClientPool
+from fmtl_edge.transport.pool import RegistrationRefused, RemoteClientPool, release_free_heap
 from fmtl_edge.transport.tensors import MAX_CHUNK_BYTES, ChunkSink, TensorFileError, iter_chunks
 
 log = logging.getLogger("fmtl_edge.transport.service")
@@ -165,6 +165,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             except BaseException:
                 sink.abort()  # the stream broke (device gone): the heartbeat timeout frees the slot
                 raise
+            release_free_heap()  # this stream's freed chunk buffers, before the update can be aggregated
         ok, reason = self.pool.finish_upload(item, meta, path)
         return pb.UploadReply(accepted=ok, reason=reason)
 
