@@ -361,12 +361,18 @@ def _first_nonfinite(xs: list[np.ndarray], s: np.ndarray, c: np.ndarray) -> tupl
     return None
 
 
-def _wavg_ref_core(out, bufs, codes, w, s, c) -> np.ndarray:
+def _decode_checked(bufs, codes, s, c) -> list[np.ndarray]:
+    """Decode every client's buffer; ValueError naming the client if a contributed element is NaN/Inf."""
     xs = [_decode(b, code) for b, code in zip(bufs, codes)]
     bad = _first_nonfinite(xs, s, c)
     if bad is not None:
         raise ValueError(f"client {bad[0]}: input contains a non-finite value (NaN or Inf) at parameter index "
                          f"{bad[1]}; nothing was written to out")
+    return xs
+
+
+def _wavg_ref_core(out, bufs, codes, w, s, c) -> np.ndarray:
+    xs = _decode_checked(bufs, codes, s, c)
     results = []
     for i, (off, ln) in enumerate(s):
         ks = np.flatnonzero(c[i])
@@ -644,11 +650,7 @@ def trimmed_mean_reference(out: np.ndarray, inputs: Sequence[Any], slices: Any, 
 
 
 def _robust_ref_core(out, bufs, codes, s, c, trim):
-    xs = [_decode(b, code) for b, code in zip(bufs, codes)]
-    bad = _first_nonfinite(xs, s, c)
-    if bad is not None:
-        raise ValueError(f"client {bad[0]}: input contains a non-finite value (NaN or Inf) at parameter index "
-                         f"{bad[1]}; nothing was written to out")
+    xs = _decode_checked(bufs, codes, s, c)
     results = []
     for i, (off, ln) in enumerate(s):
         ks = np.flatnonzero(c[i])
