@@ -226,7 +226,8 @@ def execute(
     """
     from fmtl_edge.runtime import watch_peak_memory
 
-    check_memory_budget(spec, tasks, assignment, memory_budget_bytes)
+    if memory_budget_bytes is not None:
+        check_memory_budget(spec, tasks, assignment, memory_budget_bytes)
     with lease if lease is not None else nullcontext():
         with watch_peak_memory(assignment.config.device) as mem:
             if meter is None:
