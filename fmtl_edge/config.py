@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -192,6 +192,21 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def read_toml(path: str | Path, flag: str = "--config") -> dict[str, Any]:
+    """Parse a TOML file.
+
+    Raises:
+        ConfigError: (naming ``flag``) the file is missing or not valid TOML.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(flag, f"no such file {str(p)!r}")
+    try:
+        return tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(flag, f"{p} is not valid TOML: {e}") from None
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a config file; keys may use ``-`` or ``_``; an optional ``[simulate]`` table is accepted.
 
@@ -199,12 +214,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         ConfigError: missing file, bad TOML, unknown key or wrong type (naming the key).
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError("--config", f"no such file {str(p)!r}")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError("--config", f"{p} is not valid TOML: {e}") from None
+    raw = read_toml(p)
     if "simulate" in raw and isinstance(raw["simulate"], dict):
         raw = {**{k: v for k, v in raw.items() if k != "simulate"}, **raw["simulate"]}
     out: dict[str, Any] = {}

@@ -105,6 +105,50 @@ def evaluate_method(method: Method, done: dict[str, JobOutcome], dataset: Federa
     return {t: per_task[t] for t in dataset.tasks.names}, states
 
 
+def method_entry(method: Method, done: dict[str, JobOutcome], per_task: dict[str, dict],
+                 rounds_per_task: int, wall_s: float) -> dict[str, Any]:
+    """One method's ``results.json`` entry (``methods.<name>``) from its finished jobs and the test
+    evaluation of its final models; shared by ``simulate`` and ``fmtl-server``.
+
+    Args:
+        per_task: task → ``{"loss", "metric", "metric_name", "n"}`` (see :func:`evaluate_method`).
+        rounds_per_task: R of the run.
+        wall_s: the method's wall-clock seconds.
+    """
+    tally = EnergyTally()
+    for o in done.values():
+        tally.merge(o.energy)
+    aff = method.affinity(done)
+    return {
+        "total_test_loss": float(sum(v["loss"] for v in per_task.values())),
+        "per_task": {t: {"test_loss": v["loss"], "metric_name": v["metric_name"], "metric": v["metric"],
+                         "test_samples": v["n"]} for t, v in per_task.items()},
+        "device_s": tally.device_s,
+        "energy_j": tally.total_j,
+        "energy_source": tally.source,
+        "energy_scope": tally.scope,
+        "energy_estimated": tally.estimated,
+        "client_executions": tally.executions,
+        "rounds": sum(o.job.rounds for o in done.values()),
+        "rounds_per_task": rounds_per_task,
+        "splits": method.splits(done),
+        "affinity": None if aff is None else np.asarray(aff).tolist(),
+        "wall_s": wall_s,
+        "jobs": [
+            {"name": o.job.name, "tasks": list(o.job.tasks), "rounds": o.job.rounds,
+             "init_from": o.job.init_from, "device_s": o.energy.device_s, "energy_j": o.energy.total_j,
+             "wall_s": o.wall_s,
+             "train_loss_last_round": o.history[-1].train_loss if o.history else None}
+            for o in done.values()
+        ],
+        "history": [
+            {"job": r.job, "round": r.round, "clients": r.clients, "lr": r.lr, "train_loss": r.train_loss,
+             "samples": r.samples, "device_s": r.device_s, "energy_j": r.energy_j, "wall_s": r.wall_s}
+            for o in done.values() for r in o.history
+        ],
+    }
+
+
 def run_methods(
     cfg: SimulationConfig,
     dataset: FederatedDataset,
@@ -154,38 +198,7 @@ def run_methods(
         done = coord.run_method(method)
         wall = time.perf_counter() - t0
         per_task, states = evaluate_method(method, done, dataset, spec, cfg.device)
-        tally = EnergyTally()
-        for o in done.values():
-            tally.merge(o.energy)
-        aff = method.affinity(done)
-        entry = {
-            "total_test_loss": float(sum(v["loss"] for v in per_task.values())),
-            "per_task": {t: {"test_loss": v["loss"], "metric_name": v["metric_name"], "metric": v["metric"],
-                             "test_samples": v["n"]} for t, v in per_task.items()},
-            "device_s": tally.device_s,
-            "energy_j": tally.total_j,
-            "energy_source": tally.source,
-            "energy_scope": tally.scope,
-            "energy_estimated": tally.estimated,
-            "client_executions": tally.executions,
-            "rounds": sum(o.job.rounds for o in done.values()),
-            "rounds_per_task": cfg.rounds,
-            "splits": method.splits(done),
-            "affinity": None if aff is None else np.asarray(aff).tolist(),
-            "wall_s": wall,
-            "jobs": [
-                {"name": o.job.name, "tasks": list(o.job.tasks), "rounds": o.job.rounds,
-                 "init_from": o.job.init_from, "device_s": o.energy.device_s, "energy_j": o.energy.total_j,
-                 "wall_s": o.wall_s,
-                 "train_loss_last_round": o.history[-1].train_loss if o.history else None}
-                for o in done.values()
-            ],
-            "history": [
-                {"job": r.job, "round": r.round, "clients": r.clients, "lr": r.lr, "train_loss": r.train_loss,
-                 "samples": r.samples, "device_s": r.device_s, "energy_j": r.energy_j, "wall_s": r.wall_s}
-                for o in done.values() for r in o.history
-            ],
-        }
+        entry = method_entry(method, done, per_task, cfg.rounds, wall)
         results["methods"][method.name] = entry
         models[method.name] = states
         if on_method_end:

@@ -27,7 +27,6 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 TaskKind = Literal["classification", "binary", "regression", "dense"]
 TASK_KINDS: tuple[str, ...] = ("classification", "binary", "regression", "dense")

@@ -18,12 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
-from fmtl_edge.config import ConfigError, SimulationConfig, build_config
+from fmtl_edge.config import ConfigError, SimulationConfig, build_config, read_toml
 
 #: [job] keys of the deployment (the rest are simulate keys)
 JOB_KEYS = {
@@ -193,12 +188,7 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
     base = Path.cwd()
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError("--config", f"no such file {str(p)!r}")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError("--config", f"{p} is not valid TOML: {e}") from None
+        raw = read_toml(p)
         base = p.resolve().parent
     unknown = set(raw) - {"job", "server"}
     if unknown:

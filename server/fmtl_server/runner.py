@@ -19,10 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fmtl_edge.config import ConfigError
-from fmtl_edge.coordinator import Coordinator, EnergyTally, RoundCheckpoint, RoundFailed, RoundRecord
+from fmtl_edge.coordinator import Coordinator, RoundCheckpoint, RoundFailed, RoundRecord
 from fmtl_edge.messages import Assignment
 from fmtl_edge.models import ModelSpec
 from fmtl_edge.partition import select_state
@@ -301,7 +299,6 @@ class JobServer:
             if done or resume:
                 where = f"job {resume.job.name!r} after round {resume.round + 1}" if resume else "the next job"
                 self.say(f"{method.name}: resuming with {len(done)} finished jobs, at {where}")
-            t0 = time.perf_counter()
             try:
                 done = coord.run_method(method, done=done, resume=resume)
                 break
@@ -317,26 +314,13 @@ class JobServer:
         wall = sum(o.wall_s for o in done.values())
         self._set_phase(f"evaluating {method.name}")
         per_task = self._evaluate(method, done)
-        tally = EnergyTally()
-        for o in done.values():
-            tally.merge(o.energy)
-        aff = method.affinity(done)
-        entry = {
-            "total_test_loss": float(sum(v["loss"] for v in per_task.values())),
-            "per_task": {t: {"test_loss": v["loss"], "metric_name": v["metric_name"], "metric": v["metric"],
-                             "test_samples": v["n"]} for t, v in per_task.items()},
-            "device_s": tally.device_s, "energy_j": tally.total_j, "energy_source": tally.source,
-            "energy_scope": tally.scope, "energy_estimated": tally.estimated, "client_executions": tally.executions,
-            "rounds": sum(o.job.rounds for o in done.values()), "rounds_per_task": sim.rounds,
-            "splits": method.splits(done), "affinity": None if aff is None else np.asarray(aff).tolist(), "wall_s": wall,
-            "jobs": [{"name": o.job.name, "tasks": list(o.job.tasks), "rounds": o.job.rounds, "init_from": o.job.init_from,
-                      "device_s": o.energy.device_s, "energy_j": o.energy.total_j, "wall_s": o.wall_s,
-                      "train_loss_last_round": o.history[-1].train_loss if o.history else None} for o in done.values()],
-            "history": [{"job": r.job, "round": r.round, "clients": r.clients, "lr": r.lr, "train_loss": r.train_loss,
-                         "samples": r.samples, "device_s": r.device_s, "energy_j": r.energy_j, "wall_s": r.wall_s,
-                         "executed_by": r.executed} for o in done.values() for r in o.history],
-            "evaluated_clients": sorted(self._last_eval_clients),
-        }
+        from fmtl_edge.simulation import method_entry
+
+        entry = method_entry(method, done, per_task, sim.rounds, wall)
+        records = [r for o in done.values() for r in o.history]
+        for h, r in zip(entry["history"], records):
+            h["executed_by"] = r.executed
+        entry["evaluated_clients"] = sorted(self._last_eval_clients)
         self.store.save_method(method.name, seq, entry)
         self.say(f"{method.name}: total test loss {entry['total_test_loss']:.4f}, splits {entry['splits']}, "
                  f"device {entry['device_s']:.1f} s")
