@@ -20,6 +20,16 @@ Methods (--methods, comma separated):
   all-in-one   one multi-task model (shared backbone + one head per task), FedAvg for R rounds
   one-by-one   one single-task FL job per task, one after another, R rounds each
   fedprox      all-in-one with FedProx's proximal term (--fedprox-mu)
+  layered      layer-typed sharing: pre-trained (frozen), common, task-specific and personal layers
+               ([layers] table / --layers KIND=PATTERN; default backbone common, heads per task);
+               evaluated per client (personalised) and, without personal layers, globally
+  ditto        soft sharing: a FedAvg'd global model and a personal model per client pulled towards
+               it by λ/2·‖p − w‖² (--ditto-lambda); both evaluated
+  local        non-FL reference: each client trains alone on its own data
+  centralized  non-FL reference on the pooled data (--centralized joint|separate)
+
+Clients that hold only some tasks (seed 000's client groups): --task-groups N gives each client one
+of the first N tasks; --sampling per-group then draws K clients from each task's group per round.
 
 Datasets (--dataset):
   digits       scikit-learn's bundled 8x8 digits (no download; the default): digit, parity, ge5,
@@ -65,6 +75,20 @@ def _add_simulate(sub) -> None:
     g.add_argument("--affinity-divide-by-lr", action="store_const", const=True,
                    help="divide affinities by η as TAG does (off by default)")
     g.add_argument("--fedprox-mu", type=float, help="μ of the fedprox method (default 0.01)")
+    g.add_argument("--aggregator", help="fedavg | median | trimmed-mean: how the default strategy combines "
+                   "updates (default fedavg; the robust ones hold the round's K updates)")
+    g.add_argument("--trim-fraction", type=float, help="β of --aggregator trimmed-mean (default 0.1)")
+    g.add_argument("--sampling", help="uniform | per-group | all: who trains in a round (default: per-group "
+                   "with --task-groups, else uniform K)")
+    g.add_argument("--task-groups", type=int, help="give each client one of the first N tasks (its other "
+                   "labels dropped): seed 000's client groups")
+    g.add_argument("--layers", action="append", metavar="KIND=PATTERN[,PATTERN]",
+                   help="layered: layer types by glob over parameter names; KIND is pretrained | common | task | "
+                   "personal (repeatable; e.g. --layers personal='heads.*')")
+    g.add_argument("--pretrained", metavar="FILE.safetensors", help="layered: load the pretrained layers "
+                   "(default backbone.*) from a model file of an earlier run and freeze them")
+    g.add_argument("--ditto-lambda", type=float, help="λ of ditto's L2 pull towards the global model (default 0.1)")
+    g.add_argument("--centralized", help="joint | separate: the centralized reference's model(s) (default joint)")
     g.add_argument("--width", type=int, help="backbone width (default 16)")
     g.add_argument("--seed", type=int, help="run seed (default 0)")
     g = p.add_argument_group("device and output")
@@ -86,8 +110,28 @@ _CONFIG_KEYS = (
     "dataset", "data_dir", "clients", "max_samples", "image_size", "alpha", "methods", "rounds", "r0",
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
     "affinity_divide_by_lr", "fedprox_mu", "width", "seed", "device", "meter", "time_budget_s",
-    "energy_budget_j", "out", "profile",
+    "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
+    "pretrained", "ditto_lambda", "centralized",
 )
+
+
+def _parse_layers(items: list[str] | None) -> dict[str, list[str]] | None:
+    """``["personal=heads.*", "pretrained=backbone.layers.0.*,backbone.layers.1.*"]`` → kind → patterns.
+
+    Raises:
+        ConfigError: an item without ``KIND=``.
+    """
+    if not items:
+        return None
+    from fmtl_edge.config import ConfigError
+
+    out: dict[str, list[str]] = {}
+    for item in items:
+        kind, sep, pats = item.partition("=")
+        if not sep or not pats:
+            raise ConfigError("--layers", f"{item!r} is not KIND=PATTERN (e.g. personal='heads.*')")
+        out.setdefault(kind.strip(), []).extend(p.strip() for p in pats.split(",") if p.strip())
+    return out
 
 
 def _err(prog: str, msg: str) -> int:
@@ -104,7 +148,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     try:
-        cfg = build_config({k: getattr(args, k) for k in _CONFIG_KEYS}, args.config)
+        flags = {k: getattr(args, k) for k in _CONFIG_KEYS}
+        flags["layers"] = _parse_layers(args.layers)
+        cfg = build_config(flags, args.config)
         from fmtl_edge.report import check_out_dir
 
         check_out_dir(cfg.out)
@@ -113,13 +159,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         with console.status(f"loading {cfg.dataset}…", spinner="dots") if not args.no_progress else _null():
             dataset = load_dataset(
                 cfg.dataset, data_dir=cfg.data_dir, n_clients=cfg.clients, seed=cfg.seed, alpha=cfg.alpha,
-                image_size=cfg.image_size, max_samples=cfg.max_samples,
+                image_size=cfg.image_size, max_samples=cfg.max_samples, task_groups=cfg.task_groups,
             )
         cfg.validate_against(len(dataset.tasks), dataset.n_clients)
-        from fmtl_edge.methods import make_method
+        from fmtl_edge.models import ModelSpec
+        from fmtl_edge.simulation import build_methods, check_sampling
 
-        for m in cfg.methods:
-            make_method(m, dataset.tasks, cfg.rounds, cfg.r0, cfg.fedprox_mu)
+        methods = build_methods(cfg, dataset.tasks, ModelSpec(tuple(dataset.input_shape), width=cfg.width))
+        check_sampling(cfg, dataset, methods)
         from fmtl_edge.runtime import load_profile
 
         load_profile(cfg.profile)

@@ -1,13 +1,13 @@
-"""One client execution: local training of a job's tasks for one round.
+"""One client execution: local training of a job's tasks for one round, and evaluation.
 
-:func:`train_round` is what a device runs for an :class:`~fmtl_edge.messages.Assignment`: E local
-epochs of SGD (momentum, weight decay, the round's poly-decayed learning rate) on the client's
-training data with loss Σ_i L_i over the job's tasks (plus FedProx's proximal term when μ > 0), the
-lookahead affinity measurement every ρ batches (:func:`fmtl_edge.affinity.lookahead_affinity`), and
-per-round time/energy budgets that end training early. The caller (in-process pool or device agent)
-wraps it in the device lease and the meter window; :func:`execute` does both.
+:func:`train_round` is what a device runs for an :class:`~fmtl_edge.messages.Assignment`: the client
+framework (global state + the client's personal layers, frozen layers frozen) around the assignment's
+local-training procedure (:mod:`fmtl_edge.procedures`: ``sgd``, ``fedprox``, ``ditto``...). The
+caller (in-process pool or device agent) wraps it in the device lease and the meter window;
+:func:`execute` does both.
 
-Also here: :func:`evaluate`, the test-loss/metric pass used for the final per-task models.
+Also here: :func:`evaluate_sums`, the per-client test pass (global or personalised model) whose sums
+make both the union test loss of a global model and the personalised figures.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from fmtl_edge.affinity.measure import lookahead_affinity
+from fmtl_edge.client_state import ClientStateStore
 from fmtl_edge.data.base import ClientData
 from fmtl_edge.messages import Assignment, ClientUpdate
 from fmtl_edge.models import ModelSpec, MultiTaskModel
@@ -55,14 +55,46 @@ def build_model(spec: ModelSpec, tasks: TaskSet, state: Mapping[str, np.ndarray]
     return model.to(device)
 
 
-def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    order = rng.permutation(n)
-    out = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    # A batch of one sample breaks BatchNorm in training mode: fold it into the previous batch.
-    if len(out) > 1 and len(out[-1]) < 2:
-        last = out.pop()
-        out[-1] = np.concatenate([out[-1], last])
-    return out
+LAYER_PREFIX = "layer:"
+
+
+def client_tasks(data: ClientData, job_tasks: Sequence[str]) -> list[str]:
+    """The tasks of ``job_tasks`` this client holds training labels for, in job order."""
+    return [t for t in job_tasks if t in data.y_train]
+
+
+def make_freezer(frozen: Sequence[str]):
+    """A function that freezes the tensors named in ``frozen`` in a model: no gradient for frozen
+    parameters, and BatchNorm modules with frozen running statistics kept in eval mode (so training
+    moves neither). Call it after every ``model.train()``."""
+    frozen = set(frozen)
+
+    def freeze(model: torch.nn.Module) -> None:
+        if not frozen:
+            return
+        for n, p in model.named_parameters():
+            if n in frozen:
+                p.requires_grad_(False)
+        for n, m in model.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and f"{n}.running_mean" in frozen:
+                m.eval()
+
+    return freeze
+
+
+def overlay_personal(state: Mapping[str, np.ndarray], stored: Mapping[str, np.ndarray] | None,
+                     personal: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """The global ``state`` with the client's own personal layers put in, and the procedure's part of
+    the stored client state (without the ``layer:`` entries)."""
+    state = dict(state)
+    if stored is None:
+        return state, None
+    own = {k: v for k, v in stored.items() if not k.startswith(LAYER_PREFIX)}
+    for n in personal:
+        v = stored.get(LAYER_PREFIX + n)
+        if v is not None:
+            state[n] = v
+    return state, (own or None)
 
 
 def train_round(
@@ -72,108 +104,72 @@ def train_round(
     assignment: Assignment,
     *,
     energy_probe=None,
+    state_store: ClientStateStore | None = None,
 ) -> ClientUpdate:
-    """Run one round of local training and return the update (device time and energy are filled in
-    by :func:`execute`).
+    """Run one round of local training with the assignment's procedure and return the update
+    (device time and energy are filled in by :func:`execute`).
+
+    The framework around the procedure: the model gets the global state with the client's personal
+    layers overlaid (from ``state_store``, versions written before this round), frozen tensors are
+    frozen, the procedure trains (:mod:`fmtl_edge.procedures`), the personal layers and the
+    procedure's own state go back into ``state_store``, and the update carries every other tensor.
 
     Args:
-        data: the client's data (all tasks of ``assignment.tasks`` must be present).
+        data: the client's data; it trains the job's tasks it holds labels for.
         spec: model architecture.
         tasks: the dataset's task set (the job's tasks are taken from it by name).
-        assignment: job, round, tasks, global state, learning rate and hyper-parameters.
+        assignment: job, round, tasks, global state, learning rate, procedure and its settings.
         energy_probe: optional callable returning joules used so far in this execution (for an
             energy budget), e.g. a meter window's ``peek().total_j``.
+        state_store: this client's state (None: a stateless client; personal layers then restart
+            from the broadcast every round).
 
     Returns:
-        :class:`~fmtl_edge.messages.ClientUpdate` with ``device_s``/``energy`` left for the caller.
+        :class:`~fmtl_edge.messages.ClientUpdate` with ``device_s``/``energy`` left for the caller;
+        ``tasks`` are the tasks it trained, ``state`` has no personal or frozen tensor.
 
     Raises:
-        ValueError: the client has no training data, or the state does not fit the model.
+        ValueError: no training data, none of the job's tasks, an unknown procedure, bad
+            ``method_config`` values, or a state that does not fit the model.
     """
+    from fmtl_edge.procedures import LocalContext, get_procedure
+
     cfg = assignment.config
-    job_tasks = tasks.subset(assignment.tasks)
-    names = list(job_tasks.names)
+    proc = get_procedure(assignment.procedure)
+    mine = client_tasks(data, assignment.tasks)
+    if not mine:
+        raise ValueError(f"client {data.client_id} holds labels for none of the job's tasks {list(assignment.tasks)}")
     if data.n_train < 2:
         raise ValueError(f"client {data.client_id} has {data.n_train} training samples; need at least 2")
-    device = torch.device(cfg.device)
-    model = build_model(spec, job_tasks, assignment.state, cfg.device)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=assignment.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    prox_ref = None
-    if cfg.fedprox_mu > 0:
-        prox_ref = [p.detach().clone() for p in model.parameters()]
-
-    rng = np.random.default_rng(derive_seed(assignment.seed, assignment.job, assignment.round, data.client_id))
-    x_all = torch.from_numpy(np.ascontiguousarray(data.x_train))
-    y_all = {n: torch.from_numpy(np.ascontiguousarray(data.y_train[n])) for n in names}
-
-    loss_sums = {n: 0.0 for n in names}
-    seen = 0
-    used_idx: set[int] | None = set() if (assignment.time_budget_s or assignment.energy_budget_j) else None
-    aff_sum = np.zeros((len(names), len(names)))
-    aff_steps = 0
-    stopped_by = None
-    step = 0
     t0 = time.perf_counter()
-    for _epoch in range(cfg.local_epochs):
-        for idx in _batches(data.n_train, cfg.batch_size, rng):
-            it = torch.from_numpy(idx)
-            x = x_all[it].to(device, torch.float32)
-            ys = {n: y_all[n][it].to(device) for n in names}
-            ys = {n: (v.float() if v.is_floating_point() else v) for n, v in ys.items()}
-            feats = model.backbone(x)
-            outs = model.forward_heads(feats, names)
-            losses = {n: job_tasks[n].loss(outs[n], ys[n]) for n in names}
-            if assignment.measure_affinity and len(names) > 1 and step % cfg.affinity_every == 0:
-                aff_sum += lookahead_affinity(
-                    model, x, ys, losses, assignment.lr, cfg.weight_decay, names, cfg.affinity_divide_by_lr
-                )
-                aff_steps += 1
-            total = sum(losses.values())
-            if prox_ref is not None:
-                total = total + 0.5 * cfg.fedprox_mu * sum(
-                    ((p - r) ** 2).sum() for p, r in zip(model.parameters(), prox_ref)
-                )
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            b = len(idx)
-            for n in names:
-                loss_sums[n] += float(losses[n].detach()) * b
-            seen += b
-            if used_idx is not None:
-                used_idx.update(idx.tolist())
-            step += 1
-            stopped_by = _budget_hit(assignment, time.perf_counter() - t0, energy_probe)
-            if stopped_by:
-                break
-        if stopped_by:
-            break
-
-    n_used = data.n_train if used_idx is None else len(used_idx)
+    key = assignment.state_key
+    stored_all = state_store.load(key, assignment.round) if (state_store is not None and key) else None
+    state, stored = overlay_personal(assignment.state, stored_all, assignment.personal)
+    model = build_model(spec, tasks.subset(assignment.tasks), state, cfg.device)
+    freeze = make_freezer(assignment.frozen)
+    freeze(model)
+    rng = np.random.default_rng(derive_seed(assignment.seed, assignment.job, assignment.round, data.client_id))
+    ctx = LocalContext(data=data, spec=spec, tasks=tasks.subset(mine), assignment=assignment, model=model,
+                       stored=stored, rng=rng, energy_probe=energy_probe, freeze=freeze, t0=t0)
+    res = proc.train(ctx)
+    final = state_to_numpy(model.state_dict())
+    if state_store is not None and key and (assignment.personal or res.stored):
+        keep = dict(res.stored or {})
+        keep.update({LAYER_PREFIX + n: final[n] for n in assignment.personal})
+        state_store.save(key, assignment.round, keep)
     return ClientUpdate(
         client_id=data.client_id,
         job=assignment.job,
         round=assignment.round,
-        tasks=tuple(names),
-        state=state_to_numpy(model.state_dict()),
-        n_samples=int(n_used),
-        train_loss={n: loss_sums[n] / max(seen, 1) for n in names},
-        affinity=(aff_sum / aff_steps) if aff_steps else None,
-        affinity_steps=aff_steps,
+        tasks=tuple(mine),
+        state={n: final[n] for n in assignment.uploaded_names(final)},
+        n_samples=res.n_samples,
+        train_loss=res.train_loss,
+        affinity=res.affinity,
+        affinity_steps=res.affinity_steps,
         device_s=0.0,
-        stopped_by=stopped_by,
+        stopped_by=res.stopped_by,
     )
-
-
-def _budget_hit(a: Assignment, elapsed_s: float, energy_probe) -> str | None:
-    if a.time_budget_s is not None and elapsed_s >= a.time_budget_s:
-        return "time"
-    if a.energy_budget_j is not None and energy_probe is not None:
-        used = energy_probe()
-        if used is not None and used >= a.energy_budget_j:
-            return "energy"
-    return None
 
 
 def check_memory_budget(spec: ModelSpec, tasks: TaskSet, assignment: Assignment,
@@ -205,6 +201,7 @@ def execute(
     meter=None,
     lease=None,
     memory_budget_bytes: int | None = None,
+    state_store: ClientStateStore | None = None,
 ) -> ClientUpdate:
     """:func:`train_round` under a device lease, a memory budget and a meter window.
 
@@ -214,6 +211,7 @@ def execute(
             :class:`fmtl_edge.runtime.DeviceLease`; None runs without one.
         memory_budget_bytes: refuse the job before it starts when its estimated memory need is over
             this (None: no budget).
+        state_store: the client's state (see :func:`train_round`).
 
     Returns:
         The update with ``device_s`` (measured seconds), ``energy`` (the window's measurement as a
@@ -232,14 +230,14 @@ def execute(
         with watch_peak_memory(assignment.config.device) as mem:
             if meter is None:
                 t0 = time.perf_counter()
-                upd = train_round(data, spec, tasks, assignment)
+                upd = train_round(data, spec, tasks, assignment, state_store=state_store)
                 upd.device_s = time.perf_counter() - t0
                 upd.energy = {"wall_s": upd.device_s, "total_j": None, "estimated": False, "source": "none",
                               "total_scope": "none", "domains": [], "warnings": ["no meter"]}
             else:
                 with meter.window(f"client-{data.client_id}/{assignment.job}/round-{assignment.round}") as win:
                     probe = (lambda: win.peek().total_j) if assignment.energy_budget_j is not None else None
-                    upd = train_round(data, spec, tasks, assignment, energy_probe=probe)
+                    upd = train_round(data, spec, tasks, assignment, energy_probe=probe, state_store=state_store)
                 m = win.measurement
                 upd.device_s = float(m.wall_s)
                 upd.energy = m.to_dict()
@@ -248,42 +246,71 @@ def execute(
 
 
 @torch.no_grad()
-def evaluate(
-    model: MultiTaskModel,
-    clients: Sequence[ClientData],
-    task_names: Sequence[str],
-    split: str = "test",
-    batch_size: int = 256,
-) -> dict[str, dict[str, float]]:
-    """Test loss and metric of ``task_names`` over the union of the clients' ``split`` data.
+def evaluate_sums(model: MultiTaskModel, data: ClientData, task_names: Sequence[str], split: str = "test",
+                  batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Per-task loss and metric *sums* of ``model`` over one client's ``split`` data.
+
+    Adding the sums of several clients and finishing them (:func:`finish_sums`) gives the test loss
+    over the union of their test splits, each sample counted once (a global model), or the
+    test-sample-weighted mean over clients (personalised models).
 
     Returns:
-        task → ``{"loss": mean loss, "metric": value, "metric_name": ..., "n": samples}``; the loss is
-        averaged over samples (so the union of clients counts each sample once).
+        task → ``{"loss_sum": float, "metric_sum": float, "n": samples}`` for the tasks of
+        ``task_names`` the client holds labels for.
     """
     model.eval()
     device = next(model.parameters()).device
-    sums = {n: [0.0, 0.0, 0] for n in task_names}
-    for c in clients:
-        x_np = c.x_test if split == "test" else c.x_train
-        ys_np = c.y_test if split == "test" else c.y_train
-        for i in range(0, len(x_np), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(x_np[i : i + batch_size])).to(device, torch.float32)
-            outs = model(x, task_names)
-            for n in task_names:
-                y = torch.from_numpy(np.ascontiguousarray(ys_np[n][i : i + batch_size])).to(device)
-                task = model.tasks[n]
-                sums[n][0] += float(task.loss(outs[n], y, reduction="sum"))
-                sums[n][1] += task.metric_sum(outs[n], y)
-                sums[n][2] += len(x)
+    x_np = data.x_test if split == "test" else data.x_train
+    ys_np = data.y_test if split == "test" else data.y_train
+    names = [n for n in task_names if n in ys_np]
+    out = {n: {"loss_sum": 0.0, "metric_sum": 0.0, "n": 0} for n in names}
+    for i in range(0, len(x_np), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(x_np[i : i + batch_size])).to(device, torch.float32)
+        outs = model(x, names)
+        for n in names:
+            y = torch.from_numpy(np.ascontiguousarray(ys_np[n][i : i + batch_size])).to(device)
+            task = model.tasks[n]
+            out[n]["loss_sum"] += float(task.loss(outs[n], y, reduction="sum"))
+            out[n]["metric_sum"] += task.metric_sum(outs[n], y)
+            out[n]["n"] += len(x)
+    return out
+
+
+def evaluate_assignment(data: ClientData, spec: ModelSpec, tasks: TaskSet, assignment: Assignment,
+                        state_store: ClientStateStore | None = None) -> dict[str, dict[str, float]]:
+    """A client's evaluation work: the global model of ``assignment.state`` or, when
+    ``assignment.personalised``, the client's own model (its personal layers and its procedure's
+    :meth:`~fmtl_edge.procedures.Procedure.personal_state`), on the client's test split.
+
+    Returns:
+        task → sums, as :func:`evaluate_sums`.
+    """
+    state: Mapping[str, np.ndarray] = assignment.state
+    if assignment.personalised:
+        from fmtl_edge.procedures import get_procedure
+
+        stored_all = state_store.load(assignment.state_key, 1 << 30) if (state_store is not None and assignment.state_key) else None
+        state, stored = overlay_personal(state, stored_all, assignment.personal)
+        state = get_procedure(assignment.procedure).personal_state(state, stored)
+    model = build_model(spec, tasks.subset(assignment.tasks), state, assignment.config.device)
+    return evaluate_sums(model, data, assignment.tasks)
+
+
+def add_sums(total: dict[str, dict[str, float]], sums: Mapping[str, Mapping[str, float]]) -> None:
+    """``total += sums`` task by task (in place)."""
+    for t, s in sums.items():
+        acc = total.setdefault(t, {"loss_sum": 0.0, "metric_sum": 0.0, "n": 0})
+        acc["loss_sum"] += float(s["loss_sum"])
+        acc["metric_sum"] += float(s["metric_sum"])
+        acc["n"] += int(s["n"])
+
+
+def finish_sums(tasks: TaskSet, sums: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, Any]]:
+    """Sums → task → ``{"loss", "metric", "metric_name", "n"}`` (loss per sample; NaN when n = 0)."""
     out = {}
-    for n in task_names:
-        loss, met, cnt = sums[n]
-        task = model.tasks[n]
-        out[n] = {
-            "loss": loss / cnt if cnt else float("nan"),
-            "metric": task.finish_metric(met, cnt),
-            "metric_name": task.metric_name,
-            "n": cnt,
-        }
+    for t, s in sums.items():
+        task = tasks[t]
+        n = int(s["n"])
+        out[t] = {"loss": s["loss_sum"] / n if n else float("nan"), "metric": task.finish_metric(s["metric_sum"], n),
+                  "metric_name": task.metric_name, "n": n}
     return out

@@ -71,6 +71,20 @@ class SimulationConfig:
     width: int = 16
     time_budget_s: float | None = None
     energy_budget_j: float | None = None
+    aggregator: str = "fedavg"
+    trim_fraction: float = 0.1
+    sampling: str | None = None
+    task_groups: int | None = None
+    layers: dict[str, list[str]] | None = None
+    pretrained: str | None = None
+    ditto_lambda: float = 0.1
+    centralized: str = "joint"
+
+    def resolved_sampling(self) -> str:
+        """``--sampling``, or its default: ``per-group`` with ``--task-groups``, else ``uniform``."""
+        if self.sampling is not None:
+            return self.sampling
+        return "per-group" if self.task_groups else "uniform"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -125,6 +139,30 @@ class SimulationConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ConfigError("--" + name.replace("_", "-"), f"must be > 0, got {v}")
+        from fmtl_edge.strategy import AGGREGATORS, FedAvgStrategy
+
+        if self.aggregator not in AGGREGATORS:
+            raise ConfigError("--aggregator", f"{self.aggregator!r} is not one of {', '.join(AGGREGATORS)}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError("--trim-fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
+        if self.sampling is not None and self.sampling not in FedAvgStrategy.SAMPLINGS:
+            raise ConfigError("--sampling", f"{self.sampling!r} is not one of {', '.join(FedAvgStrategy.SAMPLINGS)}")
+        if self.task_groups is not None:
+            _positive_int(self, "task_groups")
+        if not self.ditto_lambda >= 0:
+            raise ConfigError("--ditto-lambda", f"must be >= 0 (0: personal models fine-tune alone), got {self.ditto_lambda}")
+        if self.centralized not in ("joint", "separate"):
+            raise ConfigError("--centralized", f"{self.centralized!r} is not joint or separate")
+        if self.layers is not None:
+            from fmtl_edge.methods.layered import LayerTypes
+
+            try:
+                LayerTypes(self.layers)
+            except ValueError as e:
+                raise ConfigError("--layers", str(e)) from None
+        if self.pretrained is not None and not Path(self.pretrained).is_file():
+            raise ConfigError("--pretrained", f"no such file {self.pretrained!r}; give a .safetensors model file "
+                              "(e.g. runs/<run>/models/<method>/<task>.safetensors)")
 
     def validate_against(self, n_tasks: int, n_clients: int) -> None:
         """Checks that need the loaded dataset (task and client counts).
@@ -137,6 +175,9 @@ class SimulationConfig:
                 "--clients-per-round", f"K={self.clients_per_round} but the dataset has {n_clients} "
                 "clients; lower --clients-per-round"
             )
+        if self.task_groups is not None and self.task_groups > n_tasks:
+            raise ConfigError("--task-groups", f"{self.task_groups} groups but the dataset has {n_tasks} tasks; "
+                              f"use at most {n_tasks}")
         for m in self.methods:
             mm = re.fullmatch(r"mas-(\d+)", m)
             if mm and not 1 <= int(mm.group(1)) <= n_tasks:
@@ -167,11 +208,15 @@ def _coerce(name: str, value: Any) -> Any:
     kind = type(default) if default is not None else None
     if value is None:
         return None
-    if name in ("clients", "max_samples", "image_size"):
+    if name == "layers":
+        if not isinstance(value, dict):
+            raise ConfigError("layers", "must be a table: [layers] personal = [\"heads.*\"], pretrained = [...]")
+        return {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in value.items()}
+    if name in ("clients", "max_samples", "image_size", "task_groups"):
         kind = int
     elif name in ("alpha", "time_budget_s", "energy_budget_j"):
         kind = float
-    elif name in ("data_dir", "meter", "profile"):
+    elif name in ("data_dir", "meter", "profile", "sampling", "pretrained"):
         kind = str
     if kind is bool:
         if not isinstance(value, bool):

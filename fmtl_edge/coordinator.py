@@ -2,10 +2,13 @@
 
 It knows nothing of transport, files or meters (DESIGN.md §3): a :class:`ClientPool` executes
 assignments — :class:`InProcessClientPool` in simulation, a gRPC pool in deployment — and the same
-coordinator code aggregates the updates. Per round of a job it samples K eligible clients, sends each
-the global state and the round's learning rate, and FedAvg-aggregates the returned states slice by slice
-(``common`` over all K, ``task:<t>`` over the clients that trained t, weighted by samples used) with the
-streaming :class:`fmtl_edge.aggregation.Accumulator`, so the server holds O(P) memory.
+coordinator code aggregates the updates. Per round of a job the method's strategy
+(:mod:`fmtl_edge.strategy`) chooses the clients and what each runs; the coordinator sends each the
+global state (the personal and frozen tensor names, the client-state key, the round's learning rate)
+and combines the returned states slice by slice with the strategy's aggregation — by default FedAvg
+(``common`` over all, ``task:<t>`` over the clients that trained t, weighted by samples used) with the
+streaming :class:`fmtl_edge.aggregation.Accumulator`, so the server holds O(P) memory. Personal and
+frozen slices are never uploaded nor aggregated.
 
 Deployment hooks (used by ``fmtl-server``; the in-process behaviour is unchanged when they are unset):
 
@@ -33,12 +36,13 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from fmtl_edge.affinity.measure import AffinityAverager
-from fmtl_edge.aggregation import Accumulator
-from fmtl_edge.client import derive_seed, execute
+from fmtl_edge.client import evaluate_assignment, execute
+from fmtl_edge.client_state import MemoryStateStore
 from fmtl_edge.data.base import FederatedDataset
 from fmtl_edge.messages import Assignment, ClientUpdate, TrainConfig, poly_lr
 from fmtl_edge.models import ModelSpec, MultiTaskModel
-from fmtl_edge.partition import ParameterLayout, select_state, state_to_numpy
+from fmtl_edge.partition import FROZEN, PERSONAL, ParameterLayout, select_state, state_to_numpy
+from fmtl_edge.strategy import ClientTask, FedAvgStrategy, RoundContext, Strategy
 from fmtl_edge.tasks import TaskSet
 
 
@@ -53,7 +57,13 @@ class Job:
         init_from: name of a finished job whose final weights (backbone + these tasks' heads)
             initialise this job; None = fresh initialisation from the run seed.
         measure_affinity: clients run the lookahead measurement (MAS's all-in-one phase).
-        fedprox_mu: FedProx μ for this job (0 = FedAvg).
+        procedure: the client procedure every client runs (:mod:`fmtl_edge.procedures`).
+        method_config: that procedure's settings (JSON-ready values).
+        sampling: ``uniform`` | ``per-group`` | ``all`` (see :class:`~fmtl_edge.strategy.FedAvgStrategy`).
+        personal, frozen, common: ``fnmatch`` patterns over state names that override the default
+            scopes (:meth:`~fmtl_edge.partition.ParameterLayout.from_state`): personal layers stay
+            on the clients, frozen (pre-trained) layers are never trained nor sent back, common
+            layers are averaged over every client.
     """
 
     name: str
@@ -61,7 +71,25 @@ class Job:
     rounds: int
     init_from: str | None = None
     measure_affinity: bool = False
-    fedprox_mu: float = 0.0
+    procedure: str = "sgd"
+    method_config: Mapping[str, Any] = field(default_factory=dict)
+    sampling: str = "uniform"
+    personal: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
+    common: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (checkpoints); :meth:`from_dict` reads it back."""
+        return {"name": self.name, "tasks": list(self.tasks), "rounds": self.rounds, "init_from": self.init_from,
+                "measure_affinity": self.measure_affinity, "procedure": self.procedure,
+                "method_config": dict(self.method_config), "sampling": self.sampling, "personal": list(self.personal),
+                "frozen": list(self.frozen), "common": list(self.common)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Job":
+        return cls(d["name"], tuple(d["tasks"]), int(d["rounds"]), d.get("init_from"), bool(d.get("measure_affinity")),
+                   str(d.get("procedure", "sgd")), dict(d.get("method_config") or {}), str(d.get("sampling", "uniform")),
+                   tuple(d.get("personal", ())), tuple(d.get("frozen", ())), tuple(d.get("common", ())))
 
 
 class EnergyTally:
@@ -200,8 +228,13 @@ class ClientPool(ABC):
         """All client ids of the pool."""
 
     def eligible(self, tasks: Sequence[str]) -> list[int]:
-        """Clients that hold data for every task of ``tasks`` (default: all)."""
+        """Clients that hold labels for at least one task of ``tasks``, sorted (default: all)."""
         return list(self.client_ids)
+
+    def evaluate(self, requests: Sequence[tuple[int, Assignment]]) -> dict[int, dict[str, dict]]:
+        """Run evaluation assignments; ``client → job → task → {"loss_sum", "metric_sum", "n"}``
+        over that client's test split (clients that did not answer are absent)."""
+        raise NotImplementedError
 
     @abstractmethod
     def execute_many(self, work: Sequence[tuple[int, Assignment]]) -> Iterator[ClientUpdate]:
@@ -218,50 +251,125 @@ def refusal(client_id: int, a: Assignment, error: dict[str, Any]) -> ClientUpdat
 class InProcessClientPool(ClientPool):
     """Simulated clients in this process, run one after another (a device runs one task at a time).
 
+    Each client keeps its own state (:class:`~fmtl_edge.client_state.MemoryStateStore`: personal
+    layers, Ditto's personal model...) across rounds; :meth:`state_snapshot` and
+    :meth:`restore_state` carry it through a resumable run.
+
     Args:
         dataset: the federated dataset (one :class:`ClientData` per client).
         spec: model architecture.
         meter: a :class:`fmtl_edge.runtime.Meter` wrapping every execution (None: time only).
         lease_factory: ``client_id -> context manager`` holding the device during an execution
             (e.g. ``lambda cid: DeviceLease("local")``); None runs without a lease.
+        memory_budget_bytes: refuse an execution whose estimated memory need is over this.
+        faults: optional ``(client_id, Assignment) -> str | None``: a fault injector; a returned
+            reason makes that execution fail (a refusal) as a lost device would.
     """
 
     def __init__(self, dataset: FederatedDataset, spec: ModelSpec, meter=None,
                  lease_factory: Callable[[int], Any] | None = None,
-                 memory_budget_bytes: int | None = None):
+                 memory_budget_bytes: int | None = None, faults: Callable[[int, Assignment], str | None] | None = None):
         self.dataset = dataset
         self.spec = spec
         self.meter = meter
         self.lease_factory = lease_factory
         self.memory_budget_bytes = memory_budget_bytes
+        self.faults = faults
         self._by_id = {c.client_id: c for c in dataset.clients}
+        self._states: dict[int, MemoryStateStore] = {}
 
     @property
     def client_ids(self) -> list[int]:
         return sorted(self._by_id)
 
+    def eligible(self, tasks: Sequence[str]) -> list[int]:
+        return [c for c in self.client_ids if any(t in self._by_id[c].y_train for t in tasks)]
+
+    def state_store(self, client_id: int) -> MemoryStateStore:
+        """Client ``client_id``'s own state (created empty on first use)."""
+        return self._states.setdefault(int(client_id), MemoryStateStore())
+
+    def state_snapshot(self) -> dict[int, Any]:
+        """Every client's state (copies), for a resumable run."""
+        return {c: s.snapshot() for c, s in self._states.items()}
+
+    def restore_state(self, snap: Mapping[int, Any]) -> None:
+        """Replace every client's state by a :meth:`state_snapshot`."""
+        self._states = {int(c): MemoryStateStore.restore(v) for c, v in snap.items()}
+
     def execute_many(self, work: Sequence[tuple[int, Assignment]]) -> Iterator[ClientUpdate]:
         from fmtl_edge.runtime import BudgetExceeded, DeviceBusy
 
         for cid, a in work:
+            reason = self.faults(cid, a) if self.faults is not None else None
+            if reason:
+                yield refusal(cid, a, {"kind": "fault", "message": reason})
+                continue
             lease = self.lease_factory(cid) if self.lease_factory else None
             try:
                 yield execute(self._by_id[cid], self.spec, self.dataset.tasks, a, self.meter, lease,
-                              self.memory_budget_bytes)
+                              self.memory_budget_bytes, self.state_store(cid))
             except (BudgetExceeded, DeviceBusy) as e:
                 # A refusal is a structured answer, not a crash: the round goes on without this client.
                 yield refusal(cid, a, e.to_dict())
 
+    def evaluate(self, requests: Sequence[tuple[int, Assignment]]) -> dict[int, dict[str, dict]]:
+        out: dict[int, dict[str, dict]] = {}
+        for cid, a in requests:
+            sums = evaluate_assignment(self._by_id[cid], self.spec, self.dataset.tasks, a, self.state_store(cid))
+            out.setdefault(int(cid), {})[a.job] = sums
+        return out
+
+
+class _RoundTotals:
+    """What the coordinator tallies of one round's updates (losses, samples, cost, affinity, refusals)."""
+
+    def __init__(self, tasks: Sequence[str]):
+        self.tally = EnergyTally()
+        self.loss_num = {t: 0.0 for t in tasks}
+        self.loss_den = {t: 0 for t in tasks}
+        self.samples = 0
+        self.matrices: list[np.ndarray | None] = []
+        self.stopped = 0
+        self.executed: list[int] = []
+        self.refused: list[dict] = []
+
+    def refuse(self, upd: ClientUpdate) -> None:
+        self.refused.append({"client_id": int(upd.client_id), **upd.error})
+
+    def count(self, upd: ClientUpdate) -> bool:
+        """Tally an update that trained; False when it used no sample (nothing to aggregate)."""
+        self.executed.append(int(upd.client_id))
+        self.tally.add(upd.device_s, upd.energy)
+        if upd.n_samples <= 0:
+            return False
+        for t, v in upd.train_loss.items():
+            if t in self.loss_num:
+                self.loss_num[t] += v * upd.n_samples
+                self.loss_den[t] += upd.n_samples
+        self.samples += upd.n_samples
+        self.matrices.append(upd.affinity)
+        self.stopped += upd.stopped_by is not None
+        return True
+
+    def train_loss(self) -> dict[str, float]:
+        return {t: v / max(self.loss_den[t], 1) for t, v in self.loss_num.items() if self.loss_den[t] or not self.samples}
+
+    def detail(self) -> str:
+        return "; ".join(sorted({e.get("message", "") for e in self.refused} - {""}))
+
 
 class Coordinator:
-    """Runs jobs and whole methods over a :class:`ClientPool`.
+    """Runs jobs and whole methods over a :class:`ClientPool`; a method's :class:`~fmtl_edge.strategy.Strategy`
+    decides who trains in a round and how the replies combine, the coordinator does the rest.
 
     Args:
         pool: where clients execute.
         spec: model architecture.
         tasks: the dataset's task set.
         train: local-training hyper-parameters.
-        clients_per_round: K, clients sampled (without replacement) per round.
+        clients_per_round: K, clients sampled (without replacement) per round (per task group
+            with ``per-group`` sampling).
         seed: run seed; client sampling of job ``j`` round ``r`` uses ``derive_seed(seed, j, r)``.
         on_round: optional callback ``(RoundRecord) -> None`` (progress bars, logs).
         affinity_rounds: which rounds of an affinity-measuring job are averaged (None: all).
@@ -270,8 +378,7 @@ class Coordinator:
         min_updates: fewest usable updates a round may aggregate; fewer raise :class:`RoundFailed`.
 
     Raises:
-        ValueError: K < 1, min_updates outside 1..K, or a job whose tasks have fewer eligible
-            clients than K.
+        ValueError: K < 1 or min_updates outside 1..K.
     """
 
     def __init__(self, pool: ClientPool, spec: ModelSpec, tasks: TaskSet, train: TrainConfig,
@@ -296,28 +403,54 @@ class Coordinator:
         self.energy_budget_j = energy_budget_j
         self.on_round_end = on_round_end
         self.min_updates = min_updates
+        #: prefix of the client-state keys (the method's name while :meth:`run_method` runs)
+        self.namespace = ""
 
     # -- one job ---------------------------------------------------------------------------------
     def initial_state(self, tasks: Sequence[str]) -> dict[str, np.ndarray]:
         """Fresh weights for a model with ``tasks``' heads; the backbone init is the same for every
         job and method of a run (seeded by the run seed), so methods start from the same θ_s."""
+        from fmtl_edge.client import derive_seed
+
         model = MultiTaskModel(self.spec, self.tasks.subset(tasks), seed=derive_seed(self.seed, "init"))
         return state_to_numpy(model.state_dict())
 
-    def sample_clients(self, job: Job, round_idx: int) -> list[int]:
-        eligible = self.pool.eligible(job.tasks)
-        if len(eligible) < self.k:
-            raise ValueError(
-                f"job {job.name!r}: {len(eligible)} clients hold tasks {list(job.tasks)} but "
-                f"clients_per_round is {self.k}; lower --clients-per-round"
-            )
-        rng = np.random.default_rng(derive_seed(self.seed, job.name, round_idx))
-        return sorted(int(c) for c in rng.choice(eligible, size=self.k, replace=False))
+    def state_key(self, job: Job) -> str:
+        """The client-state key of ``job``: ``<method>/<job>``."""
+        return f"{self.namespace}/{job.name}" if self.namespace else job.name
+
+    def layout(self, job: Job, state: Mapping[str, np.ndarray]) -> ParameterLayout:
+        """The slice layout of ``job``'s model with the job's scope overrides.
+
+        Raises:
+            ValueError: a tensor matches two kinds of pattern.
+        """
+        return ParameterLayout.from_state(state, frozen=job.frozen, personal=job.personal, common=job.common)
+
+    def assignment(self, job: Job, r: int, task: ClientTask, state: Mapping[str, np.ndarray], lr: float,
+                   layout: ParameterLayout) -> Assignment:
+        """The assignment of one client in round ``r`` (what the strategy chose + the job's settings)."""
+        return Assignment(job=job.name, round=r, tasks=tuple(job.tasks), state=state, lr=lr, config=self.train,
+                          measure_affinity=job.measure_affinity, seed=self.seed, time_budget_s=self.time_budget_s,
+                          energy_budget_j=self.energy_budget_j, procedure=task.procedure,
+                          method_config=dict(task.method_config), state_key=self.state_key(job),
+                          personal=layout.names_in(PERSONAL), frozen=layout.names_in(FROZEN))
 
     def run_job(self, job: Job, init_state: Mapping[str, np.ndarray] | None = None,
-                resume: RoundCheckpoint | None = None) -> JobOutcome:
+                resume: RoundCheckpoint | None = None, strategy: Strategy | None = None) -> JobOutcome:
         """Train ``job`` for ``job.rounds`` rounds from ``init_state`` (fresh init if None), or
-        continue it after the completed round of ``resume`` (``init_state`` is then ignored)."""
+        continue it after the completed round of ``resume`` (``init_state`` is then ignored).
+
+        Args:
+            strategy: who trains and how updates combine (default: FedAvg over K uniformly sampled
+                clients running ``job.procedure``).
+
+        Raises:
+            RoundFailed: a round ended with fewer than ``min_updates`` usable updates, or its
+                aggregate was not finite (nothing of that round is applied).
+            ValueError: the pool cannot serve the job's sampling.
+        """
+        strategy = strategy or FedAvgStrategy(job.procedure, job.method_config, job.sampling)
         t_job = time.perf_counter()
         start = 0
         if resume is not None:
@@ -328,14 +461,13 @@ class Coordinator:
             t_job -= resume.wall_s
         else:
             state = dict(init_state) if init_state is not None else self.initial_state(job.tasks)
-        layout = ParameterLayout.from_state(state)
+        layout = self.layout(job, state)
         # A pool may supply the global vector's buffer (the gRPC pool: a file-backed mapping whose pages
         # it drops from RAM once the round's model file is written); the in-process pool does not.
         buffer = getattr(self.pool, "global_vector_buffer", None)
         global_vec = layout.flatten(state, out=None if buffer is None else buffer(layout.n_params))
         # From here the float entries of ``state`` are views into ``global_vec`` (one copy of the model).
         state = {**state, **layout.unflatten(global_vec)}
-        train = self.train if job.fedprox_mu == self.train.fedprox_mu else _replace(self.train, fedprox_mu=job.fedprox_mu)
         averager = AffinityAverager(len(job.tasks), self.affinity_rounds)
         tally = EnergyTally()
         history: list[RoundRecord] = []
@@ -345,55 +477,20 @@ class Coordinator:
             history = list(resume.history)
         for r in range(start, job.rounds):
             t_round = time.perf_counter()
-            clients = self.sample_clients(job, r)
-            lr = poly_lr(train.lr, r, job.rounds)
-            round_state = state
-            work = [
-                (cid, Assignment(job=job.name, round=r, tasks=tuple(job.tasks), state=round_state, lr=lr,
-                                 config=train, measure_affinity=job.measure_affinity, seed=self.seed,
-                                 time_budget_s=self.time_budget_s, energy_budget_j=self.energy_budget_j))
-                for cid in clients
-            ]
-            acc = Accumulator(layout.n_params, layout.table)
-            round_tally = EnergyTally()
-            loss_num = {t: 0.0 for t in job.tasks}
-            samples = 0
-            matrices = []
-            stopped = 0
-            executed: list[int] = []
-            scratch: list[np.ndarray] = []
-            refused: list[dict] = []
-            for upd in self.pool.execute_many(work):
-                if upd.error is not None:
-                    refused.append({"client_id": int(upd.client_id), **upd.error})
-                    continue
-                executed.append(int(upd.client_id))
-                if upd.n_samples <= 0:
-                    round_tally.add(upd.device_s, upd.energy)
-                    continue
-                acc.add(_update_vector(layout, upd.state, scratch), float(upd.n_samples), layout.contributes(upd.tasks))
-                round_tally.add(upd.device_s, upd.energy)
-                for t, v in upd.train_loss.items():
-                    loss_num[t] += v * upd.n_samples
-                samples += upd.n_samples
-                matrices.append(upd.affinity)
-                stopped += upd.stopped_by is not None
-            upd = None  # release the last update (a mapped upload) before the result is formed
-            scratch.clear()
-            if acc.n_added < self.min_updates:
-                raise RoundFailed(job.name, r, acc.n_added, self.min_updates,
-                                  "; ".join(sorted({e.get("message", "") for e in refused} - {""})))
-            # In place: the round's updates are all in, and the slices nobody contributed to keep their
-            # values, so the server holds the global vector, the accumulator and one update (3·P).
-            global_vec = acc.result(global_vec)
-            acc = None
+            plan = strategy.configure_train(RoundContext(job, r, self.seed, self.k, self.pool.eligible))
+            lr = poly_lr(self.train.lr, r, job.rounds)
+            totals = _RoundTotals(job.tasks)
+            if strategy.sequential:
+                global_vec = self._sequential_round(job, r, plan, lr, layout, state, global_vec, strategy, totals)
+            else:
+                global_vec = self._parallel_round(job, r, plan, lr, layout, state, global_vec, strategy, totals)
             state = {**state, **layout.unflatten(global_vec)}
             if job.measure_affinity:
-                averager.add_round(r, matrices)
-            tally.merge(round_tally)
-            rec = RoundRecord(job.name, r, clients, lr, {t: v / max(samples, 1) for t, v in loss_num.items()},
-                              samples, round_tally.device_s, round_tally.total_j, time.perf_counter() - t_round,
-                              stopped, executed, refused)
+                averager.add_round(r, totals.matrices)
+            tally.merge(totals.tally)
+            rec = RoundRecord(job.name, r, [c for c, _ in plan], lr, totals.train_loss(), totals.samples,
+                              totals.tally.device_s, totals.tally.total_j, time.perf_counter() - t_round,
+                              totals.stopped, totals.executed, totals.refused)
             history.append(rec)
             if self.on_round:
                 self.on_round(rec)
@@ -403,6 +500,53 @@ class Coordinator:
         final = {**state, **{k: v.copy() for k, v in layout.unflatten(global_vec).items()}}
         return JobOutcome(job, final, averager.result(), dict(averager.per_round), tally, history,
                           time.perf_counter() - t_job)
+
+    def _parallel_round(self, job, r, plan, lr, layout, state, global_vec, strategy, totals) -> np.ndarray:
+        """Every client of ``plan`` starts from the round's global model; the strategy's aggregation
+        combines the updates in place (the server holds the global vector, the accumulator and one
+        update: 3·P for FedAvg)."""
+        work = [(cid, self.assignment(job, r, task, state, lr, layout)) for cid, task in plan]
+        agg = strategy.aggregation(layout.n_params, layout.table)
+        scratch: list[np.ndarray] = []
+        for upd in self.pool.execute_many(work):
+            if upd.error is not None:
+                totals.refuse(upd)
+                continue
+            if not totals.count(upd):
+                continue
+            agg.add(_update_vector(layout, upd.state, scratch), float(upd.n_samples), layout.contributes(upd.tasks))
+        upd = None  # release the last update (a mapped upload) before the result is formed
+        scratch.clear()
+        if agg.n_added < self.min_updates:
+            raise RoundFailed(job.name, r, agg.n_added, self.min_updates, totals.detail())
+        try:
+            return agg.result(global_vec)
+        except ValueError as e:  # not finite: nothing is applied, the round fails (never the server)
+            raise RoundFailed(job.name, r, 0, self.min_updates, f"aggregation failed: {e}") from None
+
+    def _sequential_round(self, job, r, plan, lr, layout, state, global_vec, strategy, totals) -> np.ndarray:
+        """The clients of ``plan`` one after another (a ring): each starts from the model the last
+        successful one left; a client that fails or refuses is skipped with the last good model."""
+        stepped = 0
+        scratch: list[np.ndarray] = []
+        for cid, task in plan:
+            a = self.assignment(job, r, task, {**state, **layout.unflatten(global_vec)}, lr, layout)
+            for upd in self.pool.execute_many([(cid, a)]):
+                if upd.error is not None:
+                    totals.refuse(upd)
+                    continue
+                if not totals.count(upd):
+                    continue
+                agg = strategy.aggregation(layout.n_params, layout.table)
+                agg.add(_update_vector(layout, upd.state, scratch), float(upd.n_samples), layout.contributes(upd.tasks))
+                try:
+                    global_vec = agg.result(global_vec)
+                except ValueError as e:
+                    raise RoundFailed(job.name, r, stepped, self.min_updates, f"step of client {cid} failed: {e}") from None
+                stepped += 1
+        if stepped < min(self.min_updates, max(len(plan), 1)):
+            raise RoundFailed(job.name, r, stepped, self.min_updates, totals.detail())
+        return global_vec
 
     def outcome_from_checkpoint(self, ckpt: RoundCheckpoint) -> JobOutcome:
         """The :class:`JobOutcome` of a job whose last round is ``ckpt`` (a finished job restored
@@ -417,7 +561,8 @@ class Coordinator:
     # -- a whole method --------------------------------------------------------------------------
     def run_method(self, method, done: Mapping[str, JobOutcome] | None = None,
                    resume: RoundCheckpoint | None = None) -> dict[str, JobOutcome]:
-        """Run ``method``'s plan to the end: ask it for the next jobs until it has none.
+        """Run ``method``'s plan to the end: ask it for the next jobs until it has none; each job runs
+        with the method's strategy for it (:meth:`~fmtl_edge.methods.Method.strategy`).
 
         Args:
             done: jobs already finished (a resumed plan); the method decides what follows from them.
@@ -427,41 +572,39 @@ class Coordinator:
             job name → :class:`JobOutcome`, in execution order.
         """
         done = dict(done or {})
+        self.namespace = method.name
         while True:
             pending = [j for j in method.next_jobs(done) if j.name not in done]
             if not pending:
                 return done
             job = pending[0]
+            strategy = method.strategy(job)
             if resume is not None:
                 if resume.job.name != job.name:
                     raise RuntimeError(
                         f"the plan's next job is {job.name!r} but the checkpoint is of job {resume.job.name!r}"
                     )
-                done[job.name] = self.run_job(job, resume=resume)
+                done[job.name] = self.run_job(job, resume=resume, strategy=strategy)
                 resume = None
                 continue
-            init = None
             if job.init_from is not None:
                 if job.init_from not in done:
                     raise RuntimeError(f"job {job.name!r} starts from {job.init_from!r}, which has not run")
                 init = select_state(done[job.init_from].state, job.tasks)
-            done[job.name] = self.run_job(job, init)
+            else:
+                init = self.initial_state(job.tasks)
+            done[job.name] = self.run_job(job, method.initial_state(job, init), strategy=strategy)
 
 
 def _update_vector(layout: ParameterLayout, state: Mapping[str, Any], scratch: list[np.ndarray]) -> np.ndarray:
     """The update as a flat float32 vector in ``layout`` order: the state's own flat view when it
-    offers one (``as_flat``), else a copy into a scratch vector allocated once per round."""
+    offers one (``as_flat``), else a copy into a scratch vector allocated once per round. Slices the
+    update does not carry (personal, frozen) are left as they are: they are never contributed."""
     as_flat = getattr(state, "as_flat", None)
     if as_flat is not None:
         vec = as_flat(layout)
         if vec is not None:
             return vec
     if not scratch:
-        scratch.append(np.empty(layout.n_params, dtype=np.float32))
-    return layout.flatten(state, out=scratch[0])
-
-
-def _replace(cfg: TrainConfig, **kw) -> TrainConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **kw)
+        scratch.append(np.zeros(layout.n_params, dtype=np.float32))
+    return layout.flatten(state, out=scratch[0], only_present=True)

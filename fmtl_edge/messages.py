@@ -24,7 +24,6 @@ class TrainConfig:
         weight_decay: L2 weight decay ``wd`` (1e-4 in MAS); also used by the lookahead step (Eq. 3).
         affinity_every: ρ, measure task affinity every ρ batches (MAS default 5).
         affinity_divide_by_lr: divide S by η as TAG and the MAS reference code do (off by default).
-        fedprox_mu: μ of FedProx's proximal term μ/2·‖w − w_global‖² (0 = plain FedAvg).
         device: torch device for local training (``cpu``, ``cuda``).
     """
 
@@ -35,7 +34,6 @@ class TrainConfig:
     weight_decay: float = 1e-4
     affinity_every: int = 5
     affinity_divide_by_lr: bool = False
-    fedprox_mu: float = 0.0
     device: str = "cpu"
 
 
@@ -61,6 +59,18 @@ class Assignment:
         seed: seeds the client's batch order.
         time_budget_s, energy_budget_j: per-round budgets (None = unlimited); training stops early
             when one is spent and the update reports the samples actually used.
+        procedure: name of the client procedure that trains (:mod:`fmtl_edge.procedures`: ``sgd``,
+            ``fedprox``, ``ditto``, ...).
+        method_config: the procedure's settings (JSON-ready values: numbers, strings, booleans,
+            lists); crosses the wire once as one field.
+        state_key: namespace of the client state this assignment reads and writes
+            (``<method>/<job>``); client state never leaves the client.
+        personal: names of the tensors that are personal layers: kept in the client state across
+            rounds, never uploaded (the broadcast value is only used before the client has its own).
+        frozen: names of pre-trained (frozen) tensors: no gradient, no running-statistics update,
+            never uploaded.
+        personalised: for an evaluation, evaluate the client's own model (global slices + its
+            state, as its procedure defines it) instead of the global model.
     """
 
     job: str
@@ -73,6 +83,17 @@ class Assignment:
     seed: int = 0
     time_budget_s: float | None = None
     energy_budget_j: float | None = None
+    procedure: str = "sgd"
+    method_config: dict[str, Any] = field(default_factory=dict)
+    state_key: str = ""
+    personal: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
+    personalised: bool = False
+
+    def uploaded_names(self, names) -> list[str]:
+        """The tensor names of ``names`` that an update may carry: all but personal and frozen."""
+        skip = set(self.personal) | set(self.frozen)
+        return [n for n in names if n not in skip]
 
 
 @dataclass
@@ -82,7 +103,8 @@ class ClientUpdate:
     Attributes:
         client_id: who ran it.
         job, round: echo of the assignment.
-        state: updated local model state, ``name → array`` (all floating and integer entries).
+        state: updated local model state, ``name → array`` (floating and integer entries), without
+            the personal and frozen tensors (those never leave the client).
         n_samples: training samples actually used (the FedAvg weight); fewer than the client holds
             when a budget stopped training early.
         train_loss: task → mean training loss over the round.

@@ -105,25 +105,28 @@ class ParameterLayout:
         state: Mapping[str, torch.Tensor | np.ndarray],
         frozen: Sequence[str] = (),
         personal: Sequence[str] = (),
+        common: Sequence[str] = (),
     ) -> "ParameterLayout":
         """Layout of the floating-point entries of ``state``, in its order.
 
-        ``frozen`` and ``personal`` are ``fnmatch`` patterns over names (``"backbone.layers.0.*"``)
-        that override :func:`default_scope`; a name matching both is an error.
+        ``frozen``, ``personal`` and ``common`` are ``fnmatch`` patterns over names
+        (``"backbone.layers.0.*"``) that override :func:`default_scope` (a head made ``common`` is
+        averaged over every client, not only its task's).
+
+        Raises:
+            ValueError: a name matches patterns of two kinds.
         """
         entries = []
+        kinds = ((FROZEN, frozen), (PERSONAL, personal), (COMMON, common))
         for name, t in state.items():
             if not _is_float(t):
                 continue
             scope = default_scope(name)
-            is_frozen = any(fnmatch.fnmatchcase(name, p) for p in frozen)
-            is_personal = any(fnmatch.fnmatchcase(name, p) for p in personal)
-            if is_frozen and is_personal:
-                raise ValueError(f"tensor {name!r} matches both a frozen and a personal pattern")
-            if is_frozen:
-                scope = FROZEN
-            elif is_personal:
-                scope = PERSONAL
+            hits = [k for k, pats in kinds if any(fnmatch.fnmatchcase(name, p) for p in pats)]
+            if len(hits) > 1:
+                raise ValueError(f"tensor {name!r} matches both a {hits[0]} and a {hits[1]} pattern")
+            if hits:
+                scope = hits[0]
             entries.append((name, tuple(t.shape), scope))
         return cls(entries)
 
@@ -146,6 +149,10 @@ class ParameterLayout:
     def scopes(self) -> tuple[str, ...]:
         return tuple(s.scope for s in self.slices)
 
+    def names_in(self, scope: str) -> tuple[str, ...]:
+        """Names of the tensors of ``scope`` (``frozen``, ``personal``, ``common``, ``task:<t>``)."""
+        return tuple(s.name for s in self.slices if s.scope == scope)
+
     def contributes(self, client_tasks: Sequence[str]) -> np.ndarray:
         """``(S,)`` bool: which slices a client that trained ``client_tasks`` contributes to —
         ``common`` always, ``task:<t>`` when ``t`` is among its tasks, never ``frozen``/``personal``."""
@@ -165,8 +172,14 @@ class ParameterLayout:
         return np.stack([self.contributes(t) for t in clients_tasks], axis=1)
 
     # -- conversion --------------------------------------------------------------------------
-    def flatten(self, state: Mapping[str, torch.Tensor | np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+    def flatten(self, state: Mapping[str, torch.Tensor | np.ndarray], out: np.ndarray | None = None,
+                only_present: bool = False) -> np.ndarray:
         """Lay ``state``'s tensors into a ``(n_params,)`` float32 vector.
+
+        Args:
+            only_present: skip the tensors ``state`` lacks, except ``common``/``task`` ones (an
+                update without its personal and frozen tensors), leaving those slices of ``out``
+                as they are.
 
         Raises:
             KeyError: a layout tensor is missing from ``state``.
@@ -175,6 +188,8 @@ class ParameterLayout:
         vec = np.empty(self.n_params, dtype=np.float32) if out is None else out
         for s in self.slices:
             if s.name not in state:
+                if only_present and s.scope in (FROZEN, PERSONAL):
+                    continue
                 raise KeyError(f"state has no tensor {s.name!r} (expected by the model layout)")
             t = state[s.name]
             arr = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)

@@ -95,15 +95,19 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 
 def summary_tables(results: Mapping[str, Any]):
-    """Two rich Tables: per method (total test loss, device s, energy J, splits) and per task
-    (test loss and metric of each task under each method)."""
+    """rich Tables: per method (total test loss, personalised total where a method has one, device
+    s, energy J, splits), per task (global test loss and metric of each task under each method)
+    and, where a method is personalised, per task its personalised figures."""
     from rich.table import Table
 
     tasks = results["tasks"]
     methods = results["methods"]
     main = Table(title=f"fmtl-edge · {results['dataset']} · {len(tasks)} tasks · {results['clients']} clients")
+    personal = any(m.get("personalised_total_test_loss") is not None for m in methods.values())
     main.add_column("method", style="bold")
     main.add_column("total test loss", justify="right")
+    if personal:
+        main.add_column("personalised", justify="right")
     main.add_column("device s", justify="right")
     main.add_column("energy J", justify="right")
     main.add_column("rounds", justify="right")
@@ -113,9 +117,15 @@ def summary_tables(results: Mapping[str, Any]):
         if m["energy_j"] is not None and m["energy_estimated"]:
             energy += " (est.)"
         splits = " | ".join("+".join(g) for g in m["splits"])
-        main.add_row(name, _fmt(m["total_test_loss"]), _fmt(m["device_s"], 1), energy, str(m["rounds"]), splits)
+        label = name + (" (ref.)" if m.get("reference") else "")
+        cells = [_fmt(m["total_test_loss"])]
+        if personal:
+            cells.append(_fmt(m.get("personalised_total_test_loss")))
+        main.add_row(label, *cells, _fmt(m["device_s"], 1), energy, str(m["rounds"]), splits)
     sources = sorted({m["energy_source"] for m in methods.values()})
     main.caption = "energy source: " + "; ".join(sources)
+    if personal:
+        main.caption += "\npersonalised: each client's own model on its own test split (test-sample-weighted mean)"
     per = Table(title="per task: test loss / metric")
     per.add_column("task", style="bold")
     per.add_column("metric")
@@ -123,6 +133,24 @@ def summary_tables(results: Mapping[str, Any]):
         per.add_column(name, justify="right")
     for t in tasks:
         first = next(iter(methods.values()))["per_task"][t]
-        cells = [f"{_fmt(m['per_task'][t]['test_loss'])} / {_fmt(m['per_task'][t]['metric'])}" for m in methods.values()]
-        per.add_row(t, first["metric_name"], *cells)
-    return main, per
+        cells = [_task_cell(m["per_task"][t], "") for m in methods.values()]
+        per.add_row(t, first["metric_name"] or "", *cells)
+    pers = {n: m for n, m in methods.items() if m.get("personalised_total_test_loss") is not None}
+    if not pers:
+        return main, per
+    ptab = Table(title="per task, personalised (each client's own model): test loss / metric")
+    ptab.add_column("task", style="bold")
+    ptab.add_column("metric")
+    for name in pers:
+        ptab.add_column(name, justify="right")
+    for t in tasks:
+        first = next(iter(pers.values()))["per_task"][t]
+        ptab.add_row(t, first["metric_name"] or "", *[_task_cell(m["per_task"][t], "personalised_") for m in pers.values()])
+    return main, per, ptab
+
+
+def _task_cell(row: Mapping[str, Any], prefix: str) -> str:
+    """``loss / metric`` of the global (``prefix=""``) or personalised figures, ``—`` when absent."""
+    if row.get(prefix + "test_loss") is None:
+        return "—"
+    return f"{_fmt(row[prefix + 'test_loss'])} / {_fmt(row.get(prefix + 'metric'))}"

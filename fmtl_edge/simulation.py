@@ -12,17 +12,16 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
 
 from fmtl_edge import __version__
-from fmtl_edge.client import build_model, evaluate
 from fmtl_edge.config import SimulationConfig
 from fmtl_edge.coordinator import Coordinator, EnergyTally, InProcessClientPool, JobOutcome, RoundRecord
 from fmtl_edge.data.base import FederatedDataset
 from fmtl_edge.messages import TrainConfig
+from fmtl_edge.evaluation import evaluate_method
 from fmtl_edge.methods import Method, make_method
 from fmtl_edge.models import ModelSpec
 from fmtl_edge.partition import select_state
@@ -32,7 +31,7 @@ def train_config(cfg: SimulationConfig) -> TrainConfig:
     return TrainConfig(
         local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, affinity_every=cfg.affinity_every,
-        affinity_divide_by_lr=cfg.affinity_divide_by_lr, fedprox_mu=0.0, device=cfg.device,
+        affinity_divide_by_lr=cfg.affinity_divide_by_lr, device=cfg.device,
     )
 
 
@@ -83,35 +82,66 @@ def make_runtime(cfg: SimulationConfig):
     return meter, lease, profile
 
 
-def evaluate_method(method: Method, done: dict[str, JobOutcome], dataset: FederatedDataset,
-                    spec: ModelSpec, device: str) -> tuple[dict[str, dict], dict[str, dict[str, np.ndarray]]]:
-    """Test loss/metric of each task with its final model, and those models' states.
+def final_states(method: Method, done: dict[str, JobOutcome]) -> dict[str, dict[str, np.ndarray]]:
+    """task → state of its final global model (its job's backbone + that task's head)."""
+    return {t: select_state(done[j].state, [t]) for t, j in method.final_jobs(done).items()}
 
-    Returns:
-        (task → evaluation dict, task → state of backbone + that task's head)
+
+def load_pretrained(path: str | None) -> dict[str, np.ndarray] | None:
+    """The tensors of a ``--pretrained`` safetensors file (None: no file).
+
+    Raises:
+        ConfigError: the file is not a readable safetensors file (names ``--pretrained``).
     """
-    finals = method.final_jobs(done)
-    per_task: dict[str, dict] = {}
-    states: dict[str, dict[str, np.ndarray]] = {}
-    by_job: dict[str, list[str]] = {}
-    for task, job in finals.items():
-        by_job.setdefault(job, []).append(task)
-    for job, tasks in by_job.items():
-        outcome = done[job]
-        model = build_model(spec, dataset.tasks.subset(outcome.job.tasks), outcome.state, device)
-        per_task.update(evaluate(model, dataset.clients, tasks))
-        for t in tasks:
-            states[t] = select_state(outcome.state, [t])
-    return {t: per_task[t] for t in dataset.tasks.names}, states
+    if path is None:
+        return None
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from fmtl_edge.config import ConfigError
+
+    try:
+        return dict(load_file(path))
+    except (OSError, SafetensorError, ValueError) as e:
+        raise ConfigError("--pretrained", f"{path} is not a readable safetensors model file ({e})") from None
 
 
-def method_entry(method: Method, done: dict[str, JobOutcome], per_task: dict[str, dict],
+def build_methods(cfg: SimulationConfig, tasks, spec: ModelSpec) -> list[Method]:
+    """The methods of ``cfg.methods``, validated against the model (layer patterns, pre-trained
+    tensors) before anything trains.
+
+    Raises:
+        ConfigError, ValueError: unknown names, bad settings (the message names the flag).
+    """
+    pretrained = load_pretrained(cfg.pretrained)
+    methods = [make_method(m, tasks, cfg, pretrained=pretrained) for m in cfg.methods]
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--methods lists a method twice: {cfg.methods}")
+    if pretrained is not None and not any(hasattr(m, "check") for m in methods):
+        raise ValueError("--pretrained: no method of --methods uses pre-trained layers (use layered)")
+    full = None
+    for m in methods:
+        check = getattr(m, "check", None)
+        if check is not None:
+            if full is None:
+                from fmtl_edge.client import derive_seed
+                from fmtl_edge.models import MultiTaskModel
+                from fmtl_edge.partition import state_to_numpy
+
+                full = state_to_numpy(MultiTaskModel(spec, tasks, seed=derive_seed(cfg.seed, "init")).state_dict())
+            check(full)
+    return methods
+
+
+def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[str, Any],
                  rounds_per_task: int, wall_s: float) -> dict[str, Any]:
     """One method's ``results.json`` entry (``methods.<name>``) from its finished jobs and the test
     evaluation of its final models; shared by ``simulate`` and ``fmtl-server``.
 
     Args:
-        per_task: task → ``{"loss", "metric", "metric_name", "n"}`` (see :func:`evaluate_method`).
+        evaluation: :func:`fmtl_edge.evaluation.evaluate_method`'s result (global and/or
+            personalised figures).
         rounds_per_task: R of the run.
         wall_s: the method's wall-clock seconds.
     """
@@ -119,10 +149,33 @@ def method_entry(method: Method, done: dict[str, JobOutcome], per_task: dict[str
     for o in done.values():
         tally.merge(o.energy)
     aff = method.affinity(done)
+    glob = evaluation.get("global")
+    pers = evaluation.get("personalised")
+    per_task: dict[str, dict[str, Any]] = {}
+    for t in method.tasks.names:
+        g = (glob or {}).get(t)
+        p = (pers or {}).get("per_task", {}).get(t) if pers else None
+        ref = g or p
+        row = {"test_loss": g["loss"] if g else None, "metric_name": ref["metric_name"] if ref else None,
+               "metric": g["metric"] if g else None, "test_samples": g["n"] if g else (p["n"] if p else 0)}
+        if p is not None:
+            row["personalised_test_loss"] = p["loss"]
+            row["personalised_metric"] = p["metric"]
+        per_task[t] = row
+    entry_eval = {
+        "total_test_loss": float(sum(v["loss"] for v in glob.values())) if glob else None,
+        "personalised_total_test_loss": float(sum(v["loss"] for v in pers["per_task"].values())) if pers else None,
+        "evaluation": [k for k in ("global", "personalised") if evaluation.get(k) is not None],
+        "reference": bool(method.reference),
+        "per_task": per_task,
+    }
+    if pers:
+        entry_eval["per_client"] = {
+            str(c): {t: {"test_loss": v["loss"], "metric": v["metric"], "n": v["n"]} for t, v in tasks.items()}
+            for c, tasks in pers["per_client"].items()
+        }
     return {
-        "total_test_loss": float(sum(v["loss"] for v in per_task.values())),
-        "per_task": {t: {"test_loss": v["loss"], "metric_name": v["metric_name"], "metric": v["metric"],
-                         "test_samples": v["n"]} for t, v in per_task.items()},
+        **entry_eval,
         "device_s": tally.device_s,
         "energy_j": tally.total_j,
         "energy_source": tally.source,
@@ -136,7 +189,8 @@ def method_entry(method: Method, done: dict[str, JobOutcome], per_task: dict[str
         "wall_s": wall_s,
         "jobs": [
             {"name": o.job.name, "tasks": list(o.job.tasks), "rounds": o.job.rounds,
-             "init_from": o.job.init_from, "device_s": o.energy.device_s, "energy_j": o.energy.total_j,
+             "init_from": o.job.init_from, "procedure": o.job.procedure, "device_s": o.energy.device_s,
+             "energy_j": o.energy.total_j,
              "wall_s": o.wall_s,
              "train_loss_last_round": o.history[-1].train_loss if o.history else None}
             for o in done.values()
@@ -168,13 +222,11 @@ def run_methods(
     """
     cfg.validate_against(len(dataset.tasks), dataset.n_clients)
     spec = ModelSpec(tuple(dataset.input_shape), width=cfg.width)
-    methods = [make_method(m, dataset.tasks, cfg.rounds, cfg.r0, cfg.fedprox_mu) for m in cfg.methods]
-    names = [m.name for m in methods]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--methods lists a method twice: {cfg.methods}")
+    methods = build_methods(cfg, dataset.tasks, spec)
     meter, lease, profile = make_runtime(cfg)
     warm_up()
     pool = InProcessClientPool(dataset, spec, meter, lease, profile.memory_budget_bytes)
+    pooled_pool = None
     train = train_config(cfg)
     results: dict[str, Any] = {
         "dataset": dataset.name, "dataset_info": dataset.info, "tasks": list(dataset.tasks.names),
@@ -188,8 +240,11 @@ def run_methods(
     for method in methods:
         if on_method_start:
             on_method_start(method)
+        if method.pooled_data and pooled_pool is None:
+            pooled_pool = InProcessClientPool(dataset.pooled(), spec, meter, lease, profile.memory_budget_bytes)
         coord = Coordinator(
-            pool, spec, dataset.tasks, replace(train, fedprox_mu=0.0), cfg.clients_per_round, cfg.seed,
+            pooled_pool if method.pooled_data else pool, spec, dataset.tasks, train,
+            min(cfg.clients_per_round, len((pooled_pool if method.pooled_data else pool).client_ids)), cfg.seed,
             on_round=(lambda rec, m=method: on_round(m, rec)) if on_round else None,
             time_budget_s=cfg.time_budget_s if cfg.time_budget_s is not None else profile.round_time_s,
             energy_budget_j=cfg.energy_budget_j if cfg.energy_budget_j is not None else profile.round_energy_j,
@@ -197,10 +252,30 @@ def run_methods(
         t0 = time.perf_counter()
         done = coord.run_method(method)
         wall = time.perf_counter() - t0
-        per_task, states = evaluate_method(method, done, dataset, spec, cfg.device)
-        entry = method_entry(method, done, per_task, cfg.rounds, wall)
+        evaluation = evaluate_method(method, done, coord)
+        entry = method_entry(method, done, evaluation, cfg.rounds, wall)
         results["methods"][method.name] = entry
-        models[method.name] = states
+        if method.global_model:
+            models[method.name] = final_states(method, done)
         if on_method_end:
             on_method_end(method, entry)
     return results, models
+
+
+def check_sampling(cfg: SimulationConfig, dataset: FederatedDataset, methods: list[Method]) -> None:
+    """Configure the first round of every method's first jobs on ``dataset`` so a sampling the pool
+    cannot serve (a task group with fewer clients than K) is refused before anything trains.
+
+    Raises:
+        ValueError: the message names the group and the fix.
+    """
+    from fmtl_edge.strategy import RoundContext
+
+    def eligible(tasks):
+        return [c.client_id for c in dataset.clients if any(t in c.y_train for t in tasks)]
+
+    for m in methods:
+        if m.pooled_data:
+            continue
+        for job in m.next_jobs({}):
+            m.strategy(job).configure_train(RoundContext(job, 0, cfg.seed, cfg.clients_per_round, eligible))

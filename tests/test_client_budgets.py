@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fmtl_edge.client import _batches, execute, train_round
+from fmtl_edge.client import execute, train_round
+from fmtl_edge.procedures.sgd import batches as _batches
 from fmtl_edge.coordinator import Coordinator, InProcessClientPool, RoundFailed
 from fmtl_edge.messages import Assignment, TrainConfig
 from fmtl_edge.methods import AllInOne

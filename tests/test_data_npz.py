@@ -128,7 +128,7 @@ def test_folder_level_errors(tmp_path):
         ("[tasks.label]\nkind = 'binary'\nclases = 3", r"unknown key\(s\) \['clases'\]"),
         ("[tasks.flag]\nkind = 'binary'\nclasses = 2", "only applies"),
         ("[tasks.label]\nkind = 'classification'\nclasses = 3\n[tasks.typo]\nkind = 'binary'",
-         r"missing key 'y_typo'.*add the array or remove the task"),
+         r"no client file holds labels for task.*typo.*add y_<task> arrays or remove"),
     ],
 )
 def test_toml_errors(tmp_path, toml, match):
@@ -147,7 +147,7 @@ def _bad(change):
     [
         (lambda c: c.pop("x"), r"client_1\.npz: missing key 'x'"),
         (lambda c: c.pop("split"), r"client_1\.npz: missing key 'split'"),
-        (lambda c: c.pop("y_size"), r"client_1\.npz: missing key 'y_size' for task 'size'"),
+        (lambda c: [c.pop(k) for k in [k for k in c if k.startswith("y_")]], r"client_1\.npz: no y_<task> array at all"),
         (lambda c: c.update(y_extra=np.zeros(8)), r"client_1\.npz: \['y_extra'\] have no \[tasks"),
         (lambda c: c.update(y_label=np.zeros(7, int)), r"client_1\.npz: 'y_label' has shape \(7,\)"),
         (lambda c: c.update(split=np.zeros(5, int)), r"'split' has shape \(5,\) but x has 8 rows"),
@@ -183,3 +183,14 @@ def test_options_that_do_not_apply(tmp_path):
         load_dataset("npz", data_dir=d, image_size=32)
     with pytest.warns(UserWarning, match="test_fraction"):
         load_dataset("npz", data_dir=d, test_fraction=0.3)
+
+
+def test_client_without_some_tasks_holds_only_the_others(tmp_path):
+    """Seed 000's client groups: a client file without y_size holds the other tasks only."""
+    clients = _bad(lambda c: c.pop("y_size"))
+    d = _folder(tmp_path, clients=clients)
+    ds = load_dataset("npz", data_dir=d)
+    by_id = {c.client_id: c for c in ds.clients}
+    assert "size" in by_id[0].y_train and "size" not in by_id[1].y_train
+    assert set(by_id[1].y_train) == set(by_id[1].y_test) == set(ds.tasks.names) - {"size"}
+    assert ds.clients_of("size") == [0]

@@ -11,7 +11,8 @@ from fmtl_edge.coordinator import ClientPool, Coordinator
 from fmtl_edge.messages import ClientUpdate, TrainConfig
 from fmtl_edge.methods import MAS, AllInOne, OneByOne, make_method
 from fmtl_edge.models import ModelSpec
-from fmtl_edge.simulation import evaluate_method
+from fmtl_edge.evaluation import evaluate_method
+from fmtl_edge.simulation import final_states
 from fmtl_edge.tasks import Task, TaskSet
 
 from conftest import make_toy_dataset
@@ -95,7 +96,8 @@ def test_reconstructed_task_model_is_group_backbone_plus_own_head():
     mas = MAS(ds.tasks, rounds=3, r0=1, n_splits=2)
     done = coord.run_method(mas)
     assert len(mas.splits(done)) == 2
-    per_task, states = evaluate_method(mas, done, ds, spec, "cpu")
+    per_task = evaluate_method(mas, done, coord)["global"]
+    states = final_states(mas, done)
     assert set(per_task) == set(ds.tasks.names)
     for t in ds.tasks.names:
         job = mas.final_jobs(done)[t]

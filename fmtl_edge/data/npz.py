@@ -210,7 +210,8 @@ def read_client_file(path: Path, specs: list[dict[str, Any]]) -> dict[str, Any]:
         ``{"x", "split", "y": {task: targets}, "ignored": [keys]}``.
 
     Raises:
-        DataError: unreadable file, a missing or extra ``y_`` key, a length mismatch, a bad split.
+        DataError: unreadable file, no ``y_`` key at all or an unknown one, a length mismatch, a bad
+            split. A client without some tasks' ``y_`` arrays holds only the others (task groups).
     """
     where = f"npz: {path}"
     try:
@@ -255,11 +256,13 @@ def read_client_file(path: Path, specs: list[dict[str, Any]]) -> dict[str, Any]:
     for s in specs:
         key = f"y_{s['name']}"
         if key not in arrays:
-            raise DataError(
-                f"{where}: missing key {key!r} for task {s['name']!r} named in {TASKS_FILE}; add the array "
-                "or remove the task"
-            )
+            continue  # this client holds no labels for that task (a client group of seed 000)
         y[s["name"]] = _check_labels(where, key, arrays[key], s, n, x)
+    if not y:
+        raise DataError(
+            f"{where}: no y_<task> array at all; a client needs the labels of at least one task named in "
+            f"{TASKS_FILE} (y_{specs[0]['name']}=...)"
+        )
     ignored = sorted(k for k in keys if k not in ("x", "split") and not k.startswith("y_"))
     return {"x": x.astype(np.float32, copy=False), "split": split, "y": y, "ignored": ignored}
 
@@ -323,6 +326,8 @@ def load_npz(
         if s["kind"] != "dense":
             continue
         for (cid, p), c in zip(files, loaded):
+            if s["name"] not in c["y"]:
+                continue
             ch = int(c["y"][s["name"]].shape[1])
             if dense_ch.setdefault(s["name"], ch) != ch:
                 raise DataError(
@@ -349,8 +354,13 @@ def load_npz(
             )
         splits_local.append((k, tr, te))
 
-    reg = {s["name"]: regression_stats([loaded[k]["y"][s["name"]][tr] for k, tr, _ in splits_local])
+    reg = {s["name"]: regression_stats([loaded[k]["y"][s["name"]][tr] for k, tr, _ in splits_local
+                                        if s["name"] in loaded[k]["y"]])
            for s in specs if s["kind"] == "regression"}
+    unheld = [s["name"] for s in specs if not any(s["name"] in c["y"] for c in loaded)]
+    if unheld:
+        raise DataError(f"npz: no client file holds labels for task(s) {unheld}; add y_<task> arrays or remove "
+                        f"the task from {TASKS_FILE}")
     tasks = []
     for s in specs:
         kind, name = s["kind"], s["name"]
@@ -440,6 +450,7 @@ def write_npz_dataset(ds: FederatedDataset, folder: str | Path, description: str
             "split": np.concatenate([np.zeros(c.n_train, np.int8), np.ones(c.n_test, np.int8)]),
         }
         for t in ds.tasks:
-            arrays[f"y_{t.name}"] = np.concatenate([c.y_train[t.name], c.y_test[t.name]])
+            if t.name in c.y_train:
+                arrays[f"y_{t.name}"] = np.concatenate([c.y_train[t.name], c.y_test[t.name]])
         np.savez(folder / f"client_{c.client_id}.npz", **arrays)
     return folder

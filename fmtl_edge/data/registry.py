@@ -48,6 +48,7 @@ def load_dataset(
     image_size: int | None = None,
     max_samples: int | None = None,
     cache_dir: str | Path | None = None,
+    task_groups: int | None = None,
 ) -> FederatedDataset:
     """Load a data set by name and split it over clients.
 
@@ -65,6 +66,8 @@ def load_dataset(
         max_samples: cap on the total number of samples (seeded stratified subset), for quick runs.
         cache_dir: where decoded images are cached (utkface); default ``$FMTL_EDGE_CACHE`` or
             ``~/.cache/fmtl-edge``.
+        task_groups: give each client one of the first ``task_groups`` tasks and drop its other
+            labels (seed 000's client groups; :func:`fmtl_edge.data.base.assign_task_groups`).
 
     Raises:
         DataError: unknown name, bad option, missing data or a file of the wrong layout; the message
@@ -83,7 +86,7 @@ def load_dataset(
         raise DataError(f"image_size must be an integer in [4, 1024], got {image_size!r}")
     if max_samples is not None and (int(max_samples) != max_samples or max_samples < 1):
         raise DataError(f"max_samples must be a positive integer, got {max_samples!r}")
-    return DATASETS[key](
+    ds = DATASETS[key](
         data_dir=data_dir,
         n_clients=None if n_clients is None else int(n_clients),
         seed=int(seed),
@@ -93,3 +96,8 @@ def load_dataset(
         max_samples=None if max_samples is None else int(max_samples),
         cache_dir=cache_dir,
     )
+    if task_groups is not None:
+        from fmtl_edge.data.base import assign_task_groups
+
+        ds = assign_task_groups(ds, int(task_groups), seed=int(seed))
+    return ds

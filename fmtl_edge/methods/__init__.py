@@ -1,41 +1,65 @@
 """Training methods (one module each) and their registry.
 
-``make_method("mas-2", tasks, rounds=..., r0=...)`` parses a ``--methods`` entry. Known names:
-``one-by-one``, ``all-in-one``, ``fedprox``, ``mas-<x>``.
+``make_method("mas-2", tasks, cfg)`` parses a ``--methods`` entry: ``<name>`` or ``<name>-<arg>``
+(``mas-2``: MAS with x = 2 groups) looked up in :data:`METHODS`. A new method is one module here and
+one line in :data:`METHODS` (plus its client procedure in :mod:`fmtl_edge.procedures`, if new).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any, Mapping
 
-from fmtl_edge.methods.all_in_one import AllInOne, FedProx
+import numpy as np
+
+from fmtl_edge.methods.all_in_one import AllInOne
 from fmtl_edge.methods.base import Method
+from fmtl_edge.methods.centralized import Centralized
+from fmtl_edge.methods.ditto import Ditto
+from fmtl_edge.methods.fedprox import FedProx
+from fmtl_edge.methods.layered import Layered
+from fmtl_edge.methods.local import Local
 from fmtl_edge.methods.mas import MAS
 from fmtl_edge.methods.one_by_one import OneByOne
 from fmtl_edge.tasks import TaskSet
 
-METHOD_NAMES = ("one-by-one", "all-in-one", "fedprox", "mas-<x>")
+#: ``--methods`` name (without its ``-<arg>``) → method class
+METHODS: dict[str, type[Method]] = {
+    "mas": MAS,
+    "all-in-one": AllInOne,
+    "one-by-one": OneByOne,
+    "fedprox": FedProx,
+    "layered": Layered,
+    "ditto": Ditto,
+    "local": Local,
+    "centralized": Centralized,
+}
+
+METHOD_NAMES = tuple(c.name for c in METHODS.values())
 
 
-def make_method(name: str, tasks: TaskSet, rounds: int, r0: int | None = None, fedprox_mu: float = 0.01) -> Method:
-    """Build the method named by a ``--methods`` entry.
+def make_method(name: str, tasks: TaskSet, cfg: Any, pretrained: Mapping[str, np.ndarray] | None = None) -> Method:
+    """Build the method named by a ``--methods`` entry from the run config
+    (:class:`~fmtl_edge.config.SimulationConfig`).
+
+    Args:
+        pretrained: tensors of ``--pretrained`` (read by the caller), for the methods that use them.
 
     Raises:
-        ValueError: unknown name, or parameters the method cannot use (message says the fix).
+        ValueError: unknown name, or settings the method cannot use (the message says the fix).
     """
     name = name.strip()
-    if name == "one-by-one":
-        return OneByOne(tasks, rounds)
-    if name == "all-in-one":
-        return AllInOne(tasks, rounds)
-    if name == "fedprox":
-        return FedProx(tasks, rounds, mu=fedprox_mu)
-    m = re.fullmatch(r"mas-(\d+)", name)
-    if m:
-        if r0 is None:
-            raise ValueError(f"{name} needs r0 (rounds of the merge phase): pass --r0")
-        return MAS(tasks, rounds, r0, int(m.group(1)))
-    raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)} (e.g. mas-2)")
+    base, arg = name, None
+    if name not in METHODS:
+        m = re.fullmatch(r"(.+?)-([^-]+)", name)
+        if m and m.group(1) in METHODS:
+            base, arg = m.group(1), m.group(2)
+    cls = METHODS.get(base)
+    if cls is None:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
+    if cls is Layered:
+        return Layered.from_config(arg, tasks, cfg, pretrained=pretrained)
+    return cls.from_config(arg, tasks, cfg)
 
 
-__all__ = ["AllInOne", "FedProx", "MAS", "METHOD_NAMES", "Method", "OneByOne", "make_method"]
+__all__ = ["METHODS", "METHOD_NAMES", "Method", "make_method", *[c.__name__ for c in METHODS.values()]]

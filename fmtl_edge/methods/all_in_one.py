@@ -1,6 +1,5 @@
-"""``all-in-one`` and ``fedprox``: one multi-task model φ = {θ_s} ∪ {θ_i}, FedAvg for R rounds with
-loss Σ_i L_i (MAS baseline); ``fedprox`` adds the proximal term μ/2·‖w − w_global‖² to each client's
-loss (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020, Eq. 2)."""
+"""``all-in-one``: one multi-task model φ = {θ_s} ∪ {θ_i}, FedAvg for R rounds with loss Σ_i L_i
+(the MAS paper's baseline, Zhuang et al., ICCV 2023, §4.1)."""
 
 from __future__ import annotations
 
@@ -20,9 +19,10 @@ class AllInOne(Method):
     """
 
     name = "all-in-one"
+    summary = "one multi-task model (shared backbone + one head per task), FedAvg for R rounds"
 
-    def __init__(self, tasks: TaskSet, rounds: int, measure_affinity: bool = False):
-        super().__init__(tasks, rounds)
+    def __init__(self, tasks: TaskSet, rounds: int, measure_affinity: bool = False, **kw):
+        super().__init__(tasks, rounds, **kw)
         self.measure_affinity = measure_affinity
 
     def _job(self) -> Job:
@@ -36,16 +36,3 @@ class AllInOne(Method):
 
     def affinity(self, done: Mapping[str, JobOutcome]) -> np.ndarray | None:
         return done["all"].affinity if "all" in done else None
-
-
-class FedProx(AllInOne):
-    name = "fedprox"
-
-    def __init__(self, tasks: TaskSet, rounds: int, mu: float = 0.01):
-        super().__init__(tasks, rounds)
-        if not mu > 0:
-            raise ValueError(f"fedprox needs mu > 0 (the proximal weight), got {mu}")
-        self.mu = mu
-
-    def _job(self) -> Job:
-        return Job("all", tuple(self.tasks.names), self.rounds, fedprox_mu=self.mu)

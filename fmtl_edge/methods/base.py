@@ -1,12 +1,21 @@
-"""The method interface: a method turns a config into a plan of FL jobs and decides splits.
+"""The method interface: a method plans FL jobs, owns their rounds through a strategy, and says how
+its models are evaluated.
 
-A method is a pure function of the jobs already finished (Flower's Strategy idea, reduced to what
-multi-task planning needs), so a coordinator can resume a plan from its finished jobs:
+A method is a pure function of the jobs already finished (Flower's Strategy idea, extended to
+multi-task planning), so a coordinator can resume a plan from its finished jobs:
 
 - :meth:`Method.next_jobs` — the jobs still to run given the finished ones (``[]`` = done);
+- :meth:`Method.strategy` — for each job, the :class:`~fmtl_edge.strategy.Strategy` that runs its
+  rounds (who trains, what each client runs, how updates combine); default: FedAvg over K sampled
+  clients running the job's procedure, with ``--aggregator``;
+- :meth:`Method.initial_state` — a job's initial weights from the fresh (or ``init_from``) ones
+  (pre-trained layers loaded here);
 - :meth:`Method.final_jobs` — for each task, the job whose model is its final model;
-- :meth:`Method.splits` — the task groups the method trained (for results);
-- :meth:`Method.affinity` — the averaged affinity matrix it measured, if any.
+- :meth:`Method.splits` / :meth:`Method.affinity` — for results;
+- :attr:`Method.global_model` / :attr:`Method.personalised` — which evaluations apply: the global
+  model of each task on the union of the clients' test splits, and/or each client's own model
+  (global slices + its state) on its own test split;
+- :attr:`Method.pooled_data` / :attr:`Method.reference` — a non-FL reference trained on pooled data.
 
 A method never touches transport, files or meters.
 """
@@ -14,11 +23,12 @@ A method never touches transport, files or meters.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from fmtl_edge.coordinator import Job, JobOutcome
+from fmtl_edge.strategy import FedAvgStrategy, Strategy
 from fmtl_edge.tasks import TaskSet
 
 
@@ -28,16 +38,45 @@ class Method(ABC):
     Args:
         tasks: the task set (order fixes affinity rows/columns).
         rounds: R, rounds each task's training gets in total.
+        aggregator: ``fedavg`` | ``median`` | ``trimmed-mean`` for the default strategy.
+        trim_fraction: β of the trimmed mean.
+
+    Raises:
+        ValueError: rounds < 1.
     """
 
     #: the name used by ``--methods`` and in results (e.g. ``mas-2``)
     name: str = ""
+    #: one line for ``--help``
+    summary: str = ""
+    #: the final models include a global model per task (evaluated on the union test set)
+    global_model: bool = True
+    #: each client has its own model (evaluated on its own test split)
+    personalised: bool = False
+    #: trained on the clients' pooled data (a non-FL reference), not over the client pool
+    pooled_data: bool = False
+    #: a non-FL reference (labelled as such in results)
+    reference: bool = False
 
-    def __init__(self, tasks: TaskSet, rounds: int):
+    def __init__(self, tasks: TaskSet, rounds: int, aggregator: str = "fedavg", trim_fraction: float = 0.1):
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
         self.tasks = tasks
         self.rounds = rounds
+        self.aggregator = aggregator
+        self.trim_fraction = trim_fraction
+
+    @classmethod
+    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "Method":
+        """Build from a ``--methods`` entry (``arg``: the part after ``<name>-``, e.g. ``2`` of
+        ``mas-2``) and the run config (:class:`~fmtl_edge.config.SimulationConfig`).
+
+        Raises:
+            ValueError: settings the method cannot use (the message names the flag).
+        """
+        if arg is not None:
+            raise ValueError(f"{cls.name} takes no parameter (got {cls.name}-{arg})")
+        return cls(tasks, cfg.rounds, **base_settings(cfg))
 
     @abstractmethod
     def next_jobs(self, done: Mapping[str, JobOutcome]) -> list[Job]:
@@ -46,6 +85,14 @@ class Method(ABC):
     @abstractmethod
     def final_jobs(self, done: Mapping[str, JobOutcome]) -> dict[str, str]:
         """task name → name of the job whose final weights are that task's final model."""
+
+    def strategy(self, job: Job) -> Strategy:
+        """The strategy that runs ``job``'s rounds."""
+        return FedAvgStrategy(job.procedure, job.method_config, job.sampling, self.aggregator, self.trim_fraction)
+
+    def initial_state(self, job: Job, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``job``'s initial weights from the fresh (or ``init_from``) ``state``; default: as they are."""
+        return state
 
     def splits(self, done: Mapping[str, JobOutcome]) -> list[list[str]]:
         """Task groups trained by the method's final jobs, each in task-set order."""
@@ -62,3 +109,8 @@ class Method(ABC):
     def planned_rounds(self) -> int:
         """Total rounds of the plan (for progress bars); exact for every method here."""
         return self.rounds
+
+
+def base_settings(cfg: Any) -> dict[str, Any]:
+    """The :class:`Method` keyword arguments every method takes from the run config."""
+    return {"aggregator": getattr(cfg, "aggregator", "fedavg"), "trim_fraction": getattr(cfg, "trim_fraction", 0.1)}

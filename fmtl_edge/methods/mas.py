@@ -14,13 +14,13 @@ Multiple-Task Learning", ICCV 2023, Alg. 1).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from fmtl_edge.affinity import Partition, best_partition, self_affinity
 from fmtl_edge.coordinator import Job, JobOutcome
-from fmtl_edge.methods.base import Method
+from fmtl_edge.methods.base import Method, base_settings
 from fmtl_edge.tasks import TaskSet
 
 MERGE = "merge"
@@ -37,8 +37,13 @@ class MAS(Method):
         ValueError: R0 outside 1..R−1 or x outside 1..n (message names the fix).
     """
 
-    def __init__(self, tasks: TaskSet, rounds: int, r0: int, n_splits: int):
-        super().__init__(tasks, rounds)
+    name = "mas-<x>"
+    summary = ("merge all tasks into one multi-task model, train it all-in-one for R0 rounds while measuring "
+               "task affinities (lookahead, MAS Eq. 3), split the tasks into x groups that maximise affinity "
+               "(exact search), train each group R-R0 rounds from the merged weights")
+
+    def __init__(self, tasks: TaskSet, rounds: int, r0: int, n_splits: int, **kw):
+        super().__init__(tasks, rounds, **kw)
         if not 1 <= r0 < rounds:
             raise ValueError(f"r0 must satisfy 1 <= r0 < rounds; got r0={r0}, rounds={rounds}: lower --r0")
         if not 1 <= n_splits <= len(tasks):
@@ -48,6 +53,14 @@ class MAS(Method):
         self.r0 = r0
         self.n_splits = n_splits
         self.name = f"mas-{n_splits}"
+
+    @classmethod
+    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "MAS":
+        if arg is None or not arg.isdigit():
+            raise ValueError("mas needs the number of groups x: mas-<x>, e.g. mas-2")
+        if cfg.r0 is None:
+            raise ValueError(f"mas-{arg} needs r0 (rounds of the merge phase): pass --r0")
+        return cls(tasks, cfg.rounds, cfg.r0, int(arg), **base_settings(cfg))
 
     def merge_job(self) -> Job:
         return Job(MERGE, tuple(self.tasks.names), self.r0, measure_affinity=len(self.tasks) > 1)

@@ -11,6 +11,7 @@ from fmtl_edge.methods.base import Method
 
 class OneByOne(Method):
     name = "one-by-one"
+    summary = "one single-task FL job per task, one after another, R rounds each"
 
     def _jobs(self) -> list[Job]:
         return [Job(f"task-{t}", (t,), self.rounds) for t in self.tasks.names]

@@ -62,8 +62,10 @@ class DataSpec:
     max_samples: int | None = None
     image_size: int | None = None
     data_dir: str | None = None
+    task_groups: int | None = None
 
     _KEYS = {"client": "client_id", "clients": "n_clients", "seed": "seed", "alpha": "alpha",
+             "task-groups": "task_groups", "task_groups": "task_groups",
              "max-samples": "max_samples", "max_samples": "max_samples", "image-size": "image_size",
              "image_size": "image_size", "dir": "data_dir", "data-dir": "data_dir"}
 
@@ -74,7 +76,7 @@ class DataSpec:
         Raises:
             ValueError: no ``client=``, unknown key or bad value (the message shows the form).
         """
-        form = "NAME:client=ID[,clients=N][,seed=S][,max-samples=M][,alpha=A][,image-size=P]"
+        form = "NAME:client=ID[,clients=N][,seed=S][,max-samples=M][,alpha=A][,image-size=P][,task-groups=G]"
         name, _, rest = text.partition(":")
         if not name.strip():
             raise ValueError(f"--data {text!r}: expected {form}")
@@ -104,7 +106,8 @@ class DataSpec:
         from fmtl_edge.data.base import DataError
 
         ds = load_dataset(self.dataset, data_dir=self.data_dir, n_clients=self.n_clients, seed=self.seed,
-                          alpha=self.alpha, image_size=self.image_size, max_samples=self.max_samples)
+                          alpha=self.alpha, image_size=self.image_size, max_samples=self.max_samples,
+                          task_groups=self.task_groups)
         by_id = {c.client_id: c for c in ds.clients}
         if self.client_id not in by_id:
             raise DataError(f"client {self.client_id} is not in the {ds.n_clients}-client partition of "
@@ -163,6 +166,7 @@ class Agent:
         self.chunk_bytes = DEFAULT_CHUNK_BYTES
         self.work_dir = Path(opts.work_dir) if opts.work_dir else Path(tempfile.mkdtemp(prefix="fmtl-agent-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._state_store = None
         if opts.fault is not None and opts.fault.split(":")[0] not in FAULTS:
             raise ValueError(f"unknown fault {opts.fault!r}; known: {FAULTS}")
 
@@ -396,7 +400,8 @@ class Agent:
         lease = DeviceLease(self.opts.lease, self.opts.runtime_dir, timeout_s=self.opts.lease_wait_s,
                             owner=f"fmtl-edge join client {self.client.client_id}")
         # (raises BudgetExceeded before training when the job's memory estimate is over the profile's budget)
-        upd = execute(self.client, spec, self.dataset.tasks, a, self.meter, lease, p.memory_budget_bytes)
+        upd = execute(self.client, spec, self.dataset.tasks, a, self.meter, lease, p.memory_budget_bytes,
+                      self.state_store)
         if fault == "nan":
             k = next(n for n, v in upd.state.items() if np.issubdtype(v.dtype, np.floating))
             upd.state[k] = upd.state[k].copy()
@@ -430,40 +435,27 @@ class Agent:
             meta.energy_j = float(j)
         return meta
 
+    @property
+    def state_store(self):
+        """This device's client state (personal layers, Ditto's p_k...) in ``<work dir>/state/client-<id>``:
+        checksummed, kept across agent restarts with the same ``--work-dir``, never uploaded."""
+        if self._state_store is None:
+            from fmtl_edge.client_state import FolderStateStore
+
+            self._state_store = FolderStateStore(self.work_dir / "state" / f"client-{self.client.client_id}")
+        return self._state_store
+
     def _evaluate(self, w: pb.Work, model_file: SafetensorsFile) -> pb.UpdateMeta:
+        from fmtl_edge.client import evaluate_assignment
         from fmtl_edge.models import ModelSpec
 
         spec = ModelSpec(tuple(int(s) for s in w.model.input_shape), width=int(w.model.width), depth=int(w.model.depth or 1))
-        sums = evaluate_sums(spec, self.dataset.tasks.subset(tuple(w.tasks)), model_file.load(), self.client,
-                             device=self.opts.device or "cpu")
+        a = assignment_from_pb(w, model_file.load(), device=self.opts.device)
+        sums = evaluate_assignment(self.client, spec, self.dataset.tasks, a, self.state_store)
         meta = pb.UpdateMeta(job=w.job, round=int(w.round), client_id=self.client.client_id)
         for t, s in sums.items():
             meta.eval[t].CopyFrom(pb.EvalSums(loss_sum=s["loss_sum"], metric_sum=s["metric_sum"], n=s["n"]))
         return meta
-
-
-def evaluate_sums(spec, tasks, state, client, device: str = "cpu", batch_size: int = 256) -> dict[str, dict[str, float]]:
-    """Per-task test-loss and metric *sums* over one client's test split (the server adds the clients
-    up and finishes the metric, which gives the simulation's union-of-clients evaluation)."""
-    import torch
-
-    from fmtl_edge.client import build_model
-
-    model = build_model(spec, tasks, state, device)
-    model.eval()
-    names = list(tasks.names)
-    out = {n: {"loss_sum": 0.0, "metric_sum": 0.0, "n": 0} for n in names}
-    with torch.no_grad():
-        for i in range(0, client.n_test, batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(client.x_test[i : i + batch_size])).to(device, torch.float32)
-            outs = model(x, names)
-            for n in names:
-                y = torch.from_numpy(np.ascontiguousarray(client.y_test[n][i : i + batch_size])).to(device)
-                task = model.tasks[n]
-                out[n]["loss_sum"] += float(task.loss(outs[n], y, reduction="sum"))
-                out[n]["metric_sum"] += task.metric_sum(outs[n], y)
-                out[n]["n"] += len(x)
-    return out
 
 
 def _failure_kind(e: BaseException) -> str:

@@ -35,14 +35,14 @@ def task_signature(tasks: Sequence[Task] | TaskSet, input_shape: Sequence[int]) 
 def train_config_to_pb(c: TrainConfig) -> pb.TrainSettings:
     return pb.TrainSettings(local_epochs=c.local_epochs, batch_size=c.batch_size, base_lr=c.lr, momentum=c.momentum,
                             weight_decay=c.weight_decay, affinity_every=c.affinity_every,
-                            affinity_divide_by_lr=c.affinity_divide_by_lr, fedprox_mu=c.fedprox_mu, device=c.device)
+                            affinity_divide_by_lr=c.affinity_divide_by_lr, device=c.device)
 
 
 def train_config_from_pb(s: pb.TrainSettings, device: str | None = None) -> TrainConfig:
     return TrainConfig(local_epochs=int(s.local_epochs), batch_size=int(s.batch_size), lr=float(s.base_lr),
                        momentum=float(s.momentum), weight_decay=float(s.weight_decay),
                        affinity_every=int(s.affinity_every), affinity_divide_by_lr=bool(s.affinity_divide_by_lr),
-                       fedprox_mu=float(s.fedprox_mu), device=device or s.device or "cpu")
+                       device=device or s.device or "cpu")
 
 
 def work_to_pb(work_id: str, kind: str, a: Assignment, model: Mapping[str, Any], model_bytes: int, model_sha256: str,
@@ -51,7 +51,9 @@ def work_to_pb(work_id: str, kind: str, a: Assignment, model: Mapping[str, Any],
                 config=train_config_to_pb(a.config), measure_affinity=bool(a.measure_affinity), seed=int(a.seed),
                 model=pb.ModelInfo(input_shape=[int(s) for s in model["input_shape"]], width=int(model["width"]),
                                    depth=int(model.get("depth", 1))),
-                model_bytes=int(model_bytes), model_sha256=model_sha256, deadline_s=float(deadline_s or 0.0))
+                model_bytes=int(model_bytes), model_sha256=model_sha256, deadline_s=float(deadline_s or 0.0),
+                procedure=a.procedure, method_config_json=json.dumps(dict(a.method_config), sort_keys=True),
+                state_key=a.state_key, personal=list(a.personal), frozen=list(a.frozen), personalised=bool(a.personalised))
     if a.time_budget_s is not None:
         w.time_budget_s = float(a.time_budget_s)
     if a.energy_budget_j is not None:
@@ -61,12 +63,24 @@ def work_to_pb(work_id: str, kind: str, a: Assignment, model: Mapping[str, Any],
 
 def assignment_from_pb(w: pb.Work, state: dict[str, np.ndarray], device: str | None = None,
                        time_budget_s: float | None = None, energy_budget_j: float | None = None) -> Assignment:
-    """The :class:`Assignment` of a work item; the device's own budgets (profile) tighten the job's."""
+    """The :class:`Assignment` of a work item; the device's own budgets (profile) tighten the job's.
+
+    Raises:
+        ValueError: ``method_config_json`` is not a JSON object.
+    """
     tb = w.time_budget_s if w.HasField("time_budget_s") else None
     eb = w.energy_budget_j if w.HasField("energy_budget_j") else None
+    try:
+        method_config = json.loads(w.method_config_json) if w.method_config_json else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"work {w.work_id}: method_config_json is not JSON ({e})") from None
+    if not isinstance(method_config, dict):
+        raise ValueError(f"work {w.work_id}: method_config_json is not a JSON object")
     return Assignment(job=w.job, round=int(w.round), tasks=tuple(w.tasks), state=state, lr=float(w.lr),
                       config=train_config_from_pb(w.config, device), measure_affinity=bool(w.measure_affinity),
-                      seed=int(w.seed), time_budget_s=_min(tb, time_budget_s), energy_budget_j=_min(eb, energy_budget_j))
+                      seed=int(w.seed), time_budget_s=_min(tb, time_budget_s), energy_budget_j=_min(eb, energy_budget_j),
+                      procedure=w.procedure or "sgd", method_config=method_config, state_key=w.state_key,
+                      personal=tuple(w.personal), frozen=tuple(w.frozen), personalised=bool(w.personalised))
 
 
 def _min(a: float | None, b: float | None) -> float | None:

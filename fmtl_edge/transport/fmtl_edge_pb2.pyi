@@ -129,7 +129,7 @@ class PullWorkRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class TrainSettings(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "base_lr", "momentum", "weight_decay", "affinity_every", "affinity_divide_by_lr", "fedprox_mu", "device")
+    __slots__ = ("local_epochs", "batch_size", "base_lr", "momentum", "weight_decay", "affinity_every", "affinity_divide_by_lr", "device")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     BASE_LR_FIELD_NUMBER: _ClassVar[int]
@@ -137,7 +137,6 @@ class TrainSettings(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     AFFINITY_EVERY_FIELD_NUMBER: _ClassVar[int]
     AFFINITY_DIVIDE_BY_LR_FIELD_NUMBER: _ClassVar[int]
-    FEDPROX_MU_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     batch_size: int
@@ -146,9 +145,8 @@ class TrainSettings(_message.Message):
     weight_decay: float
     affinity_every: int
     affinity_divide_by_lr: bool
-    fedprox_mu: float
     device: str
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., base_lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., affinity_every: _Optional[int] = ..., affinity_divide_by_lr: _Optional[bool] = ..., fedprox_mu: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., base_lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., affinity_every: _Optional[int] = ..., affinity_divide_by_lr: _Optional[bool] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("input_shape", "width", "depth")
@@ -161,7 +159,7 @@ class ModelInfo(_message.Message):
     def __init__(self, input_shape: _Optional[_Iterable[int]] = ..., width: _Optional[int] = ..., depth: _Optional[int] = ...) -> None: ...
 
 class Work(_message.Message):
-    __slots__ = ("work_id", "kind", "job", "round", "tasks", "lr", "config", "measure_affinity", "seed", "time_budget_s", "energy_budget_j", "model", "model_bytes", "model_sha256", "deadline_s")
+    __slots__ = ("work_id", "kind", "job", "round", "tasks", "lr", "config", "measure_affinity", "seed", "time_budget_s", "energy_budget_j", "model", "model_bytes", "model_sha256", "deadline_s", "procedure", "method_config_json", "state_key", "personal", "frozen", "personalised")
     WORK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +175,12 @@ class Work(_message.Message):
     MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    PROCEDURE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATE_KEY_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    PERSONALISED_FIELD_NUMBER: _ClassVar[int]
     work_id: str
     kind: str
     job: str
@@ -192,7 +196,13 @@ class Work(_message.Message):
     model_bytes: int
     model_sha256: str
     deadline_s: float
-    def __init__(self, work_id: _Optional[str] = ..., kind: _Optional[str] = ..., job: _Optional[str] = ..., round: _Optional[int] = ..., tasks: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., config: _Optional[_Union[TrainSettings, _Mapping]] = ..., measure_affinity: _Optional[bool] = ..., seed: _Optional[int] = ..., time_budget_s: _Optional[float] = ..., energy_budget_j: _Optional[float] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., model_bytes: _Optional[int] = ..., model_sha256: _Optional[str] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+    procedure: str
+    method_config_json: str
+    state_key: str
+    personal: _containers.RepeatedScalarFieldContainer[str]
+    frozen: _containers.RepeatedScalarFieldContainer[str]
+    personalised: bool
+    def __init__(self, work_id: _Optional[str] = ..., kind: _Optional[str] = ..., job: _Optional[str] = ..., round: _Optional[int] = ..., tasks: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., config: _Optional[_Union[TrainSettings, _Mapping]] = ..., measure_affinity: _Optional[bool] = ..., seed: _Optional[int] = ..., time_budget_s: _Optional[float] = ..., energy_budget_j: _Optional[float] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., model_bytes: _Optional[int] = ..., model_sha256: _Optional[str] = ..., deadline_s: _Optional[float] = ..., procedure: _Optional[str] = ..., method_config_json: _Optional[str] = ..., state_key: _Optional[str] = ..., personal: _Optional[_Iterable[str]] = ..., frozen: _Optional[_Iterable[str]] = ..., personalised: _Optional[bool] = ...) -> None: ...
 
 class PullWorkReply(_message.Message):
     __slots__ = ("has_work", "work", "reregister", "message")

@@ -1,0 +1,39 @@
+"""``fedprox``: all-in-one where each client's local objective adds the proximal term
+μ/2·‖w − w_global‖² (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020,
+Eq. 2); μ travels to the clients in ``method_config`` (procedure ``fedprox``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fmtl_edge.coordinator import Job
+from fmtl_edge.methods.all_in_one import AllInOne
+from fmtl_edge.methods.base import base_settings
+from fmtl_edge.tasks import TaskSet
+
+
+class FedProx(AllInOne):
+    """Args:
+        mu: μ > 0, the proximal weight.
+
+    Raises:
+        ValueError: μ ≤ 0 (names ``--fedprox-mu``).
+    """
+
+    name = "fedprox"
+    summary = "all-in-one with FedProx's proximal term μ/2·‖w − w_global‖² (--fedprox-mu)"
+
+    def __init__(self, tasks: TaskSet, rounds: int, mu: float = 0.01, **kw):
+        super().__init__(tasks, rounds, **kw)
+        if not mu > 0:
+            raise ValueError(f"--fedprox-mu: fedprox needs mu > 0 (the proximal weight), got {mu}")
+        self.mu = mu
+
+    @classmethod
+    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "FedProx":
+        if arg is not None:
+            raise ValueError(f"fedprox takes no parameter (got fedprox-{arg})")
+        return cls(tasks, cfg.rounds, mu=cfg.fedprox_mu, **base_settings(cfg))
+
+    def _job(self) -> Job:
+        return Job("all", tuple(self.tasks.names), self.rounds, procedure="fedprox", method_config={"mu": self.mu})

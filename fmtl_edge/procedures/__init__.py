@@ -1,0 +1,26 @@
+"""Client-side training procedures, registered by name.
+
+An :class:`~fmtl_edge.messages.Assignment` names the procedure a client runs (``procedure``) and
+carries its settings (``method_config``); the client framework (:func:`fmtl_edge.client.train_round`)
+builds the model, overlays the client's personal layers, freezes pre-trained layers, calls the
+procedure and uploads what may leave the client. A new method registers its procedure here with
+:func:`register` and never touches the messages, the transport or the client framework.
+
+=============== ===================================================================================
+``sgd``         E local epochs of SGD on Σ_i L_i (+ MAS's lookahead affinity every ρ batches)
+``fedprox``     ``sgd`` plus FedProx's proximal term μ/2·‖w − w_global‖² (``mu``)
+``ditto``       the global copy by ``sgd``, then the personal model p_k with λ/2·‖p_k − w*‖²
+                (``lambda``, ``personal_epochs``); p_k is client state
+=============== ===================================================================================
+"""
+
+from __future__ import annotations
+
+from fmtl_edge.procedures.base import LocalContext, LocalResult, Procedure, get_procedure, procedure_names, register
+
+# The registry: one import per procedure module (each registers itself).
+from fmtl_edge.procedures import sgd as _sgd  # noqa: E402,F401
+from fmtl_edge.procedures import fedprox as _fedprox  # noqa: E402,F401
+from fmtl_edge.procedures import ditto as _ditto  # noqa: E402,F401
+
+__all__ = ["LocalContext", "LocalResult", "Procedure", "get_procedure", "procedure_names", "register"]
