@@ -37,6 +37,10 @@ class UploadsMixin:
             result = validate_upload(item, meta, path, self.max_update_bytes, self._devices.get(item.client_id))
         except (TensorFileError, ValueError, KeyError) as e:
             return False, self.reject_upload(item, str(e), path)
+        except Exception as e:  # noqa: BLE001 - whatever breaks validation refuses the upload, never the call
+            log.exception("validation of work %s failed unexpectedly", item.work_id)
+            return False, self.reject_upload(item, f"the server could not validate the update ({type(e).__name__}: {e})",
+                                             path)
         finally:
             ri = self.round_info
             if ri.get("_t0") is not None:
