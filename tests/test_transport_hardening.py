@@ -171,3 +171,147 @@ def test_a_hostile_upload_is_refused_with_a_reason_and_frees_the_slot(svc, tmp_p
         assert st["rejected"] == 1 and st["work"] is None
     finally:
         dev.close()
+
+
+# -- fault 2: two streams for one work item -----------------------------------------------------------
+
+
+def test_two_streams_for_one_work_item_write_separate_files_and_the_accepted_one_stays_intact(svc, tmp_path):
+    pool, _, target = svc(RoundPolicy(heartbeat_timeout_s=3.0, dispatch_wait_s=2.0, max_attempts=1))
+    devs = [Raw(target, 0), Raw(target, 1)]
+    try:
+        t, box = run_round(pool, k=2)
+        works = [d.pull() for d in devs]
+        index = [pool._items[w.work_id].slot.index for w in works]
+        first, racer = (0, 1) if index[0] == 0 else (1, 0)
+        w = works[racer]
+        state, names = devs[racer].model(w, tmp_path)
+        good = update_bytes(shifted(state, 0.5), names, tmp_path, "good")
+        nan = dict(state)
+        k0 = names[0]
+        nan[k0] = np.full_like(state[k0], np.nan)
+        bad = update_bytes(nan, names, tmp_path, "bad")
+        assert len(bad) == len(good)
+        hold = threading.Event()
+        replies = {}
+        b = threading.Thread(target=lambda: replies.setdefault("b", devs[racer].stub.UploadUpdate(
+            devs[racer].messages(w, bad, hold=hold), timeout=20, metadata=devs[racer].md)))
+        b.start()
+        time.sleep(0.5)  # stream B is open and has sent its first chunk
+        replies["a"] = devs[racer].upload(w, good)
+        hold.set()  # B now sends its NaN chunks
+        b.join(20)
+        assert replies["a"].accepted, replies["a"].reason
+        assert not replies["b"].accepted
+        s2, n2 = devs[first].model(works[first], tmp_path)
+        assert devs[first].upload(works[first], update_bytes(shifted(s2, 0.25), n2, tmp_path, "f")).accepted
+        t.join(20)
+        assert "out" in box, box.get("error")
+        for k, v in box["out"].state.items():
+            if np.issubdtype(v.dtype, np.floating):
+                np.testing.assert_allclose(v, state[k] + np.float32(0.375), rtol=1e-5, atol=1e-6, err_msg=k)
+    finally:
+        for d in devs:
+            d.close()
+
+
+# -- faults 3-5: values, sample counts, energy ---------------------------------------------------------
+
+
+def _one_update(svc, tmp_path, make_state=None, pool_kw=None, **over):
+    pool, _, target = svc(**(pool_kw or {}))
+    dev = Raw(target, 0)
+    try:
+        t, box = run_round(pool)
+        w = dev.pull()
+        state, names = dev.model(w, tmp_path)
+        new = make_state(state) if make_state else shifted(state, 0.1)
+        reply = dev.upload(w, update_bytes(new, names, tmp_path), **over)
+        t.join(15)
+        return reply, box, pool
+    finally:
+        dev.close()
+
+
+def test_finite_but_huge_values_are_refused_by_the_norm_bound(svc, tmp_path):
+    def huge(state):
+        out = dict(state)
+        k = next(n for n, v in state.items() if np.issubdtype(v.dtype, np.floating) and v.size > 1)
+        out[k] = np.full_like(state[k], 1e38)
+        return out
+
+    reply, box, pool = _one_update(svc, tmp_path, huge)
+    assert not reply.accepted and "norm" in reply.reason and "max_update_norm_ratio" in reply.reason
+    assert "error" in box and pool.counters["updates_rejected"] == 1
+
+
+def test_an_ordinary_update_passes_the_norm_bound(svc, tmp_path):
+    reply, box, _ = _one_update(svc, tmp_path)
+    assert reply.accepted, reply.reason
+    assert "out" in box
+
+
+def test_sample_counts_above_the_registered_count_are_refused(svc, tmp_path):
+    reply, box, _ = _one_update(svc, tmp_path, n_samples=1000 * N_TRAIN)
+    assert not reply.accepted and "n_samples" in reply.reason and str(N_TRAIN) in reply.reason
+
+
+def test_the_per_job_sample_cap_bounds_the_weight(svc, tmp_path):
+    reply, box, _ = _one_update(svc, tmp_path, pool_kw={"max_client_samples": 7})
+    assert reply.accepted and box["out"].history[0].samples == 7
+
+
+def test_a_device_may_not_change_its_registered_sample_count(svc, tmp_path, caplog):
+    pool, _, target = svc()
+    dev = Raw(target, 0)
+    try:
+        dev.stop.set()
+        with pytest.raises(grpc.RpcError) as e:
+            dev.stub.Register(dev.request(n_train=N_TRAIN * 1000), timeout=10, metadata=dev.md)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "train_samples" in e.value.details()
+        assert "train_samples" in caplog.text
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize("field, value", [("energy_j", -1e6), ("energy_j", float("nan")), ("device_s", -1.0),
+                                          ("peak_memory_bytes", -5), ("affinity_steps", -3),
+                                          ("energy_json", '{"source": "x", "cpu_j": -4.0}'),
+                                          ("energy_json", '{"source": "x", "total_j": NaN}')])
+def test_negative_or_non_finite_resource_figures_are_refused(svc, tmp_path, field, value):
+    reply, box, _ = _one_update(svc, tmp_path, **{field: value})
+    assert not reply.accepted and field.split("_json")[0] in reply.reason, reply.reason
+
+
+# -- fault 6: evaluation replies ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sums, word", [({"loss_sum": -5.0, "metric_sum": 3.0, "n": 10}, "loss_sum"),
+                                        ({"loss_sum": 5.0, "metric_sum": 1e7, "n": 10}, "metric_sum"),
+                                        ({"loss_sum": 5.0, "metric_sum": -1.0, "n": 10}, "metric_sum"),
+                                        ({"loss_sum": 5.0, "metric_sum": 3.0, "n": 10**15}, "n ")])
+def test_absurd_evaluation_sums_are_refused(svc, tmp_path, sums, word):
+    pool, _, target = svc()
+    pool.task_kinds = {"a": "binary", "b": "binary"}
+    dev = Raw(target, 0)
+    try:
+        box = {}
+        state = {k: np.asarray(v) for k, v in _global_state().items()}
+        a = Assignment(job="all", round=0, tasks=("a", "b"), state=state, lr=0.0, config=TrainConfig(), seed=0)
+        t = threading.Thread(target=lambda: box.setdefault("out", pool.evaluate([(0, a)], timeout_s=5)))
+        t.start()
+        w = dev.pull()
+        ok = {"loss_sum": 5.0, "metric_sum": 3.0, "n": 10}
+        reply = dev.upload(w, b"", eval={"a": sums, "b": ok})
+        t.join(15)
+        assert not reply.accepted and word in reply.reason, reply.reason
+        assert box["out"] == {}
+    finally:
+        dev.close()
+
+
+def _global_state():
+    from fmtl_edge.models import MultiTaskModel
+    from fmtl_edge.partition import state_to_numpy
+
+    return state_to_numpy(MultiTaskModel(SPEC, TASKS).state_dict())

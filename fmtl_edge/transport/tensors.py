@@ -25,6 +25,7 @@ import math
 import mmap
 import os
 import struct
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
@@ -413,6 +414,9 @@ def iter_chunks(path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 class ChunkSink:
     """Reassemble a chunked stream into a file, checking order, size limit and checksum.
 
+    Each sink writes its own temp file (a random name beside ``path``); :meth:`finish` makes it
+    read-only and links it to ``path``, refusing to replace an existing file.
+
     Args:
         path: final file; data goes to a temp file beside it until :meth:`finish`.
         expected_bytes: the announced size (chunks beyond it are refused); None = unknown.
@@ -429,8 +433,10 @@ class ChunkSink:
         if expected_bytes is not None and max_bytes is not None and expected_bytes > max_bytes:
             raise TensorFileError(f"announced size {expected_bytes} bytes is above the limit of {max_bytes} bytes")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.part")
-        self._f: BinaryIO | None = open(self._tmp, "wb")
+        # one temp file per stream (O_EXCL, random name): two streams never share bytes
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
+        self._tmp = Path(tmp)
+        self._f: BinaryIO | None = os.fdopen(fd, "wb")
         self._h = hashlib.sha256()
         self.received = 0
 
@@ -463,7 +469,15 @@ class ChunkSink:
         if self.sha256 is not None and digest != self.sha256:
             self.abort()
             raise TensorFileError(f"SHA-256 mismatch: got {digest[:12]}…, announced {self.sha256[:12]}…")
-        os.replace(self._tmp, self.path)
+        # read-only, and never over an existing file: an accepted file cannot change under its mapping
+        os.chmod(self._tmp, 0o444)
+        try:
+            os.link(self._tmp, self.path)
+        except FileExistsError:
+            self.abort()
+            raise TensorFileError(f"{self.path.name} already exists (a second stream for the same file)") from None
+        finally:
+            self._tmp.unlink(missing_ok=True)
         return self.path
 
     @property

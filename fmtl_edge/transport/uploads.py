@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ class UploadsMixin:
     """Upload acceptance (part of :class:`~fmtl_edge.transport.pool.RemoteClientPool`)."""
 
     def incoming_path(self, work_id: str) -> Path:
-        return self.work_dir / "incoming" / f"{work_id}.safetensors"
+        """A fresh file name for one upload stream of ``work_id`` (streams never share a file)."""
+        return self.work_dir / "incoming" / f"{work_id}-{secrets.token_hex(6)}.safetensors"
 
     def finish_upload(self, item: WorkItem, meta, path: Path | None) -> tuple[bool, str]:
         """Validate an uploaded update and hand it to its slot. Returns (accepted, reason)."""
