@@ -69,6 +69,7 @@ class ModelFile:
     size_bytes: int
     sha256: str
     spec: list[tuple[str, str, tuple[int, ...]]]   # (name, dtype name, shape) in file order
+    l2_norm: float | None = None                   # of the float tensors (validation.model_norm)
 
 
 

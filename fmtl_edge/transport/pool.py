@@ -45,6 +45,7 @@ from fmtl_edge.transport.registry import Device, PoolClosed, RegistrationRefused
 from fmtl_edge.transport.scheduler import RoundPolicy, SchedulerMixin, Slot, WorkItem
 from fmtl_edge.transport.status import StatusMixin
 from fmtl_edge.transport.uploads import UploadsMixin
+from fmtl_edge.transport.validation import Limits
 
 __all__ = ["Device", "ModelFile", "PoolClosed", "RegistrationRefused", "RemoteClientPool", "RoundPolicy", "Slot",
            "WorkItem", "release_free_heap"]
@@ -64,13 +65,17 @@ class RemoteClientPool(RegistryMixin, SchedulerMixin, ModelFilesMixin, UploadsMi
         validate_registration: ``(Device) -> None`` raising :class:`RegistrationRefused` (the server
             checks the data partition and task definitions against its job).
         on_device_change: ``(Device) -> None`` after a registration or a finished execution (persistence).
+        max_update_norm_ratio: the update norm bound relative to the global model's norm
+            (:class:`~fmtl_edge.transport.validation.Limits`).
+        max_client_samples: cap on one update's aggregation weight (None: no cap).
     """
 
     def __init__(self, work_dir: str | Path, policy: RoundPolicy | None = None, seed: int = 0,
                  model_info: Mapping[str, Any] | None = None, max_update_bytes: int = 8 << 30,
                  chunk_bytes: int = 2 << 20,
                  validate_registration: Callable[[Device], None] | None = None,
-                 on_device_change: Callable[[Device], None] | None = None):
+                 on_device_change: Callable[[Device], None] | None = None,
+                 max_update_norm_ratio: float = 10.0, max_client_samples: int | None = None):
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         for sub in ("models", "incoming"):
@@ -93,4 +98,14 @@ class RemoteClientPool(RegistryMixin, SchedulerMixin, ModelFilesMixin, UploadsMi
         self.counters = {"updates_accepted": 0, "updates_rejected": 0, "replacements": 0, "failures": 0,
                          "rounds_extended": 0}
         self.round_info: dict[str, Any] = {}
+        self.limits = Limits(self.max_update_bytes, float(max_update_norm_ratio), max_client_samples)
+
+    @property
+    def task_kinds(self) -> Mapping[str, str]:
+        """task → kind, for the range checks of evaluation replies (set by the server)."""
+        return self.limits.task_kinds
+
+    @task_kinds.setter
+    def task_kinds(self, kinds: Mapping[str, str]) -> None:
+        self.limits.task_kinds = dict(kinds)
 

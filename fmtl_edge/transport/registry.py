@@ -149,6 +149,15 @@ class RegistryMixin:
                     f"client {client_id} is held by device {old.name!r}, which is online; each client of the "
                     "partition may join once (check --data client=...)",
                 )
+            if old is not None and old.n_train and (cand.n_train != old.n_train or cand.tasks != old.tasks):
+                # the aggregation weight comes from this count: it is held fixed for the job
+                log.warning("refused Register of %s for client %d: train_samples %s, registered %s", name, client_id,
+                            cand.tasks, old.tasks)
+                raise RegistrationRefused(
+                    "FAILED_PRECONDITION",
+                    f"client {client_id} was registered with train_samples {old.tasks}; this registration announces "
+                    f"{cand.tasks}. The count is held fixed for the job: join with the partition you joined with "
+                    "(same --data), or start a new job (new --state-dir)")
             if old is not None:
                 self._drop_session(old, "the device registered again (agent restarted)")
                 cand.executions, cand.rejected, cand.failures = old.executions, old.rejected, old.failures

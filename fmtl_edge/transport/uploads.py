@@ -36,7 +36,7 @@ class UploadsMixin:
                 return False, self.why_not(item.work_id)
         t_v = time.monotonic()
         try:
-            result = validate_upload(item, meta, path, self.max_update_bytes, self._devices.get(item.client_id))
+            result = validate_upload(item, meta, path, self.limits, self._devices.get(item.client_id))
         except (TensorFileError, ValueError, KeyError) as e:
             return False, self.reject_upload(item, str(e), path)
         except Exception as e:  # noqa: BLE001 - whatever breaks validation refuses the upload, never the call
