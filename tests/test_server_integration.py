@@ -30,7 +30,7 @@ except ImportError:  # running from a checkout: the server package lives in serv
     sys.path.insert(0, str(ROOT / "server"))
 
 from fmtl_edge.transport.service import free_port  # noqa: E402
-from fmtl_edge.transport.testing import Proc, agent_cmd, python_path, server_cmd, wait_until  # noqa: E402
+from deploy_helpers import Proc, agent_cmd, python_path, server_cmd, wait_until  # noqa: E402
 from fmtl_server.auth import add_token  # noqa: E402
 
 CLIENTS, MAX_SAMPLES, WIDTH = 4, 320, 4
@@ -72,7 +72,7 @@ class Deployment:
         self.sec_server: list[str] = ["--insecure"]
         self.sec_agent: list[str] = ["--insecure"]
         if tls:
-            from fmtl_edge.transport.testing import self_signed_cert
+            from deploy_helpers import self_signed_cert
 
             crt, key = self_signed_cert(tmp / "tls", name="server")
             self.sec_server = ["--tls-cert", str(crt), "--tls-key", str(key)]

@@ -153,3 +153,53 @@ def test_checkpoints_resume_a_plan_with_the_uninterrupted_result(tmp_path):
         ckpts = list((tmp_path / f"s{stop_after}" / "checkpoints").rglob("*.safetensors"))
         assert len(ckpts) == 3  # one per job: older rounds are deleted once the next one is committed
         store.close()
+
+
+class Overflowing(Scripted):
+    """Two finite updates whose weighted float32 sum overflows, for the first ``bad_calls`` rounds."""
+
+    def __init__(self, bad_calls=1):
+        super().__init__(2)
+        self.bad_calls = bad_calls
+        self.rounds = 0
+        self.round_info = {}  # (what the runner's timing log reads from a RemoteClientPool)
+
+    def execute_many(self, work):
+        self.rounds += 1
+        for upd in super().execute_many(work):
+            if self.rounds <= self.bad_calls:
+                upd.state = {k: np.full_like(v, 3e38) if np.issubdtype(v.dtype, np.floating) else v
+                             for k, v in upd.state.items()}
+            yield upd
+
+
+def _job_server(tmp_path, retries=1):
+    from fmtl_server.runner import JobServer
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    f = tmp_path / "job.toml"
+    f.write_text('[job]\ndataset = "digits"\nclients = 2\nmethods = ["all-in-one"]\nrounds = 2\nclients_per_round = 2\n'
+                 f'retry_wait_s = 0\nmax_round_retries = {retries}\nevaluate = false\n[server]\ntokens = "t.txt"\ninsecure = true\n'
+                 'state_dir = "st"\n')
+    srv, job = load_config(f)
+    js = JobServer(srv, job, echo=lambda m: None)
+    js.store = Store(tmp_path / "st")
+    js.tasks = TASKS
+    return js
+
+
+def test_an_aggregation_error_fails_the_round_not_the_server(tmp_path):
+    from fmtl_edge.coordinator import RoundFailed
+    from fmtl_edge.methods import make_method
+    from fmtl_edge.simulation import train_config
+
+    js = _job_server(tmp_path)
+    js.pool = Overflowing(bad_calls=1)  # the first attempt overflows, the retry succeeds
+    method = make_method("all-in-one", TASKS, 2, 1, 0.0)
+    js._run_method(0, method, ModelSpec((1, 8, 8), 4), train_config(js.job.sim))
+    rows = js.store.db.execute("SELECT kind, detail FROM events").fetchall()
+    assert any(k == "round_failed" and "overflow" in d for k, d in rows), rows
+    js2 = _job_server(tmp_path / "b", retries=0)
+    js2.pool = Overflowing(bad_calls=99)
+    with pytest.raises(RoundFailed, match="overflow"):  # given up as a failed round (exit 5), not a crash
+        js2._run_method(0, method, ModelSpec((1, 8, 8), 4), train_config(js2.job.sim))

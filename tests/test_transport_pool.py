@@ -308,7 +308,7 @@ def test_one_device_per_client_and_registration_checks(service):
 
 def test_tls_with_client_certificates(service, tmp_path):
     pytest.importorskip("cryptography")
-    from fmtl_edge.transport.testing import self_signed_cert
+    from deploy_helpers import self_signed_cert
 
     ca = self_signed_cert(tmp_path, name="ca")
     srv_cert = self_signed_cert(tmp_path, name="server", ca=ca)

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
@@ -166,6 +168,26 @@ def file_sha256(path: str | os.PathLike, block: int = 8 * MIB) -> str:
             h.update(b)
 
 
+def _uint(v: Any) -> int:
+    """A JSON integer >= 0 (not a bool, float or string), else TypeError."""
+    if type(v) is not int or v < 0:
+        raise TypeError(v)
+    return v
+
+
+def _safetensors_refusal(path: Path) -> str | None:
+    """None when the ``safetensors`` package opens ``path``, else its error message."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            return None
+    except SafetensorError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - whatever it raises, the file is refused
+        return f"{type(e).__name__}: {e}"
+
+
 class SafetensorsFile:
     """A safetensors file: validated header, lazily memory-mapped tensors.
 
@@ -187,9 +209,30 @@ class SafetensorsFile:
             raise TensorFileError(f"{size} bytes: too short for a safetensors header")
         with open(self.path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            # capped before anything is read or parsed
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise TensorFileError(f"header length {n} does not fit the {size}-byte file")
+                raise TensorFileError(f"header length {n} does not fit the {size}-byte file "
+                                      f"(at most {MAX_HEADER_BYTES} header bytes)")
             raw = f.read(n)
+        # The safetensors package's own parser decides what is valid (it is fuzzed upstream); ours
+        # below only reads the offsets it does not expose and words the common errors.
+        refused = _safetensors_refusal(self.path)
+        if refused is not None and n > MIB:
+            raise TensorFileError(f"not a valid safetensors file: {refused}")
+        try:
+            head, spans = self._parse(raw, size - 8 - n)
+        except TensorFileError as e:
+            raise TensorFileError(str(e) + (f" (safetensors: {refused})" if refused else "")) from None
+        except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as e:
+            raise TensorFileError(f"malformed header: {refused or type(e).__name__}") from None
+        if refused is not None:
+            raise TensorFileError(f"not a valid safetensors file: {refused}")
+        self.data_start = 8 + n
+        self.size_bytes = size
+        self._cache: dict[str, np.ndarray] = {}
+
+    def _parse(self, raw: bytes, data_len: int):
+        """Header JSON → metadata and entries (strict types, Python integers: no overflow)."""
         try:
             head = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -197,24 +240,24 @@ class SafetensorsFile:
         if not isinstance(head, dict):
             raise TensorFileError("header is not a JSON object")
         meta = head.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise TensorFileError("__metadata__ is not an object")
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise TensorFileError("__metadata__ is not an object of strings")
         self.metadata: dict[str, str] = {str(k): str(v) for k, v in meta.items()}
-        self.data_start = 8 + n
-        data_len = size - self.data_start
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         spans = []
         for name, e in head.items():
             try:
                 dt = _FROM_ST[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                begin, end = (int(v) for v in e["data_offsets"])
+                shape = tuple(_uint(s) for s in e["shape"])
+                offsets = e["data_offsets"]
+                if not isinstance(offsets, list) or len(offsets) != 2:
+                    raise TypeError
+                begin, end = (_uint(v) for v in offsets)
             except (KeyError, TypeError, ValueError):
-                raise TensorFileError(f"tensor {name!r}: bad header entry {e!r}") from None
-            if any(s < 0 for s in shape):
-                raise TensorFileError(f"tensor {name!r}: negative dimension in {shape}")
-            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-            if end - begin != count * dt.itemsize or begin < 0 or end > data_len:
+                raise TensorFileError(f"tensor {name!r}: bad header entry {e!r:.200} (dtype one of "
+                                      f"{sorted(_FROM_ST)}, shape and data_offsets lists of integers >= 0)") from None
+            count = math.prod(shape)  # Python integers: no wrap-around
+            if end - begin != count * dt.itemsize or begin > end or end > data_len:
                 raise TensorFileError(
                     f"tensor {name!r}: byte range [{begin}, {end}) does not hold {shape} {e['dtype']} "
                     f"inside {data_len} data bytes"
@@ -228,8 +271,7 @@ class SafetensorsFile:
             pos = end
         if pos != data_len:
             raise TensorFileError(f"{data_len - pos} trailing bytes after the last tensor")
-        self.size_bytes = size
-        self._cache: dict[str, np.ndarray] = {}
+        return head, spans
 
     @property
     def names(self) -> list[str]:
@@ -372,6 +414,9 @@ def iter_chunks(path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 class ChunkSink:
     """Reassemble a chunked stream into a file, checking order, size limit and checksum.
 
+    Each sink writes its own temp file (a random name beside ``path``); :meth:`finish` makes it
+    read-only and links it to ``path``, refusing to replace an existing file.
+
     Args:
         path: final file; data goes to a temp file beside it until :meth:`finish`.
         expected_bytes: the announced size (chunks beyond it are refused); None = unknown.
@@ -388,8 +433,10 @@ class ChunkSink:
         if expected_bytes is not None and max_bytes is not None and expected_bytes > max_bytes:
             raise TensorFileError(f"announced size {expected_bytes} bytes is above the limit of {max_bytes} bytes")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.part")
-        self._f: BinaryIO | None = open(self._tmp, "wb")
+        # one temp file per stream (O_EXCL, random name): two streams never share bytes
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
+        self._tmp = Path(tmp)
+        self._f: BinaryIO | None = os.fdopen(fd, "wb")
         self._h = hashlib.sha256()
         self.received = 0
 
@@ -422,7 +469,15 @@ class ChunkSink:
         if self.sha256 is not None and digest != self.sha256:
             self.abort()
             raise TensorFileError(f"SHA-256 mismatch: got {digest[:12]}…, announced {self.sha256[:12]}…")
-        os.replace(self._tmp, self.path)
+        # read-only, and never over an existing file: an accepted file cannot change under its mapping
+        os.chmod(self._tmp, 0o444)
+        try:
+            os.link(self._tmp, self.path)
+        except FileExistsError:
+            self.abort()
+            raise TensorFileError(f"{self.path.name} already exists (a second stream for the same file)") from None
+        finally:
+            self._tmp.unlink(missing_ok=True)
         return self.path
 
     @property

@@ -22,6 +22,9 @@ from fmtl_edge.config import ConfigError, SimulationConfig, build_config, read_t
 
 #: [job] keys of the deployment (the rest are simulate keys)
 JOB_KEYS = {
+    "max_update_norm_ratio": "update norm bound: an update farther (L2) from the global model than this x max(|global|, 1) "
+                             "is refused (default 10)",
+    "max_client_samples": "cap on one update's aggregation weight, in samples (default: none)",
     "name": "job name (results, status)",
     "tasks": "the tasks to train (default: every task of the dataset)",
     "round_deadline_s": "seconds a round waits for its K updates (default: no deadline)",
@@ -61,6 +64,8 @@ class JobConfig:
     evaluate: bool = True
     retry_wait_s: float = 5.0
     max_round_retries: int = 20
+    max_update_norm_ratio: float = 10.0
+    max_client_samples: int | None = None
     table: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -164,7 +169,8 @@ def parse_job(table: Mapping[str, Any], name: str = "job") -> JobConfig:
                                  ("max_attempts", int, 1, False), ("dispatch_wait_s", float, 0.0, False),
                                  ("deadline_retries", int, 0, False), ("wait_for_devices", int, 1, True),
                                  ("start_timeout_s", float, 0.0, True), ("eval_timeout_s", float, 1.0, False),
-                                 ("retry_wait_s", float, 0.0, False), ("max_round_retries", int, 0, False)):
+                                 ("retry_wait_s", float, 0.0, False), ("max_round_retries", int, 0, False),
+                                 ("max_update_norm_ratio", float, 1e-6, False), ("max_client_samples", int, 1, True)):
         if k in table:
             setattr(job, k, _num(k, table[k], kind, lo, none_ok))
     if "evaluate" in table:

@@ -139,6 +139,7 @@ class JobServer:
                 self.store.put("n_clients", int(data["n_clients"]))
         if self.pool is not None:
             self.pool.model_info = {"input_shape": list(shape), "width": self.job.sim.width, "depth": 1}
+            self.pool.task_kinds = {t.name: t.kind for t in tasks}
 
     def _restore_tasks(self) -> None:
         from fmtl_edge.tasks import Task
@@ -154,6 +155,7 @@ class JobServer:
         self._signature = self.store.get("task_signature")
         self._dataset_info = self.store.get("dataset_info", {})
         self.pool.model_info = {"input_shape": list(shape), "width": self.job.sim.width, "depth": 1}
+        self.pool.task_kinds = {t.name: t.kind for t in tasks}
 
     # -- status -----------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -193,7 +195,9 @@ class JobServer:
         self.pool = RemoteClientPool(Path(srv.state_dir) / "work", policy, seed=self.job.sim.seed,
                                      max_update_bytes=srv.max_update_bytes, chunk_bytes=srv.chunk_bytes,
                                      validate_registration=self.validate_registration,
-                                     on_device_change=self.store.save_device)
+                                     on_device_change=self.store.save_device,
+                                     max_update_norm_ratio=self.job.max_update_norm_ratio,
+                                     max_client_samples=self.job.max_client_samples)
         self.pool.load_registry(self.store.devices())
         self._restore_tasks()
         self.servicer = CoordinatorServicer(self.pool, tokens, srv.heartbeat_interval_s, status=self.status)
@@ -300,7 +304,13 @@ class JobServer:
                 where = f"job {resume.job.name!r} after round {resume.round + 1}" if resume else "the next job"
                 self.say(f"{method.name}: resuming with {len(done)} finished jobs, at {where}")
             try:
-                done = coord.run_method(method, done=done, resume=resume)
+                try:
+                    done = coord.run_method(method, done=done, resume=resume)
+                except (ValueError, ArithmeticError) as e:
+                    # an aggregation error (e.g. a float32 overflow) fails the round, never the server
+                    log.exception("aggregation error in %s", method.name)
+                    raise RoundFailed(getattr(e, "job", method.name), getattr(e, "round", -1), 0, job.min_updates,
+                                      f"aggregation error: {e}") from e
                 break
             except RoundFailed as e:
                 failures += 1

@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks of the deployment: certificates, server and agent processes.
+"""Helpers for tests of the deployment (moved here from the library): certificates, server and agent processes.
 
 Not used by the runtime itself. :func:`self_signed_cert` needs the ``cryptography`` package (the
 ``test`` extra).

@@ -1,0 +1,302 @@
+"""Registry and liveness of the remote pool: devices, sessions, heartbeats, long polls."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from fmtl_edge.transport.scheduler import WorkItem
+
+log = logging.getLogger("fmtl_edge.transport.pool")
+
+
+class PoolClosed(RuntimeError):
+    """The pool was closed (server stopping) while a round was running."""
+
+
+class RegistrationRefused(Exception):
+    """A device may not join (``code`` is the gRPC status name to answer with)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+
+@dataclass
+class Device:
+    """One known device (an agent holding one client of the partition)."""
+
+    client_id: int
+    name: str                       # identity of its bearer token
+    tasks: dict[str, int]           # task → training samples held
+    n_train: int
+    n_test: int
+    data: dict[str, Any]            # what it announced about its data (DataInfo)
+    info: dict[str, Any]            # what it announced about itself (DeviceInfo)
+    registered_at: float = 0.0
+    last_seen: float = 0.0          # monotonic clock
+    last_seen_wall: float = 0.0     # epoch seconds (status)
+    session_id: str | None = None
+    state: str = "offline"          # offline | idle | assigned | downloading | training | uploading
+    queue: deque = field(default_factory=deque)
+    current: "WorkItem | None" = None
+    executions: int = 0
+    rejected: int = 0
+    failures: int = 0
+    last_energy_j: float | None = None
+    last_device_s: float | None = None
+    last_job: str = ""
+
+    def online(self, now: float, timeout_s: float) -> bool:
+        return self.session_id is not None and now - self.last_seen <= timeout_s
+
+    def idle(self) -> bool:
+        return self.current is None and not self.queue
+
+    def to_status(self, now: float, timeout_s: float) -> dict[str, Any]:
+        return {
+            "client_id": self.client_id, "device": self.name, "online": self.online(now, timeout_s),
+            "state": self.state if self.online(now, timeout_s) else "offline",
+            "work": self.current.work_id if self.current else None, "tasks": sorted(self.tasks),
+            "train_samples": self.n_train, "last_seen_s_ago": (now - self.last_seen) if self.last_seen else None,
+            "last_seen_unix_s": self.last_seen_wall or None,
+            "executions": self.executions, "rejected": self.rejected, "failures": self.failures,
+            "last_energy_j": self.last_energy_j, "last_device_s": self.last_device_s, "last_job": self.last_job,
+            "hostname": self.info.get("hostname"), "profile": self.info.get("profile_name"),
+            "meter": self.info.get("meter"),
+        }
+
+
+
+class RegistryMixin:
+    """Devices and their sessions (part of :class:`~fmtl_edge.transport.pool.RemoteClientPool`)."""
+
+    # -- registry ---------------------------------------------------------------------------------
+    def load_registry(self, devices: Sequence[Device]) -> None:
+        """Known devices from persistence (offline until they register again)."""
+        with self._cv:
+            for d in devices:
+                d.session_id = None
+                d.state = "offline"
+                self._devices[d.client_id] = d
+
+    @property
+    def client_ids(self) -> list[int]:
+        with self._cv:
+            return sorted(self._devices)
+
+    def eligible(self, tasks: Sequence[str]) -> list[int]:
+        """Known clients (online or not) whose data holds every task of ``tasks``: the population the
+        coordinator samples from, the same as the simulation's when every client has joined."""
+        with self._cv:
+            return sorted(c for c, d in self._devices.items() if all(d.tasks.get(t, 0) > 0 for t in tasks))
+
+    def devices(self) -> list[Device]:
+        with self._cv:
+            return [self._devices[c] for c in sorted(self._devices)]
+
+    def online_count(self) -> int:
+        now = time.monotonic()
+        with self._cv:
+            return sum(d.online(now, self.policy.heartbeat_timeout_s) for d in self._devices.values())
+
+    def wait_for_devices(self, n: int, timeout_s: float | None, stop: threading.Event | None = None,
+                         clients: Sequence[int] | None = None) -> bool:
+        """Block until ``n`` devices are online (or every one of ``clients``); False on timeout."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cv:
+            while True:
+                now = time.monotonic()
+                self._reap(now)
+                on = [c for c, d in self._devices.items() if d.online(now, self.policy.heartbeat_timeout_s)]
+                if clients is not None:
+                    if set(clients) <= set(on):
+                        return True
+                elif len(on) >= n:
+                    return True
+                if (end is not None and now >= end) or (stop is not None and stop.is_set()) or self.closed:
+                    return False
+                self._cv.wait(0.2 if end is None else max(0.01, min(0.2, end - now)))
+
+    def register(self, name: str, client_id: int, tasks: Mapping[str, int], n_train: int, n_test: int,
+                 data: Mapping[str, Any], info: Mapping[str, Any]) -> Device:
+        """A device joins (or comes back); returns its record with a fresh session id.
+
+        Raises:
+            RegistrationRefused: the client is held by another online device, or the server's
+                ``validate_registration`` refuses the data.
+        """
+        cand = Device(int(client_id), name, {str(k): int(v) for k, v in tasks.items()}, int(n_train), int(n_test),
+                      dict(data), dict(info))
+        if self.validate_registration is not None:
+            self.validate_registration(cand)
+        now = time.monotonic()
+        with self._cv:
+            self._reap(now)
+            old = self._devices.get(cand.client_id)
+            if old is not None and old.online(now, self.policy.heartbeat_timeout_s) and old.name != name:
+                raise RegistrationRefused(
+                    "ALREADY_EXISTS",
+                    f"client {client_id} is held by device {old.name!r}, which is online; each client of the "
+                    "partition may join once (check --data client=...)",
+                )
+            if old is not None and old.n_train and (cand.n_train != old.n_train or cand.tasks != old.tasks):
+                # the aggregation weight comes from this count: it is held fixed for the job
+                log.warning("refused Register of %s for client %d: train_samples %s, registered %s", name, client_id,
+                            cand.tasks, old.tasks)
+                raise RegistrationRefused(
+                    "FAILED_PRECONDITION",
+                    f"client {client_id} was registered with train_samples {old.tasks}; this registration announces "
+                    f"{cand.tasks}. The count is held fixed for the job: join with the partition you joined with "
+                    "(same --data), or start a new job (new --state-dir)")
+            if old is not None:
+                self._drop_session(old, "the device registered again (agent restarted)")
+                cand.executions, cand.rejected, cand.failures = old.executions, old.rejected, old.failures
+                cand.last_energy_j, cand.last_device_s, cand.last_job = old.last_energy_j, old.last_device_s, old.last_job
+                cand.registered_at = old.registered_at or time.time()
+            else:
+                cand.registered_at = time.time()
+            cand.session_id = secrets.token_hex(12)
+            cand.last_seen = now
+            cand.last_seen_wall = time.time()
+            cand.state = "idle"
+            self._devices[cand.client_id] = cand
+            self._sessions[cand.session_id] = cand.client_id
+            self._cv.notify_all()
+        log.info("device %s registered as client %d (session %s)", name, client_id, cand.session_id[:8])
+        self._changed(cand)
+        return cand
+
+    def _changed(self, d: Device) -> None:
+        if self.on_device_change is not None:
+            try:
+                self.on_device_change(d)
+            except Exception:  # persistence trouble must not break the round
+                log.exception("could not persist device %d", d.client_id)
+
+    def _drop_session(self, d: Device, reason: str) -> None:
+        if d.session_id is not None:
+            self._sessions.pop(d.session_id, None)
+        d.session_id = None
+        d.state = "offline"
+        for item in ([d.current] if d.current else []) + list(d.queue):
+            self._fail_item(item, reason)
+        d.current = None
+        d.queue.clear()
+
+    def session(self, session_id: str, name: str | None = None) -> Device | None:
+        """The device of a live session (touching its liveness), or None when unknown/expired."""
+        now = time.monotonic()
+        with self._cv:
+            cid = self._sessions.get(session_id)
+            if cid is None:
+                return None
+            d = self._devices[cid]
+            if name is not None and d.name != name:
+                return None
+            if not d.online(now, self.policy.heartbeat_timeout_s):
+                self._drop_session(d, "the device was silent longer than the heartbeat timeout")
+                self._cv.notify_all()
+                return None
+            d.last_seen = now
+            d.last_seen_wall = time.time()
+            return d
+
+    def heartbeat(self, session_id: str, name: str, state: str, work_id: str) -> tuple[bool, list[str]]:
+        """Returns (session ok, work ids the device should drop)."""
+        with self._cv:
+            d = self.session(session_id, name)
+            if d is None:
+                return False, []
+            if state in ("idle", "downloading", "training", "uploading"):
+                d.state = state if (d.current is not None or state == "idle") else "idle"
+            cancel = []
+            if work_id:
+                item = self._items.get(work_id)
+                if item is None or item.status not in ("queued", "running") or item.client_id != d.client_id:
+                    cancel.append(work_id)
+            self._cv.notify_all()
+            return True, cancel
+
+    def pull(self, session_id: str, name: str, wait_s: float) -> WorkItem | None | str:
+        """Next work item of the device (long poll); ``"reregister"`` when the session is unknown."""
+        end = time.monotonic() + max(0.0, min(wait_s, 60.0))
+        with self._cv:
+            while True:
+                d = self.session(session_id, name)
+                if d is None:
+                    return "reregister"
+                if d.current is not None:
+                    # a device pulls only when it has nothing running: what it held is abandoned
+                    if d.current.status == "running":
+                        self._fail_item(d.current, "the device asked for new work without returning this one")
+                    d.current = None
+                    d.state = "idle"
+                if d.queue:
+                    item = d.queue.popleft()
+                    item.status = "running"
+                    item.issued_at = time.monotonic()
+                    d.current = item
+                    d.state = "assigned"
+                    return item
+                now = time.monotonic()
+                if now >= end or self.closed:
+                    return None
+                self._cv.wait(min(1.0, end - now))
+
+    def item_for(self, session_id: str, name: str, work_id: str) -> WorkItem | None:
+        """The running work item ``work_id`` of this session's device, or None."""
+        with self._cv:
+            d = self.session(session_id, name)
+            if d is None:
+                return None
+            item = self._items.get(work_id)
+            if item is None or item is not d.current or item.status != "running":
+                return None
+            return item
+
+    def why_not(self, work_id: str) -> str:
+        """Why work ``work_id`` takes no upload (for the device's log)."""
+        with self._cv:
+            item = self._items.get(work_id)
+            if item is None:
+                return f"unknown work {work_id!r} (the server restarted?)"
+            if item.status == "cancelled":
+                return f"update arrived too late: {item.reason}"
+            if item.status == "failed":
+                return f"work {work_id} was given up: {item.reason}"
+            if item.status == "done":
+                return f"work {work_id} was already answered"
+            return f"work {work_id} is not this session's"
+
+    def report_failure(self, session_id: str, name: str, work_id: str, kind: str, reason: str) -> bool:
+        with self._cv:
+            d = self.session(session_id, name)
+            item = self._items.get(work_id)
+            if d is None or item is None or item.client_id != d.client_id:
+                return False
+            d.failures += 1
+            log.warning("client %d could not run %s (%s): %s", d.client_id, work_id, kind, reason)
+            self._fail_item(item, f"{kind}: {reason}")
+            if d.current is item:
+                d.current = None
+                d.state = "idle"
+            self._cv.notify_all()
+            return True
+
+    # -- liveness and item bookkeeping (lock held) ---------------------------------------------------
+    def _reap(self, now: float) -> None:
+        for d in self._devices.values():
+            if d.session_id is not None and not d.online(now, self.policy.heartbeat_timeout_s):
+                log.warning("client %d (%s) went silent: offline", d.client_id, d.name)
+                self._drop_session(d, "the device went silent (no heartbeat)")
+

@@ -1,0 +1,317 @@
+"""Issue 11: one device with a valid token must not be able to wreck, stall or impersonate.
+
+A *raw* device speaks the protocol directly (real gRPC server on 127.0.0.1, real pool, a real
+coordinator round on a thread) and sends crafted uploads: hostile safetensors headers, racing
+streams, huge values, inflated sample counts, negative energy, absurd evaluation sums.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from fmtl_edge.coordinator import Coordinator, Job
+from fmtl_edge.messages import Assignment, TrainConfig
+from fmtl_edge.transport import fmtl_edge_pb2 as pb
+from fmtl_edge.transport import fmtl_edge_pb2_grpc as pb_grpc
+from fmtl_edge.transport.pool import RemoteClientPool, RoundPolicy
+from fmtl_edge.transport.service import CoordinatorServicer, Identity, bearer, channel, start_server
+from fmtl_edge.transport.tensors import ChunkSink, SafetensorsFile, file_sha256, write_update_file
+
+from test_transport_pool import SPEC, TASKS
+
+N_TRAIN, N_TEST = 50, 20
+TOKENS = {"good": Identity("dev0", "device"), "good1": Identity("dev1", "device"), "root": Identity("ops", "admin")}
+
+
+@pytest.fixture
+def svc(tmp_path):
+    made = []
+
+    def make(policy=None, tokens=None, **kw):
+        pool = RemoteClientPool(tmp_path / f"w{len(made)}", policy or RoundPolicy(heartbeat_timeout_s=3.0,
+                                                                                   dispatch_wait_s=0.5, max_attempts=1),
+                                seed=5, model_info={"input_shape": [1, 8, 8], "width": 4}, **kw)
+        servicer = CoordinatorServicer(pool, (tokens or TOKENS).get, heartbeat_interval_s=0.2)
+        server, port = start_server(servicer, "127.0.0.1:0", None, max_workers=16)
+        made.append((server, pool))
+        return pool, servicer, f"127.0.0.1:{port}"
+
+    yield make
+    for server, pool in made:
+        pool.close()
+        server.stop(0)
+
+
+class Raw:
+    """A device that registers, beats and pulls, then uploads whatever the test crafts."""
+
+    def __init__(self, target, cid, token="good", n_train=N_TRAIN, beat=True):
+        self.ch = channel(target, insecure=True)
+        self.stub = pb_grpc.CoordinatorStub(self.ch)
+        self.md = bearer(token)
+        self.cid = cid
+        self.reg = self.stub.Register(self.request(n_train), timeout=10, metadata=self.md)
+        self.sid = self.reg.session_id
+        self.stop = threading.Event()
+        if beat:
+            threading.Thread(target=self._beat, daemon=True).start()
+
+    def request(self, n_train=N_TRAIN):
+        return pb.RegisterRequest(device=pb.DeviceInfo(hostname="raw"), data=pb.DataInfo(
+            dataset="toy", client_id=self.cid, n_clients=6, input_shape=[1, 8, 8],
+            tasks=[pb.TaskSpec(name=t, kind="binary", out_dim=1, target_std=1, train_samples=n_train,
+                               test_samples=N_TEST) for t in ("a", "b")]))
+
+    def _beat(self):
+        while not self.stop.wait(0.2):
+            try:
+                self.stub.Heartbeat(pb.HeartbeatRequest(session_id=self.sid, state="idle"), timeout=5, metadata=self.md)
+            except grpc.RpcError:
+                pass
+
+    def pull(self, timeout=10.0) -> pb.Work:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            r = self.stub.PullWork(pb.PullWorkRequest(session_id=self.sid, wait_s=0.5), timeout=10, metadata=self.md)
+            if r.has_work:
+                return r.work
+        raise AssertionError(f"client {self.cid} got no work")
+
+    def model(self, w, tmp_path):
+        path = tmp_path / f"dl-{w.work_id}"
+        sink = ChunkSink(path, w.model_bytes, None, w.model_sha256)
+        for ch in self.stub.DownloadModel(pb.DownloadRequest(session_id=self.sid, work_id=w.work_id), metadata=self.md):
+            sink.write(ch.offset, ch.data)
+        sink.finish()
+        f = SafetensorsFile(path)
+        return f.load(), f.names
+
+    def meta(self, w, **over):
+        m = pb.UpdateMeta(session_id=self.sid, work_id=w.work_id, job=w.job, round=w.round, client_id=self.cid,
+                          n_samples=N_TRAIN, train_loss={t: 1.0 for t in w.tasks}, device_s=0.5, energy_j=2.0,
+                          energy_json='{"source": "test", "total_scope": "none"}')
+        for k, v in over.items():
+            if k == "eval":
+                for t, s in v.items():
+                    m.eval[t].CopyFrom(pb.EvalSums(**s))
+            else:
+                setattr(m, k, v)
+        return m
+
+    def messages(self, w, data: bytes, chunk=64, hold: threading.Event | None = None, **over):
+        meta = self.meta(w, total_bytes=len(data), **over)
+        yield pb.UploadMessage(meta=meta)
+        for i, off in enumerate(range(0, len(data), chunk)):
+            if i == 1 and hold is not None:
+                hold.wait(10)
+            yield pb.UploadMessage(chunk=pb.Chunk(offset=off, data=data[off:off + chunk], total_bytes=len(data)))
+
+    def upload(self, w, data: bytes, **over) -> pb.UploadReply:
+        return self.stub.UploadUpdate(self.messages(w, data, **over), timeout=20, metadata=self.md)
+
+    def close(self):
+        self.stop.set()
+        self.ch.close()
+
+
+def update_bytes(state, names, tmp_path, tag="u") -> bytes:
+    p = tmp_path / f"{tag}.safetensors"
+    write_update_file(p, state, names)
+    return p.read_bytes()
+
+
+def shifted(state, c):
+    return {k: (v + np.float32(c) if np.issubdtype(v.dtype, np.floating) else v) for k, v in state.items()}
+
+
+def run_round(pool, k=1, rounds=1, **kw):
+    """Run a job on a thread; returns (thread, box) where box gets 'out' or 'error'."""
+    box = {}
+
+    def go():
+        try:
+            box["out"] = Coordinator(pool, SPEC, TASKS, TrainConfig(), clients_per_round=k, seed=5,
+                                     **kw).run_job(Job("all", ("a", "b"), rounds))
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            box["error"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t, box
+
+
+def _state_of(pool, cid):
+    return {d["client_id"]: d for d in pool.status()["devices"]}[cid]
+
+
+# -- fault 1 over gRPC: a hostile header is refused, the slot freed, the file deleted -------------------
+
+
+@pytest.mark.parametrize("header", [b"[" * 100_000, b'{"a": {"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 8]}}',
+                                    b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 8]}}'])
+def test_a_hostile_upload_is_refused_with_a_reason_and_frees_the_slot(svc, tmp_path, header):
+    pool, _, target = svc()
+    dev = Raw(target, 0)
+    try:
+        t, box = run_round(pool)
+        w = dev.pull()
+        reply = dev.upload(w, struct.pack("<Q", len(header)) + header + b"\0" * 8)
+        assert not reply.accepted and ("header" in reply.reason or "safetensors" in reply.reason)
+        t.join(15)
+        assert "error" in box  # the only slot had no update: the round failed, it did not hang
+        assert not list((pool.work_dir / "incoming").iterdir())
+        st = _state_of(pool, 0)
+        assert st["rejected"] == 1 and st["work"] is None
+    finally:
+        dev.close()
+
+
+# -- fault 2: two streams for one work item -----------------------------------------------------------
+
+
+def test_two_streams_for_one_work_item_write_separate_files_and_the_accepted_one_stays_intact(svc, tmp_path):
+    pool, _, target = svc(RoundPolicy(heartbeat_timeout_s=3.0, dispatch_wait_s=2.0, max_attempts=1))
+    devs = [Raw(target, 0), Raw(target, 1)]
+    try:
+        t, box = run_round(pool, k=2)
+        works = [d.pull() for d in devs]
+        index = [pool._items[w.work_id].slot.index for w in works]
+        first, racer = (0, 1) if index[0] == 0 else (1, 0)
+        w = works[racer]
+        state, names = devs[racer].model(w, tmp_path)
+        good = update_bytes(shifted(state, 0.5), names, tmp_path, "good")
+        nan = dict(state)
+        k0 = names[0]
+        nan[k0] = np.full_like(state[k0], np.nan)
+        bad = update_bytes(nan, names, tmp_path, "bad")
+        assert len(bad) == len(good)
+        hold = threading.Event()
+        replies = {}
+        b = threading.Thread(target=lambda: replies.setdefault("b", devs[racer].stub.UploadUpdate(
+            devs[racer].messages(w, bad, hold=hold), timeout=20, metadata=devs[racer].md)))
+        b.start()
+        time.sleep(0.5)  # stream B is open and has sent its first chunk
+        replies["a"] = devs[racer].upload(w, good)
+        hold.set()  # B now sends its NaN chunks
+        b.join(20)
+        assert replies["a"].accepted, replies["a"].reason
+        assert not replies["b"].accepted
+        s2, n2 = devs[first].model(works[first], tmp_path)
+        assert devs[first].upload(works[first], update_bytes(shifted(s2, 0.25), n2, tmp_path, "f")).accepted
+        t.join(20)
+        assert "out" in box, box.get("error")
+        for k, v in box["out"].state.items():
+            if np.issubdtype(v.dtype, np.floating):
+                np.testing.assert_allclose(v, state[k] + np.float32(0.375), rtol=1e-5, atol=1e-6, err_msg=k)
+    finally:
+        for d in devs:
+            d.close()
+
+
+# -- faults 3-5: values, sample counts, energy ---------------------------------------------------------
+
+
+def _one_update(svc, tmp_path, make_state=None, pool_kw=None, **over):
+    pool, _, target = svc(**(pool_kw or {}))
+    dev = Raw(target, 0)
+    try:
+        t, box = run_round(pool)
+        w = dev.pull()
+        state, names = dev.model(w, tmp_path)
+        new = make_state(state) if make_state else shifted(state, 0.1)
+        reply = dev.upload(w, update_bytes(new, names, tmp_path), **over)
+        t.join(15)
+        return reply, box, pool
+    finally:
+        dev.close()
+
+
+def test_finite_but_huge_values_are_refused_by_the_norm_bound(svc, tmp_path):
+    def huge(state):
+        out = dict(state)
+        k = next(n for n, v in state.items() if np.issubdtype(v.dtype, np.floating) and v.size > 1)
+        out[k] = np.full_like(state[k], 1e38)
+        return out
+
+    reply, box, pool = _one_update(svc, tmp_path, huge)
+    assert not reply.accepted and "norm" in reply.reason and "max_update_norm_ratio" in reply.reason
+    assert "error" in box and pool.counters["updates_rejected"] == 1
+
+
+def test_an_ordinary_update_passes_the_norm_bound(svc, tmp_path):
+    reply, box, _ = _one_update(svc, tmp_path)
+    assert reply.accepted, reply.reason
+    assert "out" in box
+
+
+def test_sample_counts_above_the_registered_count_are_refused(svc, tmp_path):
+    reply, box, _ = _one_update(svc, tmp_path, n_samples=1000 * N_TRAIN)
+    assert not reply.accepted and "n_samples" in reply.reason and str(N_TRAIN) in reply.reason
+
+
+def test_the_per_job_sample_cap_bounds_the_weight(svc, tmp_path):
+    reply, box, _ = _one_update(svc, tmp_path, pool_kw={"max_client_samples": 7})
+    assert reply.accepted and box["out"].history[0].samples == 7
+
+
+def test_a_device_may_not_change_its_registered_sample_count(svc, tmp_path, caplog):
+    pool, _, target = svc()
+    dev = Raw(target, 0)
+    try:
+        dev.stop.set()
+        with pytest.raises(grpc.RpcError) as e:
+            dev.stub.Register(dev.request(n_train=N_TRAIN * 1000), timeout=10, metadata=dev.md)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "train_samples" in e.value.details()
+        assert "train_samples" in caplog.text
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize("field, value", [("energy_j", -1e6), ("energy_j", float("nan")), ("device_s", -1.0),
+                                          ("peak_memory_bytes", -5), ("affinity_steps", -3),
+                                          ("energy_json", '{"source": "x", "cpu_j": -4.0}'),
+                                          ("energy_json", '{"source": "x", "total_j": NaN}')])
+def test_negative_or_non_finite_resource_figures_are_refused(svc, tmp_path, field, value):
+    reply, box, _ = _one_update(svc, tmp_path, **{field: value})
+    assert not reply.accepted and field.split("_json")[0] in reply.reason, reply.reason
+
+
+# -- fault 6: evaluation replies ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sums, word", [({"loss_sum": -5.0, "metric_sum": 3.0, "n": 10}, "loss_sum"),
+                                        ({"loss_sum": 5.0, "metric_sum": 1e7, "n": 10}, "metric_sum"),
+                                        ({"loss_sum": 5.0, "metric_sum": -1.0, "n": 10}, "metric_sum"),
+                                        ({"loss_sum": 5.0, "metric_sum": 3.0, "n": 10**15}, "n ")])
+def test_absurd_evaluation_sums_are_refused(svc, tmp_path, sums, word):
+    pool, _, target = svc()
+    pool.task_kinds = {"a": "binary", "b": "binary"}
+    dev = Raw(target, 0)
+    try:
+        box = {}
+        state = {k: np.asarray(v) for k, v in _global_state().items()}
+        a = Assignment(job="all", round=0, tasks=("a", "b"), state=state, lr=0.0, config=TrainConfig(), seed=0)
+        t = threading.Thread(target=lambda: box.setdefault("out", pool.evaluate([(0, a)], timeout_s=5)))
+        t.start()
+        w = dev.pull()
+        ok = {"loss_sum": 5.0, "metric_sum": 3.0, "n": 10}
+        reply = dev.upload(w, b"", eval={"a": sums, "b": ok})
+        t.join(15)
+        assert not reply.accepted and word in reply.reason, reply.reason
+        assert box["out"] == {}
+    finally:
+        dev.close()
+
+
+def _global_state():
+    from fmtl_edge.models import MultiTaskModel
+    from fmtl_edge.partition import state_to_numpy
+
+    return state_to_numpy(MultiTaskModel(SPEC, TASKS).state_dict())
