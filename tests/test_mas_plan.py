@@ -96,7 +96,10 @@ def test_reconstructed_task_model_is_group_backbone_plus_own_head():
     mas = MAS(ds.tasks, rounds=3, r0=1, n_splits=2)
     done = coord.run_method(mas)
     assert len(mas.splits(done)) == 2
-    per_task = evaluate_method(mas, done, coord)["global"]
+    from fmtl_edge.coordinator import InProcessClientPool
+
+    real = Coordinator(InProcessClientPool(ds, spec), spec, ds.tasks, TrainConfig(), clients_per_round=2, seed=0)
+    per_task = evaluate_method(mas, done, real)["global"]
     states = final_states(mas, done)
     assert set(per_task) == set(ds.tasks.names)
     for t in ds.tasks.names:
@@ -114,13 +117,22 @@ def test_baseline_plans():
     assert one.planned_rounds() == 12
     allin = AllInOne(TASKS, 3)
     assert allin.next_jobs({})[0].tasks == ("a", "b", "c", "d")
-    assert make_method("mas-3", TASKS, 10, 3).planned_rounds() == 3 + 3 * 7
+    from types import SimpleNamespace
+
+    def cfg(rounds, r0):
+        return SimpleNamespace(rounds=rounds, r0=r0, aggregator="fedavg", trim_fraction=0.1)
+
+    assert make_method("mas-3", TASKS, cfg(10, 3)).planned_rounds() == 3 + 3 * 7
     with pytest.raises(ValueError, match="unknown method"):
-        make_method("mas", TASKS, 10, 3)
+        make_method("masx-2", TASKS, cfg(10, 3))
+    with pytest.raises(ValueError, match=r"mas-<x>"):
+        make_method("mas", TASKS, cfg(10, 3))
     with pytest.raises(ValueError, match="mas-1..mas-4"):
-        make_method("mas-5", TASKS, 10, 3)
+        make_method("mas-5", TASKS, cfg(10, 3))
     with pytest.raises(ValueError, match="r0"):
-        make_method("mas-2", TASKS, 10, 10)
+        make_method("mas-2", TASKS, cfg(10, 10))
+    with pytest.raises(ValueError, match="takes no parameter"):
+        make_method("all-in-one-2", TASKS, cfg(10, 3))
 
 
 def test_too_few_clients_for_k_is_a_clear_error():

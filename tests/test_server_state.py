@@ -195,7 +195,7 @@ def test_an_aggregation_error_fails_the_round_not_the_server(tmp_path):
 
     js = _job_server(tmp_path)
     js.pool = Overflowing(bad_calls=1)  # the first attempt overflows, the retry succeeds
-    method = make_method("all-in-one", TASKS, 2, 1, 0.0)
+    method = make_method("all-in-one", TASKS, js.job.sim)
     js._run_method(0, method, ModelSpec((1, 8, 8), 4), train_config(js.job.sim))
     rows = js.store.db.execute("SELECT kind, detail FROM events").fetchall()
     assert any(k == "round_failed" and "overflow" in d for k, d in rows), rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fmtl_edge.transport.agent import DataSpec, _failure_kind, evaluate_sums
+from fmtl_edge.transport.agent import DataSpec, _failure_kind
 
 
 def test_data_spec_parsing():
@@ -18,8 +18,9 @@ def test_data_spec_parsing():
             DataSpec.parse(bad)
 
 
-def test_device_evaluation_sums_add_up_to_the_simulations_union_evaluation():
-    from fmtl_edge.client import build_model, evaluate
+def test_device_evaluation_sums_add_up_to_the_union_evaluation():
+    """Per-client sums (what each device sends back) added up equal one pass over the pooled test data."""
+    from fmtl_edge.client import add_sums, build_model, evaluate_sums, finish_sums
     from fmtl_edge.models import ModelSpec
     from fmtl_edge.tasks import TaskSet
 
@@ -29,14 +30,16 @@ def test_device_evaluation_sums_add_up_to_the_simulations_union_evaluation():
     spec = ModelSpec(ds.input_shape, 4)
     tasks: TaskSet = ds.tasks
     model = build_model(spec, tasks, None)
-    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    ref = evaluate(build_model(spec, tasks, state), ds.clients, tasks.names)
-    sums = [evaluate_sums(spec, tasks, state, c) for c in ds.clients]
+    total: dict = {}
+    for c in ds.clients:
+        add_sums(total, evaluate_sums(model, c, tasks.names))
+    (pooled,) = ds.pooled().clients
+    ref = finish_sums(tasks, evaluate_sums(model, pooled, tasks.names, batch_size=10_000))
+    got = finish_sums(tasks, total)
     for t in tasks.names:
-        n = sum(s[t]["n"] for s in sums)
-        assert n == ref[t]["n"]
-        assert sum(s[t]["loss_sum"] for s in sums) / n == pytest.approx(ref[t]["loss"], rel=1e-6)
-        assert tasks[t].finish_metric(sum(s[t]["metric_sum"] for s in sums), n) == pytest.approx(ref[t]["metric"], rel=1e-6)
+        assert got[t]["n"] == ref[t]["n"] == sum(c.n_test for c in ds.clients)
+        assert got[t]["loss"] == pytest.approx(ref[t]["loss"], rel=1e-5)
+        assert got[t]["metric"] == pytest.approx(ref[t]["metric"], rel=1e-5)
 
 
 def test_failure_kinds_the_server_understands():

@@ -95,10 +95,10 @@ class RegistryMixin:
             return sorted(self._devices)
 
     def eligible(self, tasks: Sequence[str]) -> list[int]:
-        """Known clients (online or not) whose data holds every task of ``tasks``: the population the
-        coordinator samples from, the same as the simulation's when every client has joined."""
+        """Known clients (online or not) whose data holds at least one task of ``tasks``: the population
+        the coordinator samples from, the same as the simulation's when every client has joined."""
         with self._cv:
-            return sorted(c for c, d in self._devices.items() if all(d.tasks.get(t, 0) > 0 for t in tasks))
+            return sorted(c for c, d in self._devices.items() if any(d.tasks.get(t, 0) > 0 for t in tasks))
 
     def devices(self) -> list[Device]:
         with self._cv:

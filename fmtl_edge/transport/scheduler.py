@@ -143,7 +143,9 @@ class SchedulerMixin:
                     continue
             if not slot.replaceable:
                 continue
-            tasks = slot.assignment.tasks
+            # a replacement holds the tasks the sampled client holds (its task group, seed 000)
+            orig = self._devices.get(slot.sampled)
+            tasks = [t for t in slot.assignment.tasks if orig is None or orig.tasks.get(t, 0) > 0] or slot.assignment.tasks
             cands = sorted(c for c, d in self._devices.items()
                            if c not in used and self._ready(d, now) and all(d.tasks.get(t, 0) > 0 for t in tasks))
             if not cands:

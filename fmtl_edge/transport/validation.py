@@ -119,10 +119,11 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
         raise UpdateRejected(f"update is for job {meta.job!r} round {meta.round}, the work was job {a.job!r} round {a.round}")
     if int(meta.client_id) != item.client_id:
         raise UpdateRejected(f"update says client {meta.client_id}, the work was given to client {item.client_id}")
+    held = [t for t in a.tasks if d is None or not d.tasks or d.tasks.get(t, 0) > 0]
     if item.kind == "evaluate":
         n_test = d.n_test if d is not None and d.n_test else None
         sums = {}
-        for t in a.tasks:
+        for t in held:
             if t not in meta.eval:
                 raise UpdateRejected(f"evaluation lacks task {t!r}")
             e = meta.eval[t]
@@ -140,9 +141,15 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
     if path is None:
         raise UpdateRejected("the update carries no model")
     f = SafetensorsFile(path, max_bytes=lim.max_update_bytes)
-    expected = item.model.spec
-    exp_names = [n for n, _, _ in expected]
+    stays = set(a.personal) | set(a.frozen)
     got = {n: (dt, shape) for n, dt, shape in f.spec()}
+    kept = [n for n in got if n in stays]
+    if kept:
+        kind = "personal" if kept[0] in set(a.personal) else "frozen (pre-trained)"
+        raise UpdateRejected(f"the update carries the {kind} tensor {kept[0]!r}: personal and frozen layers never "
+                             "leave the client")
+    expected = [(n, dt, shape) for n, dt, shape in item.model.spec if n not in stays]
+    exp_names = [n for n, _, _ in expected]
     missing = [n for n in exp_names if n not in got]
     extra = [n for n in got if n not in set(exp_names)]
     if missing or extra:
@@ -162,16 +169,19 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
     if lim.max_client_samples is not None:
         n = min(n, int(lim.max_client_samples))
     loss = {k: float(v) for k, v in meta.train_loss.items()}
-    if set(loss) != set(a.tasks):
-        raise UpdateRejected(f"train losses are for tasks {sorted(loss)}, the work has {list(a.tasks)}")
+    if not loss or not set(loss) <= set(held):
+        raise UpdateRejected(f"train losses are for tasks {sorted(loss)}; this client trains {held} of the work's "
+                             f"{list(a.tasks)} (the tasks it registered labels for)")
+    trained = tuple(t for t in a.tasks if t in loss)
     if n > 0:
         for k, v in loss.items():
             _figure(f"train_loss[{k!r}]", v)
     aff = None
     if meta.affinity_n:
         k = int(meta.affinity_n)
-        if k != len(a.tasks) or len(meta.affinity) != k * k:
-            raise UpdateRejected(f"affinity matrix is {k}x{k} with {len(meta.affinity)} values, the work has {len(a.tasks)} tasks")
+        if k != len(trained) or len(meta.affinity) != k * k:
+            raise UpdateRejected(f"affinity matrix is {k}x{k} with {len(meta.affinity)} values, the client trained "
+                                 f"{len(trained)} tasks")
         aff = np.asarray(meta.affinity, dtype=np.float64).reshape(k, k)
         if not np.isfinite(aff).all():
             raise UpdateRejected("the affinity matrix holds NaN or Inf")
@@ -203,7 +213,7 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
                              f"{g:.3g}, 1); raise [job] max_update_norm_ratio if honest updates move that far")
     f.release()
     return ClientUpdate(
-        client_id=item.client_id, job=a.job, round=int(a.round), tasks=tuple(a.tasks), state=MappedState(path, f),
+        client_id=item.client_id, job=a.job, round=int(a.round), tasks=trained, state=MappedState(path, f),
         n_samples=n, train_loss=loss, affinity=aff, affinity_steps=int(meta.affinity_steps),
         device_s=float(meta.device_s), energy=energy, stopped_by=meta.stopped_by or None,
         peak_memory_bytes=int(meta.peak_memory_bytes) or None,

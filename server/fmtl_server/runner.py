@@ -241,15 +241,19 @@ class JobServer:
             self.say(f"only {self.pool.online_count()} of {need} devices joined within {job.start_timeout_s} s")
             return 4
         self.say(f"{self.pool.online_count()} devices online: starting")
-        from fmtl_edge.methods import make_method
-        from fmtl_edge.simulation import train_config
+        from fmtl_edge.simulation import build_methods, train_config
 
         spec = ModelSpec(tuple(self.input_shape), width=sim.width)
         n_clients = len(self.pool.client_ids)
         if sim.clients_per_round > n_clients:
             self.say(f"K={sim.clients_per_round} but only {n_clients} clients joined")
             return 4
-        methods = [make_method(m, self.tasks, sim.rounds, sim.r0, sim.fedprox_mu) for m in sim.methods]
+        methods = build_methods(sim, self.tasks, spec)
+        pooled = [m.name for m in methods if m.pooled_data]
+        if pooled:
+            self.say(f"{', '.join(pooled)}: a non-FL reference on pooled data runs in `fmtl-edge simulate` only; "
+                     "remove it from methods")
+            return 2
         train = train_config(sim)
         self._train = train
         for seq, method in enumerate(methods):
@@ -261,8 +265,6 @@ class JobServer:
         return 0
 
     def _run_method(self, seq: int, method, spec: ModelSpec, train) -> None:
-        from dataclasses import replace
-
         sim, job = self.job.sim, self.job
         self._set_phase(f"training {method.name}")
 
@@ -291,7 +293,7 @@ class JobServer:
 
         failures = 0
         while True:
-            coord = Coordinator(self.pool, spec, self.tasks, replace(train, fedprox_mu=0.0), sim.clients_per_round, sim.seed,
+            coord = Coordinator(self.pool, spec, self.tasks, train, sim.clients_per_round, sim.seed,
                                 on_round=on_round, time_budget_s=sim.time_budget_s, energy_budget_j=sim.energy_budget_j,
                                 on_round_end=on_round_end, min_updates=job.min_updates)
             done, resume = {}, None
@@ -323,63 +325,41 @@ class JobServer:
                     raise Stopped() from None
         wall = sum(o.wall_s for o in done.values())
         self._set_phase(f"evaluating {method.name}")
-        per_task = self._evaluate(method, done)
+        evaluation = self._evaluate(method, done, coord)
         from fmtl_edge.simulation import method_entry
 
-        entry = method_entry(method, done, per_task, sim.rounds, wall)
+        entry = method_entry(method, done, evaluation, sim.rounds, wall)
         records = [r for o in done.values() for r in o.history]
         for h, r in zip(entry["history"], records):
             h["executed_by"] = r.executed
         entry["evaluated_clients"] = sorted(self._last_eval_clients)
         self.store.save_method(method.name, seq, entry)
-        self.say(f"{method.name}: total test loss {entry['total_test_loss']:.4f}, splits {entry['splits']}, "
-                 f"device {entry['device_s']:.1f} s")
+        losses = ", ".join(f"{k.replace('_', ' ')} {entry[k]:.4f}" for k in ("total_test_loss", "personalised_total_test_loss")
+                           if entry.get(k) is not None)
+        self.say(f"{method.name}: {losses or 'no test loss'}, splits {entry['splits']}, device {entry['device_s']:.1f} s")
 
     def _job_rows(self, method: str) -> list[tuple[str]]:
         with self.store._lock:
             return self.store.db.execute("SELECT job FROM jobs WHERE method = ? ORDER BY seq", (method,)).fetchall()
 
-    def _evaluate(self, method, done) -> dict[str, dict[str, Any]]:
-        """Each final model's tasks on every known device's test split (sums added up here)."""
-        finals = method.final_jobs(done)
-        by_job: dict[str, list[str]] = {}
-        for t, j in finals.items():
-            by_job.setdefault(j, []).append(t)
-        clients = self.pool.client_ids if self.job.evaluate else []
-        reqs = []
-        train = self.job.sim
-        from fmtl_edge.simulation import train_config
+    def _evaluate(self, method, done, coord: Coordinator) -> dict[str, Any]:
+        """Each final global model on every known device's test split, and each device's own model
+        where the method is personalised (:func:`fmtl_edge.evaluation.evaluate_method`)."""
+        from fmtl_edge.evaluation import evaluate_method
+        from fmtl_edge.simulation import final_states
 
-        cfg = train_config(train)
-        for j, tasks in by_job.items():
-            outcome = done[j]
-            a = Assignment(job=j, round=0, tasks=tuple(outcome.job.tasks), state=outcome.state, lr=0.0, config=cfg,
-                           seed=train.seed)
-            reqs += [(c, a) for c in clients]
-        res = self.pool.evaluate(reqs, timeout_s=self.job.eval_timeout_s) if reqs else {}
-        self._last_eval_clients = set(res)
-        missing = sorted(set(clients) - set(res))
+        clients = self.pool.client_ids if self.job.evaluate else []
         if not self.job.evaluate:
             self.say("evaluation skipped ([job] evaluate = false): test losses are null")
-        elif missing:
-            self.say(f"evaluation: clients {missing} did not answer; test losses are over clients {sorted(res)}")
-        per_task: dict[str, dict[str, Any]] = {}
-        for t in self.tasks.names:
-            j = finals[t]
-            loss = metric = 0.0
-            n = 0
-            for c in sorted(res):
-                s = res[c].get(j, {}).get(t)
-                if s is None:
-                    continue
-                loss += s["loss_sum"]
-                metric += s["metric_sum"]
-                n += s["n"]
-            task = self.tasks[t]
-            per_task[t] = {"loss": loss / n if n else float("nan"), "metric": task.finish_metric(metric, n),
-                           "metric_name": task.metric_name, "n": n}
-        self._final_states[method.name] = {t: select_state(done[finals[t]].state, [t]) for t in self.tasks.names}
-        return per_task
+        res = evaluate_method(method, done, coord, clients=clients,
+                              evaluate=lambda reqs: self.pool.evaluate(reqs, timeout_s=self.job.eval_timeout_s) if reqs else {})
+        self._last_eval_clients = set(res["clients"])
+        missing = sorted(set(clients) - self._last_eval_clients)
+        if self.job.evaluate and missing:
+            self.say(f"evaluation: clients {missing} did not answer; test losses are over clients {res['clients']}")
+        if method.global_model:
+            self._final_states[method.name] = final_states(method, done)
+        return res
 
     def _device_summary(self) -> dict[str, Any]:
         """The simulation's ``device`` entry, summarised over the devices (details: ``deployment.devices``)."""
@@ -412,6 +392,8 @@ class JobServer:
         for m in methods:
             results["methods"][m.name] = self.store.method_entry(m.name)
             states = self._final_states.get(m.name)
+            if states is None and not m.global_model:
+                continue
             if states is None:  # finished before a restart: rebuild from the checkpoints
                 done = {ck.job.name: coord.outcome_from_checkpoint(ck)
                         for ck in self.store.load_checkpoints(m.name) if ck.job_done}

@@ -153,9 +153,7 @@ class Store:
         path = self.dir / rel
         write_state(path, ckpt.state, {"format": "fmtl-edge/checkpoint/1", "method": method, "job": ckpt.job.name,
                                        "round": str(ckpt.round)}, fsync=True)
-        job_json = json.dumps({"name": ckpt.job.name, "tasks": list(ckpt.job.tasks), "rounds": ckpt.job.rounds,
-                               "init_from": ckpt.job.init_from, "measure_affinity": ckpt.job.measure_affinity,
-                               "fedprox_mu": ckpt.job.fedprox_mu})
+        job_json = json.dumps(ckpt.job.to_dict())
         aff = json.dumps({str(r): np.asarray(m).tolist() for r, m in ckpt.affinity_per_round.items()})
         hist = json.dumps([_rec_to_dict(r) for r in ckpt.history])
         with self._lock:
@@ -185,8 +183,7 @@ class Store:
         out = []
         for job_json, rnd, rel, aff, tally, hist, wall in rows:
             j = json.loads(job_json)
-            job = Job(j["name"], tuple(j["tasks"]), int(j["rounds"]), j.get("init_from"), bool(j.get("measure_affinity")),
-                      float(j.get("fedprox_mu", 0.0)))
+            job = Job.from_dict(j)
             state = SafetensorsFile(self.dir / rel).load()
             out.append(RoundCheckpoint(
                 job=job, round=int(rnd), state=state,
