@@ -37,19 +37,20 @@ def train_config(cfg: SimulationConfig) -> TrainConfig:
 
 
 def versions() -> dict[str, Any]:
+    """``results.json``'s ``versions``: package versions, platform and ``kernels`` =
+    ``native | python-reference`` (whether the compiled kernels ran; ``kernels_version``)."""
     import torch
 
     out: dict[str, Any] = {
         "fmtl_edge": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
         "numpy": np.__version__, "platform": platform.platform(),
     }
-    try:
-        from fmtl_edge import _kernels
+    from fmtl_edge import kernels
 
-        out["kernels"] = getattr(_kernels, "__version__", "built")
-        out["kernels_cuda_compiled"] = bool(getattr(_kernels, "cuda_compiled", False))
-    except ImportError:  # pragma: no cover - the package cannot work without it
-        out["kernels"] = None
+    k = kernels.native()
+    out["kernels"] = kernels.mode()  # native | python-reference
+    out["kernels_version"] = None if k is None else getattr(k, "__version__", "built")
+    out["kernels_cuda_compiled"] = bool(getattr(k, "cuda_compiled", False))
     return out
 
 

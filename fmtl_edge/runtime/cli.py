@@ -232,8 +232,10 @@ def _kernels_info() -> dict[str, Any]:
     try:
         from fmtl_edge import _kernels  # type: ignore[attr-defined]
     except Exception as exc:
-        return {"built": False, "error": f"{type(exc).__name__}: {exc}"}
-    info: dict[str, Any] = {"built": True, "version": getattr(_kernels, "__version__", None)}
+        from fmtl_edge.kernels import FIX
+
+        return {"built": False, "mode": "python-reference", "error": f"{type(exc).__name__}: {exc}", "fix": FIX}
+    info: dict[str, Any] = {"built": True, "mode": "native", "version": getattr(_kernels, "__version__", None)}
     info["cuda_compiled"] = bool(getattr(_kernels, "cuda_compiled", False))
     fn = getattr(_kernels, "cuda_available", None)
     if callable(fn):
@@ -336,9 +338,10 @@ def format_info(info: dict[str, Any]) -> str:
         cuda = "CUDA compiled" if k.get("cuda_compiled") else "CPU only (no CUDA part compiled)"
         if k.get("cuda_compiled"):
             cuda += ", CUDA device available" if k.get("cuda_available") else ", no CUDA device at run time"
-        lines.append(f"native kernels: built{' ' + str(k['version']) if k.get('version') else ''}, {cuda}")
+        lines.append(f"native kernels: native{' ' + str(k['version']) if k.get('version') else ''}, {cuda}")
     else:
-        lines.append(f"native kernels: not built ({k.get('error')})")
+        lines.append(f"native kernels: not built ({k.get('error')}): python-reference (slow) in use")
+        lines.append(f"  fix: {k.get('fix')}")
     return "\n".join(lines)
 
 
