@@ -9,6 +9,7 @@ them. Nothing here writes files.
 
 from __future__ import annotations
 
+import logging
 import platform
 import sys
 import time
@@ -26,6 +27,8 @@ from fmtl_edge.messages import TrainConfig
 from fmtl_edge.methods import Method, make_method
 from fmtl_edge.models import ModelSpec
 from fmtl_edge.partition import select_state
+
+log = logging.getLogger(__name__)
 
 
 def train_config(cfg: SimulationConfig) -> TrainConfig:
@@ -79,7 +82,8 @@ def make_runtime(cfg: SimulationConfig):
 
     def lease(_cid: int):
         # All simulated clients share this machine: one FL task at a time on it.
-        return DeviceLease("local", timeout_s=600.0, owner="fmtl-edge simulate")
+        # A wait over 2 s is logged with the holder's pid; after --lease-wait-s it fails (DeviceBusy).
+        return DeviceLease("local", timeout_s=cfg.lease_wait_s, owner="fmtl-edge simulate")
 
     return meter, lease, profile
 
@@ -173,6 +177,9 @@ def run_methods(
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"--methods lists a method twice: {cfg.methods}")
+    if not any(len(c.x_test) for c in dataset.clients):
+        log.warning("%s: no client has test samples: every test loss will be empty (null in results.json) "
+                    "and the methods cannot be compared", dataset.name)
     meter, lease, profile = make_runtime(cfg)
     warm_up()
     pool = InProcessClientPool(dataset, spec, meter, lease, profile.memory_budget_bytes)
