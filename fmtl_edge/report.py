@@ -140,7 +140,7 @@ def splits_text(results: Mapping[str, Any]) -> str:
     """The methods' task groups, numbered, one group per line (fits 80 columns for short names)."""
     methods = results["methods"]
     w = max((len(n) for n in methods), default=6) + 2
-    lines = ["groups (tasks trained together; a task's final model = its group's backbone + its head):"]
+    lines = ["groups (the tasks trained together; numbered as in the groups column):"]
     for name, m in methods.items():
         groups = m["splits"]
         if len(groups) > 1 and all(len(g) == 1 for g in groups):

@@ -153,6 +153,7 @@ def test_summary_is_readable_at_80_columns(tmp_path):
     g1, g2 = res["methods"]["mas-2"]["splits"]
     assert f"1: {', '.join(g1)}" in text and f"2: {', '.join(g2)}" in text
     assert "each task alone (5 groups)" in text
+    assert any(ln.startswith("groups (") and ln.endswith("):") for ln in text.splitlines())  # not wrapped
 
 
 # ---- small fixes ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """``fmtl-edge bench-infer``: latency, throughput and energy per inference of an ONNX model.
 
-For each execution provider asked for (default: every provider onnxruntime has here, e.g.
+For each execution provider asked for (default: every local provider onnxruntime has here, e.g.
 ``CPUExecutionProvider``; ``CUDAExecutionProvider``/``TensorrtExecutionProvider`` with
 onnxruntime-gpu) and each batch size, :func:`bench_model` runs ``warmup`` untimed batches, then
 ``iters`` timed batches of seeded standard-normal float32 input ``(b, *input_shape)`` inside one
@@ -23,6 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from fmtl_edge.deploy import require_onnx
+
+
+_REMOTE_PROVIDERS = ("AzureExecutionProvider",)
 
 
 def _input_shape(sess) -> tuple[str, list[int]]:
@@ -65,7 +68,8 @@ def bench_model(path: str | Path, batch_sizes: Sequence[int] = (1, 32), *, iters
     if iters < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("iters must be >= 1, warmup >= 0 and batch sizes >= 1")
     available = list(ort.get_available_providers())
-    chosen = list(providers) if providers else available
+    # AzureExecutionProvider calls a remote endpoint (it runs nothing on this device): never by default
+    chosen = list(providers) if providers else [p for p in available if p not in _REMOTE_PROVIDERS]
     bad = [p for p in chosen if p not in available]
     if bad:
         raise ValueError(f"execution provider(s) {', '.join(bad)} not available here (have: {', '.join(available)})")
