@@ -42,7 +42,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,7 +76,6 @@ _DTYPE_NAMES = {
 }
 _CODE_NAMES = {F32: "float32", F16: "float16", BF16: "bfloat16"}
 _ITEMSIZE = {F32: 4, F16: 2, BF16: 2}
-_warned_fallback = False
 
 
 def native_available() -> bool:
@@ -86,11 +84,10 @@ def native_available() -> bool:
 
 
 def _native() -> Any:
-    global _warned_fallback
-    if _K is None and not _warned_fallback:
-        warnings.warn(f"fmtl_edge._kernels is not built ({_IMPORT_ERROR}); using the slow NumPy reference. "
-                      "Build it with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
-        _warned_fallback = True
+    if _K is None:
+        from fmtl_edge.kernels import warn_fallback
+
+        warn_fallback("aggregation")
     return _K
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -99,9 +100,15 @@ def _add_simulate(sub) -> None:
                    "workstation, ...; default: detected) giving memory/round budgets and the meter")
     g.add_argument("--time-budget-s", type=float, help="per-round time budget of a client execution (s)")
     g.add_argument("--energy-budget-j", type=float, help="per-round energy budget of a client execution (J)")
-    g.add_argument("--out", help="output folder (default runs/latest)")
+    g.add_argument("--out", help="output folder (default: a new runs/<UTC time>, with runs/latest pointing at it)")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out (refused otherwise)")
+    g.add_argument("--lease-wait-s", type=float, help="wait at most this long for the device lease held by another "
+                   "process (default 600; 0: fail at once); a wait over 2 s is logged with the holder's pid")
     g.add_argument("--config", help="TOML file with the same keys as these flags")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars: one log line per round (logs, CI)")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug log messages (same as --log-level debug)")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="log messages on stderr from this level (default info)")
     g.add_argument("--json", action="store_true", help="print results.json to stdout instead of the table")
     p.set_defaults(func=cmd_simulate)
 
@@ -111,7 +118,7 @@ _CONFIG_KEYS = (
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
     "affinity_divide_by_lr", "fedprox_mu", "width", "seed", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
-    "pretrained", "ditto_lambda", "centralized",
+    "pretrained", "ditto_lambda", "centralized", "lease_wait_s",
 )
 
 
@@ -134,6 +141,44 @@ def _parse_layers(items: list[str] | None) -> dict[str, list[str]] | None:
     return out
 
 
+def _setup_logging(level: str | None, console=None) -> None:
+    """Log records of ``fmtl_edge.*`` to stderr (through ``console`` while progress bars run, so
+    warnings print above them); replaces the handler an earlier call installed."""
+    logger = logging.getLogger("fmtl_edge")
+    for h in [h for h in logger.handlers if getattr(h, "_fmtl_cli", False)]:
+        logger.removeHandler(h)
+    if console is not None:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler._fmtl_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(getattr(logging, (level or "info").upper()))
+
+
+def _log_hooks(log: logging.Logger) -> dict:
+    """``run_methods`` hooks writing one log line per round (``--no-progress``)."""
+
+    def start(method):
+        log.info("%s: starting, %d rounds planned", method.name, method.planned_rounds())
+
+    def on_round(method, rec):
+        e = "" if rec.energy_j is None else f", {rec.energy_j:.1f} J"
+        log.info("%s %s round %d: train loss %.4f, %d clients, %d samples, lr %.4g, %.2f device s%s",
+                 method.name, rec.job, rec.round + 1, sum(rec.train_loss.values()), len(rec.clients), rec.samples,
+                 rec.lr, rec.device_s, e)
+
+    def end(method, entry):
+        from fmtl_edge.report import loss_summary
+
+        log.info("%s: done, %s, %.1f device s", method.name, loss_summary(entry), entry["device_s"])
+
+    return dict(on_method_start=start, on_round=on_round, on_method_end=end)
+
+
 def _err(prog: str, msg: str) -> int:
     print(f"fmtl-edge {prog}: error: {msg}", file=sys.stderr)
     return EXIT_USAGE
@@ -147,13 +192,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fmtl_edge.runtime import MeterUnavailable
 
     console = Console(stderr=True)
+    _setup_logging("debug" if args.verbose else args.log_level, None if args.no_progress else console)
+    log = logging.getLogger("fmtl_edge.simulate")
     try:
         flags = {k: getattr(args, k) for k in _CONFIG_KEYS}
         flags["layers"] = _parse_layers(args.layers)
         cfg = build_config(flags, args.config)
-        from fmtl_edge.report import check_out_dir
+        from fmtl_edge.config import check_device
+        from fmtl_edge.report import check_out_dir, new_run_dir
 
-        check_out_dir(cfg.out)
+        check_device(cfg.device)
+        timestamped = cfg.out is None
+        if timestamped:
+            cfg.out = str(new_run_dir())
+        check_out_dir(cfg.out, overwrite=args.overwrite)
         from fmtl_edge.data import load_dataset
 
         with console.status(f"loading {cfg.dataset}…", spinner="dots") if not args.no_progress else _null():
@@ -180,7 +232,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return _err("simulate", str(e))
 
     from fmtl_edge.models import ModelSpec
-    from fmtl_edge.report import summary_tables, write_outputs
+    from fmtl_edge.report import loss_summary, summary_tables, write_outputs
     from fmtl_edge.simulation import run_methods
 
     console.print(
@@ -188,7 +240,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"{dataset.n_clients} clients, K={cfg.clients_per_round}, R={cfg.rounds}, R0={cfg.r0}, "
         f"methods {', '.join(cfg.methods)}"
     )
-    hooks = {}
+    hooks = _log_hooks(log)
     progress = None
     if not args.no_progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -206,7 +258,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                             info=f"{rec.job} r{rec.round + 1} train loss {loss:.3f}")
 
         def end(method, entry):
-            progress.update(bars[method.name], info=f"test loss {entry['total_test_loss']:.3f}")
+            progress.update(bars[method.name], info=loss_summary(entry, 3))
 
         hooks = dict(on_method_start=start, on_round=on_round, on_method_end=end)
     try:
@@ -214,9 +266,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             with progress:
                 results, models = run_methods(cfg, dataset, **hooks)
         else:
-            results, models = run_methods(cfg, dataset)
+            results, models = run_methods(cfg, dataset, **hooks)
         spec = ModelSpec(tuple(dataset.input_shape), width=cfg.width)
-        out = write_outputs(cfg.out, results, models, dataset.tasks, spec)
+        out = write_outputs(cfg.out, results, models, dataset.tasks, spec, overwrite=args.overwrite)
+        if timestamped:
+            from fmtl_edge.report import link_latest
+
+            link_latest(out)
     except KeyboardInterrupt:
         console.print("[red]interrupted: nothing was written[/]")
         return 130
@@ -261,9 +317,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         from fmtl_edge.plots import plot_results
 
         try:
+            Path(args.plot).parent.mkdir(parents=True, exist_ok=True)  # a new figures/ folder is fine
             out = plot_results(results, args.plot)
         except ImportError as e:
             return _err("report", f"--plot: {e}")
+        except (OSError, ValueError) as e:  # unwritable place, a file where a folder should be, bad extension
+            return _err("report", f"--plot {args.plot}: cannot write the figure ({e})")
         Console(stderr=True).print(f"figure: {out}")
     return 0
 
@@ -286,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--plot", metavar="FILE.png", help="also draw loss vs device time, energy per method and "
                     "the task-affinity matrix (needs matplotlib)")
     rp.set_defaults(func=cmd_report)
-    for module in ("fmtl_edge.runtime.cli", "fmtl_edge.transport.cli"):
+    for module in ("fmtl_edge.runtime.cli", "fmtl_edge.transport.cli", "fmtl_edge.deploy.cli"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ImportError:
@@ -301,7 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    return int(args.func(args) or 0)
+    try:
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `fmtl-edge info --json | head`: the reader left; end quietly like `cat`
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        return 128 + 13  # as if killed by SIGPIPE
+    return rc
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,7 +62,7 @@ class SimulationConfig:
     fedprox_mu: float = 0.01
     seed: int = 0
     device: str = "cpu"
-    out: str = "runs/latest"
+    out: str | None = None  # None: a new timestamped run folder runs/<UTC time>, runs/latest → it
     meter: str | None = None
     profile: str | None = None
     max_samples: int | None = None
@@ -85,10 +85,14 @@ class SimulationConfig:
         if self.sampling is not None:
             return self.sampling
         return "per-group" if self.task_groups else "uniform"
+    lease_wait_s: float = 600.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as results.json stores it (``data_dir`` absolute and resolved)."""
         d = dataclasses.asdict(self)
         d["methods"] = list(self.methods)
+        if self.data_dir is not None:
+            d["data_dir"] = str(Path(self.data_dir).expanduser().resolve())
         return d
 
     # -- validation that needs no data -----------------------------------------------------------
@@ -135,6 +139,8 @@ class SimulationConfig:
 
         if self.meter is not None and self.meter not in ("auto", *BACKENDS):
             raise ConfigError("--meter", f"{self.meter!r} is not auto or one of {', '.join(BACKENDS)}")
+        if not self.lease_wait_s >= 0:
+            raise ConfigError("--lease-wait-s", f"must be >= 0 seconds (0: refuse at once if busy), got {self.lease_wait_s}")
         for name in ("time_budget_s", "energy_budget_j"):
             v = getattr(self, name)
             if v is not None and not v > 0:
@@ -187,6 +193,26 @@ class SimulationConfig:
                 )
 
 
+def check_device(device: str) -> None:
+    """Check that torch can use ``device`` here (``cpu``, ``cuda``, ``cuda:N``).
+
+    Raises:
+        ConfigError: (``--device``) a CUDA device where this torch has no CUDA, or N ≥ the device count.
+    """
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = ("this torch build has no CUDA" if torch.version.cuda is None
+               else f"torch (CUDA {torch.version.cuda}) sees no CUDA device")
+        raise ConfigError("--device", f"{device}: {why} (torch {torch.__version__}); use --device cpu, or install "
+                          "a CUDA build of torch (on a Jetson: NVIDIA's JetPack wheel)")
+    n = torch.cuda.device_count()
+    if ":" in device and int(device.split(":")[1]) >= n:
+        raise ConfigError("--device", f"{device}: only {n} CUDA device(s) here (cuda:0..cuda:{n - 1})")
+
+
 def _positive_int(cfg: SimulationConfig, name: str) -> None:
     v = getattr(cfg, name)
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -216,7 +242,7 @@ def _coerce(name: str, value: Any) -> Any:
         kind = int
     elif name in ("alpha", "time_budget_s", "energy_budget_j"):
         kind = float
-    elif name in ("data_dir", "meter", "profile", "sampling", "pretrained"):
+    elif name in ("data_dir", "meter", "profile", "sampling", "pretrained", "out"):
         kind = str
     if kind is bool:
         if not isinstance(value, bool):
@@ -266,8 +292,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in _FIELDS:
-            known = ", ".join(sorted(k.replace("_", "-") for k in _FIELDS))
-            raise ConfigError(f"{p}: {key}", f"unknown key; known keys: {known}")
+            import difflib
+
+            known = sorted(k.replace("_", "-") for k in _FIELDS)
+            near = difflib.get_close_matches(key.replace("_", "-"), known, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise ConfigError(f"{p}: {key}", f"unknown key; {hint}known keys: {', '.join(known)}")
         out[name] = _coerce(name, value)
     return out
 

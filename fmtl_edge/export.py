@@ -1,4 +1,4 @@
-"""Per-task model files: safetensors (always) — ONNX export comes with the device-runtime work.
+"""Per-task model files: safetensors (always); ONNX files from these: :mod:`fmtl_edge.deploy.onnx_export`.
 
 A per-task file holds the backbone θ_s of the task's final group plus the task's head θ_i, under the
 same names as :class:`~fmtl_edge.models.MultiTaskModel`'s state dict, with string metadata:

@@ -24,18 +24,59 @@ from fmtl_edge.tasks import TaskSet
 RESULTS = "results.json"
 
 
-def check_out_dir(out: str | Path) -> Path:
-    """Refuse an ``--out`` that holds something other than an earlier fmtl-edge result.
+def check_out_dir(out: str | Path, overwrite: bool = True) -> Path:
+    """Refuse an ``--out`` that holds something other than an earlier fmtl-edge result, and (with
+    ``overwrite=False``, as ``simulate`` without ``--overwrite``) an earlier result too.
 
     Raises:
-        ConfigError: ``--out`` is a file, or a non-empty folder without ``results.json``.
+        ConfigError: ``--out`` is a file, a non-empty folder without ``results.json``, or holds an
+            earlier ``results.json`` and ``overwrite`` is False.
     """
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise ConfigError("--out", f"{p} is a file; name a folder")
     if p.is_dir() and any(p.iterdir()) and not (p / RESULTS).is_file():
         raise ConfigError("--out", f"{p} is not empty and holds no {RESULTS}; name a new or empty folder")
+    if not overwrite and (p / RESULTS).is_file():
+        raise ConfigError("--out", f"{p} holds an earlier result ({RESULTS}); pass --overwrite to replace it, "
+                          "or name a new folder (without --out every run gets its own runs/<UTC time>)")
     return p
+
+
+def new_run_dir(root: str | Path = "runs") -> Path:
+    """A fresh run folder name ``<root>/<UTC time>`` (``20250101T120000Z``, ``-2``, ``-3``... when taken).
+    Nothing is created."""
+    import time
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    root = Path(root)
+    p, i = root / stamp, 1
+    while p.exists():
+        i += 1
+        p = root / f"{stamp}-{i}"
+    return p
+
+
+def link_latest(run: str | Path) -> Path | None:
+    """Point ``<run's parent>/latest`` at ``run`` (a relative symlink, replaced atomically).
+
+    Returns the link, or None when ``latest`` exists and is not a symlink (a folder from an earlier
+    version: it is left alone, with a logging warning).
+    """
+    import logging
+
+    run = Path(run)
+    latest = run.parent / "latest"
+    if latest.exists() and not latest.is_symlink():
+        logging.getLogger(__name__).warning("%s is a folder, not a link (an earlier fmtl-edge's run); left as is: "
+                                            "this run is in %s", latest, run)
+        return None
+    tmp = run.parent / f".latest-{os.getpid()}"
+    if tmp.is_symlink():
+        tmp.unlink()
+    os.symlink(run.name, tmp)
+    os.replace(tmp, latest)
+    return latest
 
 
 def _json_default(o: Any) -> Any:
@@ -61,12 +102,13 @@ def _clean(o: Any) -> Any:
 
 def write_outputs(out: str | Path, results: Mapping[str, Any],
                   models: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
-                  tasks: TaskSet, spec: ModelSpec) -> Path:
+                  tasks: TaskSet, spec: ModelSpec, overwrite: bool = True) -> Path:
     """Write ``results.json`` and ``models/<method>/<task>.safetensors`` atomically into ``out``.
 
-    An earlier result in ``out`` is replaced only once the new one is complete.
+    An earlier result in ``out`` is replaced only once the new one is complete (``overwrite=False``
+    refuses it instead, see :func:`check_out_dir`).
     """
-    out = check_out_dir(out)
+    out = check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -94,10 +136,33 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+def loss_summary(entry: Mapping[str, Any], digits: int = 4) -> str:
+    """``total test loss X, personalised total test loss Y`` of a method's results entry (the ones it has)."""
+    parts = [f"{k.replace('_', ' ')} {entry[k]:.{digits}f}" for k in ("total_test_loss", "personalised_total_test_loss")
+             if entry.get(k) is not None]
+    return ", ".join(parts) or "no test loss"
+
+
+def splits_text(results: Mapping[str, Any]) -> str:
+    """The methods' task groups, numbered, one group per line (fits 80 columns for short names)."""
+    methods = results["methods"]
+    w = max((len(n) for n in methods), default=6) + 2
+    lines = ["groups (the tasks trained together; numbered as in the groups column):"]
+    for name, m in methods.items():
+        groups = m["splits"]
+        if len(groups) > 1 and all(len(g) == 1 for g in groups):
+            lines.append(f"  {name:<{w}}each task alone ({len(groups)} groups)")
+            continue
+        for i, g in enumerate(groups, start=1):
+            lines.append(f"  {name if i == 1 else '':<{w}}{i}: {', '.join(g)}")
+    return "\n".join(lines)
+
+
 def summary_tables(results: Mapping[str, Any]):
-    """rich Tables: per method (total test loss, personalised total where a method has one, device
-    s, energy J, splits), per task (global test loss and metric of each task under each method)
-    and, where a method is personalised, per task its personalised figures."""
+    """Per method (total test loss, personalised total where a method has one, device s, energy J,
+    rounds, number of groups), per task (global test loss and metric under each method), where a
+    method is personalised per task its personalised figures, as rich Tables, then the groups as
+    text (:func:`splits_text`); readable at 80 columns."""
     from rich.table import Table
 
     tasks = results["tasks"]
@@ -111,17 +176,16 @@ def summary_tables(results: Mapping[str, Any]):
     main.add_column("device s", justify="right")
     main.add_column("energy J", justify="right")
     main.add_column("rounds", justify="right")
-    main.add_column("splits")
+    main.add_column("groups", justify="right")
     for name, m in methods.items():
         energy = _fmt(m["energy_j"], 1)
         if m["energy_j"] is not None and m["energy_estimated"]:
             energy += " (est.)"
-        splits = " | ".join("+".join(g) for g in m["splits"])
         label = name + (" (ref.)" if m.get("reference") else "")
         cells = [_fmt(m["total_test_loss"])]
         if personal:
             cells.append(_fmt(m.get("personalised_total_test_loss")))
-        main.add_row(label, *cells, _fmt(m["device_s"], 1), energy, str(m["rounds"]), splits)
+        main.add_row(label, *cells, _fmt(m["device_s"], 1), energy, str(m["rounds"]), str(len(m["splits"])))
     sources = sorted({m["energy_source"] for m in methods.values()})
     main.caption = "energy source: " + "; ".join(sources)
     if personal:
@@ -137,7 +201,7 @@ def summary_tables(results: Mapping[str, Any]):
         per.add_row(t, first["metric_name"] or "", *cells)
     pers = {n: m for n, m in methods.items() if m.get("personalised_total_test_loss") is not None}
     if not pers:
-        return main, per
+        return main, per, splits_text(results)
     ptab = Table(title="per task, personalised (each client's own model): test loss / metric")
     ptab.add_column("task", style="bold")
     ptab.add_column("metric")
@@ -146,7 +210,7 @@ def summary_tables(results: Mapping[str, Any]):
     for t in tasks:
         first = next(iter(pers.values()))["per_task"][t]
         ptab.add_row(t, first["metric_name"] or "", *[_task_cell(m["per_task"][t], "personalised_") for m in pers.values()])
-    return main, per, ptab
+    return main, per, ptab, splits_text(results)
 
 
 def _task_cell(row: Mapping[str, Any], prefix: str) -> str:

@@ -9,6 +9,7 @@ them. Nothing here writes files.
 
 from __future__ import annotations
 
+import logging
 import platform
 import sys
 import time
@@ -26,6 +27,8 @@ from fmtl_edge.methods import Method, make_method
 from fmtl_edge.models import ModelSpec
 from fmtl_edge.partition import select_state
 
+log = logging.getLogger(__name__)
+
 
 def train_config(cfg: SimulationConfig) -> TrainConfig:
     return TrainConfig(
@@ -36,19 +39,20 @@ def train_config(cfg: SimulationConfig) -> TrainConfig:
 
 
 def versions() -> dict[str, Any]:
+    """``results.json``'s ``versions``: package versions, platform and ``kernels`` =
+    ``native | python-reference`` (whether the compiled kernels ran; ``kernels_version``)."""
     import torch
 
     out: dict[str, Any] = {
         "fmtl_edge": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
         "numpy": np.__version__, "platform": platform.platform(),
     }
-    try:
-        from fmtl_edge import _kernels
+    from fmtl_edge import kernels
 
-        out["kernels"] = getattr(_kernels, "__version__", "built")
-        out["kernels_cuda_compiled"] = bool(getattr(_kernels, "cuda_compiled", False))
-    except ImportError:  # pragma: no cover - the package cannot work without it
-        out["kernels"] = None
+    k = kernels.native()
+    out["kernels"] = kernels.mode()  # native | python-reference
+    out["kernels_version"] = None if k is None else getattr(k, "__version__", "built")
+    out["kernels_cuda_compiled"] = bool(getattr(k, "cuda_compiled", False))
     return out
 
 
@@ -77,7 +81,8 @@ def make_runtime(cfg: SimulationConfig):
 
     def lease(_cid: int):
         # All simulated clients share this machine: one FL task at a time on it.
-        return DeviceLease("local", timeout_s=600.0, owner="fmtl-edge simulate")
+        # A wait over 2 s is logged with the holder's pid; after --lease-wait-s it fails (DeviceBusy).
+        return DeviceLease("local", timeout_s=cfg.lease_wait_s, owner="fmtl-edge simulate")
 
     return meter, lease, profile
 
@@ -223,6 +228,9 @@ def run_methods(
     cfg.validate_against(len(dataset.tasks), dataset.n_clients)
     spec = ModelSpec(tuple(dataset.input_shape), width=cfg.width)
     methods = build_methods(cfg, dataset.tasks, spec)
+    if not any(len(c.x_test) for c in dataset.clients):
+        log.warning("%s: no client has test samples: every test loss will be empty (null in results.json) "
+                    "and the methods cannot be compared", dataset.name)
     meter, lease, profile = make_runtime(cfg)
     warm_up()
     pool = InProcessClientPool(dataset, spec, meter, lease, profile.memory_budget_bytes)

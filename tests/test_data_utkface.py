@@ -119,7 +119,7 @@ def _fake_folder(folder: Path, n: int = 24) -> list[str]:
     return names
 
 
-def test_synthetic_folder_skips_bad_names_and_unreadable_files(tmp_path):
+def test_synthetic_folder_skips_bad_names_and_unreadable_files(tmp_path, caplog):
     folder = tmp_path / "utk"
     _fake_folder(folder)
     (folder / "12_0_1_2017.jpg.chip.jpg.bak").write_bytes(b"x")  # not a .jpg: ignored
@@ -128,6 +128,9 @@ def test_synthetic_folder_skips_bad_names_and_unreadable_files(tmp_path):
     (folder / "labels.csv").write_text("file,age\n")
     ds = load_dataset("utkface", data_dir=folder, n_clients=3, image_size=16, cache_dir=tmp_path / "c")
     assert ds.info["skipped_files"] == 1 and ds.info["unreadable_files"] == 1
+    # the user is told on the terminal (a logging warning), not only in results.json
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "could not be decoded" in r.getMessage()]
+    assert len(warned) == 1 and "30_1_2_20170101000000000.jpg.chip.jpg" in warned[0].getMessage()
     assert ds.info["n_samples"] == 24 and ds.input_shape == (3, 16, 16)
     assert Path(ds.info["cache"]).is_file()
     assert not list((tmp_path / "c").glob("*.tmp"))  # atomic write left nothing behind

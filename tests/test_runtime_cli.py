@@ -116,7 +116,7 @@ def test_info_json_on_fake_orin(tmp_path, monkeypatch, capsys):
     assert info["auto_meter"]["total_scope"] == "sum_of_rails"
     assert info["power_mode"] == "MAXN (nvpmodel 0)"
     assert info["profile"]["device_class"] == "jetson-agx-orin"
-    assert info["kernels"] == {"built": True, "version": None, "cuda_compiled": True, "cuda_available": False}
+    assert info["kernels"] == {"built": True, "mode": "native", "version": None, "cuda_compiled": True, "cuda_available": False}
 
 
 def test_info_text_without_kernels(empty_root, monkeypatch, capsys):
@@ -125,7 +125,7 @@ def test_info_text_without_kernels(empty_root, monkeypatch, capsys):
     assert _run(["info"]) == 0
     out = capsys.readouterr().out
     assert "energy meters:" in out and "estimate" in out
-    assert "native kernels: not built" in out
+    assert "native kernels: not built" in out and "python-reference" in out and "pip install ." in out
     assert "auto -> estimate" in out
 
 

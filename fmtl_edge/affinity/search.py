@@ -35,7 +35,20 @@ import numpy as np
 try:
     from fmtl_edge import _kernels as _K
 except ImportError:  # pragma: no cover - only in an unbuilt source tree
+    import os as _os
+
+    if _os.environ.get("FMTL_REQUIRE_NATIVE"):
+        raise
     _K = None
+
+
+def _native():
+    """The compiled module, or None after warning once that the Python reference stands in."""
+    if _K is None:
+        from fmtl_edge.kernels import warn_fallback
+
+        warn_fallback("the affinity/split search")
+    return _K
 
 __all__ = [
     "MAX_TASKS",
@@ -141,7 +154,7 @@ def self_affinity(S: Any) -> np.ndarray:
         ValueError: S not 2-D / not square / empty, or a non-finite off-diagonal entry.
     """
     a = _check_matrix(S, max_n=None)
-    if _K is not None:
+    if _native() is not None:
         b = a.copy()
         np.fill_diagonal(b, 0.0)
         return np.asarray(_K.self_affinity(b))
@@ -196,7 +209,7 @@ def subset_scores(S: Any) -> np.ndarray:
         ValueError: malformed S or n > :data:`MAX_TASKS`.
     """
     a = self_affinity(_check_matrix(S))
-    if _K is None:
+    if _native() is None:
         return subset_scores_reference(a, with_diag=True)
     return np.asarray(_K.subset_scores(a))
 
@@ -252,7 +265,7 @@ def best_partition_at_most(S: Any, max_splits: int) -> Partition:
 
 def _partition(a: np.ndarray, k: int, at_most: bool) -> Partition:
     sd = self_affinity(a)
-    if _K is not None:
+    if _native() is not None:
         groups, score = _K.best_partition(sd, k, at_most)
         return Partition(tuple(tuple(g) for g in groups), float(score))
     f = subset_scores_reference(sd, with_diag=True)
@@ -385,7 +398,7 @@ def tag_groups(S: Any, max_groups: int) -> TagSelection:
     x = _check_count(max_groups, "max_groups", 1, None)
     sd = self_affinity(a)
     n = a.shape[0]
-    if _K is None:
+    if _native() is None:
         return tag_groups_reference(a, x)
     raw, _assignment, score = _K.tag_select(sd, min(x, n))
     groups = tuple(sorted((tuple(g) for g in raw), key=lambda g: (g[0], g)))

@@ -327,6 +327,9 @@ def load_utkface(
     images, edges, keypoints = d["images"], d["edges"], d["keypoints"]
     unreadable = d["unreadable"].tolist()
     del d
+    if unreadable:
+        log.warning("utkface: %d image(s) in %s could not be decoded and are left out (e.g. %s)",
+                    len(unreadable), folder, ", ".join(unreadable[:3]))
 
     parts = dirichlet_partition(race, n_clients, alpha, rng_part, min_size=default_min_size(n, n_clients))
     splits = [split_train_test(p, test_fraction, rng_split, stratify=race[p]) for p in parts]

@@ -83,6 +83,12 @@ def register(subparsers) -> None:
 # ---- meter ---------------------------------------------------------------------------------------
 
 
+class _NotStarted(Exception):
+    def __init__(self, rc: int, message: str) -> None:
+        super().__init__(message)
+        self.rc = rc
+
+
 def _eprint(*a: Any) -> None:
     print(*a, file=sys.stderr, flush=True)
 
@@ -100,14 +106,16 @@ def _meter_from_args(args) -> Any:
 
 
 def _run(cmd: list[str]) -> int:
+    """Run ``cmd``; its exit code (128+N for signal N). 127/126 when it cannot start, raised as
+    :class:`_NotStarted` so no energy is reported for a command that never ran."""
     try:
         p = subprocess.Popen(cmd)
     except FileNotFoundError:
-        _eprint(f"fmtl-edge meter: command not found: {cmd[0]}")
-        return 127
+        raise _NotStarted(127, f"command not found: {cmd[0]}") from None
     except PermissionError:
-        _eprint(f"fmtl-edge meter: permission denied: {cmd[0]}")
-        return 126
+        raise _NotStarted(126, f"permission denied: {cmd[0]}") from None
+    except OSError as exc:  # not an executable format, ...
+        raise _NotStarted(126, f"cannot run {cmd[0]}: {exc.strerror or exc}") from None
     while True:
         try:
             rc = p.wait()
@@ -163,6 +171,9 @@ def cmd_meter(args) -> int:
     try:
         with meter.window("command") as win:
             rc = _run(cmd)
+    except _NotStarted as exc:  # nothing ran: no time or energy to report
+        _eprint(f"fmtl-edge meter: {exc}; nothing was measured")
+        return exc.rc
     finally:
         meter.close()
     meas = win.measurement
@@ -232,8 +243,10 @@ def _kernels_info() -> dict[str, Any]:
     try:
         from fmtl_edge import _kernels  # type: ignore[attr-defined]
     except Exception as exc:
-        return {"built": False, "error": f"{type(exc).__name__}: {exc}"}
-    info: dict[str, Any] = {"built": True, "version": getattr(_kernels, "__version__", None)}
+        from fmtl_edge.kernels import FIX
+
+        return {"built": False, "mode": "python-reference", "error": f"{type(exc).__name__}: {exc}", "fix": FIX}
+    info: dict[str, Any] = {"built": True, "mode": "native", "version": getattr(_kernels, "__version__", None)}
     info["cuda_compiled"] = bool(getattr(_kernels, "cuda_compiled", False))
     fn = getattr(_kernels, "cuda_available", None)
     if callable(fn):
@@ -336,9 +349,10 @@ def format_info(info: dict[str, Any]) -> str:
         cuda = "CUDA compiled" if k.get("cuda_compiled") else "CPU only (no CUDA part compiled)"
         if k.get("cuda_compiled"):
             cuda += ", CUDA device available" if k.get("cuda_available") else ", no CUDA device at run time"
-        lines.append(f"native kernels: built{' ' + str(k['version']) if k.get('version') else ''}, {cuda}")
+        lines.append(f"native kernels: native{' ' + str(k['version']) if k.get('version') else ''}, {cuda}")
     else:
-        lines.append(f"native kernels: not built ({k.get('error')})")
+        lines.append(f"native kernels: not built ({k.get('error')}): python-reference (slow) in use")
+        lines.append(f"  fix: {k.get('fix')}")
     return "\n".join(lines)
 
 

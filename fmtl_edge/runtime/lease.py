@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import socket
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_RUNTIME_DIR = "FMTL_EDGE_RUNTIME_DIR"
+
+log = logging.getLogger(__name__)
 
 
 class DeviceBusy(RuntimeError):
@@ -75,6 +78,8 @@ class DeviceLease:
 
     ``timeout_s=0`` refuses at once with :class:`DeviceBusy` when another task holds the device;
     ``timeout_s>0`` waits up to that long (polling every ``poll_s``); ``timeout_s=None`` waits forever.
+    A wait longer than ``notify_after_s`` (2 s) is said once, as a logging warning naming the holder's
+    pid and owner, or by calling ``on_wait(holder: dict | None, waited_s: float)`` when given.
     """
 
     def __init__(
@@ -85,12 +90,16 @@ class DeviceLease:
         *,
         owner: str | None = None,
         poll_s: float = 0.05,
+        notify_after_s: float | None = 2.0,
+        on_wait=None,
     ) -> None:
         self.device_id = device_id
         self.runtime_dir = Path(runtime_dir) if runtime_dir is not None else default_runtime_dir()
         self.timeout_s = timeout_s
         self.owner = owner
         self.poll_s = poll_s
+        self.notify_after_s = notify_after_s
+        self.on_wait = on_wait
         self.path = self.runtime_dir / f"device-{_safe(device_id)}.lock"
         self._fd: int | None = None
         self.acquired_at: float | None = None
@@ -112,6 +121,7 @@ class DeviceLease:
         self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         t0 = time.monotonic()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        notified = self.notify_after_s is None
         try:
             while True:
                 try:
@@ -123,6 +133,9 @@ class DeviceLease:
                 waited = time.monotonic() - t0
                 if self.timeout_s is not None and waited >= self.timeout_s:
                     raise DeviceBusy(self.device_id, self._read_holder(), waited, str(self.path))
+                if not notified and waited >= self.notify_after_s:
+                    notified = True
+                    self._notify_wait(waited)
                 sleep = self.poll_s
                 if self.timeout_s is not None:
                     sleep = min(sleep, max(0.0, self.timeout_s - waited))
@@ -145,6 +158,18 @@ class DeviceLease:
         self._fd = fd
         self.acquired_at = time.monotonic()
         return self
+
+    def _notify_wait(self, waited: float) -> None:
+        holder = self._read_holder()
+        if self.on_wait is not None:
+            self.on_wait(holder, waited)
+            return
+        h = holder or {}
+        who = f"pid {h.get('pid')}" + (f" ({h['owner']})" if h.get("owner") else "") + (
+            f" on {h['host']}" if h.get("host") else "") if h.get("pid") else "another process"
+        limit = "forever" if self.timeout_s is None else f"up to {self.timeout_s:g} s"
+        log.warning("waiting for device %r: it is leased by %s (lock file %s); waiting %s",
+                    self.device_id, who, self.path, limit)
 
     def release(self) -> None:
         fd, self._fd = self._fd, None

@@ -79,7 +79,7 @@ class RaplMeter(Meter):
         self.wraps = 0
         zone_dirs = [z for z in self.sysfs.glob(f"{POWERCAP}/intel-rapl:*") if "mmio" not in z]
         if not zone_dirs:
-            raise MeterUnavailable("rapl", f"no RAPL zones under {POWERCAP}/intel-rapl:* (not an Intel/AMD host, or the intel_rapl driver is not loaded)")
+            raise MeterUnavailable("rapl", f"no RAPL zones under {POWERCAP}/intel-rapl:* (not an Intel/AMD host, the intel_rapl driver is not loaded, or a virtual machine: VMs and most cloud instances expose no RAPL)")
         seen: set[str] = set()
         max_w: list[float] = []
         for zd in zone_dirs:

@@ -80,7 +80,12 @@ def _add_token(sub) -> None:
                                    "printed once. Give it to the device (fmtl-edge join --token or FMTL_EDGE_TOKEN). "
                                    "Revoke by deleting the device's line; a running server re-reads the file.")
     tsub = p.add_subparsers(dest="token_cmd", metavar="command")
-    a = tsub.add_parser("add", help="create a token for a device name")
+    a = tsub.add_parser("add", help="create a token for a device name",
+                        description="Create a bearer token for NAME (a device, or an admin with --role admin), "
+                                    "append its SHA-256 to the tokens file and print the token once: give it to the "
+                                    "device (fmtl-edge join --token TOKEN or $FMTL_EDGE_TOKEN). A running server "
+                                    "re-reads the file.",
+                        epilog="example: fmtl-server token add jetson-1 --tokens tokens.txt")
     a.add_argument("name", help="device name (letters, digits, _ - . @)")
     a.add_argument("--tokens", default="tokens.txt", help="tokens file (default tokens.txt)")
     a.add_argument("--role", default="device", choices=("device", "admin"), help="admin tokens may read status")

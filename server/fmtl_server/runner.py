@@ -334,9 +334,9 @@ class JobServer:
             h["executed_by"] = r.executed
         entry["evaluated_clients"] = sorted(self._last_eval_clients)
         self.store.save_method(method.name, seq, entry)
-        losses = ", ".join(f"{k.replace('_', ' ')} {entry[k]:.4f}" for k in ("total_test_loss", "personalised_total_test_loss")
-                           if entry.get(k) is not None)
-        self.say(f"{method.name}: {losses or 'no test loss'}, splits {entry['splits']}, device {entry['device_s']:.1f} s")
+        from fmtl_edge.report import loss_summary
+
+        self.say(f"{method.name}: {loss_summary(entry)}, splits {entry['splits']}, device {entry['device_s']:.1f} s")
 
     def _job_rows(self, method: str) -> list[tuple[str]]:
         with self.store._lock:
