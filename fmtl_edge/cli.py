@@ -15,19 +15,7 @@ Train several federated tasks at once over a pool of simulated clients, with MAS
 and its baselines, and compare total test loss, device time and energy per method.
 
 Methods (--methods, comma separated):
-  mas-<x>      merge all tasks into one multi-task model, train it all-in-one for R0 rounds while
-               measuring task affinities (lookahead, MAS Eq. 3), split the tasks into x groups that
-               maximise affinity (exact search), train each group R-R0 rounds from the merged weights
-  all-in-one   one multi-task model (shared backbone + one head per task), FedAvg for R rounds
-  one-by-one   one single-task FL job per task, one after another, R rounds each
-  fedprox      all-in-one with FedProx's proximal term (--fedprox-mu)
-  layered      layer-typed sharing: pre-trained (frozen), common, task-specific and personal layers
-               ([layers] table / --layers KIND=PATTERN; default backbone common, heads per task);
-               evaluated per client (personalised) and, without personal layers, globally
-  ditto        soft sharing: a FedAvg'd global model and a personal model per client pulled towards
-               it by λ/2·‖p − w‖² (--ditto-lambda); both evaluated
-  local        non-FL reference: each client trains alone on its own data
-  centralized  non-FL reference on the pooled data (--centralized joint|separate)
+{methods}
 
 Clients that hold only some tasks (seed 000's client groups): --task-groups N gives each client one
 of the first N tasks; --sampling per-group then draws K clients from each task's group per round.
@@ -50,10 +38,16 @@ examples:
 """
 
 
+def _simulate_help() -> str:
+    from fmtl_edge.methods import methods_help
+
+    return SIMULATE_HELP.replace("{methods}", methods_help())
+
+
 def _add_simulate(sub) -> None:
     p = sub.add_parser(
         "simulate", help="train FL tasks with MAS and baselines over simulated clients",
-        description=SIMULATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_simulate_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="digits | utkface | uci-har | npz (default: digits)")
@@ -75,7 +69,6 @@ def _add_simulate(sub) -> None:
     g.add_argument("--affinity-every", type=int, help="ρ, measure task affinity every ρ batches (default 5)")
     g.add_argument("--affinity-divide-by-lr", action="store_const", const=True,
                    help="divide affinities by η as TAG does (off by default)")
-    g.add_argument("--fedprox-mu", type=float, help="μ of the fedprox method (default 0.01)")
     g.add_argument("--aggregator", help="fedavg | median | trimmed-mean: how the default strategy combines "
                    "updates (default fedavg; the robust ones hold the round's K updates)")
     g.add_argument("--trim-fraction", type=float, help="β of --aggregator trimmed-mean (default 0.1)")
@@ -88,10 +81,13 @@ def _add_simulate(sub) -> None:
                    "personal (repeatable; e.g. --layers personal='heads.*')")
     g.add_argument("--pretrained", metavar="FILE.safetensors", help="layered: load the pretrained layers "
                    "(default backbone.*) from a model file of an earlier run and freeze them")
-    g.add_argument("--ditto-lambda", type=float, help="λ of ditto's L2 pull towards the global model (default 0.1)")
-    g.add_argument("--centralized", help="joint | separate: the centralized reference's model(s) (default joint)")
     g.add_argument("--width", type=int, help="backbone width (default 16)")
     g.add_argument("--seed", type=int, help="run seed (default 0)")
+    from fmtl_edge.methods import method_options
+
+    g = p.add_argument_group("method options (each method's own settings)")
+    for o in method_options().values():
+        g.add_argument(o.flag, dest=o.name, type=o.kind, choices=o.choices or None, help=o.help)
     g = p.add_argument_group("device and output")
     g.add_argument("--device", help="cpu | cuda | cuda:N (default cpu)")
     g.add_argument("--meter", help="energy meter: auto | jetson | nvml | rapl | estimate | null (default: the "
@@ -116,9 +112,9 @@ def _add_simulate(sub) -> None:
 _CONFIG_KEYS = (
     "dataset", "data_dir", "clients", "max_samples", "image_size", "alpha", "methods", "rounds", "r0",
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
-    "affinity_divide_by_lr", "fedprox_mu", "width", "seed", "device", "meter", "time_budget_s",
+    "affinity_divide_by_lr", "width", "seed", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
-    "pretrained", "ditto_lambda", "centralized", "lease_wait_s",
+    "pretrained", "lease_wait_s",
 )
 
 
@@ -195,8 +191,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _setup_logging("debug" if args.verbose else args.log_level, None if args.no_progress else console)
     log = logging.getLogger("fmtl_edge.simulate")
     try:
+        from fmtl_edge.methods import method_options
+
         flags = {k: getattr(args, k) for k in _CONFIG_KEYS}
         flags["layers"] = _parse_layers(args.layers)
+        flags["method_options"] = {k: getattr(args, k) for k in method_options() if getattr(args, k, None) is not None}
         cfg = build_config(flags, args.config)
         from fmtl_edge.config import check_device
         from fmtl_edge.report import check_out_dir, new_run_dir

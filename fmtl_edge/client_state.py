@@ -133,7 +133,9 @@ class FolderStateStore(ClientStateStore):
 
         d = self._dir(key)
         d.mkdir(parents=True, exist_ok=True)
-        blob = st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"key": key, "round": str(round_idx)})
+        # (np.ascontiguousarray turns a 0-d array, e.g. a BatchNorm's num_batches_tracked, into shape (1,))
+        blob = st_save({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()},
+                       metadata={"key": key, "round": str(round_idx)})
         path = d / f"r{int(round_idx)}.safetensors"
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(blob)

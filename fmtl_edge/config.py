@@ -59,7 +59,6 @@ class SimulationConfig:
     weight_decay: float = 1e-4
     affinity_every: int = 5
     affinity_divide_by_lr: bool = False
-    fedprox_mu: float = 0.01
     seed: int = 0
     device: str = "cpu"
     out: str | None = None  # None: a new timestamped run folder runs/<UTC time>, runs/latest → it
@@ -77,8 +76,21 @@ class SimulationConfig:
     task_groups: int | None = None
     layers: dict[str, list[str]] | None = None
     pretrained: str | None = None
-    ditto_lambda: float = 0.1
-    centralized: str = "joint"
+    #: the methods' own settings (:attr:`fmtl_edge.methods.Method.OPTIONS`), by config key
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def option(self, name: str) -> Any:
+        """A method option's value: set by the run, else the option's default.
+
+        Raises:
+            KeyError: no registered method declares ``name``.
+        """
+        from fmtl_edge.methods import method_options
+
+        opts = method_options()
+        if name not in opts:
+            raise KeyError(f"no method declares the option {name!r}")
+        return self.method_options.get(name, opts[name].default)
 
     def resolved_sampling(self) -> str:
         """``--sampling``, or its default: ``per-group`` with ``--task-groups``, else ``uniform``."""
@@ -155,10 +167,13 @@ class SimulationConfig:
             raise ConfigError("--sampling", f"{self.sampling!r} is not one of {', '.join(FedAvgStrategy.SAMPLINGS)}")
         if self.task_groups is not None:
             _positive_int(self, "task_groups")
-        if not self.ditto_lambda >= 0:
-            raise ConfigError("--ditto-lambda", f"must be >= 0 (0: personal models fine-tune alone), got {self.ditto_lambda}")
-        if self.centralized not in ("joint", "separate"):
-            raise ConfigError("--centralized", f"{self.centralized!r} is not joint or separate")
+        from fmtl_edge.methods import method_options
+
+        opts = method_options()
+        for k, v in self.method_options.items():
+            if k not in opts:
+                raise ConfigError(k, "no method declares this option")
+            self.method_options[k] = _coerce_option(opts[k], v)
         if self.layers is not None:
             from fmtl_edge.methods.layered import LayerTypes
 
@@ -263,6 +278,23 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def _coerce_option(opt, value: Any) -> Any:
+    """A method option's value as its declared kind, or ConfigError naming its flag."""
+    if opt.kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(opt.flag, f"must be a number, got {value!r}")
+        value = float(value)
+    elif opt.kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(opt.flag, f"must be a whole number, got {value!r}")
+    elif opt.kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(opt.flag, f"must be a string, got {value!r}")
+        if opt.choices and value not in opt.choices:
+            raise ConfigError(opt.flag, f"{value!r} is not one of {', '.join(opt.choices)}")
+    return value
+
+
 def read_toml(path: str | Path, flag: str = "--config") -> dict[str, Any]:
     """Parse a TOML file.
 
@@ -288,13 +320,19 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     raw = read_toml(p)
     if "simulate" in raw and isinstance(raw["simulate"], dict):
         raw = {**{k: v for k, v in raw.items() if k != "simulate"}, **raw["simulate"]}
+    from fmtl_edge.methods import method_options
+
+    opts = method_options()
     out: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name not in _FIELDS:
+        if name in opts:
+            out[name] = value
+            continue
+        if name not in _FIELDS or name == "method_options":
             import difflib
 
-            known = sorted(k.replace("_", "-") for k in _FIELDS)
+            known = sorted(k.replace("_", "-") for k in [*_FIELDS, *opts] if k != "method_options")
             near = difflib.get_close_matches(key.replace("_", "-"), known, n=1, cutoff=0.6)
             hint = f"did you mean {near[0]}? " if near else ""
             raise ConfigError(f"{p}: {key}", f"unknown key; {hint}known keys: {', '.join(known)}")
@@ -310,8 +348,16 @@ def build_config(overrides: Mapping[str, Any], config_file: str | Path | None = 
     Raises:
         ConfigError: as :func:`load_toml` and :meth:`SimulationConfig.validate`.
     """
+    from fmtl_edge.methods import method_options
+
     from_file = load_toml(config_file) if config_file else {}
     flags = {k: v for k, v in overrides.items() if v is not None}
+    opts = method_options()
+    # method options (flags or TOML keys named by a method's OPTIONS) go into method_options
+    chosen = {**{k: v for k, v in from_file.items() if k in opts}, **dict(flags.get("method_options") or {}),
+              **{k: v for k, v in flags.items() if k in opts}}
+    from_file = {k: v for k, v in from_file.items() if k not in opts}
+    flags = {k: v for k, v in flags.items() if k not in opts and k != "method_options"}
     dataset = flags.get("dataset", from_file.get("dataset", SimulationConfig.dataset))
     merged: dict[str, Any] = dict(PRESETS.get(dataset, {}))
     merged.update(from_file)
@@ -322,6 +368,7 @@ def build_config(overrides: Mapping[str, Any], config_file: str | Path | None = 
         merged["r0"] = max(1, min(int(merged["rounds"]) - 1, round(int(merged["rounds"]) / 3)))
     if "methods" in merged:
         merged["methods"] = _coerce("methods", merged["methods"])
+    merged["method_options"] = chosen
     cfg = SimulationConfig(**merged)
     cfg.validate()
     return cfg

@@ -167,7 +167,7 @@ def test_ditto_personal_step_equals_a_manual_step():
 
 
 def _cfg(**kw):
-    base = dict(rounds=3, aggregator="fedavg", trim_fraction=0.1, layers=None, ditto_lambda=0.1)
+    base = dict(rounds=3, aggregator="fedavg", trim_fraction=0.1, layers=None)
     base.update(kw)
     return SimpleNamespace(**base)
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fmtl_edge.methods.all_in_one import AllInOne
-from fmtl_edge.methods.base import Method
+from fmtl_edge.methods.base import Method, Option
 from fmtl_edge.methods.centralized import Centralized
 from fmtl_edge.methods.ditto import Ditto
 from fmtl_edge.methods.fedprox import FedProx
@@ -36,6 +36,33 @@ METHODS: dict[str, type[Method]] = {
 }
 
 METHOD_NAMES = tuple(c.name for c in METHODS.values())
+
+
+def method_options() -> dict[str, Option]:
+    """Every registered method's :class:`~fmtl_edge.methods.base.Option`, by config key.
+
+    Raises:
+        RuntimeError: two methods declare one key.
+    """
+    out: dict[str, Option] = {}
+    for cls in METHODS.values():
+        for o in cls.OPTIONS:
+            if o.name in out:
+                raise RuntimeError(f"option {o.name!r} is declared by two methods")
+            out[o.name] = o
+    return out
+
+
+def methods_help(width: int = 100) -> str:
+    """The ``--methods`` section of ``simulate --help``, from each method's ``summary``."""
+    import textwrap
+
+    lines = []
+    for cls in METHODS.values():
+        wrapped = textwrap.wrap(cls.summary, width - 15) or [""]
+        lines.append(f"  {cls.name:<12} {wrapped[0]}")
+        lines += [" " * 15 + w for w in wrapped[1:]]
+    return "\n".join(lines)
 
 
 def make_method(name: str, tasks: TaskSet, cfg: Any, pretrained: Mapping[str, np.ndarray] | None = None) -> Method:
@@ -62,4 +89,5 @@ def make_method(name: str, tasks: TaskSet, cfg: Any, pretrained: Mapping[str, np
     return cls.from_config(arg, tasks, cfg)
 
 
-__all__ = ["METHODS", "METHOD_NAMES", "Method", "make_method", *[c.__name__ for c in METHODS.values()]]
+__all__ = ["METHODS", "METHOD_NAMES", "Method", "Option", "make_method", "method_options", "methods_help",
+           *[c.__name__ for c in METHODS.values()]]

@@ -23,6 +23,7 @@ A method never touches transport, files or meters.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -30,6 +31,30 @@ import numpy as np
 from fmtl_edge.coordinator import Job, JobOutcome
 from fmtl_edge.strategy import FedAvgStrategy, Strategy
 from fmtl_edge.tasks import TaskSet
+
+
+@dataclass(frozen=True)
+class Option:
+    """A setting a method declares: the CLI gets ``--<name with dashes>``, the TOML file (and the
+    server's ``[job]`` table) the key ``<name>``; values land in ``SimulationConfig.method_options``.
+
+    Attributes:
+        name: config key (``ditto_lambda``).
+        kind: ``float``, ``int`` or ``str``.
+        default: used when the run does not set it.
+        help: one line for ``--help`` (units, range, source).
+        choices: the allowed values of a ``str`` option (empty: any).
+    """
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
 class Method(ABC):
@@ -57,6 +82,8 @@ class Method(ABC):
     pooled_data: bool = False
     #: a non-FL reference (labelled as such in results)
     reference: bool = False
+    #: the method's own settings (flags and config keys generated from these)
+    OPTIONS: tuple[Option, ...] = ()
 
     def __init__(self, tasks: TaskSet, rounds: int, aggregator: str = "fedavg", trim_fraction: float = 0.1):
         if rounds < 1:

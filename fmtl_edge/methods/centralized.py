@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from fmtl_edge.coordinator import Job, JobOutcome
-from fmtl_edge.methods.base import Method, base_settings
+from fmtl_edge.methods.base import Method, Option, base_settings
 from fmtl_edge.strategy import SequentialStrategy, Strategy
 from fmtl_edge.tasks import TaskSet
 
@@ -31,6 +31,8 @@ class Centralized(Method):
 
     name = "centralized"
     summary = "non-FL reference on pooled data: --centralized joint (one multi-task model) | separate (one per task)"
+    OPTIONS = (Option("centralized", str, "joint", "centralized's model(s): joint (one multi-task model) or separate "
+                      "(one per task) (default joint)", choices=MODES),)
     pooled_data = True
     reference = True
 
@@ -44,7 +46,7 @@ class Centralized(Method):
     def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "Centralized":
         if arg is not None:
             raise ValueError(f"centralized takes no parameter (got centralized-{arg}); use --centralized joint|separate")
-        return cls(tasks, cfg.rounds, mode=cfg.centralized, **base_settings(cfg))
+        return cls(tasks, cfg.rounds, mode=cfg.option("centralized"), **base_settings(cfg))
 
     def _jobs(self) -> list[Job]:
         if self.mode == "joint":

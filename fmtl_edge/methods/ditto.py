@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from fmtl_edge.coordinator import Job, JobOutcome
-from fmtl_edge.methods.base import Method, base_settings
+from fmtl_edge.methods.base import Method, Option, base_settings
 from fmtl_edge.tasks import TaskSet
 
 
@@ -24,6 +24,8 @@ class Ditto(Method):
 
     name = "ditto"
     summary = "soft sharing: FedAvg'd global model + a personal model per client pulled by λ/2·‖p − w‖² (--ditto-lambda)"
+    OPTIONS = (Option("ditto_lambda", float, 0.1, "λ >= 0 of ditto's L2 pull λ/2·‖p_k − w*‖² towards the global "
+                      "model (Li et al. 2021, Eq. 2; default 0.1)"),)
     personalised = True
 
     def __init__(self, tasks: TaskSet, rounds: int, lam: float = 0.1, personal_epochs: int | None = None, **kw):
@@ -37,7 +39,7 @@ class Ditto(Method):
     def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "Ditto":
         if arg is not None:
             raise ValueError(f"ditto takes no parameter (got ditto-{arg}); set λ with --ditto-lambda")
-        return cls(tasks, cfg.rounds, lam=cfg.ditto_lambda, **base_settings(cfg))
+        return cls(tasks, cfg.rounds, lam=cfg.option("ditto_lambda"), **base_settings(cfg))
 
     def next_jobs(self, done: Mapping[str, JobOutcome]) -> list[Job]:
         if "all" in done:

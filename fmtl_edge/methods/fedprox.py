@@ -8,7 +8,7 @@ from typing import Any
 
 from fmtl_edge.coordinator import Job
 from fmtl_edge.methods.all_in_one import AllInOne
-from fmtl_edge.methods.base import base_settings
+from fmtl_edge.methods.base import Option, base_settings
 from fmtl_edge.tasks import TaskSet
 
 
@@ -22,6 +22,7 @@ class FedProx(AllInOne):
 
     name = "fedprox"
     summary = "all-in-one with FedProx's proximal term μ/2·‖w − w_global‖² (--fedprox-mu)"
+    OPTIONS = (Option("fedprox_mu", float, 0.01, "μ > 0 of fedprox's proximal term μ/2·‖w − w_global‖² (default 0.01)"),)
 
     def __init__(self, tasks: TaskSet, rounds: int, mu: float = 0.01, **kw):
         super().__init__(tasks, rounds, **kw)
@@ -33,7 +34,7 @@ class FedProx(AllInOne):
     def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "FedProx":
         if arg is not None:
             raise ValueError(f"fedprox takes no parameter (got fedprox-{arg})")
-        return cls(tasks, cfg.rounds, mu=cfg.fedprox_mu, **base_settings(cfg))
+        return cls(tasks, cfg.rounds, mu=cfg.option("fedprox_mu"), **base_settings(cfg))
 
     def _job(self) -> Job:
         return Job("all", tuple(self.tasks.names), self.rounds, procedure="fedprox", method_config={"mu": self.mu})

@@ -323,7 +323,15 @@ class Agent:
             self.log(f"{what}: model {w.model_bytes / 1e6:.1f} MB downloaded in {dl_s:.2f} s")
             model_file = SafetensorsFile(path)
             if w.kind == "evaluate":
-                meta = self._evaluate(w, model_file)
+                try:
+                    meta = self._evaluate(w, model_file)
+                except Exception as e:  # reported like a training failure: the agent keeps running
+                    self.log(f"{what}: cannot run it (error): {e}")
+                    stub.ReportFailure(pb.FailureReport(session_id=session_id, work_id=w.work_id, kind="error",
+                                                        reason=str(e)), timeout=30, metadata=md)
+                    return
+                finally:
+                    model_file.release()
                 meta.session_id, meta.work_id = session_id, w.work_id
                 self.state = "uploading"
                 reply = stub.UploadUpdate(iter([pb.UploadMessage(meta=meta)]), timeout=60, metadata=md)

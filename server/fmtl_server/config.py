@@ -142,7 +142,9 @@ def parse_job(table: Mapping[str, Any], name: str = "job") -> JobConfig:
         ConfigError: unknown key, wrong type or impossible value (naming the key).
     """
     table = {k.replace("-", "_"): v for k, v in table.items()}
-    sim_fields = {f.name for f in fields(SimulationConfig)}
+    from fmtl_edge.methods import method_options
+
+    sim_fields = {f.name for f in fields(SimulationConfig)} - {"method_options"} | set(method_options())
     sim: dict[str, Any] = {}
     for k, v in table.items():
         if k in _DEVICE_SIDE:
@@ -152,7 +154,7 @@ def parse_job(table: Mapping[str, Any], name: str = "job") -> JobConfig:
         if k not in sim_fields:
             known = sorted(JOB_KEYS) + sorted(sim_fields - set(_DEVICE_SIDE))
             raise ConfigError(f"[job] {k}", f"unknown key; known keys: {', '.join(known)}")
-        if isinstance(v, int) and not isinstance(v, bool) and k in ("lr", "momentum", "weight_decay", "fedprox_mu", "alpha",
+        if isinstance(v, int) and not isinstance(v, bool) and k in ("lr", "momentum", "weight_decay", "alpha",
                                                                       "time_budget_s", "energy_budget_j"):
             v = float(v)
         sim[k] = v
