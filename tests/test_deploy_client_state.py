@@ -165,10 +165,12 @@ def deployment(tmp_path):
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
-    """The in-process simulation of the same jobs (one torch thread, like the agents)."""
+    """The in-process simulation of the same jobs (one torch thread, like the agents): (results,
+    exported models, method → job → final global state)."""
     import torch
 
     from fmtl_edge.config import build_config
+    from fmtl_edge.coordinator import Coordinator
     from fmtl_edge.data import load_dataset
     from fmtl_edge.simulation import run_methods
 
@@ -180,9 +182,20 @@ def simulated(tmp_path_factory):
     old_dir = os.environ.get("FMTL_EDGE_RUNTIME_DIR")
     os.environ["FMTL_EDGE_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("lease"))
     torch.set_num_threads(1)
+    finals: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    run_method = Coordinator.run_method
+
+    def recording(self, method, *a, **kw):  # the final global state of every job (layered exports no model)
+        done = run_method(self, method, *a, **kw)
+        finals[method.name] = {j: {k: np.array(v, copy=True) for k, v in o.state.items()} for j, o in done.items()}
+        return done
+
+    Coordinator.run_method = recording
     try:
-        return run_methods(cfg, ds)
+        results, models = run_methods(cfg, ds)
+        return results, models, finals
     finally:
+        Coordinator.run_method = run_method
         torch.set_num_threads(threads)
         if old_dir is None:
             os.environ.pop("FMTL_EDGE_RUNTIME_DIR", None)
@@ -205,6 +218,20 @@ def _assert_same_per_client(got: dict, ref: dict) -> None:
             g = got["per_client"][c][t]
             assert g["n"] == v["n"] > 0
             assert g["test_loss"] == pytest.approx(v["test_loss"], rel=1e-9), f"client {c} task {t}"
+
+
+def _assert_same_final_state(state_dir: Path, method: str, job: str, finals: dict) -> None:
+    """The server's checkpoint of the job's last round equals the simulation's final global state."""
+    from safetensors.numpy import load_file
+
+    ref = finals[method][job]
+    ckpts = sorted((state_dir / "checkpoints" / method).glob(f"{job}.r*.safetensors"))
+    assert ckpts, f"no checkpoint of {method}/{job}"
+    assert ckpts[-1].name == f"{job}.r{ROUNDS - 1:05d}.safetensors", [p.name for p in ckpts]
+    got = load_file(str(ckpts[-1]))
+    assert set(got) == set(ref)
+    for k, v in ref.items():
+        np.testing.assert_array_equal(got[k].reshape(np.shape(v)), v, err_msg=f"{method}/{job}: {k}")
 
 
 def _assert_same_models(out: Path, method: str, models: dict) -> None:
@@ -245,7 +272,7 @@ def test_personal_heads_and_ditto_models_stay_on_the_agents(deployment, simulate
     assert all(any(n.startswith("backbone.") for n in SafetensorsFile(p).names) for p in layered_up)
     blobs = [p.read_bytes() for p in uploads]
 
-    ref_results, ref_models = simulated
+    ref_results, ref_models, ref_finals = simulated
     heads = {n for state in ref_models["ditto"].values() for n in state if n.startswith("heads.")}
     assert len(heads) >= 2 * len(ref_models["ditto"])
     for method, key, prefix in (("layered", "layered/layered", "layer:heads."), ("ditto", "ditto/all", "p.")):
@@ -279,6 +306,7 @@ def test_personal_heads_and_ditto_models_stay_on_the_agents(deployment, simulate
     assert res["methods"]["ditto"]["total_test_loss"] == pytest.approx(
         ref_results["methods"]["ditto"]["total_test_loss"], rel=1e-9)
     _assert_same_models(d.tmp / "out", "ditto", ref_models)
+    _assert_same_final_state(d.tmp / "state", "layered", "layered", ref_finals)
     assert res["deployment"]["counters"]["updates_rejected"] == 0
     # the agents ran every evaluation (personalised ones read their state) and keep running
     assert all(a.alive() for a in d.agents.values()), [a.text()[-2000:] for a in d.agents.values() if not a.alive()]
@@ -452,7 +480,7 @@ def test_the_server_killed_mid_layered_job_resumes_with_the_same_result(deployme
     d.start_server()
     for c in range(CLIENTS):
         d.start_agent(c, "--inject-fault", "delay:1.5")  # slower rounds (same updates): the kill lands mid-round
-    ref_results, ref_models = simulated
+    ref_results, ref_models, ref_finals = simulated
     ref_hist = ref_results["methods"]["layered"]["history"]
     second = ref_hist[1]["clients"]
 
@@ -473,4 +501,6 @@ def test_the_server_killed_mid_layered_job_resumes_with_the_same_result(deployme
     ref = ref_results["methods"]["layered"]
     assert [h["clients"] for h in m["history"]] == [h["clients"] for h in ref_hist]
     _assert_same_per_client(m, ref)
-    _assert_same_models(d.tmp / "out", "layered", ref_models)
+    # (layered with personal layers exports no global model: the final global state is the server's
+    # checkpoint of the last round)
+    _assert_same_final_state(d.tmp / "state", "layered", "layered", ref_finals)
