@@ -85,8 +85,8 @@ def _safe(key: str) -> str:
 class FolderStateStore(ClientStateStore):
     """Client state in a folder (the device agent's work folder): ``<key>/r<round>.safetensors`` with
     its SHA-256 in ``r<round>.sha256``. A version whose file is missing, unreadable or does not match
-    its checksum is logged, deleted and skipped — the client starts that state afresh rather than
-    training on garbage.
+    its checksum is logged, deleted and skipped: the client falls back to the previous good version,
+    or starts that state afresh when there is none — never training on garbage.
     """
 
     def __init__(self, root: str | Path):
@@ -122,7 +122,8 @@ class FolderStateStore(ClientStateStore):
                     raise ValueError("checksum mismatch")
                 return dict(st_load(blob))
             except (OSError, ValueError, json.JSONDecodeError) as e:
-                log.warning("client state %s round %d (%s) is corrupt (%s): discarded, that state starts afresh",
+                log.warning("client state %s round %d (%s) is corrupt (%s): discarded; the client uses the previous "
+                            "version if one is good, else starts that state afresh",
                             key, r, path, e)
                 for p in (path, sha_path):
                     p.unlink(missing_ok=True)
