@@ -178,7 +178,7 @@ def test_a_hostile_upload_is_refused_with_a_reason_and_frees_the_slot(svc, tmp_p
 
 def test_two_streams_for_one_work_item_write_separate_files_and_the_accepted_one_stays_intact(svc, tmp_path):
     pool, _, target = svc(RoundPolicy(heartbeat_timeout_s=3.0, dispatch_wait_s=2.0, max_attempts=1))
-    devs = [Raw(target, 0), Raw(target, 1)]
+    devs = [Raw(target, 0), Raw(target, 1, token="good1")]
     try:
         t, box = run_round(pool, k=2)
         works = [d.pull() for d in devs]
@@ -315,3 +315,84 @@ def _global_state():
     from fmtl_edge.partition import state_to_numpy
 
     return state_to_numpy(MultiTaskModel(SPEC, TASKS).state_dict())
+
+
+# -- fault 7: a token is bound to its device and the clients it may serve ------------------------------
+
+
+def test_one_token_may_not_hold_two_clients_or_take_over_another_devices_client(svc):
+    tokens = dict(TOKENS, ops1=Identity("dev1", "device", clients=frozenset({1})))
+    pool, _, target = svc(tokens=tokens)
+    a = Raw(target, 0, token="good")
+    try:
+        with pytest.raises(grpc.RpcError) as e:  # the same token, a second client
+            Raw(target, 1, token="good")
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "dev0" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # a token limited to client 1 asks for client 2
+            Raw(target, 2, token="ops1")
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "clients" in e.value.details()
+        a.close()
+        time.sleep(3.5)  # client 0's device goes offline
+        pool.wait_for_devices(0, 0.1)
+        with pytest.raises(grpc.RpcError) as e:  # another device may not take client 0 over while it is away
+            Raw(target, 0, token="good1")
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "dev0" in e.value.details()
+        b = Raw(target, 0, token="good")  # its own device comes back
+        b.close()
+    finally:
+        a.close()
+
+
+# -- fault 8: two agents with one token and one client id ----------------------------------------------
+
+
+def test_a_second_live_registration_is_refused_and_the_first_session_kept(svc):
+    pool, _, target = svc()
+    a = Raw(target, 0)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            Raw(target, 0)
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS and "already connected" in e.value.details()
+        r = a.stub.Heartbeat(pb.HeartbeatRequest(session_id=a.sid, state="idle"), timeout=5, metadata=a.md)
+        assert r.ok  # the first agent was not kicked out
+        # the same agent reconnecting (it presents its session) may replace its own session at once
+        req = a.request()
+        req.resume_session_id = a.sid
+        again = a.stub.Register(req, timeout=5, metadata=a.md)
+        assert again.session_id != a.sid
+    finally:
+        a.close()
+
+
+def test_the_agent_backs_off_with_jitter_when_its_registration_is_refused(svc, monkeypatch):
+    from fmtl_edge.transport.agent import Agent, AgentOptions, DataSpec
+
+    pool, _, target = svc()
+    a = Raw(target, 0)
+    try:
+        agent = Agent(AgentOptions(server=target, token="good", data=DataSpec("toy", 0), insecure=True,
+                                   min_backoff_s=0.5, max_backoff_s=4.0), log=lambda m: None)
+        agent.client = object()
+        monkeypatch.setattr(agent, "register_request", lambda: a.request())
+        waits = []
+
+        def wait(s):
+            waits.append(s)
+            if len(waits) >= 5:
+                agent.stop.set()
+            return agent.stop.is_set()
+
+        monkeypatch.setattr(agent.stop, "wait", wait)
+        res = {}
+        th = threading.Thread(target=lambda: res.setdefault("rc", agent.run()), daemon=True)
+        th.start()
+        th.join(30)
+        agent.stop.set()
+        assert res.get("rc") == 0, "the agent kept registering"
+        assert len(waits) == 5 and len(set(waits)) == 5  # jittered
+        for i, w in enumerate(waits):  # around an exponentially growing backoff: 0.5, 1, 2, 4, 4 s
+            b = min(4.0, 0.5 * 2**i)
+            assert 0.5 * b <= w <= 1.5 * b, waits
+        assert pool.counters.get("registrations_refused", 0) == 5
+    finally:
+        a.close()

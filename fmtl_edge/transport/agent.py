@@ -156,6 +156,7 @@ class Agent:
         self.cancelled: set[str] = set()
         self.session_lost = threading.Event()
         self.works_done = 0
+        self.session_id = ""
         self.client = None
         self.dataset = None
         self.meter = None
@@ -230,7 +231,11 @@ class Agent:
             hb = None
             try:
                 stub = pb_grpc.CoordinatorStub(ch)
-                reg = stub.Register(self.register_request(), timeout=30, metadata=md)
+                req = self.register_request()
+                if self.session_id:  # reconnecting: this agent may replace its own live session
+                    req.resume_session_id = self.session_id
+                reg = stub.Register(req, timeout=30, metadata=md)
+                self.session_id = reg.session_id
                 backoff = o.min_backoff_s
                 lost_since = None
                 self.session_lost.clear()
@@ -260,8 +265,13 @@ class Agent:
                 if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
                     self.log(f"registration refused: {e.details()}")
                     return EXIT_REFUSED
-                delay = backoff * (0.5 + random.random())
+                delay = backoff * (0.5 + random.random())  # jitter: two refused agents do not retry in step
                 now = time.monotonic()
+                if code == grpc.StatusCode.ALREADY_EXISTS:
+                    self.log(f"registration refused: {e.details()}; retrying in {delay:.1f} s")
+                    self.stop.wait(delay)
+                    backoff = min(o.max_backoff_s, backoff * 2)
+                    continue
                 if lost_since is None or now - last_note > 30:
                     since = "" if lost_since is None else f" for {now - lost_since:.0f} s"
                     self.log(f"no connection to {o.server}{since} ({code.name}: {e.details()}); "

@@ -37,10 +37,12 @@ GRPC_OPTIONS = [
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a bearer token belongs to: a device name and its role (``device`` or ``admin``)."""
+    """Who a bearer token belongs to: a device name, its role (``device`` or ``admin``) and the client
+    ids of the partition it may serve (None: any one client not bound to another device)."""
 
     name: str
     role: str = "device"
+    clients: frozenset[int] | None = None
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -92,7 +94,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         n_test = max((int(t.test_samples) for t in data.tasks), default=0)
         try:
             d = self.pool.register(who.name, int(data.client_id), tasks, n_train, n_test, message_to_dict(data),
-                                   message_to_dict(request.device))
+                                   message_to_dict(request.device), allowed_clients=who.clients,
+                                   resume_session_id=request.resume_session_id or None)
         except RegistrationRefused as e:
             log.warning("registration of %s (client %d) refused: %s", who.name, data.client_id, e)
             context.abort(getattr(grpc.StatusCode, e.code), str(e))
