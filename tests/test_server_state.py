@@ -203,3 +203,45 @@ def test_an_aggregation_error_fails_the_round_not_the_server(tmp_path):
     js2.pool = Overflowing(bad_calls=99)
     with pytest.raises(RoundFailed, match="overflow"):  # given up as a failed round (exit 5), not a crash
         js2._run_method(0, method, ModelSpec((1, 8, 8), 4), train_config(js2.job.sim))
+
+
+def test_the_tokens_file_fails_closed_and_says_why(tmp_path, caplog):
+    import logging
+
+    import grpc
+
+    from fmtl_edge.transport import fmtl_edge_pb2 as pb
+    from fmtl_edge.transport import fmtl_edge_pb2_grpc as pb_grpc
+    from fmtl_edge.transport.pool import RemoteClientPool
+    from fmtl_edge.transport.service import CoordinatorServicer, bearer, channel, start_server
+
+    p = tmp_path / "tokens.txt"
+    dev = add_token(p, "jetson-1")
+    admin = add_token(p, "ops", "admin")
+    good = p.read_text()
+    tf = TokenFile(p)
+    assert tf(dev).name == "jetson-1" and tf.error is None
+    p.unlink()  # deleted: nobody gets in, not even the admin
+    assert tf(dev) is None and tf(admin) is None and "missing" in tf.error
+    p.write_text(good + "this line is wrong\n")  # malformed: every token refused, the line named
+    assert tf(dev) is None and tf(admin) is None and ":3:" in tf.error
+    p.write_text(good)
+    assert tf(dev).name == "jetson-1" and tf.error is None
+    # a line may limit the clients a token serves
+    p.write_text(good.replace("jetson-1 device", "jetson-1 device").rstrip("\n").replace(
+        good.splitlines()[0], good.splitlines()[0] + " clients=3,4") + "\n")
+    assert tf(dev).clients == frozenset({3, 4})
+    # over gRPC the refusal says why
+    pool = RemoteClientPool(tmp_path / "w")
+    server, port = start_server(CoordinatorServicer(pool, tf), "127.0.0.1:0", None, max_workers=4)
+    caplog.set_level(logging.WARNING)
+    try:
+        p.write_text("garbage\n")
+        with channel(f"127.0.0.1:{port}", insecure=True) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.CoordinatorStub(ch).GetStatus(pb.StatusRequest(), timeout=5, metadata=bearer(admin))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "tokens file" in e.value.details()
+        assert "tokens file" in caplog.text and "GetStatus" in caplog.text
+    finally:
+        server.stop(0)
+        pool.close()

@@ -26,6 +26,14 @@ from fmtl_edge.transport.tensors import ChunkSink, SafetensorsFile, file_sha256,
 
 from test_transport_pool import SPEC, TASKS
 
+try:
+    import fmtl_server  # noqa: F401
+except ImportError:  # running from a checkout: the server package lives in server/
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+
 N_TRAIN, N_TEST = 50, 20
 TOKENS = {"good": Identity("dev0", "device"), "good1": Identity("dev1", "device"), "root": Identity("ops", "admin")}
 
@@ -396,3 +404,22 @@ def test_the_agent_backs_off_with_jitter_when_its_registration_is_refused(svc, m
         assert pool.counters.get("registrations_refused", 0) == 5
     finally:
         a.close()
+
+
+# -- fault 12: refusals name their RPC and are counted per device ---------------------------------------
+
+
+def test_refusals_name_the_rpc_and_status_counts_them_per_device(svc, tmp_path, caplog, capsys):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    reply, box, pool = _one_update(svc, tmp_path, energy_j=-1e6)
+    assert not reply.accepted
+    assert "refused UploadUpdate from dev0" in caplog.text
+    r = pool.status()["refusals"]["dev0"]
+    assert r["total"] == 1 and r["by_rpc"] == {"UploadUpdate": 1} and "energy_j" in r["last"]
+    from fmtl_server.cli import _print_status
+
+    _print_status({"job": "j", "phase": "p", "devices": [], "refusals": pool.status()["refusals"]})
+    out = capsys.readouterr().out
+    assert "refused calls per device" in out and "dev0" in out and "UploadUpdate 1" in out

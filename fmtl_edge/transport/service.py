@@ -69,7 +69,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.refused = 0
 
     # -- auth --------------------------------------------------------------------------------------------
-    def _who(self, context: grpc.ServicerContext, admin: bool = False) -> Identity:
+    def _who(self, context: grpc.ServicerContext, rpc: str, admin: bool = False) -> Identity:
+        """The caller's identity, or the call is aborted (UNAUTHENTICATED / PERMISSION_DENIED) and logged
+        with ``rpc``'s name."""
         token = ""
         for k, v in context.invocation_metadata() or ():
             if k == "authorization" and isinstance(v, str) and v.startswith("Bearer "):
@@ -77,17 +79,26 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         ident = self.authenticate(token) if token else None
         if ident is None:
             self.refused += 1
-            log.warning("refused %s from %s: %s bearer token", _method(context), context.peer(),
+            broken = getattr(self.authenticate, "error", None)  # a tokens file that fails closed says why
+            if broken:
+                log.warning("refused %s from %s: %s; every token is refused until it is fixed", rpc,
+                            context.peer(), broken)
+                self.pool.count_refusal("(no valid token)", rpc, broken)
+                context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                              "the server cannot check tokens now (its tokens file is unusable); ask its operator")
+            log.warning("refused %s from %s: %s bearer token", rpc, context.peer(),
                         "invalid" if token else "missing")
+            self.pool.count_refusal("(no valid token)", rpc, f"{'invalid' if token else 'missing'} bearer token")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required (fmtl-edge join --token)")
         if admin and ident.role != "admin":
-            log.warning("refused %s from %s (%s): admin role needed", _method(context), context.peer(), ident.name)
+            log.warning("refused %s from %s (%s): admin role needed", rpc, context.peer(), ident.name)
+            self.pool.count_refusal(ident.name, rpc, "admin role needed")
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "this call needs an admin token")
         return ident
 
     # -- RPCs ----------------------------------------------------------------------------------------------
     def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterReply:
-        who = self._who(context)
+        who = self._who(context, "Register")
         data = request.data
         tasks = {t.name: int(t.train_samples) for t in data.tasks}
         n_train = max(tasks.values(), default=0)
@@ -97,7 +108,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                    message_to_dict(request.device), allowed_clients=who.clients,
                                    resume_session_id=request.resume_session_id or None)
         except RegistrationRefused as e:
-            log.warning("registration of %s (client %d) refused: %s", who.name, data.client_id, e)
+            log.warning("refused Register from %s (client %d): %s", who.name, data.client_id, e)
             context.abort(getattr(grpc.StatusCode, e.code), str(e))
         return pb.RegisterReply(session_id=d.session_id, server_id=self.pool.server_id,
                                 heartbeat_interval_s=self.heartbeat_interval_s,
@@ -106,12 +117,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                 message=f"registered as client {d.client_id}")
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
-        who = self._who(context)
+        who = self._who(context, "Heartbeat")
         ok, cancel = self.pool.heartbeat(request.session_id, who.name, request.state, request.work_id)
         return pb.HeartbeatReply(ok=ok, cancel_work_ids=cancel)
 
     def PullWork(self, request: pb.PullWorkRequest, context) -> pb.PullWorkReply:
-        who = self._who(context)
+        who = self._who(context, "PullWork")
         wait = request.wait_s if request.wait_s > 0 else 20.0
         # do not hold the thread past the client's own deadline
         remaining = context.time_remaining()
@@ -128,7 +139,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                                                item.deadline_s))
 
     def DownloadModel(self, request: pb.DownloadRequest, context):
-        who = self._who(context)
+        who = self._who(context, "DownloadModel")
         item = self.pool.item_for(request.session_id, who.name, request.work_id)
         if item is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no running work {request.work_id!r} for this session (cancelled?)")
@@ -141,7 +152,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.OUT_OF_RANGE, str(e))
 
     def UploadUpdate(self, request_iterator, context) -> pb.UploadReply:
-        who = self._who(context)
+        who = self._who(context, "UploadUpdate")
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("body") != "meta":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of an upload must be its metadata")
@@ -173,20 +184,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.UploadReply(accepted=ok, reason=reason)
 
     def ReportFailure(self, request: pb.FailureReport, context) -> pb.Ack:
-        who = self._who(context)
+        who = self._who(context, "ReportFailure")
         ok = self.pool.report_failure(request.session_id, who.name, request.work_id, request.kind, request.reason)
         return pb.Ack(ok=ok, message="" if ok else "unknown work or session")
 
     def GetStatus(self, request: pb.StatusRequest, context) -> pb.StatusReply:
-        self._who(context, admin=True)
+        self._who(context, "GetStatus", admin=True)
         return pb.StatusReply(json=json.dumps(self.status_fn(), default=str))
-
-
-def _method(context) -> str:
-    try:
-        return context._rpc_event.call_details.method.decode()  # type: ignore[attr-defined]
-    except Exception:
-        return "a call"
 
 
 @dataclass

@@ -83,13 +83,24 @@ def add_token(path: str | Path, name: str, role: str = "device") -> str:
 
 
 class TokenFile:
-    """Checks bearer tokens against a tokens file (re-read when its modification time changes)."""
+    """Checks bearer tokens against a tokens file, re-read when it changes (modification time, size
+    or inode).
+
+    Fails closed: when the file is missing, unreadable or has a malformed line, *every* token is
+    refused (a revoked token must never keep working because the file broke) and :attr:`error`
+    says why; the servicer reports it with each refusal. It works again as soon as the file is fixed.
+
+    Raises (constructor):
+        FileNotFoundError, TokenError: the file is missing or malformed at start.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._mtime: float | None = None
+        self._sig: tuple | None = None
         self._table: dict[str, tuple[str, str, frozenset[int] | None]] = {}
+        #: why every token is refused now (None: the file is good)
+        self.error: str | None = None
         self.reload()
 
     def reload(self) -> None:
@@ -97,17 +108,31 @@ class TokenFile:
         st = self.path.stat()
         table = parse_tokens(self.path.read_text(), str(self.path))
         with self._lock:
-            self._table, self._mtime = table, st.st_mtime
+            self._table, self._sig, self.error = table, (st.st_mtime_ns, st.st_size, st.st_ino), None
 
     def __len__(self) -> int:
         return len(self._table)
 
-    def __call__(self, token: str) -> Identity | None:
+    def _refresh(self) -> None:
         try:
-            if self.path.stat().st_mtime != self._mtime:
+            st = self.path.stat()
+            sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if sig != self._sig or self.error is not None:
                 self.reload()
-        except (OSError, TokenError):
-            pass  # keep the last good table
+        except FileNotFoundError:
+            self._fail(f"the tokens file {self.path} is missing (restore it, or create it with "
+                       f"`fmtl-server token add NAME --tokens {self.path}`)")
+        except TokenError as e:
+            self._fail(f"the tokens file is malformed: {e} (fix or delete that line)")
+        except (OSError, UnicodeDecodeError) as e:
+            self._fail(f"the tokens file {self.path} cannot be read: {e}")
+
+    def _fail(self, why: str) -> None:
+        with self._lock:
+            self._table, self._sig, self.error = {}, None, why
+
+    def __call__(self, token: str) -> Identity | None:
+        self._refresh()
         h = hash_token(token)
         with self._lock:
             for k, (name, role, clients) in self._table.items():

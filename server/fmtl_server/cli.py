@@ -193,6 +193,14 @@ def _print_status(st: dict) -> None:
                   str(d.get("failures", 0)), _fmt(d.get("last_device_s")), _fmt(d.get("last_energy_j")),
                   str(d.get("last_job") or "—"), f"{now - seen:.0f} s ago" if seen else "—")
     c.print(t)
+    if st.get("refusals"):
+        t = Table(title="refused calls per device")
+        for col in ("device", "refused", "by RPC", "last"):
+            t.add_column(col)
+        for name, r in st["refusals"].items():
+            t.add_row(name, str(r.get("total", 0)), ", ".join(f"{k} {v}" for k, v in sorted(r.get("by_rpc", {}).items())),
+                      str(r.get("last", "")))
+        c.print(t)
 
 
 def cmd_token_add(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from fmtl_edge.transport.convert import task_from_pb, task_signature
 from fmtl_edge.transport.pool import Device, PoolClosed, RegistrationRefused, RemoteClientPool, RoundPolicy
 from fmtl_edge.transport.service import CoordinatorServicer, TLSConfig, start_server
 
-from fmtl_server.auth import TokenFile
+from fmtl_server.auth import TokenError, TokenFile
 from fmtl_server.config import JobConfig, ServerConfig
 from fmtl_server.store import StateMismatch, Store
 
@@ -166,6 +166,7 @@ class JobServer:
         st["devices"] = live["devices"]
         st["counters"] = live["counters"]
         st["round"] = live["round"]
+        st["refusals"] = live.get("refusals", {})
         st["refused_calls"] = self.servicer.refused if getattr(self, "servicer", None) else 0
         st["listen"] = f"{self.srv.listen} (port {self.port})"
         return st
@@ -183,6 +184,8 @@ class JobServer:
         except FileNotFoundError:
             raise ConfigError("--tokens", f"no tokens file {srv.tokens!r}; create one with "
                               f"`fmtl-server token add DEVICE --tokens {srv.tokens}`") from None
+        except TokenError as e:  # fail closed at start too: say which line
+            raise ConfigError("--tokens", f"{e}; fix or delete that line") from None
         self.store = Store(srv.state_dir)
         try:
             resumed = self.store.claim(self.job.fingerprint(), self.job.name)
