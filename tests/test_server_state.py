@@ -245,3 +245,53 @@ def test_the_tokens_file_fails_closed_and_says_why(tmp_path, caplog):
     finally:
         server.stop(0)
         pool.close()
+
+
+def test_checkpoints_are_verified_on_resume_and_roll_back_to_the_kept_round(tmp_path):
+    from fmtl_server.store import CheckpointCorrupt
+
+    from fmtl_edge.coordinator import Job
+
+    store = Store(tmp_path / "s")
+    store.claim("fp", "job")
+
+    class Crash(Exception):
+        pass
+
+    def on_end(ck):
+        store.checkpoint("all", 0, ck)
+        if ck.round == 2:
+            raise Crash()  # killed after round 3 of 5
+
+    with pytest.raises(Crash):
+        _coord(Scripted(), on_round_end=on_end).run_job(Job("all", ("a", "b"), 5))
+    (ck,) = store.load_checkpoints("all")
+    assert ck.round == 2
+    files = sorted((tmp_path / "s" / "checkpoints").rglob("*.safetensors"))
+    assert [f.name for f in files] == ["all.r00001.safetensors", "all.r00002.safetensors"]  # the previous round is kept
+    last = files[-1]
+    good = last.read_bytes()
+    raw = bytearray(good)
+    raw[-4] ^= 0x80  # a flipped sign
+    last.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointCorrupt) as e:
+        store.load_checkpoints("all")
+    msg = str(e.value)
+    assert str(last) in msg and "SHA-256" in msg and "after round 3" in msg
+    assert "fmtl-server rollback" in msg and "round 2" in msg  # the fix: the kept previous round
+    last.unlink()  # deleted: the same clear refusal, no traceback
+    with pytest.raises(CheckpointCorrupt, match="missing"):
+        store.load_checkpoints("all")
+    assert server_main(["rollback", "--state-dir", str(tmp_path / "s")]) == 0
+    assert store.rollback() == []  # done by the command
+    (ck,) = store.load_checkpoints("all")
+    assert ck.round == 1 and len(ck.history) == 2
+    # a NaN written with a matching checksum is refused too
+    from fmtl_edge.transport.tensors import write_state
+
+    state = {k: np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v for k, v in ck.state.items()}
+    bad = RoundCheckpoint(ck.job, 2, state, ck.affinity_per_round, ck.energy, ck.history, ck.wall_s)
+    store.checkpoint("all", 0, bad)
+    with pytest.raises(CheckpointCorrupt, match="NaN"):
+        store.load_checkpoints("all")
+    store.close()
