@@ -423,3 +423,47 @@ def test_refusals_name_the_rpc_and_status_counts_them_per_device(svc, tmp_path, 
     _print_status({"job": "j", "phase": "p", "devices": [], "refusals": pool.status()["refusals"]})
     out = capsys.readouterr().out
     assert "refused calls per device" in out and "dev0" in out and "UploadUpdate 1" in out
+
+
+# -- fault 11: idle upload streams ---------------------------------------------------------------------
+
+
+def _idle_stream(dev, w, release: threading.Event, send_meta=True):
+    def gen():
+        if send_meta:
+            yield pb.UploadMessage(meta=dev.meta(w, total_bytes=1000))
+        release.wait(30)  # opened, never sent
+
+    return dev.stub.UploadUpdate.future(gen(), timeout=30, metadata=dev.md)
+
+
+def test_idle_upload_streams_are_limited_per_device_and_closed_at_the_first_chunk_bound(tmp_path):
+    pool = RemoteClientPool(tmp_path / "w", RoundPolicy(heartbeat_timeout_s=5.0, dispatch_wait_s=0.5, max_attempts=1),
+                            seed=5, model_info={"input_shape": [1, 8, 8], "width": 4})
+    servicer = CoordinatorServicer(pool, TOKENS.get, heartbeat_interval_s=0.2, upload_first_chunk_s=1.0,
+                                   max_streams_per_device=1)
+    server, port = start_server(servicer, "127.0.0.1:0", None, max_workers=4)
+    release = threading.Event()
+    dev = Raw(f"127.0.0.1:{port}", 0, beat=False)
+    try:
+        t, box = run_round(pool)
+        w = dev.pull()
+        streams = [_idle_stream(dev, w, release, send_meta=i % 2 == 0) for i in range(6)]  # more than the workers
+        # the other RPCs are still answered: the idle streams do not hold every worker
+        r = dev.stub.Heartbeat(pb.HeartbeatRequest(session_id=dev.sid, state="uploading", work_id=w.work_id),
+                               timeout=5, metadata=dev.md)
+        assert r.ok
+        codes = [s.exception(20).code() if s.exception(20) else None for s in streams]
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 5, codes  # one stream per device at a time
+        assert grpc.StatusCode.CANCELLED in codes  # the one let in sent no chunk within the bound
+        assert pool.status()["refusals"]["dev0"]["by_rpc"]["UploadUpdate"] >= 6
+        # the device may upload again afterwards
+        state, names = dev.model(w, tmp_path)
+        assert dev.upload(w, update_bytes(shifted(state, 0.1), names, tmp_path)).accepted
+        t.join(15)
+        assert "out" in box
+    finally:
+        release.set()
+        dev.close()
+        pool.close()
+        server.stop(0)

@@ -319,7 +319,8 @@ class Agent:
             t0 = time.perf_counter()
             sink = ChunkSink(path, int(w.model_bytes), None, w.model_sha256 or None)
             try:
-                for ch in stub.DownloadModel(pb.DownloadRequest(session_id=session_id, work_id=w.work_id), metadata=md):
+                for ch in stub.DownloadModel(pb.DownloadRequest(session_id=session_id, work_id=w.work_id), metadata=md,
+                                             timeout=transfer_timeout_s(int(w.model_bytes))):
                     sink.write(int(ch.offset), ch.data)
                 sink.finish()
             except BaseException:
@@ -358,7 +359,7 @@ class Agent:
                 for off, data, total in iter_chunks(upath, self.chunk_bytes):
                     yield pb.UploadMessage(chunk=pb.Chunk(offset=off, data=data, total_bytes=total))
 
-            reply = stub.UploadUpdate(messages(), metadata=md)
+            reply = stub.UploadUpdate(messages(), metadata=md, timeout=transfer_timeout_s(int(meta.total_bytes)))
             up_s = time.perf_counter() - t1
             if reply.accepted:
                 self.log(f"{what}: update accepted ({meta.total_bytes / 1e6:.1f} MB in {up_s:.2f} s, "
@@ -474,6 +475,12 @@ def evaluate_sums(spec, tasks, state, client, device: str = "cpu", batch_size: i
                 out[n]["metric_sum"] += task.metric_sum(outs[n], y)
                 out[n]["n"] += len(x)
     return out
+
+
+def transfer_timeout_s(nbytes: int, min_rate_bytes_s: float = 100e3) -> float:
+    """Deadline (seconds) of a model download or upload of ``nbytes``: two minutes plus the time at
+    ``min_rate_bytes_s`` (a stalled transfer ends instead of holding the device forever)."""
+    return 120.0 + max(0, nbytes) / min_rate_bytes_s
 
 
 def _failure_kind(e: BaseException) -> str:

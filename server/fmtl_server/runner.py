@@ -203,7 +203,10 @@ class JobServer:
                                      max_client_samples=self.job.max_client_samples)
         self.pool.load_registry(self.store.devices())
         self._restore_tasks()
-        self.servicer = CoordinatorServicer(self.pool, tokens, srv.heartbeat_interval_s, status=self.status)
+        self.servicer = CoordinatorServicer(self.pool, tokens, srv.heartbeat_interval_s, status=self.status,
+                                            upload_first_chunk_s=srv.upload_first_chunk_s, upload_idle_s=srv.upload_idle_s,
+                                            max_call_s=srv.max_call_s,
+                                            max_streams_per_device=int(srv.max_streams_per_device))
         tls = None if srv.insecure else TLSConfig(srv.tls_cert, srv.tls_key, srv.client_ca)
         self.server, self.port = start_server(self.servicer, srv.listen, tls, srv.max_workers)
         if srv.insecure:
