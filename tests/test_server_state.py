@@ -203,3 +203,95 @@ def test_an_aggregation_error_fails_the_round_not_the_server(tmp_path):
     js2.pool = Overflowing(bad_calls=99)
     with pytest.raises(RoundFailed, match="overflow"):  # given up as a failed round (exit 5), not a crash
         js2._run_method(0, method, ModelSpec((1, 8, 8), 4), train_config(js2.job.sim))
+
+
+def test_the_tokens_file_fails_closed_and_says_why(tmp_path, caplog):
+    import logging
+
+    import grpc
+
+    from fmtl_edge.transport import fmtl_edge_pb2 as pb
+    from fmtl_edge.transport import fmtl_edge_pb2_grpc as pb_grpc
+    from fmtl_edge.transport.pool import RemoteClientPool
+    from fmtl_edge.transport.service import CoordinatorServicer, bearer, channel, start_server
+
+    p = tmp_path / "tokens.txt"
+    dev = add_token(p, "jetson-1")
+    admin = add_token(p, "ops", "admin")
+    good = p.read_text()
+    tf = TokenFile(p)
+    assert tf(dev).name == "jetson-1" and tf.error is None
+    p.unlink()  # deleted: nobody gets in, not even the admin
+    assert tf(dev) is None and tf(admin) is None and "missing" in tf.error
+    p.write_text(good + "this line is wrong\n")  # malformed: every token refused, the line named
+    assert tf(dev) is None and tf(admin) is None and ":3:" in tf.error
+    p.write_text(good)
+    assert tf(dev).name == "jetson-1" and tf.error is None
+    # a line may limit the clients a token serves
+    p.write_text(good.replace("jetson-1 device", "jetson-1 device").rstrip("\n").replace(
+        good.splitlines()[0], good.splitlines()[0] + " clients=3,4") + "\n")
+    assert tf(dev).clients == frozenset({3, 4})
+    # over gRPC the refusal says why
+    pool = RemoteClientPool(tmp_path / "w")
+    server, port = start_server(CoordinatorServicer(pool, tf), "127.0.0.1:0", None, max_workers=4)
+    caplog.set_level(logging.WARNING)
+    try:
+        p.write_text("garbage\n")
+        with channel(f"127.0.0.1:{port}", insecure=True) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.CoordinatorStub(ch).GetStatus(pb.StatusRequest(), timeout=5, metadata=bearer(admin))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "tokens file" in e.value.details()
+        assert "tokens file" in caplog.text and "GetStatus" in caplog.text
+    finally:
+        server.stop(0)
+        pool.close()
+
+
+def test_checkpoints_are_verified_on_resume_and_roll_back_to_the_kept_round(tmp_path):
+    from fmtl_server.store import CheckpointCorrupt
+
+    from fmtl_edge.coordinator import Job
+
+    store = Store(tmp_path / "s")
+    store.claim("fp", "job")
+
+    class Crash(Exception):
+        pass
+
+    def on_end(ck):
+        store.checkpoint("all", 0, ck)
+        if ck.round == 2:
+            raise Crash()  # killed after round 3 of 5
+
+    with pytest.raises(Crash):
+        _coord(Scripted(), on_round_end=on_end).run_job(Job("all", ("a", "b"), 5))
+    (ck,) = store.load_checkpoints("all")
+    assert ck.round == 2
+    files = sorted((tmp_path / "s" / "checkpoints").rglob("*.safetensors"))
+    assert [f.name for f in files] == ["all.r00001.safetensors", "all.r00002.safetensors"]  # the previous round is kept
+    last = files[-1]
+    good = last.read_bytes()
+    raw = bytearray(good)
+    raw[-4] ^= 0x80  # a flipped sign
+    last.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointCorrupt) as e:
+        store.load_checkpoints("all")
+    msg = str(e.value)
+    assert str(last) in msg and "SHA-256" in msg and "after round 3" in msg
+    assert "fmtl-server rollback" in msg and "round 2" in msg  # the fix: the kept previous round
+    last.unlink()  # deleted: the same clear refusal, no traceback
+    with pytest.raises(CheckpointCorrupt, match="missing"):
+        store.load_checkpoints("all")
+    assert server_main(["rollback", "--state-dir", str(tmp_path / "s")]) == 0
+    assert store.rollback() == []  # done by the command
+    (ck,) = store.load_checkpoints("all")
+    assert ck.round == 1 and len(ck.history) == 2
+    # a NaN written with a matching checksum is refused too
+    from fmtl_edge.transport.tensors import write_state
+
+    state = {k: np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v for k, v in ck.state.items()}
+    bad = RoundCheckpoint(ck.job, 2, state, ck.affinity_per_round, ck.energy, ck.history, ck.wall_s)
+    store.checkpoint("all", 0, bad)
+    with pytest.raises(CheckpointCorrupt, match="NaN"):
+        store.load_checkpoints("all")
+    store.close()

@@ -26,6 +26,14 @@ from fmtl_edge.transport.tensors import ChunkSink, SafetensorsFile, file_sha256,
 
 from test_transport_pool import SPEC, TASKS
 
+try:
+    import fmtl_server  # noqa: F401
+except ImportError:  # running from a checkout: the server package lives in server/
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+
 N_TRAIN, N_TEST = 50, 20
 TOKENS = {"good": Identity("dev0", "device"), "good1": Identity("dev1", "device"), "root": Identity("ops", "admin")}
 
@@ -178,7 +186,7 @@ def test_a_hostile_upload_is_refused_with_a_reason_and_frees_the_slot(svc, tmp_p
 
 def test_two_streams_for_one_work_item_write_separate_files_and_the_accepted_one_stays_intact(svc, tmp_path):
     pool, _, target = svc(RoundPolicy(heartbeat_timeout_s=3.0, dispatch_wait_s=2.0, max_attempts=1))
-    devs = [Raw(target, 0), Raw(target, 1)]
+    devs = [Raw(target, 0), Raw(target, 1, token="good1")]
     try:
         t, box = run_round(pool, k=2)
         works = [d.pull() for d in devs]
@@ -315,3 +323,147 @@ def _global_state():
     from fmtl_edge.partition import state_to_numpy
 
     return state_to_numpy(MultiTaskModel(SPEC, TASKS).state_dict())
+
+
+# -- fault 7: a token is bound to its device and the clients it may serve ------------------------------
+
+
+def test_one_token_may_not_hold_two_clients_or_take_over_another_devices_client(svc):
+    tokens = dict(TOKENS, ops1=Identity("dev1", "device", clients=frozenset({1})))
+    pool, _, target = svc(tokens=tokens)
+    a = Raw(target, 0, token="good")
+    try:
+        with pytest.raises(grpc.RpcError) as e:  # the same token, a second client
+            Raw(target, 1, token="good")
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "dev0" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # a token limited to client 1 asks for client 2
+            Raw(target, 2, token="ops1")
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "clients" in e.value.details()
+        a.close()
+        time.sleep(3.5)  # client 0's device goes offline
+        pool.wait_for_devices(0, 0.1)
+        with pytest.raises(grpc.RpcError) as e:  # another device may not take client 0 over while it is away
+            Raw(target, 0, token="good1")
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "dev0" in e.value.details()
+        b = Raw(target, 0, token="good")  # its own device comes back
+        b.close()
+    finally:
+        a.close()
+
+
+# -- fault 8: two agents with one token and one client id ----------------------------------------------
+
+
+def test_a_second_live_registration_is_refused_and_the_first_session_kept(svc):
+    pool, _, target = svc()
+    a = Raw(target, 0)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            Raw(target, 0)
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS and "already connected" in e.value.details()
+        r = a.stub.Heartbeat(pb.HeartbeatRequest(session_id=a.sid, state="idle"), timeout=5, metadata=a.md)
+        assert r.ok  # the first agent was not kicked out
+        # the same agent reconnecting (it presents its session) may replace its own session at once
+        req = a.request()
+        req.resume_session_id = a.sid
+        again = a.stub.Register(req, timeout=5, metadata=a.md)
+        assert again.session_id != a.sid
+    finally:
+        a.close()
+
+
+def test_the_agent_backs_off_with_jitter_when_its_registration_is_refused(svc, monkeypatch):
+    from fmtl_edge.transport.agent import Agent, AgentOptions, DataSpec
+
+    pool, _, target = svc()
+    a = Raw(target, 0)
+    try:
+        agent = Agent(AgentOptions(server=target, token="good", data=DataSpec("toy", 0), insecure=True,
+                                   min_backoff_s=0.5, max_backoff_s=4.0), log=lambda m: None)
+        agent.client = object()
+        monkeypatch.setattr(agent, "register_request", lambda: a.request())
+        waits = []
+
+        def wait(s):
+            waits.append(s)
+            if len(waits) >= 5:
+                agent.stop.set()
+            return agent.stop.is_set()
+
+        monkeypatch.setattr(agent.stop, "wait", wait)
+        res = {}
+        th = threading.Thread(target=lambda: res.setdefault("rc", agent.run()), daemon=True)
+        th.start()
+        th.join(30)
+        agent.stop.set()
+        assert res.get("rc") == 0, "the agent kept registering"
+        assert len(waits) == 5 and len(set(waits)) == 5  # jittered
+        for i, w in enumerate(waits):  # around an exponentially growing backoff: 0.5, 1, 2, 4, 4 s
+            b = min(4.0, 0.5 * 2**i)
+            assert 0.5 * b <= w <= 1.5 * b, waits
+        assert pool.counters.get("registrations_refused", 0) == 5
+    finally:
+        a.close()
+
+
+# -- fault 12: refusals name their RPC and are counted per device ---------------------------------------
+
+
+def test_refusals_name_the_rpc_and_status_counts_them_per_device(svc, tmp_path, caplog, capsys):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    reply, box, pool = _one_update(svc, tmp_path, energy_j=-1e6)
+    assert not reply.accepted
+    assert "refused UploadUpdate from dev0" in caplog.text
+    r = pool.status()["refusals"]["dev0"]
+    assert r["total"] == 1 and r["by_rpc"] == {"UploadUpdate": 1} and "energy_j" in r["last"]
+    from fmtl_server.cli import _print_status
+
+    _print_status({"job": "j", "phase": "p", "devices": [], "refusals": pool.status()["refusals"]})
+    out = capsys.readouterr().out
+    assert "refused calls per device" in out and "dev0" in out and "UploadUpdate 1" in out
+
+
+# -- fault 11: idle upload streams ---------------------------------------------------------------------
+
+
+def _idle_stream(dev, w, release: threading.Event, send_meta=True):
+    def gen():
+        if send_meta:
+            yield pb.UploadMessage(meta=dev.meta(w, total_bytes=1000))
+        release.wait(30)  # opened, never sent
+
+    return dev.stub.UploadUpdate.future(gen(), timeout=30, metadata=dev.md)
+
+
+def test_idle_upload_streams_are_limited_per_device_and_closed_at_the_first_chunk_bound(tmp_path):
+    pool = RemoteClientPool(tmp_path / "w", RoundPolicy(heartbeat_timeout_s=5.0, dispatch_wait_s=0.5, max_attempts=1),
+                            seed=5, model_info={"input_shape": [1, 8, 8], "width": 4})
+    servicer = CoordinatorServicer(pool, TOKENS.get, heartbeat_interval_s=0.2, upload_first_chunk_s=1.0,
+                                   max_streams_per_device=1)
+    server, port = start_server(servicer, "127.0.0.1:0", None, max_workers=4)
+    release = threading.Event()
+    dev = Raw(f"127.0.0.1:{port}", 0, beat=False)
+    try:
+        t, box = run_round(pool)
+        w = dev.pull()
+        streams = [_idle_stream(dev, w, release, send_meta=i % 2 == 0) for i in range(6)]  # more than the workers
+        # the other RPCs are still answered: the idle streams do not hold every worker
+        r = dev.stub.Heartbeat(pb.HeartbeatRequest(session_id=dev.sid, state="uploading", work_id=w.work_id),
+                               timeout=5, metadata=dev.md)
+        assert r.ok
+        codes = [s.exception(20).code() if s.exception(20) else None for s in streams]
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 5, codes  # one stream per device at a time
+        assert grpc.StatusCode.CANCELLED in codes  # the one let in sent no chunk within the bound
+        assert pool.status()["refusals"]["dev0"]["by_rpc"]["UploadUpdate"] >= 6
+        # the device may upload again afterwards
+        state, names = dev.model(w, tmp_path)
+        assert dev.upload(w, update_bytes(shifted(state, 0.1), names, tmp_path)).accepted
+        t.join(15)
+        assert "out" in box
+    finally:
+        release.set()
+        dev.close()
+        pool.close()
+        server.stop(0)

@@ -26,7 +26,9 @@ from fmtl_edge.transport.tensors import ChunkSink, SafetensorsFile, iter_chunks,
 
 TASKS = TaskSet([Task("a", "binary"), Task("b", "binary")])
 SPEC = ModelSpec((1, 8, 8), 4)
-TOKENS = {"good": Identity("dev", "device"), "root": Identity("ops", "admin")}
+TOKENS = {"good": Identity("dev", "device"), "root": Identity("ops", "admin"),
+          # a token serves one client at a time (issue 11): each scripted device has its own
+          **{f"good-{c}": Identity(f"dev-c{c}", "device") for c in range(10)}}
 
 
 def _shift(cid: int, job: str, rnd: int) -> float:
@@ -41,8 +43,9 @@ def scripted_state(state, cid, job, rnd):
 class ScriptedDevice(threading.Thread):
     """A device that adds a client-specific constant to the model (``behaviour`` changes that)."""
 
-    def __init__(self, target, client_id, behaviour="add", delay_s=0.0, token="good", creds=None, tasks=("a", "b")):
+    def __init__(self, target, client_id, behaviour="add", delay_s=0.0, token=None, creds=None, tasks=("a", "b")):
         super().__init__(daemon=True)
+        token = token or f"good-{client_id}"
         self.target, self.cid, self.behaviour, self.delay_s, self.token = target, client_id, behaviour, delay_s, token
         self.creds = creds or {"insecure": True}
         self.tasks = tasks

@@ -10,6 +10,11 @@ Multiple-Task Learning", ICCV 2023, Alg. 1).
 3. Each group continues for R − R0 rounds from the merged weights (θ_s and its tasks' θ_i), with a
    fresh optimizer and a restarted learning-rate schedule. Task α_i's final model is its group's θ_s
    plus θ_i.
+
+Ablations (MAS Table 1): ``--split-init scratch`` trains the groups from a fresh initialisation
+instead of the merged weights; ``--split worst`` takes the minimum-score partition into x groups
+(:func:`worst_partition`) instead of the best. A non-default setting is appended to the name
+(``mas-2-worst-scratch``) so the variants are told apart in results.
 """
 
 from __future__ import annotations
@@ -20,10 +25,26 @@ import numpy as np
 
 from fmtl_edge.affinity import Partition, best_partition, self_affinity
 from fmtl_edge.coordinator import Job, JobOutcome
-from fmtl_edge.methods.base import Method, base_settings
+from fmtl_edge.methods.base import Method, Option, base_settings
 from fmtl_edge.tasks import TaskSet
 
 MERGE = "merge"
+SPLIT_INITS = ("merged", "scratch")
+SPLIT_RULES = ("affinity", "worst")
+
+
+def worst_partition(S: np.ndarray, n_splits: int) -> Partition:
+    """The partition into exactly ``n_splits`` groups of *minimal* score (MAS Table 1's "worst"
+    split). The score is linear in S (self-affinity, Eq. 4, included), so this is the best partition
+    of −S with its score negated."""
+    p = best_partition(-np.asarray(S, dtype=np.float64), n_splits)
+    return Partition(groups=p.groups, score=-p.score)
+
+
+def option_value(cfg: Any, name: str, default: Any) -> Any:
+    """``cfg.option(name)`` where the config has it (a SimulationConfig), else ``default``."""
+    opt = getattr(cfg, "option", None)
+    return default if opt is None else opt(name)
 
 
 class MAS(Method):
@@ -40,9 +61,17 @@ class MAS(Method):
     name = "mas-<x>"
     summary = ("merge all tasks into one multi-task model, train it all-in-one for R0 rounds while measuring "
                "task affinities (lookahead, MAS Eq. 3), split the tasks into x groups that maximise affinity "
-               "(exact search), train each group R-R0 rounds from the merged weights")
+               "(exact search), train each group R-R0 rounds from the merged weights "
+               "(ablations: --split-init, --split)")
+    OPTIONS = (
+        Option("split_init", str, "merged", "mas: the groups start from the merged weights (merged, the paper) "
+               "or a fresh initialisation (scratch; MAS Table 1 ablation)", SPLIT_INITS),
+        Option("split", str, "affinity", "mas: split by maximal affinity (affinity, the paper) or take the "
+               "minimum-score partition (worst; MAS Table 1 ablation)", SPLIT_RULES),
+    )
 
-    def __init__(self, tasks: TaskSet, rounds: int, r0: int, n_splits: int, **kw):
+    def __init__(self, tasks: TaskSet, rounds: int, r0: int, n_splits: int, split_init: str = "merged",
+                 split: str = "affinity", **kw):
         super().__init__(tasks, rounds, **kw)
         if not 1 <= r0 < rounds:
             raise ValueError(f"r0 must satisfy 1 <= r0 < rounds; got r0={r0}, rounds={rounds}: lower --r0")
@@ -50,9 +79,16 @@ class MAS(Method):
             raise ValueError(
                 f"mas-{n_splits}: cannot split {len(tasks)} tasks into {n_splits} groups; use mas-1..mas-{len(tasks)}"
             )
+        if split_init not in SPLIT_INITS:
+            raise ValueError(f"--split-init: {split_init!r} is not one of {', '.join(SPLIT_INITS)}")
+        if split not in SPLIT_RULES:
+            raise ValueError(f"--split: {split!r} is not one of {', '.join(SPLIT_RULES)}")
         self.r0 = r0
         self.n_splits = n_splits
-        self.name = f"mas-{n_splits}"
+        self.split_init = split_init
+        self.split_rule = split
+        self.name = f"mas-{n_splits}" + ("-worst" if split == "worst" else "") + (
+            "-scratch" if split_init == "scratch" else "")
 
     @classmethod
     def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "MAS":
@@ -60,7 +96,8 @@ class MAS(Method):
             raise ValueError("mas needs the number of groups x: mas-<x>, e.g. mas-2")
         if cfg.r0 is None:
             raise ValueError(f"mas-{arg} needs r0 (rounds of the merge phase): pass --r0")
-        return cls(tasks, cfg.rounds, cfg.r0, int(arg), **base_settings(cfg))
+        return cls(tasks, cfg.rounds, cfg.r0, int(arg), split_init=option_value(cfg, "split_init", "merged"),
+                   split=option_value(cfg, "split", "affinity"), **base_settings(cfg))
 
     def merge_job(self) -> Job:
         return Job(MERGE, tuple(self.tasks.names), self.r0, measure_affinity=len(self.tasks) > 1)
@@ -78,12 +115,15 @@ class MAS(Method):
                 "the merge phase measured no task affinity (every client had fewer than one measured "
                 "batch); lower --affinity-every or raise --local-epochs"
             )
+        if self.split_rule == "worst":
+            return worst_partition(S, self.n_splits)
         return best_partition(S, self.n_splits)
 
     def split_jobs(self, done: Mapping[str, JobOutcome]) -> list[Job]:
         names = self.tasks.names
         return [
-            Job(f"split-{g}", tuple(names[i] for i in group), self.rounds - self.r0, init_from=MERGE)
+            Job(f"split-{g}", tuple(names[i] for i in group), self.rounds - self.r0,
+                init_from=MERGE if self.split_init == "merged" else None)
             for g, group in enumerate(self.partition(done).groups)
         ]
 

@@ -159,6 +159,7 @@ class Agent:
         self.cancelled: set[str] = set()
         self.session_lost = threading.Event()
         self.works_done = 0
+        self.session_id = ""
         self.client = None
         self.dataset = None
         self.meter = None
@@ -234,7 +235,11 @@ class Agent:
             hb = None
             try:
                 stub = pb_grpc.CoordinatorStub(ch)
-                reg = stub.Register(self.register_request(), timeout=30, metadata=md)
+                req = self.register_request()
+                if self.session_id:  # reconnecting: this agent may replace its own live session
+                    req.resume_session_id = self.session_id
+                reg = stub.Register(req, timeout=30, metadata=md)
+                self.session_id = reg.session_id
                 backoff = o.min_backoff_s
                 lost_since = None
                 self.session_lost.clear()
@@ -264,8 +269,13 @@ class Agent:
                 if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
                     self.log(f"registration refused: {e.details()}")
                     return EXIT_REFUSED
-                delay = backoff * (0.5 + random.random())
+                delay = backoff * (0.5 + random.random())  # jitter: two refused agents do not retry in step
                 now = time.monotonic()
+                if code == grpc.StatusCode.ALREADY_EXISTS:
+                    self.log(f"registration refused: {e.details()}; retrying in {delay:.1f} s")
+                    self.stop.wait(delay)
+                    backoff = min(o.max_backoff_s, backoff * 2)
+                    continue
                 if lost_since is None or now - last_note > 30:
                     since = "" if lost_since is None else f" for {now - lost_since:.0f} s"
                     self.log(f"no connection to {o.server}{since} ({code.name}: {e.details()}); "
@@ -313,7 +323,8 @@ class Agent:
             t0 = time.perf_counter()
             sink = ChunkSink(path, int(w.model_bytes), None, w.model_sha256 or None)
             try:
-                for ch in stub.DownloadModel(pb.DownloadRequest(session_id=session_id, work_id=w.work_id), metadata=md):
+                for ch in stub.DownloadModel(pb.DownloadRequest(session_id=session_id, work_id=w.work_id), metadata=md,
+                                             timeout=transfer_timeout_s(int(w.model_bytes))):
                     sink.write(int(ch.offset), ch.data)
                 sink.finish()
             except BaseException:
@@ -360,7 +371,7 @@ class Agent:
                 for off, data, total in iter_chunks(upath, self.chunk_bytes):
                     yield pb.UploadMessage(chunk=pb.Chunk(offset=off, data=data, total_bytes=total))
 
-            reply = stub.UploadUpdate(messages(), metadata=md)
+            reply = stub.UploadUpdate(messages(), metadata=md, timeout=transfer_timeout_s(int(meta.total_bytes)))
             up_s = time.perf_counter() - t1
             if reply.accepted:
                 self.log(f"{what}: update accepted ({meta.total_bytes / 1e6:.1f} MB in {up_s:.2f} s, "
@@ -464,6 +475,12 @@ class Agent:
         for t, s in sums.items():
             meta.eval[t].CopyFrom(pb.EvalSums(loss_sum=s["loss_sum"], metric_sum=s["metric_sum"], n=s["n"]))
         return meta
+
+
+def transfer_timeout_s(nbytes: int, min_rate_bytes_s: float = 100e3) -> float:
+    """Deadline (seconds) of a model download or upload of ``nbytes``: two minutes plus the time at
+    ``min_rate_bytes_s`` (a stalled transfer ends instead of holding the device forever)."""
+    return 120.0 + max(0, nbytes) / min_rate_bytes_s
 
 
 def _failure_kind(e: BaseException) -> str:

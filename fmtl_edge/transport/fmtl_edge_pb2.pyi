@@ -77,12 +77,14 @@ class DeviceInfo(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., profile_name: _Optional[str] = ..., device_class: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., round_time_s: _Optional[float] = ..., round_energy_j: _Optional[float] = ..., meter: _Optional[str] = ..., torch_device: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("device", "data")
+    __slots__ = ("device", "data", "resume_session_id")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    RESUME_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     device: DeviceInfo
     data: DataInfo
-    def __init__(self, device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., data: _Optional[_Union[DataInfo, _Mapping]] = ...) -> None: ...
+    resume_session_id: str
+    def __init__(self, device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., data: _Optional[_Union[DataInfo, _Mapping]] = ..., resume_session_id: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("session_id", "server_id", "heartbeat_interval_s", "heartbeat_timeout_s", "chunk_bytes", "max_update_bytes", "message")

@@ -96,8 +96,9 @@ class RemoteClientPool(RegistryMixin, SchedulerMixin, ModelFilesMixin, UploadsMi
         self._ids = itertools.count()
         self.closed = False
         self.counters = {"updates_accepted": 0, "updates_rejected": 0, "replacements": 0, "failures": 0,
-                         "rounds_extended": 0}
+                         "rounds_extended": 0, "registrations_refused": 0}
         self.round_info: dict[str, Any] = {}
+        self.refusals: dict[str, dict[str, Any]] = {}   # device name → refused calls (status)
         self.limits = Limits(self.max_update_bytes, float(max_update_norm_ratio), max_client_samples)
 
     @property

@@ -8,7 +8,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -128,13 +128,31 @@ class RegistryMixin:
                 self._cv.wait(0.2 if end is None else max(0.01, min(0.2, end - now)))
 
     def register(self, name: str, client_id: int, tasks: Mapping[str, int], n_train: int, n_test: int,
-                 data: Mapping[str, Any], info: Mapping[str, Any]) -> Device:
+                 data: Mapping[str, Any], info: Mapping[str, Any], allowed_clients: Collection[int] | None = None,
+                 resume_session_id: str | None = None) -> Device:
         """A device joins (or comes back); returns its record with a fresh session id.
 
+        Args:
+            allowed_clients: the client ids the caller's token may serve (None: any one client).
+            resume_session_id: the session the caller held before (an agent reconnecting).
+
         Raises:
-            RegistrationRefused: the client is held by another online device, or the server's
-                ``validate_registration`` refuses the data.
+            RegistrationRefused: the token may not serve this client (``PERMISSION_DENIED``: another
+                client of the same token is online, the client is bound to another device, or the
+                token's ``clients=`` list lacks it); the client is connected already
+                (``ALREADY_EXISTS``: a second agent with the same token and client); the training
+                sample count differs from the registered one; or ``validate_registration`` refuses.
         """
+        try:
+            return self._register(name, client_id, tasks, n_train, n_test, data, info, allowed_clients,
+                                  resume_session_id)
+        except RegistrationRefused as e:
+            with self._cv:
+                self.counters["registrations_refused"] = self.counters.get("registrations_refused", 0) + 1
+                self.count_refusal(name, "Register", str(e))
+            raise
+
+    def _register(self, name, client_id, tasks, n_train, n_test, data, info, allowed_clients, resume_session_id):
         cand = Device(int(client_id), name, {str(k): int(v) for k, v in tasks.items()}, int(n_train), int(n_test),
                       dict(data), dict(info))
         if self.validate_registration is not None:
@@ -143,12 +161,30 @@ class RegistryMixin:
         with self._cv:
             self._reap(now)
             old = self._devices.get(cand.client_id)
-            if old is not None and old.online(now, self.policy.heartbeat_timeout_s) and old.name != name:
+            timeout = self.policy.heartbeat_timeout_s
+            if allowed_clients is not None and cand.client_id not in allowed_clients:
                 raise RegistrationRefused(
-                    "ALREADY_EXISTS",
-                    f"client {client_id} is held by device {old.name!r}, which is online; each client of the "
-                    "partition may join once (check --data client=...)",
-                )
+                    "PERMISSION_DENIED",
+                    f"the token of device {name!r} may serve clients {sorted(allowed_clients)}, not client "
+                    f"{client_id} (the clients= field of its line in the tokens file)")
+            for other in self._devices.values():
+                if other.name == name and other.client_id != cand.client_id and other.online(now, timeout):
+                    raise RegistrationRefused(
+                        "PERMISSION_DENIED",
+                        f"device {name!r} already serves client {other.client_id}; a token serves one client at a "
+                        "time (give each agent its own token: fmtl-server token add NAME)")
+            if old is not None and old.name != name:
+                if old.online(now, timeout):
+                    raise RegistrationRefused(
+                        "ALREADY_EXISTS",
+                        f"client {client_id} is held by device {old.name!r}, which is online; each client of the "
+                        "partition may join once (check --data client=...)",
+                    )
+                if allowed_clients is None or cand.client_id not in allowed_clients:
+                    raise RegistrationRefused(
+                        "PERMISSION_DENIED",
+                        f"client {client_id} belongs to device {old.name!r} (offline); another token may not take it "
+                        f"over. To move it, list it in the new token's line of the tokens file (clients={client_id})")
             if old is not None and old.n_train and (cand.n_train != old.n_train or cand.tasks != old.tasks):
                 # the aggregation weight comes from this count: it is held fixed for the job
                 log.warning("refused Register of %s for client %d: train_samples %s, registered %s", name, client_id,
@@ -158,6 +194,14 @@ class RegistryMixin:
                     f"client {client_id} was registered with train_samples {old.tasks}; this registration announces "
                     f"{cand.tasks}. The count is held fixed for the job: join with the partition you joined with "
                     "(same --data), or start a new job (new --state-dir)")
+            if (old is not None and old.name == name and old.online(now, timeout)
+                    and (resume_session_id is None or resume_session_id != old.session_id)):
+                host = old.info.get("hostname") or "?"
+                raise RegistrationRefused(
+                    "ALREADY_EXISTS",
+                    f"client {client_id} is already connected from device {name!r} (host {host}, pid "
+                    f"{old.info.get('pid') or '?'}); a second agent with the same token and client is refused. If "
+                    f"that agent died, this one is accepted once its heartbeat times out ({timeout:g} s)")
             if old is not None:
                 self._drop_session(old, "the device registered again (agent restarted)")
                 cand.executions, cand.rejected, cand.failures = old.executions, old.rejected, old.failures

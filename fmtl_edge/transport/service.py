@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
@@ -37,10 +38,12 @@ GRPC_OPTIONS = [
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a bearer token belongs to: a device name and its role (``device`` or ``admin``)."""
+    """Who a bearer token belongs to: a device name, its role (``device`` or ``admin``) and the client
+    ids of the partition it may serve (None: any one client not bound to another device)."""
 
     name: str
     role: str = "device"
+    clients: frozenset[int] | None = None
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -59,15 +62,56 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     """
 
     def __init__(self, pool: RemoteClientPool, authenticate: Callable[[str], Identity | None],
-                 heartbeat_interval_s: float = 2.0, status: Callable[[], dict[str, Any]] | None = None):
+                 heartbeat_interval_s: float = 2.0, status: Callable[[], dict[str, Any]] | None = None,
+                 upload_first_chunk_s: float = 30.0, upload_idle_s: float = 60.0, max_call_s: float = 3600.0,
+                 max_streams_per_device: int = 2):
         self.pool = pool
         self.authenticate = authenticate
         self.heartbeat_interval_s = heartbeat_interval_s
         self.status_fn = status or pool.status
         self.refused = 0
+        self.upload_first_chunk_s = float(upload_first_chunk_s)
+        self.upload_idle_s = float(upload_idle_s)
+        self.max_call_s = float(max_call_s)
+        self.max_streams_per_device = int(max_streams_per_device)
+        self._streams: dict[str, int] = {}
+        self._streams_lock = threading.Lock()
+        self._watchdog = _Watchdog()
+
+    # -- stream limits -----------------------------------------------------------------------------------
+    def _open_stream(self, who: Identity, rpc: str, context) -> None:
+        """Count a model stream of ``who``; abort RESOURCE_EXHAUSTED beyond ``max_streams_per_device``."""
+        with self._streams_lock:
+            n = self._streams.get(who.name, 0)
+            if n < self.max_streams_per_device:
+                self._streams[who.name] = n + 1
+                return
+        reason = (f"device {who.name!r} already has {n} model streams open (max_streams_per_device = "
+                  f"{self.max_streams_per_device}); finish or cancel them first")
+        log.warning("refused %s from %s: %s", rpc, who.name, reason)
+        self.pool.count_refusal(who.name, rpc, reason)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+
+    def _close_stream(self, who: Identity) -> None:
+        with self._streams_lock:
+            self._streams[who.name] = max(0, self._streams.get(who.name, 1) - 1)
+
+    def _arm(self, key: object, context, who: Identity, wait_s: float, started: float, why: str) -> None:
+        """Cancel the call unless it makes progress within ``wait_s`` (and ends within ``max_call_s``)."""
+        end = min(time.monotonic() + wait_s, started + self.max_call_s)
+        if end == started + self.max_call_s:
+            why = f"the call ran past max_call_s = {self.max_call_s:g} s"
+
+        def expire(why=why):
+            log.warning("refused UploadUpdate from %s: %s; stream closed", who.name, why)
+            self.pool.count_refusal(who.name, "UploadUpdate", why)
+
+        self._watchdog.arm(key, end, context, expire)
 
     # -- auth --------------------------------------------------------------------------------------------
-    def _who(self, context: grpc.ServicerContext, admin: bool = False) -> Identity:
+    def _who(self, context: grpc.ServicerContext, rpc: str, admin: bool = False) -> Identity:
+        """The caller's identity, or the call is aborted (UNAUTHENTICATED / PERMISSION_DENIED) and logged
+        with ``rpc``'s name."""
         token = ""
         for k, v in context.invocation_metadata() or ():
             if k == "authorization" and isinstance(v, str) and v.startswith("Bearer "):
@@ -75,26 +119,36 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         ident = self.authenticate(token) if token else None
         if ident is None:
             self.refused += 1
-            log.warning("refused %s from %s: %s bearer token", _method(context), context.peer(),
+            broken = getattr(self.authenticate, "error", None)  # a tokens file that fails closed says why
+            if broken:
+                log.warning("refused %s from %s: %s; every token is refused until it is fixed", rpc,
+                            context.peer(), broken)
+                self.pool.count_refusal("(no valid token)", rpc, broken)
+                context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                              "the server cannot check tokens now (its tokens file is unusable); ask its operator")
+            log.warning("refused %s from %s: %s bearer token", rpc, context.peer(),
                         "invalid" if token else "missing")
+            self.pool.count_refusal("(no valid token)", rpc, f"{'invalid' if token else 'missing'} bearer token")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required (fmtl-edge join --token)")
         if admin and ident.role != "admin":
-            log.warning("refused %s from %s (%s): admin role needed", _method(context), context.peer(), ident.name)
+            log.warning("refused %s from %s (%s): admin role needed", rpc, context.peer(), ident.name)
+            self.pool.count_refusal(ident.name, rpc, "admin role needed")
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "this call needs an admin token")
         return ident
 
     # -- RPCs ----------------------------------------------------------------------------------------------
     def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterReply:
-        who = self._who(context)
+        who = self._who(context, "Register")
         data = request.data
         tasks = {t.name: int(t.train_samples) for t in data.tasks}
         n_train = max(tasks.values(), default=0)
         n_test = max((int(t.test_samples) for t in data.tasks), default=0)
         try:
             d = self.pool.register(who.name, int(data.client_id), tasks, n_train, n_test, message_to_dict(data),
-                                   message_to_dict(request.device))
+                                   message_to_dict(request.device), allowed_clients=who.clients,
+                                   resume_session_id=request.resume_session_id or None)
         except RegistrationRefused as e:
-            log.warning("registration of %s (client %d) refused: %s", who.name, data.client_id, e)
+            log.warning("refused Register from %s (client %d): %s", who.name, data.client_id, e)
             context.abort(getattr(grpc.StatusCode, e.code), str(e))
         return pb.RegisterReply(session_id=d.session_id, server_id=self.pool.server_id,
                                 heartbeat_interval_s=self.heartbeat_interval_s,
@@ -103,12 +157,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                 message=f"registered as client {d.client_id}")
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
-        who = self._who(context)
+        who = self._who(context, "Heartbeat")
         ok, cancel = self.pool.heartbeat(request.session_id, who.name, request.state, request.work_id)
         return pb.HeartbeatReply(ok=ok, cancel_work_ids=cancel)
 
     def PullWork(self, request: pb.PullWorkRequest, context) -> pb.PullWorkReply:
-        who = self._who(context)
+        who = self._who(context, "PullWork")
         wait = request.wait_s if request.wait_s > 0 else 20.0
         # do not hold the thread past the client's own deadline
         remaining = context.time_remaining()
@@ -125,10 +179,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                                                item.deadline_s))
 
     def DownloadModel(self, request: pb.DownloadRequest, context):
-        who = self._who(context)
+        who = self._who(context, "DownloadModel")
         item = self.pool.item_for(request.session_id, who.name, request.work_id)
         if item is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no running work {request.work_id!r} for this session (cancelled?)")
+        self._open_stream(who, "DownloadModel", context)
         try:
             for off, data, total in iter_chunks(item.model.path, self.pool.chunk_bytes, int(request.offset)):
                 yield pb.Chunk(offset=off, data=data, total_bytes=total)
@@ -136,9 +191,28 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, "the round is over; the model is gone")
         except ValueError as e:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, str(e))
+        finally:
+            self._close_stream(who)
 
     def UploadUpdate(self, request_iterator, context) -> pb.UploadReply:
-        who = self._who(context)
+        """One upload stream: metadata, then chunks. At most ``max_streams_per_device`` streams per
+        device; the metadata and the first chunk must each come within ``upload_first_chunk_s``,
+        later chunks within ``upload_idle_s``, the whole call within ``max_call_s``, or the server
+        cancels the call (counted as a refusal)."""
+        who = self._who(context, "UploadUpdate")
+        self._open_stream(who, "UploadUpdate", context)
+        key = object()
+        try:
+            return self._upload(who, request_iterator, context, key)
+        finally:
+            self._watchdog.disarm(key)
+            self._close_stream(who)
+
+    def _upload(self, who: Identity, request_iterator, context, key: object) -> pb.UploadReply:
+        started = time.monotonic()
+        first_s = self.upload_first_chunk_s
+        self._arm(key, context, who, first_s, started,
+                  f"no metadata within {first_s:g} s of opening the upload (upload_first_chunk_s)")
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("body") != "meta":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of an upload must be its metadata")
@@ -154,10 +228,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             except TensorFileError as e:
                 return pb.UploadReply(accepted=False, reason=self.pool.reject_upload(item, str(e)))
             try:
+                if int(meta.total_bytes) > 0:
+                    self._arm(key, context, who, first_s, started,
+                              f"no data within {first_s:g} s of the metadata (upload_first_chunk_s)")
                 for msg in request_iterator:
                     if msg.WhichOneof("body") != "chunk":
                         raise TensorFileError("metadata sent twice in one upload")
                     sink.write(int(msg.chunk.offset), msg.chunk.data)
+                    self._arm(key, context, who, self.upload_idle_s, started,
+                              f"no data for {self.upload_idle_s:g} s (upload_idle_s)")
+                self._watchdog.disarm(key)
                 sink.finish()
             except TensorFileError as e:
                 sink.abort()
@@ -170,20 +250,50 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.UploadReply(accepted=ok, reason=reason)
 
     def ReportFailure(self, request: pb.FailureReport, context) -> pb.Ack:
-        who = self._who(context)
+        who = self._who(context, "ReportFailure")
         ok = self.pool.report_failure(request.session_id, who.name, request.work_id, request.kind, request.reason)
         return pb.Ack(ok=ok, message="" if ok else "unknown work or session")
 
     def GetStatus(self, request: pb.StatusRequest, context) -> pb.StatusReply:
-        self._who(context, admin=True)
+        self._who(context, "GetStatus", admin=True)
         return pb.StatusReply(json=json.dumps(self.status_fn(), default=str))
 
 
-def _method(context) -> str:
-    try:
-        return context._rpc_event.call_details.method.decode()  # type: ignore[attr-defined]
-    except Exception:
-        return "a call"
+class _Watchdog:
+    """Cancels calls past their deadline: one daemon thread for every armed stream."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._armed: dict[object, tuple[float, Any, Callable[[], None]]] = {}
+        self._thread: threading.Thread | None = None
+
+    def arm(self, key: object, deadline: float, context, on_expire: Callable[[], None]) -> None:
+        with self._cv:
+            self._armed[key] = (deadline, context, on_expire)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="fmtl-rpc-watchdog")
+                self._thread.start()
+            self._cv.notify()
+
+    def disarm(self, key: object) -> None:
+        with self._cv:
+            self._armed.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                now = time.monotonic()
+                due = [(k, v) for k, v in self._armed.items() if v[0] <= now]
+                for k, _ in due:
+                    del self._armed[k]
+                nxt = min((v[0] for v in self._armed.values()), default=now + 1.0)
+                if not due:
+                    self._cv.wait(max(0.01, min(1.0, nxt - now)))
+            for _, (_, context, on_expire) in due:
+                try:
+                    on_expire()
+                finally:
+                    context.cancel()
 
 
 @dataclass

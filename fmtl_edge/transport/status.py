@@ -9,6 +9,14 @@ from typing import Any
 class StatusMixin:
     """Status (part of :class:`~fmtl_edge.transport.pool.RemoteClientPool`)."""
 
+    def count_refusal(self, device: str, rpc: str, reason: str) -> None:
+        """Count a refused call of ``device`` (its token's name) to ``rpc`` (shown by ``status``)."""
+        with self._cv:
+            r = self.refusals.setdefault(device, {"total": 0, "by_rpc": {}, "last": ""})
+            r["total"] += 1
+            r["by_rpc"][rpc] = r["by_rpc"].get(rpc, 0) + 1
+            r["last"] = f"{rpc}: {reason}"[:300]
+
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         with self._cv:
@@ -17,6 +25,7 @@ class StatusMixin:
                 "devices": [d.to_status(now, self.policy.heartbeat_timeout_s) for d in
                             (self._devices[c] for c in sorted(self._devices))],
                 "counters": dict(self.counters),
+                "refusals": {k: {**v, "by_rpc": dict(v["by_rpc"])} for k, v in sorted(self.refusals.items())},
                 "round": {k: v for k, v in self.round_info.items() if not k.startswith("_")},
             }
 

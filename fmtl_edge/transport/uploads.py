@@ -96,7 +96,9 @@ class UploadsMixin:
                     d.current = None
                     d.state = "idle"
             a = item.slot.assignment
-            log.warning("rejected update of client %d for job %s round %d: %s", item.client_id, a.job, a.round, reason)
+            log.warning("refused UploadUpdate from %s (client %d) for job %s round %d: %s", d.name if d else "?",
+                        item.client_id, a.job, a.round, reason)
+            self.count_refusal(d.name if d else f"client {item.client_id}", "UploadUpdate", reason)
             self._fail_item(item, f"update rejected: {reason}")
             self._cv.notify_all()
         if d is not None:

@@ -1,7 +1,8 @@
 """Per-device bearer tokens.
 
-The tokens file holds one line per device: ``NAME ROLE sha256:HEX`` (``ROLE`` is ``device`` or
-``admin``); only the SHA-256 of a token is stored, the token itself is printed once by
+The tokens file holds one line per device: ``NAME ROLE sha256:HEX [clients=ID,ID...]`` (``ROLE`` is
+``device`` or ``admin``; ``clients=`` limits the client ids of the partition the token may serve, and
+lets it take over a client first registered by another device); only the SHA-256 of a token is stored, the token itself is printed once by
 ``fmtl-server token add``. The file is re-read when it changes, so devices can be added (or
 revoked, by deleting their line) while the server runs.
 """
@@ -30,21 +31,30 @@ def hash_token(token: str) -> str:
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
 
 
-def parse_tokens(text: str, where: str = "tokens file") -> dict[str, tuple[str, str]]:
-    """``hash → (name, role)`` from a tokens file's text.
+def parse_tokens(text: str, where: str = "tokens file") -> dict[str, tuple[str, str, frozenset[int] | None]]:
+    """``hash → (name, role, clients or None)`` from a tokens file's text.
 
     Raises:
-        TokenError: a line that is not ``NAME ROLE sha256:HEX``.
+        TokenError: a line that is not ``NAME ROLE sha256:HEX [clients=ID,...]``, or a name given twice.
     """
-    out: dict[str, tuple[str, str]] = {}
+    out: dict[str, tuple[str, str, frozenset[int] | None]] = {}
+    names: set[str] = set()
     for i, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
+        clients = None
+        if len(parts) == 4 and re.fullmatch(r"clients=\d{1,9}(,\d{1,9})*", parts[3]):
+            clients = frozenset(int(c) for c in parts[3][len("clients="):].split(","))
+            parts = parts[:3]
         if len(parts) != 3 or not _NAME.match(parts[0]) or parts[1] not in ROLES or not re.fullmatch(r"sha256:[0-9a-f]{64}", parts[2]):
-            raise TokenError(f"{where}:{i}: expected 'NAME ROLE sha256:HEX' (ROLE device|admin), got {line!r}")
-        out[parts[2]] = (parts[0], parts[1])
+            raise TokenError(f"{where}:{i}: expected 'NAME ROLE sha256:HEX [clients=ID,...]' (ROLE device|admin), "
+                             f"got {line!r}")
+        if parts[0] in names:
+            raise TokenError(f"{where}:{i}: device {parts[0]!r} has a second line; one token per device")
+        names.add(parts[0])
+        out[parts[2]] = (parts[0], parts[1], clients)
     return out
 
 
@@ -60,7 +70,7 @@ def add_token(path: str | Path, name: str, role: str = "device") -> str:
         raise TokenError(f"role must be one of {ROLES}, got {role!r}")
     p = Path(path)
     existing = parse_tokens(p.read_text(), str(p)) if p.exists() else {}
-    if any(n == name for n, _ in existing.values()):
+    if any(n == name for n, *_ in existing.values()):
         raise TokenError(f"{name!r} already has a token in {p}; delete its line to revoke it first")
     token = secrets.token_urlsafe(32)
     while not token[0].isalnum():  # a leading '-' would read as an option on a command line
@@ -73,13 +83,24 @@ def add_token(path: str | Path, name: str, role: str = "device") -> str:
 
 
 class TokenFile:
-    """Checks bearer tokens against a tokens file (re-read when its modification time changes)."""
+    """Checks bearer tokens against a tokens file, re-read when it changes (modification time, size
+    or inode).
+
+    Fails closed: when the file is missing, unreadable or has a malformed line, *every* token is
+    refused (a revoked token must never keep working because the file broke) and :attr:`error`
+    says why; the servicer reports it with each refusal. It works again as soon as the file is fixed.
+
+    Raises (constructor):
+        FileNotFoundError, TokenError: the file is missing or malformed at start.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._mtime: float | None = None
-        self._table: dict[str, tuple[str, str]] = {}
+        self._sig: tuple | None = None
+        self._table: dict[str, tuple[str, str, frozenset[int] | None]] = {}
+        #: why every token is refused now (None: the file is good)
+        self.error: str | None = None
         self.reload()
 
     def reload(self) -> None:
@@ -87,20 +108,34 @@ class TokenFile:
         st = self.path.stat()
         table = parse_tokens(self.path.read_text(), str(self.path))
         with self._lock:
-            self._table, self._mtime = table, st.st_mtime
+            self._table, self._sig, self.error = table, (st.st_mtime_ns, st.st_size, st.st_ino), None
 
     def __len__(self) -> int:
         return len(self._table)
 
-    def __call__(self, token: str) -> Identity | None:
+    def _refresh(self) -> None:
         try:
-            if self.path.stat().st_mtime != self._mtime:
+            st = self.path.stat()
+            sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if sig != self._sig or self.error is not None:
                 self.reload()
-        except (OSError, TokenError):
-            pass  # keep the last good table
+        except FileNotFoundError:
+            self._fail(f"the tokens file {self.path} is missing (restore it, or create it with "
+                       f"`fmtl-server token add NAME --tokens {self.path}`)")
+        except TokenError as e:
+            self._fail(f"the tokens file is malformed: {e} (fix or delete that line)")
+        except (OSError, UnicodeDecodeError) as e:
+            self._fail(f"the tokens file {self.path} cannot be read: {e}")
+
+    def _fail(self, why: str) -> None:
+        with self._lock:
+            self._table, self._sig, self.error = {}, None, why
+
+    def __call__(self, token: str) -> Identity | None:
+        self._refresh()
         h = hash_token(token)
         with self._lock:
-            for k, (name, role) in self._table.items():
+            for k, (name, role, clients) in self._table.items():
                 if hmac.compare_digest(k, h):
-                    return Identity(name, role)
+                    return Identity(name, role, clients)
         return None

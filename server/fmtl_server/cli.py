@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -90,6 +91,33 @@ def _add_token(sub) -> None:
     a.add_argument("--tokens", default="tokens.txt", help="tokens file (default tokens.txt)")
     a.add_argument("--role", default="device", choices=("device", "admin"), help="admin tokens may read status")
     a.set_defaults(func=cmd_token_add)
+
+
+def _add_rollback(sub) -> None:
+    p = sub.add_parser("rollback", help="resume from the previous round where a checkpoint is corrupt",
+                       description="Every job whose last checkpoint is missing, differs from its stored SHA-256 or "
+                                   "holds NaN/Inf goes back to the previous round kept beside it (when that one "
+                                   "verifies). Run it with the server stopped, then serve again.")
+    p.add_argument("--state-dir", default="fmtl-state", help="the server's state folder (default fmtl-state)")
+    p.set_defaults(func=cmd_rollback)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from fmtl_server.store import Store
+
+    if not (Path(args.state_dir) / "state.db").is_file():
+        print(f"fmtl-server rollback: error: no job state in {args.state_dir}", file=sys.stderr)
+        return EXIT_USAGE
+    store = Store(args.state_dir)
+    try:
+        done = store.rollback()
+    finally:
+        store.close()
+    for m, j, r in done:
+        print(f"{m} {j}: back to the checkpoint after round {r + 1}")
+    if not done:
+        print("nothing to roll back (every last checkpoint verifies, or no earlier round is kept)")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -198,6 +226,14 @@ def _print_status(st: dict) -> None:
                   str(d.get("failures", 0)), _fmt(d.get("last_device_s")), _fmt(d.get("last_energy_j")),
                   str(d.get("last_job") or "—"), f"{now - seen:.0f} s ago" if seen else "—")
     c.print(t)
+    if st.get("refusals"):
+        t = Table(title="refused calls per device")
+        for col in ("device", "refused", "by RPC", "last"):
+            t.add_column(col)
+        for name, r in st["refusals"].items():
+            t.add_row(name, str(r.get("total", 0)), ", ".join(f"{k} {v}" for k, v in sorted(r.get("by_rpc", {}).items())),
+                      str(r.get("last", "")))
+        c.print(t)
 
 
 def cmd_token_add(args: argparse.Namespace) -> int:
@@ -223,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_status(sub)
     _add_token(sub)
+    _add_rollback(sub)
     return parser
 
 

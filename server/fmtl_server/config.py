@@ -42,7 +42,8 @@ JOB_KEYS = {
 _DEVICE_SIDE = {"meter": "a device setting: fmtl-edge join --meter or the device profile",
                 "data_dir": "a device setting: fmtl-edge join --data-dir", "out": "a [server] setting"}
 SERVER_KEYS = ("listen", "state_dir", "out", "tokens", "tls_cert", "tls_key", "client_ca", "insecure",
-               "heartbeat_interval_s", "heartbeat_timeout_s", "chunk_mib", "max_update_mib", "max_workers")
+               "heartbeat_interval_s", "heartbeat_timeout_s", "chunk_mib", "max_update_mib", "max_workers",
+               "upload_first_chunk_s", "upload_idle_s", "max_call_s", "max_streams_per_device")
 _SERVER_PATHS = ("state_dir", "out", "tokens", "tls_cert", "tls_key", "client_ca")
 
 
@@ -99,8 +100,16 @@ class ServerConfig:
     chunk_mib: float = 2.0
     max_update_mib: float = 4096.0
     max_workers: int = 64
+    upload_first_chunk_s: float = 30.0     # an upload's metadata and first chunk must come within this
+    upload_idle_s: float = 60.0            # later chunks within this of the previous one
+    max_call_s: float = 3600.0             # an upload stream ends within this
+    max_streams_per_device: int = 2        # model download/upload streams open at once per device
 
     def validate(self) -> None:
+        for k in ("upload_first_chunk_s", "upload_idle_s", "max_call_s", "max_streams_per_device"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"[server] {k}", f"must be a number > 0, got {v!r}")
         if not 1.0 <= self.chunk_mib <= 4.0:
             raise ConfigError("[server] chunk_mib", f"must be within 1..4 MiB, got {self.chunk_mib}")
         if not self.heartbeat_timeout_s > self.heartbeat_interval_s > 0:

@@ -29,7 +29,7 @@ from fmtl_edge.transport.convert import task_from_pb, task_signature
 from fmtl_edge.transport.pool import Device, PoolClosed, RegistrationRefused, RemoteClientPool, RoundPolicy
 from fmtl_edge.transport.service import CoordinatorServicer, TLSConfig, start_server
 
-from fmtl_server.auth import TokenFile
+from fmtl_server.auth import TokenError, TokenFile
 from fmtl_server.config import JobConfig, ServerConfig
 from fmtl_server.store import StateMismatch, Store
 
@@ -166,6 +166,7 @@ class JobServer:
         st["devices"] = live["devices"]
         st["counters"] = live["counters"]
         st["round"] = live["round"]
+        st["refusals"] = live.get("refusals", {})
         st["refused_calls"] = self.servicer.refused if getattr(self, "servicer", None) else 0
         st["listen"] = f"{self.srv.listen} (port {self.port})"
         return st
@@ -183,6 +184,8 @@ class JobServer:
         except FileNotFoundError:
             raise ConfigError("--tokens", f"no tokens file {srv.tokens!r}; create one with "
                               f"`fmtl-server token add DEVICE --tokens {srv.tokens}`") from None
+        except TokenError as e:  # fail closed at start too: say which line
+            raise ConfigError("--tokens", f"{e}; fix or delete that line") from None
         self.store = Store(srv.state_dir)
         try:
             resumed = self.store.claim(self.job.fingerprint(), self.job.name)
@@ -200,7 +203,10 @@ class JobServer:
                                      max_client_samples=self.job.max_client_samples)
         self.pool.load_registry(self.store.devices())
         self._restore_tasks()
-        self.servicer = CoordinatorServicer(self.pool, tokens, srv.heartbeat_interval_s, status=self.status)
+        self.servicer = CoordinatorServicer(self.pool, tokens, srv.heartbeat_interval_s, status=self.status,
+                                            upload_first_chunk_s=srv.upload_first_chunk_s, upload_idle_s=srv.upload_idle_s,
+                                            max_call_s=srv.max_call_s,
+                                            max_streams_per_device=int(srv.max_streams_per_device))
         tls = None if srv.insecure else TLSConfig(srv.tls_cert, srv.tls_key, srv.client_ca)
         self.server, self.port = start_server(self.servicer, srv.listen, tls, srv.max_workers)
         if srv.insecure:

@@ -28,7 +28,7 @@ import numpy as np
 
 from fmtl_edge.coordinator import EnergyTally, Job, RoundCheckpoint, RoundRecord
 from fmtl_edge.transport.pool import Device
-from fmtl_edge.transport.tensors import SafetensorsFile, write_state
+from fmtl_edge.transport.tensors import SafetensorsFile, TensorFileError, check_finite, file_sha256, write_state
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,6 +49,14 @@ CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, t_unix_
 
 class StateMismatch(RuntimeError):
     """The state folder belongs to another job (its settings changed)."""
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint is missing, differs from its stored SHA-256 or holds NaN/Inf (message names the
+    file and the fix: ``fmtl-server rollback`` when the previous round is kept)."""
+
+
+_ROW = ("completed_round", "checkpoint", "checkpoint_sha256", "affinity_json", "tally_json", "history_json", "wall_s")
 
 
 class Store:
@@ -74,6 +82,10 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
+            cols = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+            for col in ("checkpoint_sha256", "previous_json"):  # state folders from before these columns
+                if col not in cols:
+                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {col} TEXT NOT NULL DEFAULT ''")
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -147,42 +159,87 @@ class Store:
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def checkpoint(self, method: str, seq: int, ckpt: RoundCheckpoint) -> Path:
-        """Persist the end of a round: model file (atomic), then the job's row, then drop the older file."""
+        """Persist the end of a round: model file (atomic, its SHA-256 stored with the row), then the
+        job's row. While the job runs, the previous round's file and row are kept (what
+        :meth:`rollback` returns to); older files are deleted after the commit, and a finished job
+        keeps only its last round."""
         safe_m = _safe(method)
         rel = Path("checkpoints") / safe_m / f"{_safe(ckpt.job.name)}.r{ckpt.round:05d}.safetensors"
         path = self.dir / rel
-        write_state(path, ckpt.state, {"format": "fmtl-edge/checkpoint/1", "method": method, "job": ckpt.job.name,
-                                       "round": str(ckpt.round)}, fsync=True)
+        _, sha = write_state(path, ckpt.state, {"format": "fmtl-edge/checkpoint/1", "method": method,
+                                                "job": ckpt.job.name, "round": str(ckpt.round)}, fsync=True)
         job_json = json.dumps(ckpt.job.to_dict())
         aff = json.dumps({str(r): np.asarray(m).tolist() for r, m in ckpt.affinity_per_round.items()})
         hist = json.dumps([_rec_to_dict(r) for r in ckpt.history])
         with self._lock:
-            old = self.db.execute("SELECT checkpoint FROM jobs WHERE method = ? AND job = ?",
+            old = self.db.execute(f"SELECT {', '.join(_ROW)}, previous_json FROM jobs WHERE method = ? AND job = ?",
                                   (method, ckpt.job.name)).fetchone()
+            drop: list[str] = []
+            previous = ""
+            if old is not None:
+                old_prev = json.loads(old[-1]) if old[-1] else None
+                if old_prev:
+                    drop.append(old_prev["checkpoint"])
+                if ckpt.job_done:
+                    drop.append(old[1])
+                elif old[1] != str(rel):
+                    previous = json.dumps(dict(zip(_ROW, old[:-1])))
             self.db.execute(
-                "INSERT INTO jobs VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(method, job) DO UPDATE SET "
+                "INSERT INTO jobs (method, job, seq, job_json, completed_round, rounds, done, checkpoint, affinity_json, "
+                "tally_json, history_json, wall_s, updated_unix_s, checkpoint_sha256, previous_json) "
+                "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(method, job) DO UPDATE SET "
                 "seq=excluded.seq, job_json=excluded.job_json, completed_round=excluded.completed_round, "
                 "rounds=excluded.rounds, done=excluded.done, checkpoint=excluded.checkpoint, "
                 "affinity_json=excluded.affinity_json, tally_json=excluded.tally_json, history_json=excluded.history_json, "
-                "wall_s=excluded.wall_s, updated_unix_s=excluded.updated_unix_s",
+                "wall_s=excluded.wall_s, updated_unix_s=excluded.updated_unix_s, "
+                "checkpoint_sha256=excluded.checkpoint_sha256, previous_json=excluded.previous_json",
                 (method, ckpt.job.name, seq, job_json, ckpt.round, ckpt.job.rounds, int(ckpt.job_done), str(rel), aff,
-                 json.dumps(ckpt.energy.to_dict()), hist, ckpt.wall_s, time.time()),
+                 json.dumps(ckpt.energy.to_dict()), hist, ckpt.wall_s, time.time(), sha, previous),
             )
-        if old is not None and old[0] != str(rel):
-            try:
-                (self.dir / old[0]).unlink()
-            except FileNotFoundError:
-                pass
+        for f in drop:
+            if f != str(rel):
+                (self.dir / f).unlink(missing_ok=True)
         return path
 
+    def _problem(self, rel: str, sha: str) -> str | None:
+        """What is wrong with a checkpoint file (None: present, its SHA-256 as stored, finite)."""
+        path = self.dir / rel
+        if not path.is_file():
+            return "is missing"
+        if sha and file_sha256(path) != sha:
+            return f"differs from its stored SHA-256 ({sha[:12]}…): the file changed after it was written"
+        try:
+            bad = check_finite(SafetensorsFile(path))
+        except TensorFileError as e:
+            return f"is not a valid safetensors file ({e})"
+        return None if bad is None else f"holds NaN or Inf (tensor {bad!r})"
+
     def load_checkpoints(self, method: str) -> list[RoundCheckpoint]:
-        """Every job of ``method`` with its last completed round, in execution order (state loaded)."""
+        """Every job of ``method`` with its last completed round, in execution order (state loaded and
+        verified).
+
+        Raises:
+            CheckpointCorrupt: a checkpoint file is missing, differs from its stored SHA-256, or holds
+                NaN/Inf; the message names the file and the fix.
+        """
         with self._lock:
             rows = self.db.execute("SELECT job_json, completed_round, checkpoint, affinity_json, tally_json, history_json, "
-                                   "wall_s FROM jobs WHERE method = ? ORDER BY seq", (method,)).fetchall()
+                                   "wall_s, checkpoint_sha256, previous_json FROM jobs WHERE method = ? ORDER BY seq",
+                                   (method,)).fetchall()
         out = []
-        for job_json, rnd, rel, aff, tally, hist, wall in rows:
+        for job_json, rnd, rel, aff, tally, hist, wall, sha, prev in rows:
             j = json.loads(job_json)
+            problem = self._problem(rel, sha)
+            if problem is not None:
+                p = json.loads(prev) if prev else None
+                if p and self._problem(p["checkpoint"], p["checkpoint_sha256"]) is None:
+                    fix = (f"the previous round {int(p['completed_round']) + 1} is kept and verified: run "
+                           f"`fmtl-server rollback --state-dir {self.dir}` to resume from it")
+                else:
+                    fix = ("no verified earlier round is kept: restore the file from a backup, or start the job over "
+                           "with a new --state-dir")
+                raise CheckpointCorrupt(f"checkpoint {self.dir / rel} (method {method!r}, job {j['name']!r}, after "
+                                        f"round {int(rnd) + 1}) {problem}; refusing to resume from it. Fix: {fix}")
             job = Job.from_dict(j)
             state = SafetensorsFile(self.dir / rel).load()
             out.append(RoundCheckpoint(
@@ -191,6 +248,25 @@ class Store:
                 energy=EnergyTally.from_dict(json.loads(tally)),
                 history=[_rec_from_dict(d) for d in json.loads(hist)], wall_s=float(wall)))
         return out
+
+    def rollback(self) -> list[tuple[str, str, int]]:
+        """Every job whose last checkpoint fails verification goes back to its kept previous round
+        (when that one verifies); returns ``(method, job, round)`` of each rollback (round 0-based)."""
+        done = []
+        with self._lock:
+            rows = self.db.execute("SELECT method, job, checkpoint, checkpoint_sha256, previous_json FROM jobs").fetchall()
+            for method, job, rel, sha, prev in rows:
+                p = json.loads(prev) if prev else None
+                if self._problem(rel, sha) is None or not p or self._problem(p["checkpoint"], p["checkpoint_sha256"]):
+                    continue
+                self.db.execute(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _ROW)}, done = 0, previous_json = '', "
+                                "updated_unix_s = ? WHERE method = ? AND job = ?",
+                                (*[p[c] for c in _ROW], time.time(), method, job))
+                (self.dir / rel).unlink(missing_ok=True)
+                done.append((method, job, int(p["completed_round"])))
+        for m, j, r in done:
+            self.event("rollback", {"method": m, "job": j, "round": r})
+        return done
 
     # -- methods -----------------------------------------------------------------------------------------
     def save_method(self, method: str, seq: int, entry: Mapping[str, Any]) -> None:
