@@ -17,10 +17,12 @@ from fmtl_edge.methods.base import Method, Option
 from fmtl_edge.methods.centralized import Centralized
 from fmtl_edge.methods.ditto import Ditto
 from fmtl_edge.methods.fedprox import FedProx
+from fmtl_edge.methods.hoa import HOA
 from fmtl_edge.methods.layered import Layered
 from fmtl_edge.methods.local import Local
 from fmtl_edge.methods.mas import MAS
 from fmtl_edge.methods.one_by_one import OneByOne
+from fmtl_edge.methods.tag import TAG
 from fmtl_edge.tasks import TaskSet
 
 #: ``--methods`` name (without its ``-<arg>``) → method class
@@ -29,6 +31,8 @@ METHODS: dict[str, type[Method]] = {
     "all-in-one": AllInOne,
     "one-by-one": OneByOne,
     "fedprox": FedProx,
+    "tag": TAG,
+    "hoa": HOA,
     "layered": Layered,
     "ditto": Ditto,
     "local": Local,
