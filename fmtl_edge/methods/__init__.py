@@ -17,6 +17,7 @@ from fmtl_edge.methods.base import Method, Option
 from fmtl_edge.methods.centralized import Centralized
 from fmtl_edge.methods.ditto import Ditto
 from fmtl_edge.methods.fedprox import FedProx
+from fmtl_edge.methods.gradnorm import GradNorm
 from fmtl_edge.methods.hoa import HOA
 from fmtl_edge.methods.layered import Layered
 from fmtl_edge.methods.local import Local
@@ -31,6 +32,7 @@ METHODS: dict[str, type[Method]] = {
     "all-in-one": AllInOne,
     "one-by-one": OneByOne,
     "fedprox": FedProx,
+    "gradnorm": GradNorm,
     "tag": TAG,
     "hoa": HOA,
     "layered": Layered,

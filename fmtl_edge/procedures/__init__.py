@@ -9,6 +9,7 @@ procedure and uploads what may leave the client. A new method registers its proc
 =============== ===================================================================================
 ``sgd``         E local epochs of SGD on Σ_i L_i (+ MAS's lookahead affinity every ρ batches)
 ``fedprox``     ``sgd`` plus FedProx's proximal term μ/2·‖w − w_global‖² (``mu``)
+``gradnorm``    ``sgd`` on Σ_i w_i·L_i with GradNorm's weights (``alpha``), weights in the model state
 ``ditto``       the global copy by ``sgd``, then the personal model p_k with λ/2·‖p_k − w*‖²
                 (``lambda``, ``personal_epochs``); p_k is client state
 =============== ===================================================================================
@@ -22,5 +23,6 @@ from fmtl_edge.procedures.base import LocalContext, LocalResult, Procedure, get_
 from fmtl_edge.procedures import sgd as _sgd  # noqa: E402,F401
 from fmtl_edge.procedures import fedprox as _fedprox  # noqa: E402,F401
 from fmtl_edge.procedures import ditto as _ditto  # noqa: E402,F401
+from fmtl_edge.procedures import gradnorm as _gradnorm  # noqa: E402,F401
 
 __all__ = ["LocalContext", "LocalResult", "Procedure", "get_procedure", "procedure_names", "register"]

@@ -49,6 +49,7 @@ def local_sgd(
     epochs: int,
     lr: float,
     extra_loss: Callable[[], torch.Tensor] | None = None,
+    combine: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
     measure_affinity: bool = False,
     rng: np.random.Generator | None = None,
 ) -> LocalResult:
@@ -56,6 +57,8 @@ def local_sgd(
 
     Args:
         extra_loss: a penalty added to Σ_i L_i at every step (FedProx's, Ditto's), or None.
+        combine: ``task → loss (with graph) -> objective`` replacing Σ_i L_i at every step (GradNorm's
+            weighted sum), or None.
         measure_affinity: run the lookahead every ``config.affinity_every`` batches.
         rng: batch-order generator (default ``ctx.rng``).
 
@@ -95,7 +98,7 @@ def local_sgd(
                 aff_sum += lookahead_affinity(model, x, ys, losses, lr, cfg.weight_decay, names,
                                               cfg.affinity_divide_by_lr)
                 aff_steps += 1
-            total = sum(losses.values())
+            total = sum(losses.values()) if combine is None else combine(losses)
             if extra_loss is not None:
                 total = total + extra_loss()
             opt.zero_grad(set_to_none=True)
