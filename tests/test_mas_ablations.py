@@ -83,3 +83,43 @@ def test_ablation_options_come_from_the_config_and_are_checked():
         MAS(TASKS, rounds=5, r0=2, n_splits=2, split="random")
     with pytest.raises(ValueError, match="--split-init"):
         MAS(TASKS, rounds=5, r0=2, n_splits=2, split_init="warm")
+
+
+def test_affinity_rounds_parse():
+    from fmtl_edge.methods.mas import parse_affinity_rounds
+
+    assert parse_affinity_rounds("0-2", 10) == (0, 1, 2)
+    assert parse_affinity_rounds("last:3", 10) == (7, 8, 9)
+    assert parse_affinity_rounds("1,4-5", 10) == (1, 4, 5)
+    assert parse_affinity_rounds("", 10) is None
+    for bad in ("last:0", "3-1", "x", "9-10", "last:11"):
+        with pytest.raises(ValueError, match="--affinity-rounds"):
+            parse_affinity_rounds(bad, 10)
+
+
+def test_only_the_chosen_merge_rounds_measure_affinity():
+    from conftest import make_toy_dataset
+    from fmtl_edge.coordinator import InProcessClientPool
+
+    ds = make_toy_dataset(n_clients=2, n_per_client=16)
+    tasks = ds.tasks.subset(["cls", "bin", "reg"])
+    ds.tasks = tasks
+    spec = ModelSpec((1, 8, 8), 4)
+    calls = []
+
+    class Spy(InProcessClientPool):
+        def execute_many(self, work):
+            for upd in super().execute_many(work):
+                calls.append((upd.round, upd.affinity is not None))
+                yield upd
+
+    coord = Coordinator(Spy(ds, spec), spec, tasks, TrainConfig(batch_size=8), clients_per_round=2, seed=0)
+    mas = MAS(tasks, rounds=4, r0=3, n_splits=2, affinity_rounds="last:1")
+    done = coord.run_method(mas)
+    merge = done["merge"]
+    assert sorted(merge.affinity_per_round) == [2]
+    np.testing.assert_allclose(merge.affinity, merge.affinity_per_round[2])
+    assert calls[:6] == [(0, False), (0, False), (1, False), (1, False), (2, True), (2, True)]
+    # the default measures every merge round
+    done = coord.run_method(MAS(tasks, rounds=4, r0=3, n_splits=2))
+    assert sorted(done["merge"].affinity_per_round) == [0, 1, 2]

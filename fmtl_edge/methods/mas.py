@@ -15,6 +15,9 @@ Ablations (MAS Table 1): ``--split-init scratch`` trains the groups from a fresh
 instead of the merged weights; ``--split worst`` takes the minimum-score partition into x groups
 (:func:`worst_partition`) instead of the best. A non-default setting is appended to the name
 (``mas-2-worst-scratch``) so the variants are told apart in results.
+
+``--affinity-rounds`` (``0-9``, ``1,4-5``, ``last:5``) chooses the merge rounds whose clients measure
+the affinity; only those are averaged, the others run as plain all-in-one rounds (no lookahead).
 """
 
 from __future__ import annotations
@@ -39,6 +42,36 @@ def worst_partition(S: np.ndarray, n_splits: int) -> Partition:
     of −S with its score negated."""
     p = best_partition(-np.asarray(S, dtype=np.float64), n_splits)
     return Partition(groups=p.groups, score=-p.score)
+
+
+def parse_affinity_rounds(spec: str | None, r0: int) -> tuple[int, ...] | None:
+    """The merge rounds of ``--affinity-rounds`` (0-based, sorted): ``a-b`` (inclusive), ``a,b,c``
+    (items may be ranges), ``last:k`` (the last k of R0 rounds); None/empty: every round.
+
+    Raises:
+        ValueError: malformed, or a round outside 0..R0−1 (names ``--affinity-rounds``).
+    """
+    if spec is None or not str(spec).strip():
+        return None
+    spec = str(spec).strip()
+    try:
+        if spec.startswith("last:"):
+            k = int(spec[5:])
+            if not 1 <= k <= r0:
+                raise ValueError
+            return tuple(range(r0 - k, r0))
+        out: set[int] = set()
+        for part in spec.split(","):
+            a, _, b = part.strip().partition("-")
+            lo, hi = int(a), int(b) if b else int(a)
+            if lo > hi:
+                raise ValueError
+            out.update(range(lo, hi + 1))
+    except ValueError:
+        raise ValueError(f"--affinity-rounds: {spec!r} is not a-b, a,b,... or last:k with k in 1..R0={r0}") from None
+    if not out or min(out) < 0 or max(out) >= r0:
+        raise ValueError(f"--affinity-rounds: {spec!r} names rounds outside the merge phase 0..{r0 - 1}")
+    return tuple(sorted(out))
 
 
 def option_value(cfg: Any, name: str, default: Any) -> Any:
@@ -66,12 +99,14 @@ class MAS(Method):
     OPTIONS = (
         Option("split_init", str, "merged", "mas: the groups start from the merged weights (merged, the paper) "
                "or a fresh initialisation (scratch; MAS Table 1 ablation)", SPLIT_INITS),
+        Option("affinity_rounds", str, "", "mas: merge rounds that measure (and are averaged): a-b, a,b,... "
+               "or last:k (default: every merge round); the others run as plain all-in-one rounds"),
         Option("split", str, "affinity", "mas: split by maximal affinity (affinity, the paper) or take the "
                "minimum-score partition (worst; MAS Table 1 ablation)", SPLIT_RULES),
     )
 
     def __init__(self, tasks: TaskSet, rounds: int, r0: int, n_splits: int, split_init: str = "merged",
-                 split: str = "affinity", **kw):
+                 split: str = "affinity", affinity_rounds: str | None = None, **kw):
         super().__init__(tasks, rounds, **kw)
         if not 1 <= r0 < rounds:
             raise ValueError(f"r0 must satisfy 1 <= r0 < rounds; got r0={r0}, rounds={rounds}: lower --r0")
@@ -87,6 +122,7 @@ class MAS(Method):
         self.n_splits = n_splits
         self.split_init = split_init
         self.split_rule = split
+        self.affinity_rounds = parse_affinity_rounds(affinity_rounds, r0)
         self.name = f"mas-{n_splits}" + ("-worst" if split == "worst" else "") + (
             "-scratch" if split_init == "scratch" else "")
 
@@ -97,10 +133,12 @@ class MAS(Method):
         if cfg.r0 is None:
             raise ValueError(f"mas-{arg} needs r0 (rounds of the merge phase): pass --r0")
         return cls(tasks, cfg.rounds, cfg.r0, int(arg), split_init=option_value(cfg, "split_init", "merged"),
-                   split=option_value(cfg, "split", "affinity"), **base_settings(cfg))
+                   split=option_value(cfg, "split", "affinity"),
+                   affinity_rounds=option_value(cfg, "affinity_rounds", "") or None, **base_settings(cfg))
 
     def merge_job(self) -> Job:
-        return Job(MERGE, tuple(self.tasks.names), self.r0, measure_affinity=len(self.tasks) > 1)
+        cfg = {} if self.affinity_rounds is None else {"affinity_rounds": list(self.affinity_rounds)}
+        return Job(MERGE, tuple(self.tasks.names), self.r0, measure_affinity=len(self.tasks) > 1, method_config=cfg)
 
     def partition(self, done: Mapping[str, JobOutcome]) -> Partition:
         """The split decided from the merge phase's averaged affinities."""

@@ -144,4 +144,13 @@ class SGD(Procedure):
 
     def train(self, ctx: LocalContext) -> LocalResult:
         a = ctx.assignment
-        return local_sgd(ctx, ctx.model, epochs=a.config.local_epochs, lr=a.lr, measure_affinity=a.measure_affinity)
+        return local_sgd(ctx, ctx.model, epochs=a.config.local_epochs, lr=a.lr, measure_affinity=measures(ctx))
+
+
+def measures(ctx: LocalContext) -> bool:
+    """Whether this round measures affinity: the assignment asks for it and, when ``method_config``
+    has ``affinity_rounds`` (MAS's ``--affinity-rounds``), the round is one of them; the other
+    rounds of the job are plain all-in-one rounds (no lookahead)."""
+    a = ctx.assignment
+    window = a.method_config.get("affinity_rounds")
+    return bool(a.measure_affinity) and (window is None or int(a.round) in {int(r) for r in window})
