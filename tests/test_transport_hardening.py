@@ -415,7 +415,7 @@ def test_refusals_name_the_rpc_and_status_counts_them_per_device(svc, tmp_path, 
     caplog.set_level(logging.WARNING)
     reply, box, pool = _one_update(svc, tmp_path, energy_j=-1e6)
     assert not reply.accepted
-    assert "refused UploadUpdate from dev0" in caplog.text
+    assert "refused UploadUpdate from dev0: rejected update of client 0" in caplog.text
     r = pool.status()["refusals"]["dev0"]
     assert r["total"] == 1 and r["by_rpc"] == {"UploadUpdate": 1} and "energy_j" in r["last"]
     from fmtl_server.cli import _print_status
