@@ -415,7 +415,7 @@ def test_refusals_name_the_rpc_and_status_counts_them_per_device(svc, tmp_path, 
     caplog.set_level(logging.WARNING)
     reply, box, pool = _one_update(svc, tmp_path, energy_j=-1e6)
     assert not reply.accepted
-    assert "refused UploadUpdate from dev0" in caplog.text
+    assert "refused UploadUpdate from dev0: rejected update of client 0" in caplog.text
     r = pool.status()["refusals"]["dev0"]
     assert r["total"] == 1 and r["by_rpc"] == {"UploadUpdate": 1} and "energy_j" in r["last"]
     from fmtl_server.cli import _print_status
@@ -438,13 +438,13 @@ def _idle_stream(dev, w, release: threading.Event, send_meta=True):
 
 
 def test_idle_upload_streams_are_limited_per_device_and_closed_at_the_first_chunk_bound(tmp_path):
-    pool = RemoteClientPool(tmp_path / "w", RoundPolicy(heartbeat_timeout_s=5.0, dispatch_wait_s=0.5, max_attempts=1),
+    pool = RemoteClientPool(tmp_path / "w", RoundPolicy(heartbeat_timeout_s=10.0, dispatch_wait_s=0.5, max_attempts=1),
                             seed=5, model_info={"input_shape": [1, 8, 8], "width": 4})
     servicer = CoordinatorServicer(pool, TOKENS.get, heartbeat_interval_s=0.2, upload_first_chunk_s=1.0,
                                    max_streams_per_device=1)
     server, port = start_server(servicer, "127.0.0.1:0", None, max_workers=4)
     release = threading.Event()
-    dev = Raw(f"127.0.0.1:{port}", 0, beat=False)
+    dev = Raw(f"127.0.0.1:{port}", 0)
     try:
         t, box = run_round(pool)
         w = dev.pull()
@@ -457,7 +457,11 @@ def test_idle_upload_streams_are_limited_per_device_and_closed_at_the_first_chun
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 5, codes  # one stream per device at a time
         assert grpc.StatusCode.CANCELLED in codes  # the one let in sent no chunk within the bound
         assert pool.status()["refusals"]["dev0"]["by_rpc"]["UploadUpdate"] >= 6
-        # the device may upload again afterwards
+        # the device may upload again once the cancelled stream's handler has returned
+        end = time.monotonic() + 10
+        while servicer._streams.get("dev0", 0) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert servicer._streams.get("dev0", 0) == 0
         state, names = dev.model(w, tmp_path)
         assert dev.upload(w, update_bytes(shifted(state, 0.1), names, tmp_path)).accepted
         t.join(15)

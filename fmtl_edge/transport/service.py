@@ -237,13 +237,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     sink.write(int(msg.chunk.offset), msg.chunk.data)
                     self._arm(key, context, who, self.upload_idle_s, started,
                               f"no data for {self.upload_idle_s:g} s (upload_idle_s)")
+                if self._watchdog.expired(key):
+                    # the server cancelled this stream (a bound passed): drop its bytes; the work item
+                    # stays the device's (its heartbeat and the round's deadline decide about it)
+                    sink.abort()
+                    return pb.UploadReply(accepted=False, reason="the server closed this upload stream (too slow)")
                 self._watchdog.disarm(key)
                 sink.finish()
             except TensorFileError as e:
                 sink.abort()
                 return pb.UploadReply(accepted=False, reason=self.pool.reject_upload(item, str(e)))
             except BaseException:
-                sink.abort()  # the stream broke (device gone): the heartbeat timeout frees the slot
+                sink.abort()  # the stream broke or was cancelled: the heartbeat timeout frees the slot
+                if self._watchdog.expired(key):
+                    return pb.UploadReply(accepted=False, reason="the server closed this upload stream (too slow)")
                 raise
             release_free_heap()  # this stream's freed chunk buffers, before the update can be aggregated
         ok, reason = self.pool.finish_upload(item, meta, path)
@@ -265,6 +272,7 @@ class _Watchdog:
     def __init__(self):
         self._cv = threading.Condition()
         self._armed: dict[object, tuple[float, Any, Callable[[], None]]] = {}
+        self._expired: dict[object, str] = {}
         self._thread: threading.Thread | None = None
 
     def arm(self, key: object, deadline: float, context, on_expire: Callable[[], None]) -> None:
@@ -278,6 +286,12 @@ class _Watchdog:
     def disarm(self, key: object) -> None:
         with self._cv:
             self._armed.pop(key, None)
+            self._expired.pop(key, None)
+
+    def expired(self, key: object) -> str | None:
+        """Why the call of ``key`` was cancelled (None: it was not)."""
+        with self._cv:
+            return self._expired.get(key)
 
     def _run(self) -> None:
         while True:
@@ -286,6 +300,7 @@ class _Watchdog:
                 due = [(k, v) for k, v in self._armed.items() if v[0] <= now]
                 for k, _ in due:
                     del self._armed[k]
+                    self._expired[k] = "cancelled"
                 nxt = min((v[0] for v in self._armed.values()), default=now + 1.0)
                 if not due:
                     self._cv.wait(max(0.01, min(1.0, nxt - now)))

@@ -96,7 +96,8 @@ class UploadsMixin:
                     d.current = None
                     d.state = "idle"
             a = item.slot.assignment
-            log.warning("refused UploadUpdate from %s (client %d) for job %s round %d: %s", d.name if d else "?",
+            log.warning("refused UploadUpdate from %s: rejected update of client %d for job %s round %d: %s",
+                        d.name if d else "?",
                         item.client_id, a.job, a.round, reason)
             self.count_refusal(d.name if d else f"client {item.client_id}", "UploadUpdate", reason)
             self._fail_item(item, f"update rejected: {reason}")
