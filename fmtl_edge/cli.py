@@ -81,6 +81,8 @@ def _add_simulate(sub) -> None:
                    "personal (repeatable; e.g. --layers personal='heads.*')")
     g.add_argument("--pretrained", metavar="FILE.safetensors", help="layered: load the pretrained layers "
                    "(default backbone.*) from a model file of an earlier run and freeze them")
+    g.add_argument("--dropout", type=float, metavar="P", help="fault injection: each sampled client fails "
+                   "mid-round with probability P, seeded by (seed, job, round, client) (default 0)")
     g.add_argument("--width", type=int, help="backbone width (default 16)")
     g.add_argument("--seed", type=int, help="run seed (default 0)")
     from fmtl_edge.methods import method_options
@@ -114,7 +116,7 @@ _CONFIG_KEYS = (
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
     "affinity_divide_by_lr", "width", "seed", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
-    "pretrained", "lease_wait_s",
+    "pretrained", "lease_wait_s", "dropout",
 )
 
 

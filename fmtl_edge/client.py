@@ -161,7 +161,7 @@ def train_round(
         client_id=data.client_id,
         job=assignment.job,
         round=assignment.round,
-        tasks=tuple(mine),
+        tasks=tuple(t for t in mine if res.tasks is None or t in res.tasks),
         state={n: final[n] for n in assignment.uploaded_names(final)},
         n_samples=res.n_samples,
         train_loss=res.train_loss,

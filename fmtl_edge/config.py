@@ -76,6 +76,8 @@ class SimulationConfig:
     task_groups: int | None = None
     layers: dict[str, list[str]] | None = None
     pretrained: str | None = None
+    #: probability that a sampled client fails mid-round (simulated fault injection, seeded)
+    dropout: float = 0.0
     #: the methods' own settings (:attr:`fmtl_edge.methods.Method.OPTIONS`), by config key
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -161,6 +163,8 @@ class SimulationConfig:
 
         if self.aggregator not in AGGREGATORS:
             raise ConfigError("--aggregator", f"{self.aggregator!r} is not one of {', '.join(AGGREGATORS)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("--dropout", f"must be in [0, 1) (a probability per client and round), got {self.dropout}")
         if not 0 <= self.trim_fraction < 0.5:
             raise ConfigError("--trim-fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
         if self.sampling is not None and self.sampling not in FedAvgStrategy.SAMPLINGS:

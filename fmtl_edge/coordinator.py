@@ -96,10 +96,14 @@ class EnergyTally:
     """Sums device seconds and joules of client executions; keeps the meter's provenance.
 
     ``total_j`` is None as soon as one execution's energy is unknown (never reported as 0).
+    ``critical_path_s`` is the wall-clock lower bound of the rounds tallied: a parallel round adds
+    its slowest client's device seconds, a sequential round (a ring) every visit's (set per round
+    by the coordinator; :meth:`add` does not touch it).
     """
 
     def __init__(self) -> None:
         self.device_s = 0.0
+        self.critical_path_s = 0.0
         self.total_j: float | None = 0.0
         self.executions = 0
         self.sources: set[str] = set()
@@ -120,13 +124,15 @@ class EnergyTally:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (checkpoints); :meth:`from_dict` reads it back."""
-        return {"device_s": self.device_s, "total_j": self.total_j, "executions": self.executions,
+        return {"device_s": self.device_s, "critical_path_s": self.critical_path_s, "total_j": self.total_j,
+                "executions": self.executions,
                 "sources": sorted(self.sources), "scopes": sorted(self.scopes), "estimated": self.estimated}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EnergyTally":
         t = cls()
         t.device_s = float(d["device_s"])
+        t.critical_path_s = float(d.get("critical_path_s", 0.0))
         t.total_j = None if d.get("total_j") is None else float(d["total_j"])
         t.executions = int(d["executions"])
         t.sources = set(d.get("sources", ()))
@@ -136,6 +142,7 @@ class EnergyTally:
 
     def merge(self, other: "EnergyTally") -> None:
         self.device_s += other.device_s
+        self.critical_path_s += other.critical_path_s
         self.executions += other.executions
         self.total_j = None if (other.total_j is None or self.total_j is None) else self.total_j + other.total_j
         self.sources |= other.sources
@@ -170,6 +177,9 @@ class RoundRecord:
     executed: list[int] = field(default_factory=list)
     #: structured refusals (``BudgetExceeded``/``DeviceBusy`` as dicts) of clients that did not train
     refused: list[dict] = field(default_factory=list)
+    #: the round's critical path: its slowest client's device seconds (parallel), or the sum of
+    #: every visit's (sequential: a ring)
+    critical_path_s: float = 0.0
 
 
 @dataclass
@@ -333,6 +343,7 @@ class _RoundTotals:
         self.stopped = 0
         self.executed: list[int] = []
         self.refused: list[dict] = []
+        self.device_times: list[float] = []
 
     def refuse(self, upd: ClientUpdate) -> None:
         self.refused.append({"client_id": int(upd.client_id), **upd.error})
@@ -340,6 +351,7 @@ class _RoundTotals:
     def count(self, upd: ClientUpdate) -> bool:
         """Tally an update that trained; False when it used no sample (nothing to aggregate)."""
         self.executed.append(int(upd.client_id))
+        self.device_times.append(float(upd.device_s))
         self.tally.add(upd.device_s, upd.energy)
         if upd.n_samples <= 0:
             return False
@@ -354,6 +366,10 @@ class _RoundTotals:
 
     def train_loss(self) -> dict[str, float]:
         return {t: v / max(self.loss_den[t], 1) for t, v in self.loss_num.items() if self.loss_den[t] or not self.samples}
+
+    def critical_path(self, sequential: bool) -> float:
+        """Sequential: every execution's seconds one after another; parallel: the slowest one's."""
+        return float(sum(self.device_times)) if sequential else max(self.device_times, default=0.0)
 
     def detail(self) -> str:
         return "; ".join(sorted({e.get("message", "") for e in self.refused} - {""}))
@@ -480,17 +496,19 @@ class Coordinator:
             plan = strategy.configure_train(RoundContext(job, r, self.seed, self.k, self.pool.eligible))
             lr = poly_lr(self.train.lr, r, job.rounds)
             totals = _RoundTotals(job.tasks)
-            if strategy.sequential:
+            sequential = strategy.is_sequential_round(r)
+            if sequential:
                 global_vec = self._sequential_round(job, r, plan, lr, layout, state, global_vec, strategy, totals)
             else:
                 global_vec = self._parallel_round(job, r, plan, lr, layout, state, global_vec, strategy, totals)
             state = {**state, **layout.unflatten(global_vec)}
             if job.measure_affinity:
                 averager.add_round(r, totals.matrices)
+            totals.tally.critical_path_s = totals.critical_path(sequential)
             tally.merge(totals.tally)
             rec = RoundRecord(job.name, r, [c for c, _ in plan], lr, totals.train_loss(), totals.samples,
                               totals.tally.device_s, totals.tally.total_j, time.perf_counter() - t_round,
-                              totals.stopped, totals.executed, totals.refused)
+                              totals.stopped, totals.executed, totals.refused, totals.tally.critical_path_s)
             history.append(rec)
             if self.on_round:
                 self.on_round(rec)
@@ -506,7 +524,7 @@ class Coordinator:
         combines the updates in place (the server holds the global vector, the accumulator and one
         update: 3·P for FedAvg)."""
         work = [(cid, self.assignment(job, r, task, state, lr, layout)) for cid, task in plan]
-        agg = strategy.aggregation(layout.n_params, layout.table)
+        agg = strategy.round_aggregation(r, layout.n_params, layout.table)
         scratch: list[np.ndarray] = []
         for upd in self.pool.execute_many(work):
             if upd.error is not None:
@@ -537,7 +555,7 @@ class Coordinator:
                     continue
                 if not totals.count(upd):
                     continue
-                agg = strategy.aggregation(layout.n_params, layout.table)
+                agg = strategy.round_aggregation(r, layout.n_params, layout.table)
                 agg.add(_update_vector(layout, upd.state, scratch), float(upd.n_samples), layout.contributes(upd.tasks))
                 try:
                     global_vec = agg.result(global_vec)

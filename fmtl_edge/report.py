@@ -159,7 +159,7 @@ def splits_text(results: Mapping[str, Any]) -> str:
 
 
 def summary_tables(results: Mapping[str, Any]):
-    """Per method (total test loss, personalised total where a method has one, device s, energy J,
+    """Per method (total test loss, personalised total where a method has one, device s, critical-path s, energy J,
     rounds, number of groups), per task (global test loss and metric under each method), where a
     method is personalised per task its personalised figures, as rich Tables, then the groups as
     text (:func:`splits_text`); readable at 80 columns."""
@@ -174,20 +174,25 @@ def summary_tables(results: Mapping[str, Any]):
     if personal:
         main.add_column("personalised", justify="right")
     main.add_column("device s", justify="right")
+    main.add_column("crit. s", justify="right")
     main.add_column("energy J", justify="right")
-    main.add_column("rounds", justify="right")
+    main.add_column("R", justify="right")
     main.add_column("groups", justify="right")
     for name, m in methods.items():
         energy = _fmt(m["energy_j"], 1)
         if m["energy_j"] is not None and m["energy_estimated"]:
-            energy += " (est.)"
+            energy += "*"
         label = name + (" (ref.)" if m.get("reference") else "")
         cells = [_fmt(m["total_test_loss"])]
         if personal:
             cells.append(_fmt(m.get("personalised_total_test_loss")))
-        main.add_row(label, *cells, _fmt(m["device_s"], 1), energy, str(m["rounds"]), str(len(m["splits"])))
+        main.add_row(label, *cells, _fmt(m["device_s"], 1), _fmt(m.get("critical_path_s"), 1), energy,
+                     str(m["rounds"]), str(len(m["splits"])))
     sources = sorted({m["energy_source"] for m in methods.values()})
     main.caption = "energy source: " + "; ".join(sources)
+    if any(m["energy_j"] is not None and m["energy_estimated"] for m in methods.values()):
+        main.caption += " (* estimated)"
+    main.caption += "\ncrit. s: critical path (parallel: slowest client, ring: sum); R: rounds"
     if personal:
         main.caption += "\npersonalised: each client's own model on its own test split (test-sample-weighted mean)"
     per = Table(title="per task: test loss / metric")

@@ -182,6 +182,7 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
     return {
         **entry_eval,
         "device_s": tally.device_s,
+        "critical_path_s": tally.critical_path_s,
         "energy_j": tally.total_j,
         "energy_source": tally.source,
         "energy_scope": tally.scope,
@@ -195,17 +196,33 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
         "jobs": [
             {"name": o.job.name, "tasks": list(o.job.tasks), "rounds": o.job.rounds,
              "init_from": o.job.init_from, "procedure": o.job.procedure, "device_s": o.energy.device_s,
-             "energy_j": o.energy.total_j,
+             "critical_path_s": o.energy.critical_path_s, "energy_j": o.energy.total_j,
              "wall_s": o.wall_s,
              "train_loss_last_round": o.history[-1].train_loss if o.history else None}
             for o in done.values()
         ],
         "history": [
             {"job": r.job, "round": r.round, "clients": r.clients, "lr": r.lr, "train_loss": r.train_loss,
-             "samples": r.samples, "device_s": r.device_s, "energy_j": r.energy_j, "wall_s": r.wall_s}
+             "samples": r.samples, "device_s": r.device_s, "critical_path_s": r.critical_path_s,
+             "energy_j": r.energy_j, "wall_s": r.wall_s, "refused": list(r.refused)}
             for o in done.values() for r in o.history
         ],
     }
+
+
+def dropout_faults(seed: int, p: float):
+    """The ``--dropout`` fault injector of the simulated pool: a client execution fails (as a device
+    lost mid-round: its work of the round is lost, no update arrives) with probability ``p``, drawn
+    from ``(seed, "dropout", <method>/<job>, round, client)``; None when ``p`` is 0."""
+    if not p:
+        return None
+    from fmtl_edge.client import derive_seed
+
+    def faults(cid: int, a) -> str | None:
+        u = np.random.default_rng(derive_seed(seed, "dropout", a.state_key or a.job, a.round, int(cid))).random()
+        return f"simulated dropout (p={p:g}): device lost mid-round" if u < p else None
+
+    return faults
 
 
 def run_methods(
@@ -233,13 +250,14 @@ def run_methods(
                     "and the methods cannot be compared", dataset.name)
     meter, lease, profile = make_runtime(cfg)
     warm_up()
-    pool = InProcessClientPool(dataset, spec, meter, lease, profile.memory_budget_bytes)
+    pool = InProcessClientPool(dataset, spec, meter, lease, profile.memory_budget_bytes,
+                               faults=dropout_faults(cfg.seed, cfg.dropout))
     pooled_pool = None
     train = train_config(cfg)
     results: dict[str, Any] = {
         "dataset": dataset.name, "dataset_info": dataset.info, "tasks": list(dataset.tasks.names),
         "task_kinds": {t.name: t.kind for t in dataset.tasks},
-        "clients": dataset.n_clients, "config": cfg.to_dict(), "versions": versions(),
+        "clients": dataset.n_clients, "config": cfg.to_dict(), "versions": versions(), "dropout": cfg.dropout,
         "device": {"profile": profile.name, "profile_source": profile.source, "device_class": profile.device_class,
                    "meter": type(meter).__name__, "memory_budget_bytes": profile.memory_budget_bytes},
         "methods": {},

@@ -159,6 +159,24 @@ class TakeAggregation(Aggregation):
         return global_vec
 
 
+class KeepAggregation(Aggregation):
+    """Counts the updates and keeps the global model as it is (a round whose shared slices must
+    not move, e.g. Loop Improvement's final head fine-tuning: only client state changes)."""
+
+    def __init__(self) -> None:
+        self._n = 0
+
+    def add(self, vec, weight, contrib) -> None:
+        self._n += 1
+
+    @property
+    def n_added(self) -> int:
+        return self._n
+
+    def result(self, global_vec):
+        return global_vec
+
+
 def make_aggregation(aggregator: str, n_params: int, table: np.ndarray, trim_fraction: float = 0.1) -> Aggregation:
     """The :class:`Aggregation` named by ``--aggregator``.
 
@@ -193,6 +211,14 @@ class Strategy(ABC):
     def aggregation(self, n_params: int, table: np.ndarray) -> Aggregation:
         """A fresh :class:`Aggregation` for one round (or one sequential step)."""
         return TakeAggregation(table) if self.sequential else FedAvgAggregation(n_params, table)
+
+    def is_sequential_round(self, r: int) -> bool:
+        """Whether round ``r`` runs its clients one after another (default: :attr:`sequential`)."""
+        return self.sequential
+
+    def round_aggregation(self, r: int, n_params: int, table: np.ndarray) -> Aggregation:
+        """The aggregation of round ``r`` (default: :meth:`aggregation`, whatever the round)."""
+        return self.aggregation(n_params, table)
 
 
 def sample_uniform(ctx: RoundContext, tasks: Sequence[str], k: int, salt: Sequence[Any] = ()) -> list[int]:

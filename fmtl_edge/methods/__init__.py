@@ -21,6 +21,7 @@ from fmtl_edge.methods.gradnorm import GradNorm
 from fmtl_edge.methods.hoa import HOA
 from fmtl_edge.methods.layered import Layered
 from fmtl_edge.methods.local import Local
+from fmtl_edge.methods.loop import Loop
 from fmtl_edge.methods.mas import MAS
 from fmtl_edge.methods.one_by_one import OneByOne
 from fmtl_edge.methods.tag import TAG
@@ -38,6 +39,7 @@ METHODS: dict[str, type[Method]] = {
     "layered": Layered,
     "ditto": Ditto,
     "local": Local,
+    "loop": Loop,
     "centralized": Centralized,
 }
 

@@ -12,6 +12,8 @@ procedure and uploads what may leave the client. A new method registers its proc
 ``gradnorm``    ``sgd`` on Σ_i w_i·L_i with GradNorm's weights (``alpha``), weights in the model state
 ``ditto``       the global copy by ``sgd``, then the personal model p_k with λ/2·‖p_k − w*‖²
                 (``lambda``, ``personal_epochs``); p_k is client state
+``loop``        a Loop Improvement visit: heads only, backbone only, optionally all layers, each
+                with its own optimiser (AdamW or SGD); ``phase=finetune``: the heads only
 =============== ===================================================================================
 """
 
@@ -24,5 +26,6 @@ from fmtl_edge.procedures import sgd as _sgd  # noqa: E402,F401
 from fmtl_edge.procedures import fedprox as _fedprox  # noqa: E402,F401
 from fmtl_edge.procedures import ditto as _ditto  # noqa: E402,F401
 from fmtl_edge.procedures import gradnorm as _gradnorm  # noqa: E402,F401
+from fmtl_edge.procedures import loop as _loop  # noqa: E402,F401
 
 __all__ = ["LocalContext", "LocalResult", "Procedure", "get_procedure", "procedure_names", "register"]

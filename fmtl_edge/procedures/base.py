@@ -73,6 +73,8 @@ class LocalResult:
         affinity, affinity_steps: mean lookahead affinity ``(n, n)`` float64 and its step count.
         stopped_by: ``"time"``/``"energy"`` when a budget ended training early.
         stored: the procedure's client state to keep for the next round (None: keep nothing).
+        tasks: the tasks the update reports as trained, when a procedure trained fewer than the
+            client holds (Loop Improvement's tasks ring trains one task per visit); None: all of them.
     """
 
     n_samples: int
@@ -81,6 +83,7 @@ class LocalResult:
     affinity_steps: int = 0
     stopped_by: str | None = None
     stored: dict[str, np.ndarray] | None = None
+    tasks: tuple[str, ...] | None = None
 
 
 class Procedure(ABC):
