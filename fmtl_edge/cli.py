@@ -100,6 +100,9 @@ def _add_simulate(sub) -> None:
     g.add_argument("--energy-budget-j", type=float, help="per-round energy budget of a client execution (J)")
     g.add_argument("--out", help="output folder (default: a new runs/<UTC time>, with runs/latest pointing at it)")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out (refused otherwise)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run of --out (Ctrl-C, kill, crash) "
+                   "from its finished methods and last completed round, with the same settings; without --out "
+                   "the most recent interrupted run under runs/")
     g.add_argument("--lease-wait-s", type=float, help="wait at most this long for the device lease held by another "
                    "process (default 600; 0: fail at once); a wait over 2 s is logged with the holder's pid")
     g.add_argument("--config", help="TOML file with the same keys as these flags")
@@ -203,10 +206,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from fmtl_edge.report import check_out_dir, new_run_dir
 
         check_device(cfg.device)
+        from fmtl_edge.run_state import RunState, has_state, latest_interrupted, state_dir
+
         timestamped = cfg.out is None
-        if timestamped:
+        overwrite = args.overwrite
+        resume_state = None
+        if timestamped and args.resume:
+            found = latest_interrupted("runs")
+            if found is None:
+                raise ConfigError("--resume", "no interrupted run under runs/ to resume; name its folder with --out")
+            cfg.out = str(found)
+        elif timestamped:
             cfg.out = str(new_run_dir())
-        check_out_dir(cfg.out, overwrite=args.overwrite)
+        if args.resume:
+            resume_state = RunState.open(cfg.out, cfg)  # the same settings, or rc 2
+            overwrite = overwrite or resume_state.overwrite
+        elif has_state(cfg.out) and not args.overwrite:
+            raise ConfigError("--out", f"an interrupted run is there ({state_dir(cfg.out)}): add --resume, "
+                              "or --overwrite to start again")
+        check_out_dir(cfg.out, overwrite=overwrite)
         from fmtl_edge.data import load_dataset
 
         with console.status(f"loading {cfg.dataset}…", spinner="dots") if not args.no_progress else _null():
@@ -242,6 +260,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"methods {', '.join(cfg.methods)}"
     )
     hooks = _log_hooks(log)
+
+    def log_resumed(method, rounds_done, entry):
+        if entry is not None:
+            log.info("%s: finished before the interruption, %s", method.name, loss_summary(entry))
+
+    hooks["on_method_resume"] = log_resumed
+    if resume_state is not None:
+        console.print(f"resuming {cfg.out}: {resume_state.summary()}")
     progress = None
     if not args.no_progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -261,26 +287,43 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         def end(method, entry):
             progress.update(bars[method.name], info=loss_summary(entry, 3))
 
-        hooks = dict(on_method_start=start, on_round=on_round, on_method_end=end)
+        def resumed(method, rounds_done, entry):
+            if method.name not in bars:
+                start(method)
+            progress.update(bars[method.name], completed=rounds_done,
+                            info=(loss_summary(entry, 3) + " (before)") if entry else "resumed")
+
+        hooks = dict(on_method_start=start, on_round=on_round, on_method_end=end, on_method_resume=resumed)
+    run_state = None
+    resume_hint = "run the same command with --resume" + (f" --out {cfg.out}" if timestamped else "")
     try:
+        from fmtl_edge.run_state import RunState
+
+        run_state = resume_state or RunState.create(cfg.out, cfg, overwrite)
         if progress is not None:
             with progress:
-                results, models = run_methods(cfg, dataset, **hooks)
+                results, models = run_methods(cfg, dataset, run_state=run_state, **hooks)
         else:
-            results, models = run_methods(cfg, dataset, **hooks)
+            results, models = run_methods(cfg, dataset, run_state=run_state, **hooks)
         spec = ModelSpec(tuple(dataset.input_shape), width=cfg.width)
-        out = write_outputs(cfg.out, results, models, dataset.tasks, spec, overwrite=args.overwrite)
+        out = write_outputs(cfg.out, results, models, dataset.tasks, spec, overwrite=overwrite)
+        run_state.remove()
         if timestamped:
             from fmtl_edge.report import link_latest
 
             link_latest(out)
     except KeyboardInterrupt:
-        console.print("[red]interrupted: nothing was written[/]")
+        if run_state is None:
+            console.print("[red]interrupted: nothing was written[/]")
+        else:
+            console.print(f"[red]interrupted[/]: kept {run_state.summary()} in {run_state.dir}; "
+                          f"to continue, {resume_hint}")
         return 130
     except (ConfigError, DataError, ValueError) as e:
         return _err("simulate", str(e))
-    except RuntimeError as e:  # a round no client could run (budgets, busy device): nothing written
-        print(f"fmtl-edge simulate: failed: {e}; nothing was written", file=sys.stderr)
+    except RuntimeError as e:  # a round no client could run (budgets, busy device): no result written
+        kept = "" if run_state is None else f"; the completed rounds are kept ({resume_hint} to continue)"
+        print(f"fmtl-edge simulate: failed: {e}; no result was written{kept}", file=sys.stderr)
         return 1
     if args.json:
         print((out / "results.json").read_text())

@@ -13,7 +13,7 @@ import logging
 import platform
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from fmtl_edge.evaluation import evaluate_method
 from fmtl_edge.methods import Method, make_method
 from fmtl_edge.models import ModelSpec
 from fmtl_edge.partition import select_state
+
+if TYPE_CHECKING:
+    from fmtl_edge.run_state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +235,19 @@ def run_methods(
     on_method_start: Callable[[Method], None] | None = None,
     on_round: Callable[[Method, RoundRecord], None] | None = None,
     on_method_end: Callable[[Method, dict], None] | None = None,
+    run_state: "RunState | None" = None,
+    on_method_resume: Callable[[Method, int, dict | None], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, np.ndarray]]]]:
     """Run every method of ``cfg.methods`` on ``dataset``.
+
+    Args:
+        run_state: a :class:`fmtl_edge.run_state.RunState` (``--resume``): every round is committed
+            to it, and methods it holds as finished are not run again (their entry and models are
+            taken from it); the method that was running continues from its finished jobs and the
+            running job's last completed round, with the clients' own state restored.
+        on_method_resume: ``(method, rounds already done, entry or None)`` instead of
+            ``on_method_start``/``on_method_end`` for a method finished before (entry given), and
+            after ``on_method_start`` for the method that continues (entry None).
 
     Returns:
         (results, models): ``results`` in the ``results.json`` layout (see README), ``models[method][task]``
@@ -264,28 +278,64 @@ def run_methods(
     }
     models: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for method in methods:
+        finished = run_state.finished(method.name) if run_state is not None else None
+        if finished is not None:  # finished before the interruption: its entry and models as they were
+            entry, final = finished
+            results["methods"][method.name] = entry
+            if final is not None:
+                models[method.name] = final
+            if on_method_resume:
+                on_method_resume(method, int(entry.get("rounds", 0)), entry)
+            continue
         if on_method_start:
             on_method_start(method)
         if method.pooled_data and pooled_pool is None:
             pooled_pool = InProcessClientPool(dataset.pooled(), spec, meter, lease, profile.memory_budget_bytes)
+        method_pool = pooled_pool if method.pooled_data else pool
+        done, resume, prior_wall = _restore_method(run_state, method, method_pool, on_method_resume)
         coord = Coordinator(
-            pooled_pool if method.pooled_data else pool, spec, dataset.tasks, train,
-            min(cfg.clients_per_round, len((pooled_pool if method.pooled_data else pool).client_ids)), cfg.seed,
+            method_pool, spec, dataset.tasks, train,
+            min(cfg.clients_per_round, len(method_pool.client_ids)), cfg.seed,
             on_round=(lambda rec, m=method: on_round(m, rec)) if on_round else None,
             time_budget_s=cfg.time_budget_s if cfg.time_budget_s is not None else profile.round_time_s,
             energy_budget_j=cfg.energy_budget_j if cfg.energy_budget_j is not None else profile.round_energy_j,
+            on_round_end=(lambda ck, m=method.name, p=method_pool: run_state.save_round(m, ck, p))
+            if run_state is not None else None,
         )
+        done = {name: coord.outcome_from_checkpoint(ck) for name, ck in done.items()}
         t0 = time.perf_counter()
-        done = coord.run_method(method)
-        wall = time.perf_counter() - t0
+        done = coord.run_method(method, done=done, resume=resume)
+        wall = time.perf_counter() - t0 + prior_wall
         evaluation = evaluate_method(method, done, coord)
         entry = method_entry(method, done, evaluation, cfg.rounds, wall)
         results["methods"][method.name] = entry
         if method.global_model:
             models[method.name] = final_states(method, done)
+        if run_state is not None:
+            run_state.save_method(method.name, entry, models.get(method.name))
         if on_method_end:
             on_method_end(method, entry)
     return results, models
+
+
+def _restore_method(run_state, method: Method, pool: InProcessClientPool, on_method_resume=None):
+    """What ``run_state`` kept of ``method`` when it was the running one: ``(finished jobs' last
+    checkpoints by name, the running job's checkpoint or None, wall seconds already spent)``; the
+    clients' own state is restored into ``pool``."""
+    if run_state is None:
+        return {}, None, 0.0
+    ckpts, snapshot = run_state.running(method.name)
+    if snapshot is not None:
+        pool.restore_state(snapshot)
+    done = {ck.job.name: ck for ck in ckpts if ck.job_done}
+    resume = next((ck for ck in ckpts if not ck.job_done), None)
+    if ckpts:
+        rounds = sum(ck.round + 1 for ck in ckpts)
+        where = f"job {resume.job.name!r} after round {resume.round + 1}" if resume else "its next job"
+        log.info("%s: resuming with %d finished job(s), at %s", method.name, len(done), where)
+        if on_method_resume:
+            on_method_resume(method, rounds, None)
+    return done, resume, sum(ck.wall_s for ck in ckpts)
 
 
 def check_sampling(cfg: SimulationConfig, dataset: FederatedDataset, methods: list[Method]) -> None:
