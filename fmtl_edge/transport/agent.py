@@ -47,7 +47,39 @@ from fmtl_edge.transport.tensors import (
 
 EXIT_AUTH = 3
 EXIT_REFUSED = 2
-FAULTS = ("nan", "shape", "delay", "echo")
+FAULTS = ("nan", "shape", "delay", "echo", "poison")
+POISON_SCALE = -10.0  # default SCALE of the ``poison[:SCALE]`` fault
+
+
+def poison_state(global_state, trained, scale: float = POISON_SCALE) -> dict[str, np.ndarray]:
+    """The ``poison[:SCALE]`` fault's upload: ``global + SCALE * (trained - global)`` for every float
+    tensor (a scaled sign-flip "model replacement" attack when SCALE < 0; finite values, so only the
+    server's norm bound or a robust aggregator stop it); other tensors are sent as trained.
+
+    Args:
+        global_state: name → array of the global model the device received.
+        trained: name → array of the device's honest update.
+        scale: SCALE (-10 by default).
+    """
+    out = {}
+    for k, t in trained.items():
+        t = np.asarray(t)
+        g = global_state.get(k)
+        if g is None or not np.issubdtype(t.dtype, np.floating):
+            out[k] = t
+            continue
+        g = np.asarray(g, dtype=np.float64)
+        out[k] = (g + float(scale) * (np.asarray(t, dtype=np.float64) - g)).astype(t.dtype)
+    return out
+
+
+def _l2(state, ref=None) -> float:
+    s = 0.0
+    for k, v in state.items():
+        if np.issubdtype(np.asarray(v).dtype, np.floating):
+            d = np.asarray(v, dtype=np.float64) - (0.0 if ref is None else np.asarray(ref[k], dtype=np.float64))
+            s += float(np.vdot(d, d))
+    return float(np.sqrt(s))
 
 
 @dataclass
@@ -137,7 +169,7 @@ class AgentOptions:
     min_backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     poll_wait_s: float = 20.0
-    fault: str | None = None          # testing only: nan | shape | delay:S | echo
+    fault: str | None = None          # testing only: nan | shape | delay:S | echo | poison[:SCALE]
     max_works: int | None = None      # testing only: exit after this many work items
     torch_threads: int | None = None
 
@@ -170,6 +202,11 @@ class Agent:
         self._state_store = None
         if opts.fault is not None and opts.fault.split(":")[0] not in FAULTS:
             raise ValueError(f"unknown fault {opts.fault!r}; known: {FAULTS}")
+        if opts.fault is not None and opts.fault.startswith("poison:"):
+            try:
+                float(opts.fault.partition(":")[2])
+            except ValueError:
+                raise ValueError(f"fault {opts.fault!r}: expected poison[:SCALE] with SCALE a number") from None
 
     def log(self, msg: str) -> None:
         cid = self.opts.data.client_id
@@ -429,6 +466,14 @@ class Agent:
             k = next(n for n, v in upd.state.items() if np.issubdtype(v.dtype, np.floating) and v.ndim >= 1)
             v = upd.state[k]
             upd.state[k] = np.zeros((v.shape[0] + 1, *v.shape[1:]), dtype=v.dtype)
+        elif fault == "poison":
+            scale = float(arg) if arg else POISON_SCALE
+            g = model_file.load()
+            honest = _l2(upd.state, g)
+            gn = _l2({k: g[k] for k in upd.state if k in g})
+            upd.state = poison_state(g, upd.state, scale)
+            self.log(f"fault injection: poison x{scale:g}: |trained - global| {honest:.4g} = "
+                     f"{honest / max(gn, 1.0):.4g} x max(|global| {gn:.4g}, 1); upload {abs(scale) * honest:.4g} away")
         elif fault == "delay":
             self.log(f"fault injection: waiting {float(arg or 5):.1f} s before the upload")
             end = time.monotonic() + float(arg or 5)
