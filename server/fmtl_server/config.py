@@ -40,7 +40,8 @@ JOB_KEYS = {
     "max_round_retries": "failed attempts of one round before the server gives up (default 20)",
 }
 _DEVICE_SIDE = {"meter": "a device setting: fmtl-edge join --meter or the device profile",
-                "data_dir": "a device setting: fmtl-edge join --data-dir", "out": "a [server] setting"}
+                "data_dir": "a device setting: fmtl-edge join --data-dir", "out": "a [server] setting",
+                "dropout": "the simulation's fault injector (fmtl-edge simulate --dropout); devices fail for real here"}
 SERVER_KEYS = ("listen", "state_dir", "out", "tokens", "tls_cert", "tls_key", "client_ca", "insecure",
                "heartbeat_interval_s", "heartbeat_timeout_s", "chunk_mib", "max_update_mib", "max_workers",
                "upload_first_chunk_s", "upload_idle_s", "max_call_s", "max_streams_per_device")

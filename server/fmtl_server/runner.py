@@ -388,6 +388,8 @@ class JobServer:
             "task_kinds": {t.name: t.kind for t in self.tasks},
             "clients": int(self.store.get("n_clients") or len(self.pool.client_ids)),
             "config": sim.to_dict(), "versions": versions(), "device": self._device_summary(), "methods": {},
+            # the simulation's injected --dropout does not apply: devices fail for real (history.refused)
+            "dropout": None,
             "deployment": {"job": self.job.to_dict(), "server": {"listen": self.srv.listen, "tls": not self.srv.insecure,
                                                                   "client_certificates": bool(self.srv.client_ca)},
                            "devices": [d.to_status(time.monotonic(), self.srv.heartbeat_timeout_s) for d in self.pool.devices()],
