@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import numpy as np
 
 from fmtl_edge.client import add_sums, finish_sums
-from fmtl_edge.coordinator import ClientPool, Coordinator, JobOutcome
+from fmtl_edge.coordinator import Coordinator, JobOutcome
 from fmtl_edge.messages import Assignment
 from fmtl_edge.partition import PERSONAL
 
@@ -94,6 +93,3 @@ def _complete(tasks, per_task: dict[str, dict], finals: Mapping[str, str]) -> di
         out[t] = per_task.get(t) or {"loss": float("nan"), "metric": float("nan"), "metric_name": tasks[t].metric_name, "n": 0}
     return out
 
-
-def nan_to_none(v: float) -> float | None:
-    return None if v is None or not np.isfinite(v) else float(v)

@@ -93,17 +93,39 @@ class Method(ABC):
         self.aggregator = aggregator
         self.trim_fraction = trim_fraction
 
+    #: the ``--methods`` name takes the number of groups x (``mas-<x>``)
+    takes_groups: bool = False
+
     @classmethod
-    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "Method":
+    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any, **extra: Any) -> "Method":
         """Build from a ``--methods`` entry (``arg``: the part after ``<name>-``, e.g. ``2`` of
-        ``mas-2``) and the run config (:class:`~fmtl_edge.config.SimulationConfig`).
+        ``mas-2``) and the run config (:class:`~fmtl_edge.config.SimulationConfig`): the
+        constructor gets ``(tasks, R, [x,]`` :meth:`settings` ``, aggregator settings, extra)``.
 
         Raises:
-            ValueError: settings the method cannot use (the message names the flag).
+            ValueError: a missing or unexpected ``-<x>``, or settings the method cannot use (the
+                message names the flag).
         """
+        base = cls.name.split("-<")[0]
+        if cls.takes_groups:
+            if arg is None or not arg.isdigit():
+                raise ValueError(f"{base} needs the number of groups x: {base}-<x>, e.g. {base}-2")
+            return cls(tasks, cfg.rounds, *cls.positional(cfg, f"{base}-{arg}"), int(arg),
+                       **cls.settings(cfg), **base_settings(cfg), **extra)
         if arg is not None:
-            raise ValueError(f"{cls.name} takes no parameter (got {cls.name}-{arg})")
-        return cls(tasks, cfg.rounds, **base_settings(cfg))
+            hint = f"; set its options with {', '.join(o.flag for o in cls.OPTIONS)}" if cls.OPTIONS else ""
+            raise ValueError(f"{base} takes no parameter (got {base}-{arg}){hint}")
+        return cls(tasks, cfg.rounds, **cls.settings(cfg), **base_settings(cfg), **extra)
+
+    @classmethod
+    def positional(cls, cfg: Any, name: str) -> tuple:
+        """Constructor arguments between R and x (MAS and TAG: R0)."""
+        return ()
+
+    @classmethod
+    def settings(cls, cfg: Any) -> dict[str, Any]:
+        """The constructor's keyword arguments from the run config (default: none)."""
+        return {}
 
     @abstractmethod
     def next_jobs(self, done: Mapping[str, JobOutcome]) -> list[Job]:
@@ -136,6 +158,28 @@ class Method(ABC):
     def planned_rounds(self) -> int:
         """Total rounds of the plan (for progress bars); exact for every method here."""
         return self.rounds
+
+
+def option(cfg: Any, name: str) -> Any:
+    """Method option ``name`` of the run config: ``cfg.option(name)`` (its value or the declared
+    default); a config without options (a plain namespace in tests) gets the declared default."""
+    getter = getattr(cfg, "option", None)
+    if getter is not None:
+        return getter(name)
+    from fmtl_edge.methods import method_options
+
+    return method_options()[name].default
+
+
+def r0_of(cfg: Any, name: str) -> tuple[int]:
+    """``(R0,)`` of the run config for a method with a merge/affinity phase.
+
+    Raises:
+        ValueError: no R0 (names ``--r0``).
+    """
+    if getattr(cfg, "r0", None) is None:
+        raise ValueError(f"{name} needs r0 (rounds of the merge phase): pass --r0")
+    return (int(cfg.r0),)
 
 
 def base_settings(cfg: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from fmtl_edge.coordinator import Job, JobOutcome
-from fmtl_edge.methods.base import Method, Option, base_settings
+from fmtl_edge.methods.base import Method, Option, option
 from fmtl_edge.strategy import SequentialStrategy, Strategy
 from fmtl_edge.tasks import TaskSet
 
@@ -43,10 +43,8 @@ class Centralized(Method):
         self.mode = mode
 
     @classmethod
-    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "Centralized":
-        if arg is not None:
-            raise ValueError(f"centralized takes no parameter (got centralized-{arg}); use --centralized joint|separate")
-        return cls(tasks, cfg.rounds, mode=cfg.option("centralized"), **base_settings(cfg))
+    def settings(cls, cfg: Any) -> dict[str, Any]:
+        return {"mode": option(cfg, "centralized")}
 
     def _jobs(self) -> list[Job]:
         if self.mode == "joint":

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from fmtl_edge.coordinator import Job, JobOutcome
-from fmtl_edge.methods.base import Method, Option, base_settings
+from fmtl_edge.methods.base import Method, Option, option
 from fmtl_edge.tasks import TaskSet
 
 
@@ -36,10 +36,8 @@ class Ditto(Method):
         self.personal_epochs = personal_epochs
 
     @classmethod
-    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "Ditto":
-        if arg is not None:
-            raise ValueError(f"ditto takes no parameter (got ditto-{arg}); set λ with --ditto-lambda")
-        return cls(tasks, cfg.rounds, lam=cfg.option("ditto_lambda"), **base_settings(cfg))
+    def settings(cls, cfg: Any) -> dict[str, Any]:
+        return {"lam": option(cfg, "ditto_lambda")}
 
     def next_jobs(self, done: Mapping[str, JobOutcome]) -> list[Job]:
         if "all" in done:

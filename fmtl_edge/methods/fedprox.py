@@ -8,7 +8,7 @@ from typing import Any
 
 from fmtl_edge.coordinator import Job
 from fmtl_edge.methods.all_in_one import AllInOne
-from fmtl_edge.methods.base import Option, base_settings
+from fmtl_edge.methods.base import Option, option
 from fmtl_edge.tasks import TaskSet
 
 
@@ -31,10 +31,8 @@ class FedProx(AllInOne):
         self.mu = mu
 
     @classmethod
-    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "FedProx":
-        if arg is not None:
-            raise ValueError(f"fedprox takes no parameter (got fedprox-{arg})")
-        return cls(tasks, cfg.rounds, mu=cfg.option("fedprox_mu"), **base_settings(cfg))
+    def settings(cls, cfg: Any) -> dict[str, Any]:
+        return {"mu": option(cfg, "fedprox_mu")}
 
     def _job(self) -> Job:
         return Job("all", tuple(self.tasks.names), self.rounds, procedure="fedprox", method_config={"mu": self.mu})

@@ -16,7 +16,7 @@ import numpy as np
 
 from fmtl_edge.coordinator import Job
 from fmtl_edge.methods.all_in_one import AllInOne
-from fmtl_edge.methods.base import Option, base_settings
+from fmtl_edge.methods.base import Option, option
 from fmtl_edge.procedures.gradnorm import initial_entries
 from fmtl_edge.tasks import TaskSet
 
@@ -41,11 +41,8 @@ class GradNorm(AllInOne):
         self.alpha = float(alpha)
 
     @classmethod
-    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "GradNorm":
-        if arg is not None:
-            raise ValueError(f"gradnorm takes no parameter (got gradnorm-{arg}); set α with --gradnorm-alpha")
-        opt = getattr(cfg, "option", None)
-        return cls(tasks, cfg.rounds, alpha=opt("gradnorm_alpha") if opt is not None else 1.5, **base_settings(cfg))
+    def settings(cls, cfg: Any) -> dict[str, Any]:
+        return {"alpha": option(cfg, "gradnorm_alpha")}
 
     def _job(self) -> Job:
         return Job("all", tuple(self.tasks.names), self.rounds, procedure="gradnorm",

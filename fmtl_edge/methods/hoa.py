@@ -24,7 +24,7 @@ import math
 from typing import Any, Iterator, Mapping, Sequence
 
 from fmtl_edge.coordinator import Job, JobOutcome
-from fmtl_edge.methods.base import Method, Option, base_settings
+from fmtl_edge.methods.base import Method, Option, option
 from fmtl_edge.tasks import TaskSet
 
 
@@ -116,6 +116,7 @@ class HOA(Method):
         ValueError: x outside 1..n or pair_rounds < 0.
     """
 
+    takes_groups = True
     name = "hoa-<x>"
     summary = ("HOA (Standley et al. 2020): every task alone and every pair trained --hoa-pair-rounds rounds, "
                "group losses approximated from the pairs' training losses, the best split into x groups (exact), "
@@ -135,12 +136,8 @@ class HOA(Method):
         self.name = f"hoa-{n_groups}"
 
     @classmethod
-    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "HOA":
-        if arg is None or not arg.isdigit():
-            raise ValueError("hoa needs the number of groups x: hoa-<x>, e.g. hoa-2")
-        opt = getattr(cfg, "option", None)
-        pr = opt("hoa_pair_rounds") if opt is not None else 0
-        return cls(tasks, cfg.rounds, int(arg), pair_rounds=pr, **base_settings(cfg))
+    def settings(cls, cfg: Any) -> dict[str, Any]:
+        return {"pair_rounds": option(cfg, "hoa_pair_rounds")}
 
     def probe_jobs(self) -> list[Job]:
         """The pair phase: each task alone, then each pair (task-set order); none for x = 1 or x = n."""

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fmtl_edge.coordinator import Job, JobOutcome
-from fmtl_edge.methods.base import Method, base_settings
+from fmtl_edge.methods.base import Method
 from fmtl_edge.tasks import TaskSet
 
 LAYER_KINDS = ("pretrained", "common", "task", "personal")
@@ -110,11 +110,8 @@ class Layered(Method):
         self.global_model = not types.patterns["personal"]
 
     @classmethod
-    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any, pretrained: Mapping[str, np.ndarray] | None = None):
-        if arg is not None:
-            raise ValueError(f"layered takes no parameter (got layered-{arg})")
-        return cls(tasks, cfg.rounds, layers=cfg.layers, pretrained=pretrained, sampling=cfg.resolved_sampling(),
-                   **base_settings(cfg))
+    def settings(cls, cfg: Any) -> dict[str, Any]:
+        return {"layers": cfg.layers, "sampling": cfg.resolved_sampling()}
 
     def job(self) -> Job:
         p = self.types.patterns

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fmtl_edge.coordinator import Job, JobOutcome
-from fmtl_edge.methods.base import Method, Option, base_settings
+from fmtl_edge.methods.base import Method, Option, option
 from fmtl_edge.strategy import (Aggregation, ClientTask, FedAvgAggregation, KeepAggregation, RoundContext,
                                 SequentialStrategy, Strategy, sample_uniform)
 from fmtl_edge.tasks import TaskSet
@@ -168,14 +168,14 @@ class Loop(Method):
         self.global_model = nodes == "tasks"
 
     @classmethod
-    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "Loop":
-        if arg is not None:
-            raise ValueError(f"loop takes no parameter (got loop-{arg}); choose the nodes with --loop-nodes")
-        o = cfg.option
-        return cls(tasks, cfg.rounds, nodes=o("loop_nodes"), steps=o("loop_steps"), epochs=o("loop_epochs"),
+    def settings(cls, cfg: Any) -> dict[str, Any]:
+        def o(name):
+            return option(cfg, name)
+
+        return dict(nodes=o("loop_nodes"), steps=o("loop_steps"), epochs=o("loop_epochs"),
                    optimizer=o("loop_optimizer"), lr_head=o("loop_lr_head"), lr_backbone=o("loop_lr_backbone"),
                    lr_all=o("loop_lr_all"), weight_decay=o("loop_weight_decay"),
-                   finetune_epochs=o("loop_finetune_epochs"), finetune_lr=o("loop_finetune_lr"), **base_settings(cfg))
+                    finetune_epochs=o("loop_finetune_epochs"), finetune_lr=o("loop_finetune_lr"))
 
     @property
     def train_rounds(self) -> int:

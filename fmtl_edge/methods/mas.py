@@ -28,7 +28,7 @@ import numpy as np
 
 from fmtl_edge.affinity import Partition, best_partition, self_affinity
 from fmtl_edge.coordinator import Job, JobOutcome
-from fmtl_edge.methods.base import Method, Option, base_settings
+from fmtl_edge.methods.base import Method, Option, option, r0_of
 from fmtl_edge.tasks import TaskSet
 
 MERGE = "merge"
@@ -74,12 +74,6 @@ def parse_affinity_rounds(spec: str | None, r0: int) -> tuple[int, ...] | None:
     return tuple(sorted(out))
 
 
-def option_value(cfg: Any, name: str, default: Any) -> Any:
-    """``cfg.option(name)`` where the config has it (a SimulationConfig), else ``default``."""
-    opt = getattr(cfg, "option", None)
-    return default if opt is None else opt(name)
-
-
 class MAS(Method):
     """Args:
         tasks: the task set.
@@ -91,6 +85,7 @@ class MAS(Method):
         ValueError: R0 outside 1..R−1 or x outside 1..n (message names the fix).
     """
 
+    takes_groups = True
     name = "mas-<x>"
     summary = ("merge all tasks into one multi-task model, train it all-in-one for R0 rounds while measuring "
                "task affinities (lookahead, MAS Eq. 3), split the tasks into x groups that maximise affinity "
@@ -127,14 +122,13 @@ class MAS(Method):
             "-scratch" if split_init == "scratch" else "")
 
     @classmethod
-    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "MAS":
-        if arg is None or not arg.isdigit():
-            raise ValueError("mas needs the number of groups x: mas-<x>, e.g. mas-2")
-        if cfg.r0 is None:
-            raise ValueError(f"mas-{arg} needs r0 (rounds of the merge phase): pass --r0")
-        return cls(tasks, cfg.rounds, cfg.r0, int(arg), split_init=option_value(cfg, "split_init", "merged"),
-                   split=option_value(cfg, "split", "affinity"),
-                   affinity_rounds=option_value(cfg, "affinity_rounds", "") or None, **base_settings(cfg))
+    def positional(cls, cfg: Any, name: str) -> tuple:
+        return r0_of(cfg, name)
+
+    @classmethod
+    def settings(cls, cfg: Any) -> dict[str, Any]:
+        return {"split_init": option(cfg, "split_init"), "split": option(cfg, "split"),
+                "affinity_rounds": option(cfg, "affinity_rounds") or None}
 
     def merge_job(self) -> Job:
         cfg = {} if self.affinity_rounds is None else {"affinity_rounds": list(self.affinity_rounds)}

@@ -20,7 +20,7 @@ import numpy as np
 
 from fmtl_edge.affinity import TagSelection, self_affinity, tag_groups
 from fmtl_edge.coordinator import Job, JobOutcome
-from fmtl_edge.methods.base import Method, base_settings
+from fmtl_edge.methods.base import Method, r0_of
 from fmtl_edge.tasks import TaskSet
 
 MERGE = "merge"
@@ -37,6 +37,7 @@ class TAG(Method):
         ValueError: r0 < 1 or x < 1.
     """
 
+    takes_groups = True
     name = "tag-<x>"
     summary = ("TAG (Fifty et al. 2021): affinities from R0 rounds of all-in-one training (lookahead), at most x "
                "overlapping groups chosen by TAG's selection, each trained from scratch for R rounds; each task "
@@ -53,12 +54,8 @@ class TAG(Method):
         self.name = f"tag-{n_groups}"
 
     @classmethod
-    def from_config(cls, arg: str | None, tasks: TaskSet, cfg: Any) -> "TAG":
-        if arg is None or not arg.isdigit():
-            raise ValueError("tag needs the number of groups x: tag-<x>, e.g. tag-2")
-        if getattr(cfg, "r0", None) is None:
-            raise ValueError(f"tag-{arg} needs r0 (rounds of the affinity phase): pass --r0")
-        return cls(tasks, cfg.rounds, cfg.r0, int(arg), **base_settings(cfg))
+    def positional(cls, cfg: Any, name: str) -> tuple:
+        return r0_of(cfg, name)
 
     def selection(self, done: Mapping[str, JobOutcome]) -> TagSelection:
         """TAG's choice of groups from the affinity phase's averaged affinities."""
