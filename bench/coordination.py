@@ -158,7 +158,8 @@ def run_system(size_mb: float, k: int, rounds: int, work: Path) -> dict:
 
     width, model_bytes = width_for(size_mb)
     work.mkdir(parents=True, exist_ok=True)
-    token = add_token(work / "tokens.txt", f"bench-{size_mb:g}")
+    # one token per device: a token serves one client (fmtl-server binds a token to its device)
+    tokens = {c: add_token(work / "tokens.txt", f"bench-{size_mb:g}-{c}") for c in range(k)}
     (work / "job.toml").write_text(f"""
 [job]
 name = "bench-{size_mb:g}mb"
@@ -194,7 +195,7 @@ max_workers = {8 * k + 16}
     for c in range(k):
         agents.append(subprocess.Popen(
             [sys.executable, "-m", "fmtl_edge.cli", "join", "--server", f"127.0.0.1:{port}", "--insecure",
-             f"--token={token}", "--data", f"digits:client={c},clients={k},max-samples={20 * k}", "--inject-fault", "echo",
+             f"--token={tokens[c]}", "--data", f"digits:client={c},clients={k},max-samples={20 * k}", "--inject-fault", "echo",
              "--lease", f"bench-{c}", "--meter", "null", "--torch-threads", "1", "--max-backoff-s", "1",
              "--work-dir", str(work / f"agent{c}")],
             stdout=open(work / f"agent{c}.log", "w"), stderr=subprocess.STDOUT, env=env))

@@ -89,10 +89,16 @@ def _scan(f: SafetensorsFile, model) -> float:
         if not np.issubdtype(f.entries[n][0], np.floating):
             continue
         for u, w in zip(f.read_blocks(n), g.read_blocks(n)):
-            if not np.isfinite(u).all():
-                raise UpdateRejected(f"tensor {n!r} holds NaN or Inf")
-            d = u.astype(np.float64) - w.astype(np.float64)
-            s += float(d @ d)
+            # one float32 pass (difference and dot); a NaN/Inf in u makes the dot non-finite, and only
+            # then is the block looked at again (an overflowing square is redone in float64)
+            d = (u.astype(np.float32, copy=False) - w.astype(np.float32, copy=False)).reshape(-1)
+            v = float(np.dot(d, d))
+            if not math.isfinite(v):
+                if not np.isfinite(u).all():
+                    raise UpdateRejected(f"tensor {n!r} holds NaN or Inf")
+                d64 = d.astype(np.float64)
+                v = float(d64 @ d64)
+            s += v
     return math.sqrt(s)
 
 
