@@ -269,6 +269,15 @@ def test_the_per_job_sample_cap_bounds_the_weight(svc, tmp_path):
     assert reply.accepted and box["out"].history[0].samples == 7
 
 
+def test_sample_passes_travel_to_the_round_record_and_the_lookahead_share_is_bounded(svc, tmp_path):
+    reply, box, _ = _one_update(svc, tmp_path, sample_passes=40, lookahead_passes=16)
+    assert reply.accepted, reply.reason
+    rec = box["out"].history[0]
+    assert (rec.sample_passes, rec.lookahead_passes) == (40, 16)
+    reply, box, _ = _one_update(svc, tmp_path, sample_passes=4, lookahead_passes=16)
+    assert not reply.accepted and "lookahead_passes" in reply.reason
+
+
 def test_a_device_may_not_change_its_registered_sample_count(svc, tmp_path, caplog):
     pool, _, target = svc()
     dev = Raw(target, 0)
@@ -284,6 +293,7 @@ def test_a_device_may_not_change_its_registered_sample_count(svc, tmp_path, capl
 
 @pytest.mark.parametrize("field, value", [("energy_j", -1e6), ("energy_j", float("nan")), ("device_s", -1.0),
                                           ("peak_memory_bytes", -5), ("affinity_steps", -3),
+                                          ("sample_passes", -2), ("lookahead_passes", -1),
                                           ("energy_json", '{"source": "x", "cpu_j": -4.0}'),
                                           ("energy_json", '{"source": "x", "total_j": NaN}')])
 def test_negative_or_non_finite_resource_figures_are_refused(svc, tmp_path, field, value):
@@ -440,7 +450,7 @@ def _idle_stream(dev, w, release: threading.Event, send_meta=True):
 def test_idle_upload_streams_are_limited_per_device_and_closed_at_the_first_chunk_bound(tmp_path):
     pool = RemoteClientPool(tmp_path / "w", RoundPolicy(heartbeat_timeout_s=10.0, dispatch_wait_s=0.5, max_attempts=1),
                             seed=5, model_info={"input_shape": [1, 8, 8], "width": 4})
-    servicer = CoordinatorServicer(pool, TOKENS.get, heartbeat_interval_s=0.2, upload_first_chunk_s=1.0,
+    servicer = CoordinatorServicer(pool, TOKENS.get, heartbeat_interval_s=0.2, upload_first_chunk_s=3.0,
                                    max_streams_per_device=1)
     server, port = start_server(servicer, "127.0.0.1:0", None, max_workers=4)
     release = threading.Event()
