@@ -169,6 +169,8 @@ def train_round(
         affinity_steps=res.affinity_steps,
         device_s=0.0,
         stopped_by=res.stopped_by,
+        sample_passes=int(res.sample_passes),
+        lookahead_passes=int(res.lookahead_passes),
     )
 
 

@@ -98,7 +98,8 @@ class EnergyTally:
     ``total_j`` is None as soon as one execution's energy is unknown (never reported as 0).
     ``critical_path_s`` is the wall-clock lower bound of the rounds tallied: a parallel round adds
     its slowest client's device seconds, a sequential round (a ring) every visit's (set per round
-    by the coordinator; :meth:`add` does not touch it).
+    by the coordinator; :meth:`add` does not touch it). ``sample_passes`` (lookahead included) and
+    ``lookahead_passes`` sum the updates' machine-load-independent training cost.
     """
 
     def __init__(self) -> None:
@@ -109,10 +110,15 @@ class EnergyTally:
         self.sources: set[str] = set()
         self.scopes: set[str] = set()
         self.estimated = False
+        self.sample_passes = 0
+        self.lookahead_passes = 0
 
-    def add(self, device_s: float, energy: Mapping[str, Any]) -> None:
+    def add(self, device_s: float, energy: Mapping[str, Any], sample_passes: int = 0,
+            lookahead_passes: int = 0) -> None:
         self.device_s += float(device_s)
         self.executions += 1
+        self.sample_passes += int(sample_passes)
+        self.lookahead_passes += int(lookahead_passes)
         j = energy.get("total_j")
         self.total_j = None if (j is None or self.total_j is None) else self.total_j + float(j)
         self.sources.add(str(energy.get("source", "none")))
@@ -126,7 +132,8 @@ class EnergyTally:
         """JSON-ready form (checkpoints); :meth:`from_dict` reads it back."""
         return {"device_s": self.device_s, "critical_path_s": self.critical_path_s, "total_j": self.total_j,
                 "executions": self.executions,
-                "sources": sorted(self.sources), "scopes": sorted(self.scopes), "estimated": self.estimated}
+                "sources": sorted(self.sources), "scopes": sorted(self.scopes), "estimated": self.estimated,
+                "sample_passes": self.sample_passes, "lookahead_passes": self.lookahead_passes}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EnergyTally":
@@ -138,12 +145,16 @@ class EnergyTally:
         t.sources = set(d.get("sources", ()))
         t.scopes = set(d.get("scopes", ()))
         t.estimated = bool(d.get("estimated", False))
+        t.sample_passes = int(d.get("sample_passes", 0))
+        t.lookahead_passes = int(d.get("lookahead_passes", 0))
         return t
 
     def merge(self, other: "EnergyTally") -> None:
         self.device_s += other.device_s
         self.critical_path_s += other.critical_path_s
         self.executions += other.executions
+        self.sample_passes += other.sample_passes
+        self.lookahead_passes += other.lookahead_passes
         self.total_j = None if (other.total_j is None or self.total_j is None) else self.total_j + other.total_j
         self.sources |= other.sources
         self.scopes |= other.scopes
@@ -180,6 +191,9 @@ class RoundRecord:
     #: the round's critical path: its slowest client's device seconds (parallel), or the sum of
     #: every visit's (sequential: a ring)
     critical_path_s: float = 0.0
+    #: the round's training sample-passes (lookahead included) and the lookahead's share
+    sample_passes: int = 0
+    lookahead_passes: int = 0
 
 
 @dataclass
@@ -352,7 +366,7 @@ class _RoundTotals:
         """Tally an update that trained; False when it used no sample (nothing to aggregate)."""
         self.executed.append(int(upd.client_id))
         self.device_times.append(float(upd.device_s))
-        self.tally.add(upd.device_s, upd.energy)
+        self.tally.add(upd.device_s, upd.energy, upd.sample_passes, upd.lookahead_passes)
         if upd.n_samples <= 0:
             return False
         for t, v in upd.train_loss.items():
@@ -508,7 +522,8 @@ class Coordinator:
             tally.merge(totals.tally)
             rec = RoundRecord(job.name, r, [c for c, _ in plan], lr, totals.train_loss(), totals.samples,
                               totals.tally.device_s, totals.tally.total_j, time.perf_counter() - t_round,
-                              totals.stopped, totals.executed, totals.refused, totals.tally.critical_path_s)
+                              totals.stopped, totals.executed, totals.refused, totals.tally.critical_path_s,
+                              totals.tally.sample_passes, totals.tally.lookahead_passes)
             history.append(rec)
             if self.on_round:
                 self.on_round(rec)
@@ -547,9 +562,12 @@ class Coordinator:
         successful one left; a client that fails or refuses is skipped with the last good model."""
         stepped = 0
         scratch: list[np.ndarray] = []
+        # a pool that can hand a failed slot to another device (the gRPC pool) must not here: the
+        # node is the client, and the ring skips it instead
+        in_turn = getattr(self.pool, "execute_in_turn", None)
         for cid, task in plan:
             a = self.assignment(job, r, task, {**state, **layout.unflatten(global_vec)}, lr, layout)
-            for upd in self.pool.execute_many([(cid, a)]):
+            for upd in (in_turn(cid, a) if in_turn is not None else self.pool.execute_many([(cid, a)])):
                 if upd.error is not None:
                     totals.refuse(upd)
                     continue

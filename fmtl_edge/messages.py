@@ -117,6 +117,10 @@ class ClientUpdate:
         peak_memory_bytes: peak memory observed during the execution, if watched.
         error: a structured refusal (``BudgetExceeded.to_dict()``, ``DeviceBusy.to_dict()``) when the
             client did not train; such an update has ``n_samples == 0`` and is not aggregated.
+        sample_passes: training cost independent of the machine's load: Σ over the steps of the
+            batch size (forward + backward per sample) plus ``lookahead_passes`` (per lookahead
+            measurement ``n_tasks × B``); see :class:`fmtl_edge.procedures.base.LocalResult`.
+        lookahead_passes: the lookahead's share of ``sample_passes``.
     """
 
     client_id: int
@@ -133,3 +137,5 @@ class ClientUpdate:
     stopped_by: str | None = None
     peak_memory_bytes: int | None = None
     error: dict[str, Any] | None = None
+    sample_passes: int = 0
+    lookahead_passes: int = 0

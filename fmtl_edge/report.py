@@ -136,6 +136,17 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+def _count(v: int | float | None) -> str:
+    """A count in k/M/G (``12.3k``), or — when absent."""
+    if v is None:
+        return "—"
+    v = float(v)
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{unit}"
+    return f"{v:.0f}"
+
+
 def loss_summary(entry: Mapping[str, Any], digits: int = 4) -> str:
     """``total test loss X, personalised total test loss Y`` of a method's results entry (the ones it has)."""
     parts = [f"{k.replace('_', ' ')} {entry[k]:.{digits}f}" for k in ("total_test_loss", "personalised_total_test_loss")
@@ -176,6 +187,7 @@ def summary_tables(results: Mapping[str, Any]):
     main.add_column("device s", justify="right")
     main.add_column("crit. s", justify="right")
     main.add_column("energy J", justify="right")
+    main.add_column("passes", justify="right")
     main.add_column("R", justify="right")
     main.add_column("groups", justify="right")
     for name, m in methods.items():
@@ -187,12 +199,13 @@ def summary_tables(results: Mapping[str, Any]):
         if personal:
             cells.append(_fmt(m.get("personalised_total_test_loss")))
         main.add_row(label, *cells, _fmt(m["device_s"], 1), _fmt(m.get("critical_path_s"), 1), energy,
-                     str(m["rounds"]), str(len(m["splits"])))
+                     _count(m.get("sample_passes")), str(m["rounds"]), str(len(m["splits"])))
     sources = sorted({m["energy_source"] for m in methods.values()})
     main.caption = "energy source: " + "; ".join(sources)
     if any(m["energy_j"] is not None and m["energy_estimated"] for m in methods.values()):
         main.caption += " (* estimated)"
     main.caption += "\ncrit. s: critical path (parallel: slowest client, ring: sum); R: rounds"
+    main.caption += "\npasses: training sample-passes (forward+backward per sample, lookahead included)"
     if personal:
         main.caption += "\npersonalised: each client's own model on its own test split (test-sample-weighted mean)"
     per = Table(title="per task: test loss / metric")

@@ -191,6 +191,8 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
         "energy_scope": tally.scope,
         "energy_estimated": tally.estimated,
         "client_executions": tally.executions,
+        "sample_passes": tally.sample_passes,
+        "lookahead_passes": tally.lookahead_passes,
         "rounds": sum(o.job.rounds for o in done.values()),
         "rounds_per_task": rounds_per_task,
         "splits": method.splits(done),
@@ -200,6 +202,7 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
             {"name": o.job.name, "tasks": list(o.job.tasks), "rounds": o.job.rounds,
              "init_from": o.job.init_from, "procedure": o.job.procedure, "device_s": o.energy.device_s,
              "critical_path_s": o.energy.critical_path_s, "energy_j": o.energy.total_j,
+             "sample_passes": o.energy.sample_passes, "lookahead_passes": o.energy.lookahead_passes,
              "wall_s": o.wall_s,
              "train_loss_last_round": o.history[-1].train_loss if o.history else None}
             for o in done.values()
@@ -207,7 +210,8 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
         "history": [
             {"job": r.job, "round": r.round, "clients": r.clients, "lr": r.lr, "train_loss": r.train_loss,
              "samples": r.samples, "device_s": r.device_s, "critical_path_s": r.critical_path_s,
-             "energy_j": r.energy_j, "wall_s": r.wall_s, "refused": list(r.refused)}
+             "energy_j": r.energy_j, "sample_passes": r.sample_passes, "lookahead_passes": r.lookahead_passes,
+             "wall_s": r.wall_s, "refused": list(r.refused)}
             for o in done.values() for r in o.history
         ],
     }

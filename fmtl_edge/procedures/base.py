@@ -75,6 +75,11 @@ class LocalResult:
         stored: the procedure's client state to keep for the next round (None: keep nothing).
         tasks: the tasks the update reports as trained, when a procedure trained fewer than the
             client holds (Loop Improvement's tasks ring trains one task per visit); None: all of them.
+        sample_passes: machine-load-independent training cost: Σ over the optimizer steps of the
+            batch size (one forward + backward of each sample), **plus** ``lookahead_passes``.
+        lookahead_passes: the lookahead's share of ``sample_passes``: per measurement, ``n_tasks × B``
+            (for each task i one backward of the batch to the shared layers and one forward of the
+            stepped backbone and every head, counted as one sample-pass per sample).
     """
 
     n_samples: int
@@ -84,6 +89,8 @@ class LocalResult:
     stopped_by: str | None = None
     stored: dict[str, np.ndarray] | None = None
     tasks: tuple[str, ...] | None = None
+    sample_passes: int = 0
+    lookahead_passes: int = 0
 
 
 class Procedure(ABC):

@@ -50,6 +50,7 @@ class DittoProcedure(Procedure):
         pres = local_sgd(ctx, personal, epochs=epochs, lr=a.lr, extra_loss=l2_pull(personal, anchor, lam))
         res.stored = {PREFIX + k: v.detach().cpu().numpy().copy() for k, v in personal.state_dict().items()}
         res.stopped_by = res.stopped_by or pres.stopped_by
+        res.sample_passes += pres.sample_passes  # both models' training counted
         return res
 
     def personal_state(self, global_state: Mapping[str, np.ndarray],

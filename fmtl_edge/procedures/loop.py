@@ -141,12 +141,14 @@ class LoopVisit(Procedure):
             plan = [(STEPS[k][0], s("epochs", int), s(STEPS[k][1], float) * scale) for k in range(1, steps + 1)]
         loss: dict[str, float] = {n: 0.0 for n in names}
         stopped = None
+        n_passes = 0
         for part, epochs, lr in plan:
             if epochs <= 0:
                 continue
-            loss, _seen, stopped = run_step(ctx, ctx.model, part, names, epochs=epochs, lr=lr, optimizer=optimizer,
+            loss, seen, stopped = run_step(ctx, ctx.model, part, names, epochs=epochs, lr=lr, optimizer=optimizer,
                                             weight_decay=wd)
+            n_passes += int(seen)
             if stopped:
                 break
         return LocalResult(n_samples=int(ctx.data.n_train), train_loss=loss, stopped_by=stopped,
-                           tasks=(task,) if task is not None else None)
+                           tasks=(task,) if task is not None else None, sample_passes=n_passes)

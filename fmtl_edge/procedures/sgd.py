@@ -64,7 +64,9 @@ def local_sgd(
 
     Returns:
         The round's figures; ``n_samples`` counts the distinct samples used when a budget may stop
-        training early, else the client's training-set size.
+        training early, else the client's training-set size. ``sample_passes`` is Σ over the steps
+        of the batch size plus ``lookahead_passes`` = Σ over the lookahead measurements of
+        ``n_tasks × B`` (see :class:`LocalResult`).
     """
     a = ctx.assignment
     cfg = a.config
@@ -83,6 +85,7 @@ def local_sgd(
     used_idx: set[int] | None = set() if (a.time_budget_s or a.energy_budget_j) else None
     aff_sum = np.zeros((len(names), len(names)))
     aff_steps = 0
+    look_passes = 0
     stopped_by = None
     step = 0
     for _epoch in range(epochs):
@@ -98,6 +101,7 @@ def local_sgd(
                 aff_sum += lookahead_affinity(model, x, ys, losses, lr, cfg.weight_decay, names,
                                               cfg.affinity_divide_by_lr)
                 aff_steps += 1
+                look_passes += len(names) * len(idx)
             total = sum(losses.values()) if combine is None else combine(losses)
             if extra_loss is not None:
                 total = total + extra_loss()
@@ -123,6 +127,8 @@ def local_sgd(
         affinity=(aff_sum / aff_steps) if aff_steps else None,
         affinity_steps=aff_steps,
         stopped_by=stopped_by,
+        sample_passes=int(seen + look_passes),
+        lookahead_passes=int(look_passes),
     )
 
 

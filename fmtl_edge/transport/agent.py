@@ -489,7 +489,8 @@ class Agent:
                              train_loss={k: float(v) for k, v in upd.train_loss.items()},
                              affinity_steps=int(upd.affinity_steps), device_s=float(upd.device_s),
                              energy_json=json.dumps(upd.energy, default=str), stopped_by=upd.stopped_by or "",
-                             peak_memory_bytes=int(upd.peak_memory_bytes or 0), total_bytes=int(size), sha256=sha)
+                             peak_memory_bytes=int(upd.peak_memory_bytes or 0), total_bytes=int(size), sha256=sha,
+                             sample_passes=int(upd.sample_passes), lookahead_passes=int(upd.lookahead_passes))
         if upd.affinity is not None:
             aff = np.asarray(upd.affinity, dtype=np.float64)
             meta.affinity_n = aff.shape[0]

@@ -249,7 +249,7 @@ class EvalSums(_message.Message):
     def __init__(self, loss_sum: _Optional[float] = ..., metric_sum: _Optional[float] = ..., n: _Optional[int] = ...) -> None: ...
 
 class UpdateMeta(_message.Message):
-    __slots__ = ("session_id", "work_id", "job", "round", "client_id", "n_samples", "train_loss", "affinity", "affinity_n", "affinity_steps", "device_s", "energy_j", "energy_json", "stopped_by", "peak_memory_bytes", "total_bytes", "sha256", "eval")
+    __slots__ = ("session_id", "work_id", "job", "round", "client_id", "n_samples", "train_loss", "affinity", "affinity_n", "affinity_steps", "device_s", "energy_j", "energy_json", "stopped_by", "peak_memory_bytes", "total_bytes", "sha256", "eval", "sample_passes", "lookahead_passes")
     class TrainLossEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +282,8 @@ class UpdateMeta(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_PASSES_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_PASSES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     work_id: str
     job: str
@@ -300,7 +302,9 @@ class UpdateMeta(_message.Message):
     total_bytes: int
     sha256: str
     eval: _containers.MessageMap[str, EvalSums]
-    def __init__(self, session_id: _Optional[str] = ..., work_id: _Optional[str] = ..., job: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., n_samples: _Optional[int] = ..., train_loss: _Optional[_Mapping[str, float]] = ..., affinity: _Optional[_Iterable[float]] = ..., affinity_n: _Optional[int] = ..., affinity_steps: _Optional[int] = ..., device_s: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_json: _Optional[str] = ..., stopped_by: _Optional[str] = ..., peak_memory_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., eval: _Optional[_Mapping[str, EvalSums]] = ...) -> None: ...
+    sample_passes: int
+    lookahead_passes: int
+    def __init__(self, session_id: _Optional[str] = ..., work_id: _Optional[str] = ..., job: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., n_samples: _Optional[int] = ..., train_loss: _Optional[_Mapping[str, float]] = ..., affinity: _Optional[_Iterable[float]] = ..., affinity_n: _Optional[int] = ..., affinity_steps: _Optional[int] = ..., device_s: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_json: _Optional[str] = ..., stopped_by: _Optional[str] = ..., peak_memory_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., eval: _Optional[_Mapping[str, EvalSums]] = ..., sample_passes: _Optional[int] = ..., lookahead_passes: _Optional[int] = ...) -> None: ...
 
 class UploadMessage(_message.Message):
     __slots__ = ("meta", "chunk")

@@ -196,6 +196,12 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
     if int(meta.peak_memory_bytes) < 0:
         raise UpdateRejected(f"peak_memory_bytes = {meta.peak_memory_bytes}: must be >= 0 (0 = unknown)")
     _figure("device_s", meta.device_s)
+    for k in ("sample_passes", "lookahead_passes"):
+        if int(getattr(meta, k)) < 0:
+            raise UpdateRejected(f"{k} = {getattr(meta, k)}: must be >= 0")
+    if int(meta.lookahead_passes) > int(meta.sample_passes):
+        raise UpdateRejected(f"lookahead_passes = {meta.lookahead_passes} is above sample_passes = "
+                             f"{meta.sample_passes} (which includes it)")
     if len(meta.energy_json) > lim.max_energy_json_bytes:
         raise UpdateRejected(f"energy_json is {len(meta.energy_json)} bytes, above {lim.max_energy_json_bytes}")
     try:
@@ -223,4 +229,5 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
         n_samples=n, train_loss=loss, affinity=aff, affinity_steps=int(meta.affinity_steps),
         device_s=float(meta.device_s), energy=energy, stopped_by=meta.stopped_by or None,
         peak_memory_bytes=int(meta.peak_memory_bytes) or None,
+        sample_passes=int(meta.sample_passes), lookahead_passes=int(meta.lookahead_passes),
     )
