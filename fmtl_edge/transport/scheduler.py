@@ -162,11 +162,15 @@ class SchedulerMixin:
             used.add(c)
 
     # -- a round --------------------------------------------------------------------------------------
-    def execute_many(self, work: Sequence[tuple[int, Assignment]]) -> Iterator[ClientUpdate]:
-        """Run one round's assignments on the devices; yield validated updates in slot order."""
+    def execute_many(self, work: Sequence[tuple[int, Assignment]], replaceable: bool = True) -> Iterator[ClientUpdate]:
+        """Run one round's assignments on the devices; yield validated updates in slot order.
+
+        ``replaceable = False``: a slot is served by the device holding its client or not at all (a
+        failed, offline or busy device yields a refusal; no replacement)."""
         if not work:
             return
-        slots = [Slot(i, int(cid), a, waiting_since=time.monotonic()) for i, (cid, a) in enumerate(work)]
+        slots = [Slot(i, int(cid), a, replaceable=replaceable, waiting_since=time.monotonic())
+                 for i, (cid, a) in enumerate(work)]
         job, rnd = work[0][1].job, work[0][1].round
         files: dict[int, ModelFile] = {}
         by_state: dict[int, ModelFile] = {}
@@ -179,6 +183,13 @@ class SchedulerMixin:
         for m in {id(s.assignment.state): s.assignment.state for s in slots}.values():
             _page_out(m)  # written to the model file: the global vector need not stay in RAM meanwhile
         yield from self._run_slots(slots, files, job, rnd, model_write_s=time.monotonic() - t0)
+
+    def execute_in_turn(self, client_id: int, a: Assignment) -> Iterator[ClientUpdate]:
+        """One visit of a sequential round (a ring node): only the device holding ``client_id`` may
+        serve it. A ring node is a client: another device training its own client in that slot
+        would train out of turn (perhaps twice in the round, as each visit is its own call) and
+        break the ring order; a failed node is skipped by the coordinator instead."""
+        yield from self.execute_many([(client_id, a)], replaceable=False)
 
     def _run_slots(self, slots: list[Slot], files: dict[int, ModelFile], job: str, rnd: int,
                    model_write_s: float = 0.0) -> Iterator[Any]:
