@@ -187,7 +187,6 @@ def summary_tables(results: Mapping[str, Any]):
     main.add_column("device s", justify="right")
     main.add_column("crit. s", justify="right")
     main.add_column("energy J", justify="right")
-    main.add_column("passes", justify="right")
     main.add_column("R", justify="right")
     main.add_column("groups", justify="right")
     for name, m in methods.items():
@@ -199,15 +198,24 @@ def summary_tables(results: Mapping[str, Any]):
         if personal:
             cells.append(_fmt(m.get("personalised_total_test_loss")))
         main.add_row(label, *cells, _fmt(m["device_s"], 1), _fmt(m.get("critical_path_s"), 1), energy,
-                     _count(m.get("sample_passes")), str(m["rounds"]), str(len(m["splits"])))
+                     str(m["rounds"]), str(len(m["splits"])))
     sources = sorted({m["energy_source"] for m in methods.values()})
     main.caption = "energy source: " + "; ".join(sources)
     if any(m["energy_j"] is not None and m["energy_estimated"] for m in methods.values()):
         main.caption += " (* estimated)"
     main.caption += "\ncrit. s: critical path (parallel: slowest client, ring: sum); R: rounds"
-    main.caption += "\npasses: training sample-passes (forward+backward per sample, lookahead included)"
     if personal:
         main.caption += "\npersonalised: each client's own model on its own test split (test-sample-weighted mean)"
+    cost = Table(title="cost independent of the machine's load")
+    cost.add_column("method", style="bold")
+    cost.add_column("sample-passes", justify="right")
+    cost.add_column("lookahead", justify="right")
+    cost.add_column("FLOPs (est.)", justify="right")
+    for name, m in methods.items():
+        cost.add_row(name, _count(m.get("sample_passes")), _count(m.get("lookahead_passes")),
+                     _count(m.get("flops_estimate")))
+    cost.caption = ("sample-passes: training forward+backward per sample, lookahead included (n_tasks x B\n"
+                    "per measurement); FLOPs: one counted training step's FLOPs per sample x passes")
     per = Table(title="per task: test loss / metric")
     per.add_column("task", style="bold")
     per.add_column("metric")
@@ -219,7 +227,7 @@ def summary_tables(results: Mapping[str, Any]):
         per.add_row(t, first["metric_name"] or "", *cells)
     pers = {n: m for n, m in methods.items() if m.get("personalised_total_test_loss") is not None}
     if not pers:
-        return main, per, splits_text(results)
+        return main, cost, per, splits_text(results)
     ptab = Table(title="per task, personalised (each client's own model): test loss / metric")
     ptab.add_column("task", style="bold")
     ptab.add_column("metric")
@@ -228,7 +236,7 @@ def summary_tables(results: Mapping[str, Any]):
     for t in tasks:
         first = next(iter(pers.values()))["per_task"][t]
         ptab.add_row(t, first["metric_name"] or "", *[_task_cell(m["per_task"][t], "personalised_") for m in pers.values()])
-    return main, per, ptab, splits_text(results)
+    return main, cost, per, ptab, splits_text(results)
 
 
 def _task_cell(row: Mapping[str, Any], prefix: str) -> str:

@@ -143,7 +143,8 @@ def build_methods(cfg: SimulationConfig, tasks, spec: ModelSpec) -> list[Method]
 
 
 def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[str, Any],
-                 rounds_per_task: int, wall_s: float) -> dict[str, Any]:
+                 rounds_per_task: int, wall_s: float, spec: ModelSpec | None = None,
+                 batch_size: int = 32) -> dict[str, Any]:
     """One method's ``results.json`` entry (``methods.<name>``) from its finished jobs and the test
     evaluation of its final models; shared by ``simulate`` and ``fmtl-server``.
 
@@ -152,11 +153,15 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
             personalised figures).
         rounds_per_task: R of the run.
         wall_s: the method's wall-clock seconds.
+        spec, batch_size: the model and batch size, for ``flops_estimate`` (per job
+            :func:`fmtl_edge.flops.training_flops_per_sample` × its ``sample_passes``: an estimate
+            from one counted step; None without ``spec`` or when the count fails).
     """
     tally = EnergyTally()
     for o in done.values():
         tally.merge(o.energy)
     aff = method.affinity(done)
+    flops = {o.job.name: _job_flops(o, method, spec, batch_size) for o in done.values()}
     glob = evaluation.get("global")
     pers = evaluation.get("personalised")
     per_task: dict[str, dict[str, Any]] = {}
@@ -193,6 +198,7 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
         "client_executions": tally.executions,
         "sample_passes": tally.sample_passes,
         "lookahead_passes": tally.lookahead_passes,
+        "flops_estimate": None if any(v is None for v in flops.values()) else float(sum(flops.values())),
         "rounds": sum(o.job.rounds for o in done.values()),
         "rounds_per_task": rounds_per_task,
         "splits": method.splits(done),
@@ -203,7 +209,7 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
              "init_from": o.job.init_from, "procedure": o.job.procedure, "device_s": o.energy.device_s,
              "critical_path_s": o.energy.critical_path_s, "energy_j": o.energy.total_j,
              "sample_passes": o.energy.sample_passes, "lookahead_passes": o.energy.lookahead_passes,
-             "wall_s": o.wall_s,
+             "flops_estimate": flops[o.job.name], "wall_s": o.wall_s,
              "train_loss_last_round": o.history[-1].train_loss if o.history else None}
             for o in done.values()
         ],
@@ -230,6 +236,18 @@ def dropout_faults(seed: int, p: float):
         return f"simulated dropout (p={p:g}): device lost mid-round" if u < p else None
 
     return faults
+
+
+def _job_flops(o: JobOutcome, method: Method, spec: ModelSpec | None, batch_size: int) -> float | None:
+    """A job's training FLOPs: FLOPs of one sample-pass (counted on one step) × its sample-passes."""
+    if spec is None:
+        return None
+    if not o.energy.sample_passes:
+        return 0.0
+    from fmtl_edge.flops import training_flops_per_sample
+
+    per = training_flops_per_sample(spec, method.tasks.subset(o.job.tasks), batch_size)
+    return None if per is None else per * o.energy.sample_passes
 
 
 def run_methods(
@@ -311,7 +329,7 @@ def run_methods(
         done = coord.run_method(method, done=done, resume=resume)
         wall = time.perf_counter() - t0 + prior_wall
         evaluation = evaluate_method(method, done, coord)
-        entry = method_entry(method, done, evaluation, cfg.rounds, wall)
+        entry = method_entry(method, done, evaluation, cfg.rounds, wall, spec, train.batch_size)
         results["methods"][method.name] = entry
         if method.global_model:
             models[method.name] = final_states(method, done)

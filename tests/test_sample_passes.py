@@ -68,3 +68,22 @@ def test_energy_tally_merges_passes():
     b.add(2.0, {}, 5)
     a.merge(b)
     assert (a.sample_passes, a.lookahead_passes) == (15, 4)
+
+
+def test_flops_estimate_is_one_counted_step_times_the_passes():
+    from fmtl_edge.flops import training_flops_per_sample
+    from fmtl_edge.simulation import method_entry
+
+    ds = make_toy_dataset(n_clients=2, n_per_client=12)
+    coord = Coordinator(InProcessClientPool(ds, SPEC), SPEC, ds.tasks, TrainConfig(batch_size=4),
+                        clients_per_round=2)
+    method = AllInOne(ds.tasks, 1)
+    done = coord.run_method(method)
+    per = training_flops_per_sample(SPEC, ds.tasks, 4)
+    assert per is not None and per > 0
+    # linear in the batch: the per-sample figure does not depend on the batch counted
+    assert training_flops_per_sample(SPEC, ds.tasks, 8) == pytest.approx(per, rel=1e-6)
+    entry = method_entry(method, done, {}, 1, 0.0, SPEC, 4)
+    assert entry["sample_passes"] == 24
+    assert entry["flops_estimate"] == pytest.approx(per * 24)
+    assert method_entry(method, done, {}, 1, 0.0)["flops_estimate"] is None
