@@ -85,6 +85,9 @@ def _add_simulate(sub) -> None:
                    "mid-round with probability P, seeded by (seed, job, round, client) (default 0)")
     g.add_argument("--width", type=int, help="backbone width (default 16)")
     g.add_argument("--seed", type=int, help="run seed (default 0)")
+    g.add_argument("--seeds", metavar="S,S,...", help="run every method once per training seed (e.g. 0,1,2: "
+                   "model init, sampling, batch order); the data partition stays --seed's; results hold "
+                   "each seed's figures and mean/std (ddof=1); not resumable")
     from fmtl_edge.methods import method_options
 
     g = p.add_argument_group("method options (each method's own settings)")
@@ -117,7 +120,7 @@ def _add_simulate(sub) -> None:
 _CONFIG_KEYS = (
     "dataset", "data_dir", "clients", "max_samples", "image_size", "alpha", "methods", "rounds", "r0",
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
-    "affinity_divide_by_lr", "width", "seed", "device", "meter", "time_budget_s",
+    "affinity_divide_by_lr", "width", "seed", "seeds", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
     "pretrained", "lease_wait_s", "dropout",
 )
@@ -218,6 +221,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             cfg.out = str(found)
         elif timestamped:
             cfg.out = str(new_run_dir())
+        if args.resume and cfg.seeds:
+            raise ConfigError("--resume", "a --seeds run keeps no run state and cannot be resumed; run it again")
         if args.resume:
             resume_state = RunState.open(cfg.out, cfg)  # the same settings, or rc 2
             overwrite = overwrite or resume_state.overwrite
@@ -299,15 +304,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         from fmtl_edge.run_state import RunState
 
-        run_state = resume_state or RunState.create(cfg.out, cfg, overwrite)
-        if progress is not None:
-            with progress:
-                results, models = run_methods(cfg, dataset, run_state=run_state, **hooks)
+        if cfg.seeds:  # one run per seed on the same partition; no run state (not resumable)
+            from fmtl_edge.simulation import run_seeds
+
+            if progress is not None:
+                with progress:
+                    results, models = run_seeds(cfg, dataset, **hooks)
+            else:
+                results, models = run_seeds(cfg, dataset, **hooks)
         else:
-            results, models = run_methods(cfg, dataset, run_state=run_state, **hooks)
+            run_state = resume_state or RunState.create(cfg.out, cfg, overwrite)
+            if progress is not None:
+                with progress:
+                    results, models = run_methods(cfg, dataset, run_state=run_state, **hooks)
+            else:
+                results, models = run_methods(cfg, dataset, run_state=run_state, **hooks)
         spec = ModelSpec(tuple(dataset.input_shape), width=cfg.width)
         out = write_outputs(cfg.out, results, models, dataset.tasks, spec, overwrite=overwrite)
-        run_state.remove()
+        if run_state is not None:
+            run_state.remove()
         if timestamped:
             from fmtl_edge.report import link_latest
 

@@ -60,6 +60,9 @@ class SimulationConfig:
     affinity_every: int = 5
     affinity_divide_by_lr: bool = False
     seed: int = 0
+    #: ``--seeds 0,1,2``: every method runs once per seed (the training seed: model init, client
+    #: sampling, batch order, dropout); the data partition stays the one of ``seed``; None: one run
+    seeds: tuple[int, ...] | None = None
     device: str = "cpu"
     out: str | None = None  # None: a new timestamped run folder runs/<UTC time>, runs/latest → it
     meter: str | None = None
@@ -105,6 +108,7 @@ class SimulationConfig:
         """The config as results.json stores it (``data_dir`` absolute and resolved)."""
         d = dataclasses.asdict(self)
         d["methods"] = list(self.methods)
+        d["seeds"] = None if self.seeds is None else list(self.seeds)
         if self.data_dir is not None:
             d["data_dir"] = str(Path(self.data_dir).expanduser().resolve())
         return d
@@ -243,6 +247,20 @@ _FIELDS = {f.name: f for f in fields(SimulationConfig)}
 
 def _coerce(name: str, value: Any) -> Any:
     """Coerce a TOML value to the field's type, or raise ConfigError naming the key."""
+    if name == "seeds":
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        try:
+            if not isinstance(value, (list, tuple)) or isinstance(value, bool):
+                raise ValueError
+            out = tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError("seeds", f"must be a comma list of whole numbers (e.g. 0,1,2), got {value!r}") from None
+        if not out or len(set(out)) != len(out):
+            raise ConfigError("seeds", f"name each seed once, at least one: got {value!r}")
+        return out
     if name == "methods":
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
@@ -372,6 +390,8 @@ def build_config(overrides: Mapping[str, Any], config_file: str | Path | None = 
         merged["r0"] = max(1, min(int(merged["rounds"]) - 1, round(int(merged["rounds"]) / 3)))
     if "methods" in merged:
         merged["methods"] = _coerce("methods", merged["methods"])
+    if "seeds" in merged:
+        merged["seeds"] = _coerce("seeds", merged["seeds"])
     merged["method_options"] = chosen
     cfg = SimulationConfig(**merged)
     cfg.validate()

@@ -136,6 +136,15 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+def _pm(m: Mapping[str, Any], key: str, digits: int = 3, fmt=None) -> str:
+    """``m[key]``, as ``mean ± std`` when the entry is over several seeds (``--seeds``)."""
+    fmt = fmt or (lambda v: _fmt(v, digits))
+    std = (m.get("std") or {}).get(key)
+    if len(m.get("seeds") or ()) > 1 and std is not None:
+        return f"{fmt(m['mean'][key])} ± {fmt(std)}"
+    return fmt(m.get(key))
+
+
 def _count(v: int | float | None) -> str:
     """A count in k/M/G (``12.3k``), or — when absent."""
     if v is None:
@@ -190,19 +199,23 @@ def summary_tables(results: Mapping[str, Any]):
     main.add_column("R", justify="right")
     main.add_column("groups", justify="right")
     for name, m in methods.items():
-        energy = _fmt(m["energy_j"], 1)
+        energy = _pm(m, "energy_j", 1)
         if m["energy_j"] is not None and m["energy_estimated"]:
             energy += "*"
         label = name + (" (ref.)" if m.get("reference") else "")
-        cells = [_fmt(m["total_test_loss"])]
+        cells = [_pm(m, "total_test_loss")]
         if personal:
-            cells.append(_fmt(m.get("personalised_total_test_loss")))
-        main.add_row(label, *cells, _fmt(m["device_s"], 1), _fmt(m.get("critical_path_s"), 1), energy,
+            cells.append(_pm(m, "personalised_total_test_loss"))
+        main.add_row(label, *cells, _pm(m, "device_s", 1), _fmt(m.get("critical_path_s"), 1), energy,
                      str(m["rounds"]), str(len(m["splits"])))
     sources = sorted({m["energy_source"] for m in methods.values()})
     main.caption = "energy source: " + "; ".join(sources)
     if any(m["energy_j"] is not None and m["energy_estimated"] for m in methods.values()):
         main.caption += " (* estimated)"
+    seeds = results.get("seeds") or []
+    if len(seeds) > 1:
+        main.caption += (f"\nmean ± std over seeds {', '.join(map(str, seeds))} (std: ddof=1; partition of seed "
+                         f"{results.get('partition_seed')}); per task and groups: seed {seeds[0]}")
     main.caption += "\ncrit. s: critical path (parallel: slowest client, ring: sum); R: rounds"
     if personal:
         main.caption += "\npersonalised: each client's own model on its own test split (test-sample-weighted mean)"
@@ -212,8 +225,8 @@ def summary_tables(results: Mapping[str, Any]):
     cost.add_column("lookahead", justify="right")
     cost.add_column("FLOPs (est.)", justify="right")
     for name, m in methods.items():
-        cost.add_row(name, _count(m.get("sample_passes")), _count(m.get("lookahead_passes")),
-                     _count(m.get("flops_estimate")))
+        cost.add_row(name, _pm(m, "sample_passes", fmt=_count), _count(m.get("lookahead_passes")),
+                     _pm(m, "flops_estimate", fmt=_count))
     cost.caption = ("sample-passes: training forward+backward per sample, lookahead included (n_tasks x B\n"
                     "per measurement); FLOPs: one counted training step's FLOPs per sample x passes")
     per = Table(title="per task: test loss / metric")

@@ -9,6 +9,7 @@ them. Nothing here writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import sys
@@ -337,6 +338,57 @@ def run_methods(
             run_state.save_method(method.name, entry, models.get(method.name))
         if on_method_end:
             on_method_end(method, entry)
+    return results, models
+
+
+#: the per-method figures ``run_seeds`` gives ``mean`` and ``std`` of
+SEED_FIGURES = ("total_test_loss", "personalised_total_test_loss", "device_s", "energy_j", "sample_passes",
+                "flops_estimate")
+
+
+def seed_stats(values: list[float | None]) -> tuple[float | None, float | None]:
+    """``(mean, std)`` over seeds; ``std`` is the sample standard deviation (``np.std(ddof=1)``;
+    0.0 for one seed); both None when a seed lacks the figure."""
+    if not values or any(v is None for v in values):
+        return None, None
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def run_seeds(cfg: SimulationConfig, dataset: FederatedDataset, **hooks):
+    """``cfg.seeds``: :func:`run_methods` once per seed on the same ``dataset`` (the partition of
+    ``cfg.seed``), each run with ``seed = s`` (model init, client sampling, batch order, dropout).
+
+    Returns:
+        ``(results, models)``: ``results["methods"][m]`` is the first seed's entry with the
+        :data:`SEED_FIGURES` replaced by their mean over seeds, plus ``seeds`` (seed → that seed's
+        full entry), ``mean`` and ``std`` (``ddof=1``) of the :data:`SEED_FIGURES`; ``per_task``,
+        ``history``, ``splits`` and the rest at the top are the first seed's. ``models`` are the
+        first seed's. Not resumable (no run state).
+    """
+    seeds = tuple(cfg.seeds or (cfg.seed,))
+    runs = []
+    for s in seeds:
+        log.info("seed %d (%d of %d)", s, len(runs) + 1, len(seeds))
+        runs.append(run_methods(dataclasses.replace(cfg, seed=int(s), seeds=None), dataset, **hooks))
+    results, models = runs[0]
+    results = dict(results)
+    results["seeds"] = list(seeds)
+    results["partition_seed"] = cfg.seed
+    results["config"] = cfg.to_dict()
+    methods = {}
+    for name, first in results["methods"].items():
+        per = {str(s): r["methods"][name] for s, (r, _) in zip(seeds, runs)}
+        entry = dict(first)
+        entry["seeds"] = per
+        entry["mean"], entry["std"] = {}, {}
+        for k in SEED_FIGURES:
+            mean, std = seed_stats([e.get(k) for e in per.values()])
+            entry["mean"][k], entry["std"][k] = mean, std
+            if k in entry:
+                entry[k] = mean
+        methods[name] = entry
+    results["methods"] = methods
     return results, models
 
 
