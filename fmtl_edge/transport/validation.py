@@ -91,8 +91,9 @@ def _scan(f: SafetensorsFile, model) -> float:
         for u, w in zip(f.read_blocks(n), g.read_blocks(n)):
             # one float32 pass (difference and dot); a NaN/Inf in u makes the dot non-finite, and only
             # then is the block looked at again (an overflowing square is redone in float64)
-            d = (u.astype(np.float32, copy=False) - w.astype(np.float32, copy=False)).reshape(-1)
-            v = float(np.dot(d, d))
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled just below
+                d = (u.astype(np.float32, copy=False) - w.astype(np.float32, copy=False)).reshape(-1)
+                v = float(np.dot(d, d))
             if not math.isfinite(v):
                 if not np.isfinite(u).all():
                     raise UpdateRejected(f"tensor {n!r} holds NaN or Inf")
