@@ -192,7 +192,7 @@ def summary_tables(results: Mapping[str, Any]):
     main.add_column("method", style="bold")
     main.add_column("total test loss", justify="right")
     if personal:
-        main.add_column("personalised", justify="right")
+        main.add_column("pers. loss", justify="right")
     main.add_column("device s", justify="right")
     main.add_column("crit. s", justify="right")
     main.add_column("energy J", justify="right")
@@ -202,7 +202,7 @@ def summary_tables(results: Mapping[str, Any]):
         energy = _pm(m, "energy_j", 1)
         if m["energy_j"] is not None and m["energy_estimated"]:
             energy += "*"
-        label = name + (" (ref.)" if m.get("reference") else "")
+        label = name + ("†" if m.get("reference") else "")
         cells = [_pm(m, "total_test_loss")]
         if personal:
             cells.append(_pm(m, "personalised_total_test_loss"))
@@ -217,8 +217,10 @@ def summary_tables(results: Mapping[str, Any]):
         main.caption += (f"\nmean ± std over seeds {', '.join(map(str, seeds))} (std: ddof=1; partition of seed "
                          f"{results.get('partition_seed')}); per task and groups: seed {seeds[0]}")
     main.caption += "\ncrit. s: critical path (parallel: slowest client, ring: sum); R: rounds"
+    if any(m.get("reference") for m in methods.values()):
+        main.caption += "\n† non-FL reference (each client alone, or pooled data)"
     if personal:
-        main.caption += "\npersonalised: each client's own model on its own test split (test-sample-weighted mean)"
+        main.caption += "\npers. loss: each client's own model on its own test split (test-sample-weighted mean)"
     cost = Table(title="cost independent of the machine's load")
     cost.add_column("method", style="bold")
     cost.add_column("sample-passes", justify="right")
