@@ -120,7 +120,7 @@ def test_run_without_test_samples_warns(caplog):
     from fmtl_edge.config import build_config
     from fmtl_edge.data.base import ClientData, FederatedDataset
     from fmtl_edge.simulation import run_methods
-    from tests.conftest import make_toy_dataset
+    from conftest import make_toy_dataset
 
     ds = make_toy_dataset()
     empty = [ClientData(c.client_id, c.x_train, c.y_train, c.x_test[:0], {k: v[:0] for k, v in c.y_test.items()})

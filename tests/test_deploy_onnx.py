@@ -18,7 +18,7 @@ from fmtl_edge.deploy import onnx_export as ox  # noqa: E402
 from fmtl_edge.export import save_task_model  # noqa: E402
 from fmtl_edge.models import ModelSpec, MultiTaskModel  # noqa: E402
 from fmtl_edge.partition import select_state  # noqa: E402
-from tests.conftest import make_toy_dataset  # noqa: E402
+from conftest import make_toy_dataset  # noqa: E402
 
 
 def _fake_run(tmp_path, width=4):
