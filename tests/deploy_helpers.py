@@ -151,3 +151,56 @@ def peak_rss_bytes(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+class LoopbackDeployment:
+    """What every real-process deployment test shares: its processes (``self.procs``, killed by
+    :meth:`close`), the server's ``out/results.json`` and its job table, under ``self.tmp``.
+    Subclasses write the job file and start the server and agents."""
+
+    tmp: Path
+    procs: list[Proc]
+
+    def results(self, timeout: float = 150) -> dict:
+        import json
+
+        res = self.tmp / "out" / "results.json"
+        wait_until(lambda: res.is_file(), timeout, "results.json", self.procs)
+        return json.loads(res.read_text())
+
+    def job_rows(self) -> list[tuple]:
+        """``(job, completed_round, done)`` rows of the server's state database (read-only; [] before it exists)."""
+        import sqlite3
+
+        db = self.tmp / "state" / "state.db"
+        if not db.is_file():
+            return []
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+                return con.execute("SELECT job, completed_round, done FROM jobs").fetchall()
+        except sqlite3.Error:
+            return []
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+
+
+def deployment_fixture(cls):
+    """A pytest fixture ``deployment(**kw)`` making ``cls(tmp_path, **kw)`` and closing every one made."""
+    import pytest
+
+    @pytest.fixture
+    def deployment(tmp_path):
+        made = []
+
+        def make(**kw):
+            d = cls(tmp_path, **kw)
+            made.append(d)
+            return d
+
+        yield make
+        for d in made:
+            d.close()
+
+    return deployment

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import sqlite3
 import sys
 import threading
 from pathlib import Path
@@ -32,7 +31,7 @@ try:
 except ImportError:  # running from a checkout: the server package lives in server/
     sys.path.insert(0, str(ROOT / "server"))
 
-from deploy_helpers import Proc, agent_cmd, wait_until  # noqa: E402
+from deploy_helpers import LoopbackDeployment, Proc, agent_cmd, deployment_fixture, wait_until  # noqa: E402
 from fmtl_edge.transport.service import free_port  # noqa: E402
 from fmtl_server.auth import add_token  # noqa: E402
 
@@ -88,7 +87,7 @@ sys.exit(main())
 """
 
 
-class Deployment:
+class Deployment(LoopbackDeployment):
     """A recording server process and one agent process per client, each agent with its own work folder."""
 
     def __init__(self, tmp: Path, methods: list[str], rounds: int = ROUNDS):
@@ -129,38 +128,11 @@ class Deployment:
         self.procs.append(p)
         return p
 
-    def results(self, timeout: float = 150) -> dict:
-        res = self.tmp / "out" / "results.json"
-        wait_until(lambda: res.is_file(), timeout, "results.json", self.procs)
-        return json.loads(res.read_text())
-
     def jobs(self) -> dict[str, tuple]:
-        db = self.tmp / "state" / "state.db"
-        if not db.is_file():
-            return {}
-        try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-                return {j: (r, done) for j, r, done in con.execute("SELECT job, completed_round, done FROM jobs")}
-        except sqlite3.Error:
-            return {}
-
-    def close(self) -> None:
-        for p in self.procs:
-            p.kill()
+        return {j: (r, done) for j, r, done in self.job_rows()}
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    made = []
-
-    def make(**kw):
-        d = Deployment(tmp_path, **kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.close()
+deployment = deployment_fixture(Deployment)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -30,7 +29,9 @@ except ImportError:  # running from a checkout: the server package lives in serv
     sys.path.insert(0, str(ROOT / "server"))
 
 from fmtl_edge.transport.service import free_port  # noqa: E402
-from deploy_helpers import Proc, agent_cmd, python_path, server_cmd, wait_until  # noqa: E402
+from deploy_helpers import (  # noqa: E402
+    LoopbackDeployment, Proc, agent_cmd, deployment_fixture, python_path, server_cmd, wait_until,
+)
 from fmtl_server.auth import add_token  # noqa: E402
 
 CLIENTS, MAX_SAMPLES, WIDTH = 4, 320, 4
@@ -57,7 +58,7 @@ heartbeat_timeout_s = 2.5
 """
 
 
-class Deployment:
+class Deployment(LoopbackDeployment):
     def __init__(self, tmp: Path, rounds: int = 3, extra: str = "", tls: bool = False, dataset: str = "digits",
                  clients: int = CLIENTS, max_samples: int = MAX_SAMPLES, data_dir: str | None = None):
         self.tmp = tmp
@@ -103,42 +104,16 @@ class Deployment:
         self.procs.append(p)
         return p
 
-    def results(self, timeout: float = 150) -> dict:
-        res = self.tmp / "out" / "results.json"
-        wait_until(lambda: res.is_file(), timeout, "results.json", self.procs)
-        return json.loads(res.read_text())
-
     def jobs(self) -> list[tuple]:
-        db = self.tmp / "state" / "state.db"
-        if not db.is_file():
-            return []
-        try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-                return con.execute("SELECT job, completed_round, done FROM jobs").fetchall()
-        except sqlite3.Error:
-            return []
+        return self.job_rows()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "fmtl_server", *args], capture_output=True, text=True, timeout=60,
                               env={**os.environ, "PYTHONPATH": python_path()}, cwd=self.tmp)
 
-    def close(self) -> None:
-        for p in self.procs:
-            p.kill()
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    made = []
-
-    def make(**kw):
-        d = Deployment(tmp_path, **kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.close()
+deployment = deployment_fixture(Deployment)
 
 
 @pytest.fixture(scope="module")
