@@ -43,13 +43,15 @@ def test_first_use_warns_once_naming_the_fix_and_results_record_it():
     assert facts == {"mode": "python-reference", "versions": "python-reference", "info": "python-reference"}
 
 
-def test_no_warning_with_the_compiled_module():
+def test_no_warning_with_the_compiled_module(tmp_path):
+    # run outside the checkout: the installed package (with its compiled module) is imported, not
+    # the source tree, which has no compiled module unless it was installed with -e
     code = ("import warnings; warnings.simplefilter('error')\n"
             "import numpy as np\nfrom fmtl_edge.affinity.search import best_partition\n"
             "from fmtl_edge import kernels, simulation\n"
             "best_partition(np.eye(4) * 0.1 + 0.01, 2)\n"
             "print(kernels.mode(), simulation.versions()['kernels'])\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["native", "native"]
 
