@@ -295,3 +295,16 @@ def test_checkpoints_are_verified_on_resume_and_roll_back_to_the_kept_round(tmp_
     with pytest.raises(CheckpointCorrupt, match="NaN"):
         store.load_checkpoints("all")
     store.close()
+
+
+def test_round_records_keep_every_field_through_the_store():
+    """A resumed job's history keeps the critical path and sample-passes of the rounds before the kill."""
+    from fmtl_edge.coordinator import RoundRecord
+    from fmtl_server.store import _rec_from_dict, _rec_to_dict
+
+    r = RoundRecord("j", 1, [1, 2], 0.1, {"a": 1.0}, 10, 0.5, None, 0.7, 0, [1, 2], [{"client_id": 3}],
+                    critical_path_s=0.4, sample_passes=100, lookahead_passes=20)
+    import json
+
+    back = _rec_from_dict(json.loads(json.dumps(_rec_to_dict(r))))
+    assert back == r

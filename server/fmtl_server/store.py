@@ -17,6 +17,7 @@ continue with the same result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -309,19 +310,14 @@ def _safe(s: str) -> str:
 
 
 def _rec_to_dict(r: RoundRecord) -> dict[str, Any]:
-    return {"job": r.job, "round": r.round, "clients": list(r.clients), "lr": r.lr, "train_loss": r.train_loss,
-            "samples": r.samples, "device_s": r.device_s, "energy_j": r.energy_j, "wall_s": r.wall_s,
-            "stopped_early": r.stopped_early, "executed": list(r.executed),
-            "refused": list(getattr(r, "refused", []) or [])}
+    """Every field of a round record, JSON-ready (so a resumed job's history keeps all of them)."""
+    return dataclasses.asdict(r)
 
 
 def _rec_from_dict(d: Mapping[str, Any]) -> RoundRecord:
-    rec = RoundRecord(d["job"], int(d["round"]), list(d["clients"]), float(d["lr"]), dict(d["train_loss"]),
-                      int(d["samples"]), float(d["device_s"]), d.get("energy_j"), float(d["wall_s"]),
-                      int(d.get("stopped_early", 0)), list(d.get("executed", [])))
-    if hasattr(rec, "refused"):
-        rec.refused = list(d.get("refused", []))
-    return rec
+    """A :class:`RoundRecord` from :func:`_rec_to_dict` (fields it lacks, from older state, take their defaults)."""
+    known = {f.name for f in dataclasses.fields(RoundRecord)}
+    return RoundRecord(**{k: v for k, v in d.items() if k in known})
 
 
 def _json_default(o: Any) -> Any:
