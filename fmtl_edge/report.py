@@ -231,27 +231,28 @@ def summary_tables(results: Mapping[str, Any]):
                      _pm(m, "flops_estimate", fmt=_count))
     cost.caption = ("sample-passes: training forward+backward per sample, lookahead included (n_tasks x B\n"
                     "per measurement); FLOPs: one counted training step's FLOPs per sample x passes")
-    per = Table(title="per task: test loss / metric")
-    per.add_column("task", style="bold")
-    per.add_column("metric")
-    for name in methods:
-        per.add_column(name, justify="right")
-    for t in tasks:
-        first = next(iter(methods.values()))["per_task"][t]
-        cells = [_task_cell(m["per_task"][t], "") for m in methods.values()]
-        per.add_row(t, first["metric_name"] or "", *cells)
+    per = _per_task_table("per task: test loss / metric", tasks, methods, "")
     pers = {n: m for n, m in methods.items() if m.get("personalised_total_test_loss") is not None}
     if not pers:
         return main, cost, per, splits_text(results)
-    ptab = Table(title="per task, personalised (each client's own model): test loss / metric")
-    ptab.add_column("task", style="bold")
-    ptab.add_column("metric")
-    for name in pers:
-        ptab.add_column(name, justify="right")
-    for t in tasks:
-        first = next(iter(pers.values()))["per_task"][t]
-        ptab.add_row(t, first["metric_name"] or "", *[_task_cell(m["per_task"][t], "personalised_") for m in pers.values()])
+    ptab = _per_task_table("per task, personalised (each client's own model): test loss / metric", tasks, pers,
+                           "personalised_")
     return main, cost, per, ptab, splits_text(results)
+
+
+def _per_task_table(title: str, tasks, methods: Mapping[str, Any], prefix: str):
+    """A task × method table of ``loss / metric`` (global: ``prefix=""``; ``personalised_``)."""
+    from rich.table import Table
+
+    tab = Table(title=title)
+    tab.add_column("task", style="bold")
+    tab.add_column("metric")
+    for name in methods:
+        tab.add_column(name, justify="right")
+    for t in tasks:
+        first = next(iter(methods.values()))["per_task"][t]
+        tab.add_row(t, first["metric_name"] or "", *[_task_cell(m["per_task"][t], prefix) for m in methods.values()])
+    return tab
 
 
 def _task_cell(row: Mapping[str, Any], prefix: str) -> str:
