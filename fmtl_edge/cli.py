@@ -56,6 +56,9 @@ def _add_simulate(sub) -> None:
     g.add_argument("--max-samples", type=int, help="use at most this many samples (quick runs)")
     g.add_argument("--image-size", type=int, help="resize images to S×S pixels (utkface; default 64)")
     g.add_argument("--alpha", type=float, help="Dirichlet concentration of the non-IID split")
+    g.add_argument("--classes-per-client", type=int, metavar="C",
+                   help="pathological split instead of Dirichlet: every client holds exactly C classes "
+                        "(digits: of the digit; utkface: of race), e.g. --clients 10 --classes-per-client 2")
     g = p.add_argument_group("federated training")
     g.add_argument("--methods", help="comma list (default: mas-2,all-in-one,one-by-one)")
     g.add_argument("--rounds", type=int, help="R, rounds per task (preset: 30; paper: 100)")
@@ -118,7 +121,7 @@ def _add_simulate(sub) -> None:
 
 
 _CONFIG_KEYS = (
-    "dataset", "data_dir", "clients", "max_samples", "image_size", "alpha", "methods", "rounds", "r0",
+    "dataset", "data_dir", "clients", "max_samples", "image_size", "alpha", "classes_per_client", "methods", "rounds", "r0",
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
     "affinity_divide_by_lr", "width", "seed", "seeds", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
@@ -236,6 +239,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             dataset = load_dataset(
                 cfg.dataset, data_dir=cfg.data_dir, n_clients=cfg.clients, seed=cfg.seed, alpha=cfg.alpha,
                 image_size=cfg.image_size, max_samples=cfg.max_samples, task_groups=cfg.task_groups,
+                classes_per_client=cfg.classes_per_client,
             )
         cfg.validate_against(len(dataset.tasks), dataset.n_clients)
         from fmtl_edge.models import ModelSpec

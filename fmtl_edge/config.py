@@ -70,6 +70,8 @@ class SimulationConfig:
     max_samples: int | None = None
     image_size: int | None = None
     alpha: float | None = None
+    #: pathological split (every client holds exactly this many classes) instead of Dirichlet
+    classes_per_client: int | None = None
     width: int = 16
     time_budget_s: float | None = None
     energy_budget_j: float | None = None
@@ -175,6 +177,11 @@ class SimulationConfig:
             raise ConfigError("--sampling", f"{self.sampling!r} is not one of {', '.join(FedAvgStrategy.SAMPLINGS)}")
         if self.task_groups is not None:
             _positive_int(self, "task_groups")
+        if self.classes_per_client is not None:
+            _positive_int(self, "classes_per_client")
+            if self.alpha is not None:
+                raise ConfigError("--classes-per-client", "gives the pathological split, --alpha the Dirichlet "
+                                  "one: pass one of them")
         from fmtl_edge.methods import method_options
 
         opts = method_options()
@@ -275,7 +282,7 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError("layers", "must be a table: [layers] personal = [\"heads.*\"], pretrained = [...]")
         return {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in value.items()}
-    if name in ("clients", "max_samples", "image_size", "task_groups"):
+    if name in ("clients", "max_samples", "image_size", "task_groups", "classes_per_client"):
         kind = int
     elif name in ("alpha", "time_budget_s", "energy_budget_j"):
         kind = float

@@ -139,3 +139,48 @@ def test_stratified_subsample_and_cover():
     assert len(np.unique(groups[keep])) == 50
     with pytest.raises(DataError, match="max_samples"):
         stratified_subsample(y, 0, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_classes=st.integers(2, 8), n_clients=st.integers(1, 12), seed=st.integers(0, 2**16), data=st.data())
+def test_pathological_gives_every_client_exactly_c_classes(n_classes, n_clients, seed, data):
+    from fmtl_edge.data.partition import pathological_partition
+
+    c = data.draw(st.integers(1, n_classes))
+    labels = np.repeat(np.arange(n_classes), 30)
+    parts = pathological_partition(labels, n_clients, c, seed)
+    assert len(parts) == n_clients
+    held = np.concatenate(parts)
+    assert len(held) == len(np.unique(held))  # no sample on two clients
+    for p in parts:
+        assert len(np.unique(labels[p])) == c
+    if n_clients * c >= n_classes:  # every class dealt: every sample placed
+        assert len(held) == len(labels)
+
+
+def test_pathological_digits_ten_clients_two_digits_each():
+    from fmtl_edge.data import load_dataset
+
+    ds = load_dataset("digits", n_clients=10, classes_per_client=2, seed=3)
+    owners: dict[int, int] = {}
+    for c in ds.clients:
+        digits = set(np.unique(np.concatenate([c.y_train["digit"], c.y_test["digit"]])).tolist())
+        assert len(digits) == 2
+        for d in digits:
+            owners[d] = owners.get(d, 0) + 1
+    assert owners == {d: 2 for d in range(10)}  # each digit on exactly two clients
+    assert "pathological(2" in ds.info["partition"]
+
+
+def test_pathological_errors():
+    from fmtl_edge.data import load_dataset
+    from fmtl_edge.data.partition import pathological_partition
+
+    with pytest.raises(DataError, match="--classes-per-client"):
+        pathological_partition(np.repeat(np.arange(3), 5), 2, 4, 0)
+    with pytest.raises(DataError, match="lower --clients"):
+        pathological_partition(np.array([0, 1, 1, 1]), 4, 1, 0)
+    with pytest.raises(DataError, match="drop --alpha"):
+        load_dataset("digits", n_clients=10, classes_per_client=2, alpha=0.5)
+    with pytest.raises(DataError, match="classes_per_client"):
+        load_dataset("npz", data_dir="/nonexistent", classes_per_client=2)

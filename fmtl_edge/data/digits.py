@@ -35,7 +35,7 @@ from fmtl_edge.data._common import (
     sobel_edges,
 )
 from fmtl_edge.data.base import DataError, FederatedDataset
-from fmtl_edge.data.partition import dirichlet_partition, split_train_test, stratified_subsample
+from fmtl_edge.data.partition import dirichlet_partition, pathological_partition, split_train_test, stratified_subsample
 from fmtl_edge.tasks import Task, TaskSet
 
 DEFAULT_CLIENTS = 8
@@ -62,14 +62,17 @@ def load_digits(
     image_size: int | None = None,
     max_samples: int | None = None,
     cache_dir: str | Path | None = None,
+    classes_per_client: int | None = None,
 ) -> FederatedDataset:
-    """Load ``digits`` federated over ``n_clients`` (default 8) with ``Dirichlet(alpha)`` (0.5).
+    """Load ``digits`` federated over ``n_clients`` (default 8) with ``Dirichlet(alpha)`` (0.5) over
+    the digit, or, with ``classes_per_client = C``, the pathological split (every client holds C
+    digits: :func:`~fmtl_edge.data.partition.pathological_partition`).
 
     ``cache_dir`` is accepted and unused (nothing to cache).
 
     Raises:
-        DataError: ``data_dir`` given (the data is built in), ``image_size`` other than 8, or a
-            federation the 1,797 samples cannot fill.
+        DataError: ``data_dir`` given (the data is built in), ``image_size`` other than 8, both
+            ``alpha`` and ``classes_per_client``, or a federation the 1,797 samples cannot fill.
     """
     if data_dir is not None:
         reject_option("digits", "data_dir", data_dir, "the digits ship inside scikit-learn; drop --data-dir")
@@ -81,6 +84,8 @@ def load_digits(
         raise DataError(f"digits: scikit-learn is needed for the built-in digits ({e}); pip install scikit-learn") from e
 
     n_clients = DEFAULT_CLIENTS if n_clients is None else int(n_clients)
+    if classes_per_client is not None and alpha is not None:
+        reject_option("digits", "alpha", alpha, "--classes-per-client gives the pathological split; drop --alpha")
     alpha = DEFAULT_ALPHA if alpha is None else float(alpha)
     rng_sub, rng_part, rng_split = seed_streams(seed, 3)
 
@@ -94,7 +99,12 @@ def load_digits(
     edges = np.stack([sobel_edges(im[0]) for im in x])[:, None].astype(np.float32)
     n = len(labels)
 
-    parts = dirichlet_partition(labels, n_clients, alpha, rng_part, min_size=default_min_size(n, n_clients))
+    if classes_per_client is None:
+        parts = dirichlet_partition(labels, n_clients, alpha, rng_part, min_size=default_min_size(n, n_clients))
+        partition = f"dirichlet(alpha={alpha:g}) over class"
+    else:
+        parts = pathological_partition(labels, n_clients, classes_per_client, rng_part)
+        partition = f"pathological({int(classes_per_client)} classes per client) over class"
     splits = [split_train_test(p, test_fraction, rng_split, stratify=labels[p]) for p in parts]
 
     def get_x(idx: np.ndarray) -> np.ndarray:
@@ -120,7 +130,7 @@ def load_digits(
             "source": "sklearn.datasets.load_digits (bundled, UCI optdigits test part)",
             "n_samples": int(n),
             "n_clients": int(n_clients),
-            "partition": f"dirichlet(alpha={alpha:g}) over class",
+            "partition": partition,
             "image_size": 8,
             "test_fraction": float(test_fraction),
             "split": "per client, stratified by digit",

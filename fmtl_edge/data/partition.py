@@ -6,6 +6,8 @@ for a given generator state. They return index arrays into the caller's sample a
 - :func:`dirichlet_partition`: label-skewed non-IID partition (Hsu et al. 2019, "Measuring the
   effects of non-identical data distribution"): for each class, client shares are drawn from
   ``Dirichlet(alpha)``; small ``alpha`` gives each client few dominant classes.
+- :func:`pathological_partition`: every client holds exactly ``C`` classes (McMahan et al. 2017's
+  "pathological non-IID" split; the setting of Loop Improvement's Table 1 and FedALA).
 - :func:`iid_partition`: a random, near-equal split.
 - :func:`split_train_test`: one client's train/test split, optionally stratified.
 - :func:`stratified_subsample`: a seeded subset of at most ``max_samples`` that keeps the
@@ -24,6 +26,7 @@ __all__ = [
     "as_rng",
     "dirichlet_partition",
     "iid_partition",
+    "pathological_partition",
     "split_train_test",
     "stratified_subsample",
     "label_histograms",
@@ -179,6 +182,67 @@ def dirichlet_partition(
         sizes[small] += take
         sizes[big] -= take
     return [np.sort(p).astype(np.int64) for p in out]
+
+
+def pathological_partition(
+    labels: Sequence | np.ndarray,
+    n_clients: int,
+    classes_per_client: int,
+    rng: np.random.Generator | int | None,
+) -> list[np.ndarray]:
+    """Pathological non-IID partition: every client holds the samples of exactly ``C`` classes.
+
+    The classes are put in a seeded order and dealt round-robin, ``C`` consecutive ones per client:
+    client ``i`` gets classes ``order[(i·C + j) mod K]`` for ``j < C`` (``K`` classes). A class held
+    by ``m`` clients is shuffled and cut into ``m`` near-equal shares. With ``n_clients · C`` a
+    multiple of ``K`` every class is held by the same number of clients (digits, 10 clients, C = 2:
+    each digit on exactly 2 clients). Source: McMahan et al. 2017 (FedAvg, §3 "pathological
+    non-IID"), as used by Li et al. 2024 (Loop Improvement, Table 1: "pathological").
+
+    Args:
+        labels: one label per sample, length ``N`` (any hashable dtype).
+        n_clients: number of clients.
+        classes_per_client: ``C``, ``1 <= C <= K``.
+        rng: generator or seed.
+
+    Returns:
+        ``n_clients`` sorted int64 index arrays into ``labels``; every sample held by a client is in
+        exactly one array; a class no client was dealt (``n_clients · C < K``) is left out.
+
+    Raises:
+        DataError: 1-D labels required; ``C`` outside ``[1, K]``; a client whose share would be empty
+            (a class split over more clients than it has samples).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise DataError(f"pathological_partition needs 1-D labels, got shape {labels.shape}")
+    n = len(labels)
+    _check_n_clients(n_clients, n, 1)
+    n_clients = int(n_clients)
+    values, inverse = np.unique(labels, return_inverse=True)
+    k = len(values)
+    if int(classes_per_client) != classes_per_client or not 1 <= classes_per_client <= k:
+        raise DataError(f"classes_per_client (--classes-per-client) must be an integer in [1, {k}] "
+                        f"(the number of classes), got {classes_per_client!r}")
+    c = int(classes_per_client)
+    rng = as_rng(rng)
+    order = rng.permutation(k)
+    dealt = [[int(order[(i * c + j) % k]) for j in range(c)] for i in range(n_clients)]
+    holders: dict[int, list[int]] = {}
+    for i, cls in enumerate(dealt):
+        for cl in cls:
+            holders.setdefault(cl, []).append(i)
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+    for cl in sorted(holders):
+        idx = np.flatnonzero(inverse.reshape(-1) == cl)
+        idx = idx[rng.permutation(len(idx))]
+        owners = holders[cl]
+        if len(idx) < len(owners):
+            raise DataError(f"class {values[cl]!r} has {len(idx)} samples for {len(owners)} clients: "
+                            "lower --clients or --classes-per-client")
+        for owner, share in zip(owners, np.array_split(idx, len(owners))):
+            parts[owner].append(share)
+    return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
 
 
 def split_train_test(

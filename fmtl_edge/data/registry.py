@@ -37,6 +37,10 @@ DATASETS: dict[str, Loader] = {
 }
 
 
+#: the data sets whose partition is drawn over a label (so ``classes_per_client`` applies)
+PATHOLOGICAL = frozenset({"digits", "utkface"})
+
+
 def load_dataset(
     name: str,
     *,
@@ -49,6 +53,7 @@ def load_dataset(
     max_samples: int | None = None,
     cache_dir: str | Path | None = None,
     task_groups: int | None = None,
+    classes_per_client: int | None = None,
 ) -> FederatedDataset:
     """Load a data set by name and split it over clients.
 
@@ -68,6 +73,9 @@ def load_dataset(
             ``~/.cache/fmtl-edge``.
         task_groups: give each client one of the first ``task_groups`` tasks and drop its other
             labels (seed 000's client groups; :func:`fmtl_edge.data.base.assign_task_groups`).
+        classes_per_client: the pathological split instead of Dirichlet: every client holds exactly
+            this many classes (digits: of the digit, utkface: of race;
+            :func:`fmtl_edge.data.partition.pathological_partition`). Other data sets refuse it.
 
     Raises:
         DataError: unknown name, bad option, missing data or a file of the wrong layout; the message
@@ -86,6 +94,14 @@ def load_dataset(
         raise DataError(f"image_size must be an integer in [4, 1024], got {image_size!r}")
     if max_samples is not None and (int(max_samples) != max_samples or max_samples < 1):
         raise DataError(f"max_samples must be a positive integer, got {max_samples!r}")
+    extra = {}
+    if classes_per_client is not None:
+        if key not in PATHOLOGICAL:
+            raise DataError(f"{key}: classes_per_client (--classes-per-client) is for the label-partitioned data "
+                            f"sets ({', '.join(sorted(PATHOLOGICAL))}); {key}'s clients are fixed: drop it")
+        if isinstance(classes_per_client, bool) or int(classes_per_client) != classes_per_client or classes_per_client < 1:
+            raise DataError(f"classes_per_client (--classes-per-client) must be a positive integer, got {classes_per_client!r}")
+        extra["classes_per_client"] = int(classes_per_client)
     ds = DATASETS[key](
         data_dir=data_dir,
         n_clients=None if n_clients is None else int(n_clients),
@@ -95,6 +111,7 @@ def load_dataset(
         image_size=None if image_size is None else int(image_size),
         max_samples=None if max_samples is None else int(max_samples),
         cache_dir=cache_dir,
+        **extra,
     )
     if task_groups is not None:
         from fmtl_edge.data.base import assign_task_groups

@@ -58,13 +58,14 @@ from fmtl_edge.data._common import (
     default_min_size,
     harris_keypoints,
     regression_stats,
+    reject_option,
     resolve_cache_dir,
     resolve_data_path,
     seed_streams,
     sobel_edges,
 )
 from fmtl_edge.data.base import DataError, FederatedDataset
-from fmtl_edge.data.partition import dirichlet_partition, split_train_test, stratified_subsample
+from fmtl_edge.data.partition import dirichlet_partition, pathological_partition, split_train_test, stratified_subsample
 from fmtl_edge.tasks import Task, TaskSet
 
 log = logging.getLogger(__name__)
@@ -294,6 +295,7 @@ def load_utkface(
     image_size: int | None = None,
     max_samples: int | None = None,
     cache_dir: str | Path | None = None,
+    classes_per_client: int | None = None,
 ) -> FederatedDataset:
     """Load UTKFace, federated over ``n_clients`` (32) with ``Dirichlet(alpha)`` (0.5) over race.
 
@@ -308,6 +310,8 @@ def load_utkface(
     """
     size = DEFAULT_SIZE if image_size is None else int(image_size)
     n_clients = DEFAULT_CLIENTS if n_clients is None else int(n_clients)
+    if classes_per_client is not None and alpha is not None:
+        reject_option("utkface", "alpha", alpha, "--classes-per-client gives the pathological split; drop --alpha")
     alpha = DEFAULT_ALPHA if alpha is None else float(alpha)
     folder = resolve_data_path("utkface", data_dir, "utkface/images", _accept, expect=NAME_HELP)
     names, labels, skipped = scan_folder(folder)
@@ -331,7 +335,12 @@ def load_utkface(
         log.warning("utkface: %d image(s) in %s could not be decoded and are left out (e.g. %s)",
                     len(unreadable), folder, ", ".join(unreadable[:3]))
 
-    parts = dirichlet_partition(race, n_clients, alpha, rng_part, min_size=default_min_size(n, n_clients))
+    if classes_per_client is None:
+        parts = dirichlet_partition(race, n_clients, alpha, rng_part, min_size=default_min_size(n, n_clients))
+        partition = f"dirichlet(alpha={alpha:g}) over race"
+    else:
+        parts = pathological_partition(race, n_clients, classes_per_client, rng_part)
+        partition = f"pathological({int(classes_per_client)} races per client)"
     splits = [split_train_test(p, test_fraction, rng_split, stratify=race[p]) for p in parts]
     age_mean, age_std = regression_stats([age[tr] for tr, _ in splits])
 
@@ -363,7 +372,7 @@ def load_utkface(
             "n_samples": int(n),
             "n_files": len(names) + len(skipped),
             "n_clients": int(n_clients),
-            "partition": f"dirichlet(alpha={alpha:g}) over race",
+            "partition": partition,
             "image_size": size,
             "test_fraction": float(test_fraction),
             "split": "per client, stratified by race",
