@@ -121,3 +121,26 @@ def test_option_and_bad_alpha():
     assert make_method("gradnorm", make_toy_dataset(1).tasks, SimulationConfig(rounds=3, r0=1)).alpha == 1.5
     with pytest.raises(ValueError, match="--gradnorm-alpha"):
         GradNorm(make_toy_dataset(1).tasks, 3, alpha=-1.0)
+
+
+def test_gradnorm_counts_its_gradient_norm_passes():
+    """16 samples, batch 64: one step of B = 16. The step is B sample-passes; balancing 3 tasks adds
+    one ∇_W L_i per task: 3 × 16 more (lookahead off). A one-task job balances nothing."""
+    _, _, _, upd = _setup([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    assert upd.lookahead_passes == 0
+    assert upd.sample_passes == 16 + 3 * 16
+    ds = make_toy_dataset(n_clients=1, n_per_client=16)
+    tasks = ds.tasks.subset(("cls",))
+    g = state_to_numpy(build_model(SPEC, tasks, None).state_dict())
+    g[WEIGHTS], g[LOSS0] = np.ones(1, dtype=np.float32), np.zeros(1, dtype=np.float32)
+    a = Assignment(job="all", round=0, tasks=("cls",), state=g, lr=0.05,
+                   config=TrainConfig(batch_size=64, momentum=0.0, weight_decay=0.0), seed=1,
+                   procedure="gradnorm", method_config={"alpha": 1.5})
+    assert train_round(ds.clients[0], SPEC, tasks, a).sample_passes == 16
+    # with the lookahead on (one measurement of 3 tasks x 16), GradNorm's share stays 3 x 16
+    c, tasks3, g3, _ = _setup([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    a = Assignment(job="all", round=0, tasks=NAMES, state=g3, lr=0.05, measure_affinity=True,
+                   config=TrainConfig(batch_size=64, momentum=0.0, weight_decay=0.0), seed=1,
+                   procedure="gradnorm", method_config={"alpha": 1.5})
+    upd = train_round(c, SPEC, tasks3, a)
+    assert upd.lookahead_passes == 3 * 16 and upd.sample_passes == 16 + 3 * 16 + 3 * 16

@@ -17,10 +17,17 @@ extra common tensors of the global state (the method adds them), loaded here int
 model, updated by the client and uploaded, so the server FedAvg's them with the backbone.
 
 ``method_config``: ``alpha`` (α ≥ 0, the restoring-force strength; 1.5 in the paper's NYUv2 runs).
+
+Cost: every step that balances (a client holding ≥ 2 of the job's tasks) takes n extra gradients,
+∇_W L_i for each of its n tasks — a backward of the batch from each task's loss to W. They are
+counted in ``sample_passes`` as n × B per step (one sample-pass per sample and task, the convention
+of the lookahead's passes; an upper bound, since the backward stops at W), on top of the step's B;
+a one-task client balances nothing and adds nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -134,5 +141,15 @@ class GradNormProcedure(Procedure):
                 buf.weights[idx] = new
             return objective
 
-        return local_sgd(ctx, model, epochs=a.config.local_epochs, lr=lr, combine=combine,
-                         measure_affinity=a.measure_affinity)
+        res = local_sgd(ctx, model, epochs=a.config.local_epochs, lr=lr, combine=combine,
+                        measure_affinity=a.measure_affinity)
+        return dataclasses.replace(res, sample_passes=res.sample_passes + gradnorm_passes(res, len(mine)))
+
+
+def gradnorm_passes(res: LocalResult, n_tasks: int) -> int:
+    """GradNorm's extra sample-passes of a client round: n × (the steps' samples) when n >= 2 tasks
+    are balanced (one ∇_W L_i per task and step, see the module docstring), else 0. The steps'
+    samples are ``sample_passes − lookahead_passes`` of :func:`~fmtl_edge.procedures.sgd.local_sgd`."""
+    if n_tasks < 2:
+        return 0
+    return n_tasks * (int(res.sample_passes) - int(res.lookahead_passes))
