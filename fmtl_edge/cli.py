@@ -86,6 +86,9 @@ def _add_simulate(sub) -> None:
                    "(default backbone.*) from a model file of an earlier run and freeze them")
     g.add_argument("--dropout", type=float, metavar="P", help="fault injection: each sampled client fails "
                    "mid-round with probability P, seeded by (seed, job, round, client) (default 0)")
+    g.add_argument("--eval-every", type=int, metavar="N", help="test-loss curves: evaluate every job's global "
+                   "model on the union test set every N rounds and at the job's end (results: methods.<m>.curve; "
+                   "not counted in device time; default 0: off)")
     g.add_argument("--width", type=int, help="backbone width (default 16)")
     g.add_argument("--seed", type=int, help="run seed (default 0)")
     g.add_argument("--seeds", metavar="S,S,...", help="run every method once per training seed (e.g. 0,1,2: "
@@ -125,7 +128,7 @@ _CONFIG_KEYS = (
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
     "affinity_divide_by_lr", "width", "seed", "seeds", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
-    "pretrained", "lease_wait_s", "dropout",
+    "pretrained", "lease_wait_s", "dropout", "eval_every",
 )
 
 

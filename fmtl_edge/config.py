@@ -83,6 +83,8 @@ class SimulationConfig:
     pretrained: str | None = None
     #: probability that a sampled client fails mid-round (simulated fault injection, seeded)
     dropout: float = 0.0
+    #: ``--eval-every N``: test-loss curve points every N rounds of every job and at its end (0: off)
+    eval_every: int = 0
     #: the methods' own settings (:attr:`fmtl_edge.methods.Method.OPTIONS`), by config key
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -169,6 +171,8 @@ class SimulationConfig:
 
         if self.aggregator not in AGGREGATORS:
             raise ConfigError("--aggregator", f"{self.aggregator!r} is not one of {', '.join(AGGREGATORS)}")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ConfigError("--eval-every", f"must be a whole number >= 0 (rounds; 0: off), got {self.eval_every!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError("--dropout", f"must be in [0, 1) (a probability per client and round), got {self.dropout}")
         if not 0 <= self.trim_fraction < 0.5:

@@ -64,6 +64,13 @@ class Job:
             scopes (:meth:`~fmtl_edge.partition.ParameterLayout.from_state`): personal layers stay
             on the clients, frozen (pre-trained) layers are never trained nor sent back, common
             layers are averaged over every client.
+        lr_schedule: ``(offset, total)``: round r of this job uses the learning rate of round
+            ``offset + r`` of a ``total``-round poly schedule, so a job continuing another
+            (``init_from``) can continue its schedule (mas-auto's one-round merge jobs); None:
+            ``(0, rounds)``, the schedule restarts with the job.
+
+    Raises:
+        ValueError: ``lr_schedule`` with offset < 0 or offset + rounds > total.
     """
 
     name: str
@@ -77,19 +84,36 @@ class Job:
     personal: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
     common: tuple[str, ...] = ()
+    lr_schedule: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule is not None:
+            off, total = (int(v) for v in self.lr_schedule)
+            if off < 0 or off + self.rounds > total:
+                raise ValueError(f"job {self.name!r}: lr_schedule {self.lr_schedule} must satisfy 0 <= offset and "
+                                 f"offset + rounds ({self.rounds}) <= total")
+            object.__setattr__(self, "lr_schedule", (off, total))
+
+    def lr(self, base_lr: float, round_idx: int) -> float:
+        """The learning rate of round ``round_idx`` of this job (:func:`~fmtl_edge.messages.poly_lr`)."""
+        off, total = self.lr_schedule or (0, self.rounds)
+        return poly_lr(base_lr, off + round_idx, total)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (checkpoints); :meth:`from_dict` reads it back."""
         return {"name": self.name, "tasks": list(self.tasks), "rounds": self.rounds, "init_from": self.init_from,
                 "measure_affinity": self.measure_affinity, "procedure": self.procedure,
                 "method_config": dict(self.method_config), "sampling": self.sampling, "personal": list(self.personal),
-                "frozen": list(self.frozen), "common": list(self.common)}
+                "frozen": list(self.frozen), "common": list(self.common),
+                "lr_schedule": None if self.lr_schedule is None else list(self.lr_schedule)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Job":
+        sched = d.get("lr_schedule")
         return cls(d["name"], tuple(d["tasks"]), int(d["rounds"]), d.get("init_from"), bool(d.get("measure_affinity")),
                    str(d.get("procedure", "sgd")), dict(d.get("method_config") or {}), str(d.get("sampling", "uniform")),
-                   tuple(d.get("personal", ())), tuple(d.get("frozen", ())), tuple(d.get("common", ())))
+                   tuple(d.get("personal", ())), tuple(d.get("frozen", ())), tuple(d.get("common", ())),
+                   None if sched is None else (int(sched[0]), int(sched[1])))
 
 
 class EnergyTally:
@@ -508,7 +532,7 @@ class Coordinator:
         for r in range(start, job.rounds):
             t_round = time.perf_counter()
             plan = strategy.configure_train(RoundContext(job, r, self.seed, self.k, self.pool.eligible))
-            lr = poly_lr(self.train.lr, r, job.rounds)
+            lr = job.lr(self.train.lr, r)
             totals = _RoundTotals(job.tasks)
             sequential = strategy.is_sequential_round(r)
             if sequential:

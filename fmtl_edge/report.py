@@ -232,12 +232,93 @@ def summary_tables(results: Mapping[str, Any]):
     cost.caption = ("sample-passes: training forward+backward per sample, lookahead included (n_tasks x B\n"
                     "per measurement); FLOPs: one counted training step's FLOPs per sample x passes")
     per = _per_task_table("per task: test loss / metric", tasks, methods, "")
+    extra = [t for t in (merge_phase_table(results), decisions_text(results)) if t is not None]
     pers = {n: m for n, m in methods.items() if m.get("personalised_total_test_loss") is not None}
     if not pers:
-        return main, cost, per, splits_text(results)
+        return (main, cost, *extra, per, splits_text(results))
     ptab = _per_task_table("per task, personalised (each client's own model): test loss / metric", tasks, pers,
                            "personalised_")
-    return main, cost, per, ptab, splits_text(results)
+    return (main, cost, *extra, per, ptab, splits_text(results))
+
+
+def merge_phase_table(results: Mapping[str, Any]):
+    """The merge (affinity) phase's overhead per method that has one (``merge_phase`` of its entry:
+    mas-x, mas-auto, tag-x), or None: R0, the lookahead's share of the phase's sample-passes, the
+    phase's device seconds and, when all-in-one ran, its first R0 rounds' device seconds and the
+    ratios (device time and sample-passes) — what measuring the affinity cost over an equal
+    all-in-one."""
+    from rich.table import Table
+
+    rows = {n: m["merge_phase"] for n, m in results["methods"].items() if m.get("merge_phase")}
+    if not rows:
+        return None
+    tab = Table(title="merge phase: affinity (lookahead) overhead")
+    for name, just in (("method", "left"), ("R0", "right"), ("lookahead", "right"), ("merge s", "right"),
+                       ("a-i-o s", "right"), ("x time", "right"), ("x passes", "right")):
+        tab.add_column(name, justify=just, style="bold" if name == "method" else None)
+    for name, ph in rows.items():
+        vs = ph.get("vs_all_in_one") or {}
+        share = ph.get("lookahead_share")
+        tab.add_row(name, str(ph["rounds"]), "—" if share is None else f"{100 * share:.1f}%", _fmt(ph["device_s"], 1),
+                    _fmt(vs.get("device_s"), 1), _fmt(vs.get("device_ratio"), 2), _fmt(vs.get("passes_ratio"), 2))
+    tab.caption = ("lookahead: its share of the merge rounds' sample-passes\n"
+                   "a-i-o s: all-in-one's first R0 rounds in this run\n"
+                   "x time, x passes: merge phase / those all-in-one rounds")
+    return tab
+
+
+def decisions_text(results: Mapping[str, Any]) -> str | None:
+    """One line per method that chose its own R0 and x (``decision``: mas-auto), or None."""
+    lines = []
+    for name, m in results["methods"].items():
+        d = m.get("decision")
+        if not d or d.get("r0") is None:
+            continue
+        how = (f"cap --r0 = {d['r0_max']}, partition not stable" if d.get("capped")
+               else f"partition stable {d['stable_rounds']} rounds, cap {d['r0_max']}")
+        scores = ", ".join(f"{x}:{v:.3f}" for x, v in (d.get("scores") or {}).items())
+        lines.append(f"  {name}: R0 = {d['r0']} ({how}); x = {d['x']} (eps = {d['epsilon']:g})")
+        lines.append(f"    partition score per x: {scores}")
+    if not lines:
+        return None
+    return "chosen by the method (results: methods.<m>.decision):\n" + "\n".join(lines)
+
+
+def method_curve(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A method's total test loss over training from its ``--eval-every`` points (``curve``).
+
+    At each position p (rounds each task has trained so far) the total is Σ over tasks of the
+    task's loss in the job that holds its final model (``final_jobs``) or a job that job continues
+    from (``init_from``: mas-x's merge job before the split), evaluated at p; positions where a task
+    has no point are left out. So mas-2's curve is the merge job's total up to R0, then the sum of
+    its groups'.
+
+    Returns:
+        ``[{"position": int, "total_test_loss": float}]`` by position (empty without a curve).
+    """
+    points = entry.get("curve") or []
+    finals = entry.get("final_jobs") or {}
+    jobs = {j["name"]: j for j in entry.get("jobs") or []}
+    at = {(p["job"], int(p["position"])): p for p in points}
+    lineage = {}
+    for t, j in finals.items():
+        chain = []
+        while j is not None and j not in chain:
+            chain.append(j)
+            j = (jobs.get(j) or {}).get("init_from")
+        lineage[t] = chain
+    out = []
+    for pos in sorted({int(p["position"]) for p in points}):
+        total = 0.0
+        for t in finals:
+            v = next((at[(j, pos)]["per_task"].get(t) for j in lineage[t] if (j, pos) in at), None)
+            if v is None or not math.isfinite(v):
+                break
+            total += v
+        else:
+            if finals:
+                out.append({"position": pos, "total_test_loss": total})
+    return out
 
 
 def _per_task_table(title: str, tasks, methods: Mapping[str, Any], prefix: str):

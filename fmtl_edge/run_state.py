@@ -252,13 +252,23 @@ class RunState:
             if p.name != STATE and p.name not in keep:
                 p.unlink(missing_ok=True)
 
-    def save_round(self, method: str, ckpt, pool) -> None:
-        """Commit the end of a round of ``method``: its job checkpoint and the clients' own state
+    def curve(self, method: str) -> list[dict[str, Any]] | None:
+        """The ``--eval-every`` points committed for ``method`` if it was the running one, else None."""
+        run = self.doc.get("running")
+        if not run or run["method"] != method:
+            return None
+        return [dict(p) for p in run.get("curve") or []]
+
+    def save_round(self, method: str, ckpt, pool, curve: list[dict[str, Any]] | None = None) -> None:
+        """Commit the end of a round of ``method``: its job checkpoint, the clients' own state
         (``pool.state_snapshot()``, this method's keys; a client's file is rewritten only when its
-        state changed). ``ckpt.state``'s entries may be views: they are written before returning."""
+        state changed) and the ``--eval-every`` points so far (``curve``, JSON-ready dicts).
+        ``ckpt.state``'s entries may be views: they are written before returning."""
         run = self.doc.get("running")
         if not run or run["method"] != method:
             run = self.doc["running"] = {"method": method, "jobs": [], "clients": {}}
+        if curve is not None:
+            run["curve"] = json.loads(json.dumps(list(curve), default=_json_default))
         entry = {"job": ckpt.job.to_dict(), "round": int(ckpt.round), "file": self._new_file(ckpt.state),
                  "affinity_per_round": {str(r): np.asarray(m, dtype=np.float64).tolist()
                                         for r, m in ckpt.affinity_per_round.items()},

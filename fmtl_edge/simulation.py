@@ -14,7 +14,7 @@ import logging
 import platform
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -145,9 +145,14 @@ def build_methods(cfg: SimulationConfig, tasks, spec: ModelSpec) -> list[Method]
 
 def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[str, Any],
                  rounds_per_task: int, wall_s: float, spec: ModelSpec | None = None,
-                 batch_size: int = 32) -> dict[str, Any]:
+                 batch_size: int = 32, curve: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One method's ``results.json`` entry (``methods.<name>``) from its finished jobs and the test
     evaluation of its final models; shared by ``simulate`` and ``fmtl-server``.
+
+    Besides the figures, the entry holds ``final_jobs`` (task → job whose model is its final
+    model), ``merge_phase`` (:func:`merge_phase`) when a job measured affinities, ``decision`` when
+    the method explains a choice (``method.decision(done)``: mas-auto's R0 and x) and, with
+    ``--eval-every``, ``curve`` and ``curve_total`` (:func:`fmtl_edge.report.method_curve`).
 
     Args:
         evaluation: :func:`fmtl_edge.evaluation.evaluate_method`'s result (global and/or
@@ -157,6 +162,7 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
         spec, batch_size: the model and batch size, for ``flops_estimate`` (per job
             :func:`fmtl_edge.flops.training_flops_per_sample` × its ``sample_passes``: an estimate
             from one counted step; None without ``spec`` or when the count fails).
+        curve: the ``--eval-every`` points (:class:`CurveRecorder`), or None.
     """
     tally = EnergyTally()
     for o in done.values():
@@ -188,7 +194,7 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
             str(c): {t: {"test_loss": v["loss"], "metric": v["metric"], "n": v["n"]} for t, v in tasks.items()}
             for c, tasks in pers["per_client"].items()
         }
-    return {
+    out = {
         **entry_eval,
         "device_s": tally.device_s,
         "critical_path_s": tally.critical_path_s,
@@ -222,6 +228,61 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
             for o in done.values() for r in o.history
         ],
     }
+    out["final_jobs"] = dict(method.final_jobs(done))
+    phase = merge_phase(done)
+    if phase is not None:
+        out["merge_phase"] = phase
+    decision = getattr(method, "decision", None)
+    if callable(decision):
+        out["decision"] = decision(done)
+    if curve is not None:
+        from fmtl_edge.report import method_curve
+
+        out["curve"] = list(curve)
+        out["curve_total"] = method_curve(out)
+    return out
+
+
+def merge_phase(done: Mapping[str, JobOutcome]) -> dict[str, Any] | None:
+    """The affinity-measuring (merge) jobs' cost: ``jobs``, ``rounds``, ``device_s``, ``energy_j``,
+    ``sample_passes``, ``lookahead_passes`` and ``lookahead_share`` = lookahead_passes / sample_passes
+    (the measurement's share of the phase's training passes, MAS Eq. 3 at n_tasks × B per
+    measurement); None when no job measured. :func:`compare_merge_phase` adds the comparison with
+    all-in-one's first R0 rounds."""
+    jobs = [o for o in done.values() if o.job.measure_affinity]
+    if not jobs:
+        return None
+    t = EnergyTally()
+    for o in jobs:
+        t.merge(o.energy)
+    return {"jobs": [o.job.name for o in jobs], "rounds": sum(len(o.history) for o in jobs), "device_s": t.device_s,
+            "energy_j": t.total_j, "sample_passes": t.sample_passes, "lookahead_passes": t.lookahead_passes,
+            "lookahead_share": t.lookahead_passes / t.sample_passes if t.sample_passes else None}
+
+
+def compare_merge_phase(results: Mapping[str, Any], baseline: str = "all-in-one") -> None:
+    """Add ``merge_phase.vs_all_in_one`` to every method entry with a merge phase, in place, when
+    ``baseline`` ran in the same run: its first R0 rounds (R0 = the merge phase's rounds) as an equal
+    all-in-one without the lookahead — ``rounds``, ``device_s``, ``sample_passes`` and the ratios
+    ``device_ratio`` = merge device_s / those rounds' device_s and ``passes_ratio`` likewise (the
+    latter is independent of the machine's load; both > 1 by the lookahead's cost)."""
+    base = results.get("methods", {}).get(baseline)
+    if not base or not base.get("history"):
+        return
+    for name, m in results["methods"].items():
+        phase = m.get("merge_phase")
+        if name == baseline or not phase:
+            continue
+        rows = [h for h in base["history"] if h["round"] < phase["rounds"]]
+        if len(rows) < phase["rounds"]:
+            continue
+        dev = float(sum(h["device_s"] for h in rows))
+        passes = int(sum(h.get("sample_passes", 0) for h in rows))
+        phase["vs_all_in_one"] = {
+            "method": baseline, "rounds": len(rows), "device_s": dev, "sample_passes": passes,
+            "device_ratio": phase["device_s"] / dev if dev > 0 else None,
+            "passes_ratio": phase["sample_passes"] / passes if passes > 0 else None,
+        }
 
 
 def dropout_faults(seed: int, p: float):
@@ -322,15 +383,20 @@ def run_methods(
             on_round=(lambda rec, m=method: on_round(m, rec)) if on_round else None,
             time_budget_s=cfg.time_budget_s if cfg.time_budget_s is not None else profile.round_time_s,
             energy_budget_j=cfg.energy_budget_j if cfg.energy_budget_j is not None else profile.round_energy_j,
-            on_round_end=(lambda ck, m=method.name, p=method_pool: run_state.save_round(m, ck, p))
-            if run_state is not None else None,
         )
+        curve = None
+        if cfg.eval_every and method.global_model:
+            known = [ck.job for ck in done.values()] + ([resume.job] if resume is not None else [])
+            curve = CurveRecorder(cfg.eval_every, run_state.curve(method.name) if run_state is not None else None,
+                                  known)
+        coord.on_round_end = _round_end_hook(coord, method.name, method_pool, run_state, curve)
         done = {name: coord.outcome_from_checkpoint(ck) for name, ck in done.items()}
         t0 = time.perf_counter()
         done = coord.run_method(method, done=done, resume=resume)
         wall = time.perf_counter() - t0 + prior_wall
         evaluation = evaluate_method(method, done, coord)
-        entry = method_entry(method, done, evaluation, cfg.rounds, wall, spec, train.batch_size)
+        entry = method_entry(method, done, evaluation, cfg.rounds, wall, spec, train.batch_size,
+                             curve=None if curve is None else curve.points)
         results["methods"][method.name] = entry
         if method.global_model:
             models[method.name] = final_states(method, done)
@@ -338,7 +404,91 @@ def run_methods(
             run_state.save_method(method.name, entry, models.get(method.name))
         if on_method_end:
             on_method_end(method, entry)
+    compare_merge_phase(results)
     return results, models
+
+
+class CurveRecorder:
+    """``--eval-every N``: test-loss points of every job's current global model during training.
+
+    After a round of a job whose *position* — the rounds the job's tasks have trained, counting the
+    jobs it continues from (``init_from``; a split job of mas-2 after R0 merge rounds starts at R0)
+    — is a multiple of N, and after a job's last round, the job's global model is evaluated on the
+    union of the clients' test splits through the pool (the evaluation assignments of
+    :mod:`fmtl_edge.evaluation`, global model; :func:`fmtl_edge.client.add_sums` /
+    :func:`~fmtl_edge.client.finish_sums`). Evaluations are not client executions: they are not
+    metered and do not count in ``device_s``, energy or sample-passes (they do count in ``wall_s``),
+    and they draw no randomness, so training is the same with or without them.
+
+    Attributes:
+        points: ``[{"job", "round" (0-based in the job), "position", "total_test_loss" (Σ over the
+            job's tasks of the mean loss per test sample), "per_task": task → loss}]`` in order.
+
+    Args:
+        every: N >= 1.
+        points: points already recorded (a resumed run).
+        jobs: jobs of the method already seen (a resumed run), for the positions.
+    """
+
+    def __init__(self, every: int, points: list[dict[str, Any]] | None = None, jobs=()):
+        if every < 1:
+            raise ValueError(f"--eval-every: must be >= 1 here, got {every}")
+        self.every = int(every)
+        self.points: list[dict[str, Any]] = list(points or [])
+        self.jobs = {j.name: j for j in jobs}
+
+    def offset(self, job) -> int:
+        """Rounds the jobs ``job`` continues from ran (0 for a fresh job)."""
+        total, seen, j = 0, set(), job
+        while j.init_from is not None and j.init_from in self.jobs and j.init_from not in seen:
+            seen.add(j.init_from)
+            j = self.jobs[j.init_from]
+            total += j.rounds
+        return total
+
+    def due(self, job, round_idx: int) -> bool:
+        return (self.offset(job) + round_idx + 1) % self.every == 0 or round_idx + 1 >= job.rounds
+
+    def record(self, coord: Coordinator, ckpt) -> dict[str, Any] | None:
+        """Evaluate ``ckpt``'s global model if its round is due; returns the point (or None)."""
+        from fmtl_edge.client import add_sums, finish_sums
+        from fmtl_edge.messages import Assignment
+        from fmtl_edge.partition import PERSONAL
+
+        job, r = ckpt.job, int(ckpt.round)
+        self.jobs.setdefault(job.name, job)
+        if not self.due(job, r):
+            return None
+        layout = coord.layout(job, ckpt.state)
+        a = Assignment(job=job.name, round=r + 1, tasks=tuple(job.tasks), state=ckpt.state, lr=0.0, config=coord.train,
+                       seed=coord.seed, procedure=job.procedure, method_config=dict(job.method_config),
+                       state_key=coord.state_key(job), personal=layout.names_in(PERSONAL), personalised=False)
+        res = coord.pool.evaluate([(c, a) for c in coord.pool.eligible(job.tasks)])
+        total: dict[str, dict] = {}
+        for c in sorted(res):
+            add_sums(total, res[c].get(job.name, {}))
+        per = finish_sums(coord.tasks, total)
+        losses = {t: float(per[t]["loss"]) for t in job.tasks if t in per}
+        point = {"job": job.name, "round": r, "position": self.offset(job) + r + 1,
+                 "total_test_loss": float(sum(losses.values())) if len(losses) == len(job.tasks) else None,
+                 "per_task": losses}
+        self.points.append(point)
+        return point
+
+
+def _round_end_hook(coord: Coordinator, method: str, pool, run_state, curve: CurveRecorder | None):
+    """The coordinator's ``on_round_end``: the ``--eval-every`` point, then the resume commit (the
+    point is committed with its round, so a resumed curve is the uninterrupted one)."""
+    if run_state is None and curve is None:
+        return None
+
+    def hook(ck) -> None:
+        if curve is not None:
+            curve.record(coord, ck)
+        if run_state is not None:
+            run_state.save_round(method, ck, pool, curve=None if curve is None else curve.points)
+
+    return hook
 
 
 #: the per-method figures ``run_seeds`` gives ``mean`` and ``std`` of

@@ -23,6 +23,7 @@ from fmtl_edge.methods.layered import Layered
 from fmtl_edge.methods.local import Local
 from fmtl_edge.methods.loop import Loop
 from fmtl_edge.methods.mas import MAS
+from fmtl_edge.methods.mas_auto import MASAuto
 from fmtl_edge.methods.one_by_one import OneByOne
 from fmtl_edge.methods.tag import TAG
 from fmtl_edge.tasks import TaskSet
@@ -30,6 +31,7 @@ from fmtl_edge.tasks import TaskSet
 #: ``--methods`` name (without its ``-<arg>``) → method class
 METHODS: dict[str, type[Method]] = {
     "mas": MAS,
+    "mas-auto": MASAuto,
     "all-in-one": AllInOne,
     "one-by-one": OneByOne,
     "fedprox": FedProx,
