@@ -33,13 +33,15 @@ def derive_seed(*parts: Any) -> int:
     return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
-def build_model(spec: ModelSpec, tasks: TaskSet, state: Mapping[str, np.ndarray] | None, device: str = "cpu") -> MultiTaskModel:
-    """A model with ``tasks``' heads, loaded from ``state`` (every tensor of the model required).
+def build_model(spec: ModelSpec, tasks: TaskSet, state: Mapping[str, np.ndarray] | None, device: str = "cpu",
+                model: MultiTaskModel | None = None) -> MultiTaskModel:
+    """A model with ``tasks``' heads (or ``model``, a procedure's own architecture), loaded from
+    ``state`` (every tensor of the model required).
 
     Raises:
         ValueError: ``state`` lacks a tensor of the model or has one of the wrong shape.
     """
-    model = MultiTaskModel(spec, tasks)
+    model = MultiTaskModel(spec, tasks) if model is None else model
     if state is not None:
         own = model.state_dict()
         missing = [k for k in own if k not in state]
@@ -145,12 +147,20 @@ def train_round(
     key = assignment.state_key
     stored_all = state_store.load(key, assignment.round) if (state_store is not None and key) else None
     state, stored = overlay_personal(assignment.state, stored_all, assignment.personal)
-    model = build_model(spec, tasks.subset(assignment.tasks), state, cfg.device)
+    job_tasks = tasks.subset(assignment.tasks)
+    model = build_model(spec, job_tasks, state, cfg.device, proc.model(spec, job_tasks, assignment.method_config))
     freeze = make_freezer(assignment.frozen)
     freeze(model)
     rng = np.random.default_rng(derive_seed(assignment.seed, assignment.job, assignment.round, data.client_id))
+
+    def job_state(job: str):
+        if state_store is None or not key:
+            return None
+        ns, _, _ = key.rpartition("/")
+        return state_store.load(f"{ns}/{job}" if ns else job, 1 << 30)
+
     ctx = LocalContext(data=data, spec=spec, tasks=tasks.subset(mine), assignment=assignment, model=model,
-                       stored=stored, rng=rng, energy_probe=energy_probe, freeze=freeze, t0=t0)
+                       stored=stored, rng=rng, energy_probe=energy_probe, freeze=freeze, t0=t0, job_state=job_state)
     res = proc.train(ctx)
     final = state_to_numpy(model.state_dict())
     if state_store is not None and key and (assignment.personal or res.stored):
@@ -185,9 +195,11 @@ def check_memory_budget(spec: ModelSpec, tasks: TaskSet, assignment: Assignment,
     Raises:
         fmtl_edge.runtime.BudgetExceeded: ``kind="memory"`` when over ``memory_budget_bytes``.
     """
+    from fmtl_edge.procedures import get_procedure
     from fmtl_edge.runtime import check_memory, estimate_job_memory_bytes
 
-    model = MultiTaskModel(spec, tasks.subset(assignment.tasks))
+    job_tasks = tasks.subset(assignment.tasks)
+    model = get_procedure(assignment.procedure).model(spec, job_tasks, assignment.method_config)
     optimizer = "sgd_momentum" if assignment.config.momentum > 0 else "sgd"
     need = estimate_job_memory_bytes(model, spec.input_shape, assignment.config.batch_size, optimizer)
     if memory_budget_bytes is not None:
@@ -287,14 +299,16 @@ def evaluate_assignment(data: ClientData, spec: ModelSpec, tasks: TaskSet, assig
     Returns:
         task → sums, as :func:`evaluate_sums`.
     """
+    from fmtl_edge.procedures import get_procedure
+
     state: Mapping[str, np.ndarray] = assignment.state
     if assignment.personalised:
-        from fmtl_edge.procedures import get_procedure
-
         stored_all = state_store.load(assignment.state_key, 1 << 30) if (state_store is not None and assignment.state_key) else None
         state, stored = overlay_personal(state, stored_all, assignment.personal)
         state = get_procedure(assignment.procedure).personal_state(state, stored)
-    model = build_model(spec, tasks.subset(assignment.tasks), state, assignment.config.device)
+    job_tasks = tasks.subset(assignment.tasks)
+    model = build_model(spec, job_tasks, state, assignment.config.device,
+                        get_procedure(assignment.procedure).model(spec, job_tasks, assignment.method_config))
     return evaluate_sums(model, data, assignment.tasks)
 
 

@@ -24,10 +24,10 @@ from fmtl_edge.partition import PERSONAL
 
 
 def _requests(method, done: Mapping[str, JobOutcome], coord: Coordinator, clients: list[int] | None,
-              personalised: bool) -> list[tuple[int, Assignment]]:
+              personalised: bool, finals: Mapping[str, str]) -> list[tuple[int, Assignment]]:
     coord.namespace = method.name
     reqs = []
-    jobs = sorted(set(method.final_jobs(done).values()), key=list(done).index)
+    jobs = sorted(set(finals.values()), key=list(done).index)
     for j in jobs:
         o = done[j]
         layout = coord.layout(o.job, o.state)
@@ -55,26 +55,27 @@ def evaluate_method(method, done: Mapping[str, JobOutcome], coord: Coordinator,
     """
     evaluate = evaluate or coord.pool.evaluate
     finals = method.final_jobs(done)
+    own = method.personalised_jobs(done)
     tasks = coord.tasks
     answered: set[int] = set()
     out: dict[str, Any] = {"global": None, "personalised": None}
     if method.global_model:
-        res = evaluate(_requests(method, done, coord, clients, personalised=False))
+        res = evaluate(_requests(method, done, coord, clients, personalised=False, finals=finals))
         answered |= set(res)
         total: dict[str, dict] = {}
         for c in sorted(res):
             add_sums(total, {t: s for t, s in _final(res[c], finals).items()})
         out["global"] = _complete(tasks, finish_sums(tasks, total), finals)
     if method.personalised:
-        res = evaluate(_requests(method, done, coord, clients, personalised=True))
+        res = evaluate(_requests(method, done, coord, clients, personalised=True, finals=own))
         answered |= set(res)
         total = {}
         per_client = {}
         for c in sorted(res):
-            mine = _final(res[c], finals)
+            mine = _final(res[c], own)
             add_sums(total, mine)
             per_client[int(c)] = finish_sums(tasks, mine)
-        out["personalised"] = {"per_task": _complete(tasks, finish_sums(tasks, total), finals), "per_client": per_client}
+        out["personalised"] = {"per_task": _complete(tasks, finish_sums(tasks, total), own), "per_client": per_client}
     out["clients"] = sorted(answered)
     return out
 

@@ -3,7 +3,8 @@
 A per-task file holds the backbone θ_s of the task's final group plus the task's head θ_i, under the
 same names as :class:`~fmtl_edge.models.MultiTaskModel`'s state dict, with string metadata:
 ``task``, ``kind``, ``out_dim``, ``method``, ``input_shape`` (JSON), ``width``, ``format`` =
-``fmtl-edge/task-model/1``.
+``fmtl-edge/task-model/1``, and ``stacked_nodes`` (N) when the head is Loop Improvement's stacked
+head (:class:`~fmtl_edge.models.StackedHead`: ``heads.<task>.nodes.<j>.*`` + ``heads.<task>.mix.*``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Mapping
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from fmtl_edge.models import ModelSpec, MultiTaskModel
+from fmtl_edge.models import ModelSpec, MultiTaskModel, stacked_head_model
 from fmtl_edge.tasks import Task
 
 FORMAT = "fmtl-edge/task-model/1"
@@ -30,6 +31,10 @@ def save_task_model(path: str | Path, state: Mapping[str, np.ndarray], task: Tas
         "method": method, "input_shape": json.dumps(list(spec.input_shape)), "width": str(spec.width),
         "depth": str(spec.depth),
     }
+    prefix = f"heads.{task.name}.nodes."
+    slots = {k[len(prefix):].split(".", 1)[0] for k in state if k.startswith(prefix)}
+    if slots:
+        meta["stacked_nodes"] = str(len(slots))
     # np.ascontiguousarray would turn 0-d buffers (num_batches_tracked) into shape (1,)
     arrays = {k: np.array(v, order="C", copy=True) for k, v in state.items()}
     path = Path(path)
@@ -55,7 +60,8 @@ def load_task_model(path: str | Path) -> tuple[MultiTaskModel, Task]:
     spec = ModelSpec(tuple(json.loads(meta["input_shape"])), int(meta["width"]), int(meta["depth"]))
     import torch
 
-    model = MultiTaskModel(spec, [task])
+    nodes = int(meta.get("stacked_nodes", 0))
+    model = stacked_head_model(spec, [task], nodes) if nodes else MultiTaskModel(spec, [task])
     state = load_file(str(path))
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     return model.eval(), task

@@ -15,8 +15,9 @@ ICCV 2023, §3).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -200,3 +201,79 @@ class MultiTaskModel(nn.Module):
     def shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of θ_s (the backbone), in registration order."""
         return [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
+
+
+class StackedHead(nn.Module):
+    """Loop Improvement's global-model head (Li et al. 2024, arXiv 2403.14371, §3.4, solution 2):
+    every node's head for one task, stacked, feeding a small integrating network.
+
+    ``forward(f)``: each node head maps the backbone features to ``(B, C, ...)`` (C = the task's
+    ``out_dim``; ``...`` = H, W for a dense task); the N outputs are concatenated on the channel
+    axis, ``(B, N·C, ...)``, and ``mix`` (a linear map N·C → C applied at every position: a 1×1
+    convolution for dense tasks) gives ``(B, C, ...)``. Parameter names: ``nodes.<j>.*`` (node j's
+    head, as it was on the node) and ``mix.weight`` ``(C, N·C)``, ``mix.bias`` ``(C,)``, float32.
+    """
+
+    def __init__(self, make_head_fn, n_nodes: int, out_dim: int):
+        super().__init__()
+        if n_nodes < 1:
+            raise ValueError(f"a stacked head needs at least one node head, got {n_nodes}")
+        self.nodes = nn.ModuleList(make_head_fn() for _ in range(int(n_nodes)))
+        self.mix = nn.Linear(int(n_nodes) * int(out_dim), int(out_dim))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        z = torch.cat([h(f) for h in self.nodes], dim=1)
+        return self.mix(z.movedim(1, -1)).movedim(-1, 1)
+
+
+def stacked_head_model(spec: ModelSpec, tasks: TaskSet | Sequence[Task], n_nodes: int) -> MultiTaskModel:
+    """A :class:`MultiTaskModel` whose every head is a :class:`StackedHead` of ``n_nodes`` node heads
+    (names ``heads.<task>.nodes.<j>.*``, ``heads.<task>.mix.*``); the backbone is unchanged.
+
+    Raises:
+        ValueError: ``n_nodes < 1``; a dense task on a vector input.
+    """
+    model = MultiTaskModel(spec, tasks)
+    for t in model.tasks:
+        model.heads[t.name] = StackedHead(lambda t=t: make_head(t, spec, model.backbone), n_nodes, t.out_dim)
+    return model
+
+
+def stack_head_state(state: Mapping[str, np.ndarray], tasks: TaskSet, n_nodes: int) -> dict[str, np.ndarray]:
+    """The initial state of :func:`stacked_head_model` from a plain multi-task ``state``: the backbone
+    as it is, every node slot ``heads.<t>.nodes.<j>.*`` zero (a node that never fills its slot adds
+    nothing), and ``mix`` the mean of the node outputs (``W[c, j·C + c] = 1/N``, bias 0), so the
+    integrator starts as the average of the stacked heads.
+
+    Args:
+        state: name → array with ``backbone.*`` and ``heads.<t>.*`` for each task of ``tasks``.
+        tasks: the tasks (their ``out_dim`` sizes ``mix``).
+        n_nodes: N, the number of stacked node heads.
+
+    Returns:
+        name → float32 (buffers: their dtype) array.
+
+    Raises:
+        ValueError: ``n_nodes < 1``; ``state`` has no head for a task.
+    """
+    if n_nodes < 1:
+        raise ValueError(f"a stacked head needs at least one node head, got {n_nodes}")
+    out: dict[str, np.ndarray] = {}
+    for k, v in state.items():
+        if not k.startswith("heads."):
+            out[k] = np.asarray(v)
+    for t in tasks:
+        prefix = f"heads.{t.name}."
+        own = {k[len(prefix):]: np.asarray(v) for k, v in state.items() if k.startswith(prefix)}
+        if not own:
+            raise ValueError(f"the state has no head for task {t.name!r}")
+        for j in range(int(n_nodes)):
+            for rest, v in own.items():
+                out[f"{prefix}nodes.{j}.{rest}"] = np.zeros_like(v)
+        c = int(t.out_dim)
+        w = np.zeros((c, int(n_nodes) * c), dtype=np.float32)
+        for j in range(int(n_nodes)):
+            w[np.arange(c), j * c + np.arange(c)] = 1.0 / n_nodes
+        out[f"{prefix}mix.weight"] = w
+        out[f"{prefix}mix.bias"] = np.zeros(c, dtype=np.float32)
+    return out

@@ -4,6 +4,8 @@ process that records every upload, one ``fmtl-edge join`` agent per client on lo
 - the ring finishes; the coordinator relays the backbone from device to device; no upload carries a
   head (the heads stay in the agents' state folders); the per-client (personalised) results equal
   ``fmtl-edge simulate``'s with the same settings, exactly (rel 1e-9, as the other deployment tests);
+  the stacked-head global model's explicit gather pass sends each node's head once, its integrator
+  pass only the integrator, and its total test loss equals the simulation's;
 - an agent SIGKILLed mid-ring (after its first visit) is skipped, the refusal is in the round
   history, the run completes; its slot is never handed to another device (a ring node is a client:
   another device would train its own client out of turn, twice in the round);
@@ -45,6 +47,7 @@ clients_per_round = {K}
 width = {WIDTH}
 loop_epochs = 1
 loop_finetune_epochs = 1
+loop_global_rounds = 1
 dispatch_wait_s = 1.0
 
 [server]
@@ -80,7 +83,7 @@ def simulated(tmp_path_factory):
 
     cfg = build_config({"dataset": "digits", "rounds": ROUNDS, "max_samples": MAX_SAMPLES, "clients_per_round": K,
                         "methods": "loop", "meter": "null", "clients": CLIENTS, "width": WIDTH,
-                        "loop_epochs": 1, "loop_finetune_epochs": 1})
+                        "loop_epochs": 1, "loop_finetune_epochs": 1, "loop_global_rounds": 1})
     ds = load_dataset("digits", n_clients=CLIENTS, seed=0, max_samples=MAX_SAMPLES)
     threads = torch.get_num_threads()
     old_dir = os.environ.get("FMTL_EDGE_RUNTIME_DIR")
@@ -106,7 +109,7 @@ def _ring() -> list[int]:
 def _assert_no_head_uploaded(d: Deployment) -> list[Path]:
     from fmtl_edge.transport.tensors import SafetensorsFile
 
-    uploads = sorted(d.uploads.glob("loop-*.safetensors"))
+    uploads = sorted(d.uploads.glob("loop-r*.safetensors"))  # the ring's (job loop) uploads
     assert uploads
     for p in uploads:
         names = SafetensorsFile(p).names
@@ -123,13 +126,24 @@ def test_a_loop_ring_over_agents_keeps_heads_on_devices_and_equals_the_simulatio
     assert d.server.wait(30) == 0, d.server.text()[-3000:]
     m = res["methods"]["loop"]
     ref = simulated["methods"]["loop"]
-    hist = m["history"]
-    assert len(hist) == ROUNDS + 1
+    assert [h["job"] for h in m["history"]] == ["loop"] * (ROUNDS + 1) + ["loop-gather", "loop-global"]
+    hist = [h for h in m["history"] if h["job"] == "loop"]
     order = _ring()
     for h in hist[:ROUNDS]:   # a ring round: every node, one after another, in the ring's order
         assert h["clients"] == order and h["executed_by"] == order and not h["refused"], h
     assert sorted(hist[ROUNDS]["executed_by"]) == list(range(CLIENTS))   # the fine-tuning round
-    assert [h["clients"] for h in hist] == [h["clients"] for h in ref["history"]]
+    assert [h["clients"] for h in m["history"]] == [h["clients"] for h in ref["history"]]
+    # the global model's passes: the explicit gather sends the stacked heads, the integrator pass only mix.*
+    from fmtl_edge.transport.tensors import SafetensorsFile
+
+    gather = sorted(d.uploads.glob("loop-gather-r*.safetensors"))
+    assert len(gather) == CLIENTS and all(any(".nodes." in n for n in SafetensorsFile(p).names) for p in gather)
+    mix = sorted(d.uploads.glob("loop-global-r*.safetensors"))
+    assert len(mix) == CLIENTS
+    for p in mix:
+        assert {n for n in SafetensorsFile(p).names if n.startswith("heads.")} <= {n for n in SafetensorsFile(p).names
+                                                                                  if ".mix." in n}
+    assert m["total_test_loss"] == pytest.approx(ref["total_test_loss"], rel=1e-9)
     # the ring's visits uploaded the backbone only (the fine-tuning round uploads nothing of note)
     uploads = _assert_no_head_uploaded(d)
     assert len(uploads) == ROUNDS * CLIENTS + CLIENTS, [p.name for p in uploads]
@@ -162,7 +176,7 @@ def test_an_agent_killed_mid_ring_is_skipped_never_replaced_and_the_run_complete
     d.agents[victim].kill(signal.SIGKILL)
     res = d.results(timeout=180)
     assert d.server.wait(30) == 0, d.server.text()[-3000:]
-    hist = res["methods"]["loop"]["history"]
+    hist = [h for h in res["methods"]["loop"]["history"] if h["job"] == "loop"]
     assert len(hist) == ROUNDS + 1
     assert victim in hist[0]["executed_by"]
     for h in hist:
@@ -205,6 +219,7 @@ def test_the_server_killed_mid_ring_resumes_with_the_uninterrupted_result(ring, 
     ref = simulated["methods"]["loop"]
     assert [h["clients"] for h in m["history"]] == [h["clients"] for h in ref["history"]]
     assert [h["executed_by"] for h in m["history"][:ROUNDS]] == [order] * ROUNDS
+    assert m["total_test_loss"] == pytest.approx(ref["total_test_loss"], rel=1e-9)  # the global model too
     _assert_no_head_uploaded(d)
     _assert_same_per_client(m, ref)
     json.dumps(res)  # (the results stay JSON)

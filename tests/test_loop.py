@@ -49,18 +49,23 @@ def _run(method, faults=None, n_clients=3, k=2):
 
 
 def _loop(tasks, **kw):
-    base = dict(rounds=2, epochs=1, optimizer="sgd", finetune_epochs=1)
+    base = dict(rounds=2, epochs=1, optimizer="sgd", finetune_epochs=1, global_rounds=0)
     base.update(kw)
     return Loop(tasks, base.pop("rounds"), **base)
 
 
 def test_a_node_never_sends_its_head_and_keeps_it_in_its_state():
     ds = make_toy_dataset(n_clients=3, n_per_client=12)
-    ds, pool, coord, done = _run(_loop(ds.tasks))
+    ds, pool, coord, done = _run(_loop(ds.tasks, global_rounds=1))
     assert pool.updates and all(u.error is None for u in pool.updates)
     for u in pool.updates:
-        assert not [n for n in u.state if n.startswith("heads.")]
-        assert any(n.startswith("backbone.") for n in u.state)
+        heads = [n for n in u.state if n.startswith("heads.")]
+        if u.job == "loop-gather":  # the one explicit step where the heads leave their nodes
+            assert heads and all(".nodes." in n or ".mix." in n for n in heads)
+        elif u.job == "loop":
+            assert not heads and any(n.startswith("backbone.") for n in u.state)
+        else:  # the integrator passes (int counters such as num_batches_tracked aside)
+            assert all(".mix." in n for n, v in u.state.items() if np.issubdtype(np.asarray(v).dtype, np.floating))
     for c in pool.client_ids:
         kept = pool.state_store(c).load("loop/loop", 1 << 30)
         assert kept is not None and any(k.startswith("layer:heads.") for k in kept)
@@ -208,3 +213,67 @@ def test_the_tasks_ring_visits_one_task_per_round_and_reports_only_it():
         assert len(u.tasks) == 1
     m = _loop(ds.tasks, nodes="tasks")
     assert m.global_model and not m.personalised
+
+
+# -- the stacked-head global model (LI §3.4, solution 2) ------------------------------------------
+
+def test_stacked_head_starts_as_the_mean_of_the_node_heads():
+    from fmtl_edge.models import MultiTaskModel, stack_head_state, stacked_head_model
+
+    ds = make_toy_dataset(n_clients=2, n_per_client=8)
+    spec = ModelSpec((1, 8, 8), width=4)
+    nodes = [MultiTaskModel(spec, ds.tasks, seed=s) for s in (1, 2, 3)]
+    base = state_to_numpy(nodes[0].state_dict())
+    state = stack_head_state(base, ds.tasks, 3)
+    for j, m in enumerate(nodes):  # fill the slots as the gather pass does
+        for t in ds.tasks.names:
+            for n, v in m.heads[t].state_dict().items():
+                state[f"heads.{t}.nodes.{j}.{n}"] = v.numpy()
+    g = build_model(spec, ds.tasks, state, model=stacked_head_model(spec, ds.tasks, 3)).eval()
+    x = torch.from_numpy(ds.clients[0].x_test[:5])
+    with torch.no_grad():
+        f = g.backbone(x)
+        out = g.forward_heads(f)
+        for t in ds.tasks.names:
+            mean = sum(m.heads[t](f) for m in nodes) / 3
+            torch.testing.assert_close(out[t], mean, rtol=1e-5, atol=1e-6)
+
+
+def test_the_gather_pass_stacks_every_node_kept_head_and_the_integrator_pass_sends_only_the_integrator():
+    ds = make_toy_dataset(n_clients=3, n_per_client=12)
+    ds, pool, coord, done = _run(_loop(ds.tasks, rounds=1, global_rounds=2))
+    assert list(done) == ["loop", "loop-gather", "loop-global"]
+    nodes = done["loop-gather"].job.method_config["nodes"]
+    assert nodes == sorted(pool.client_ids)
+    gathered = done["loop-gather"].state
+    for j, c in enumerate(nodes):  # slot j holds exactly the head node j kept after the ring
+        kept = pool.state_store(c).load("loop/loop", 1 << 30)
+        for t in ds.tasks.names:
+            for k, v in kept.items():
+                if k.startswith(f"layer:heads.{t}."):
+                    rest = k[len(f"layer:heads.{t}."):]
+                    np.testing.assert_array_equal(gathered[f"heads.{t}.nodes.{j}.{rest}"], v)
+    train = [u for u, (_, a) in zip(pool.updates, pool.sent) if a.job == "loop-global"]
+    assert len(train) == 2 * len(nodes)  # two ring passes
+    for u in train:
+        floats = [n for n, v in u.state.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
+        assert floats and all(".mix." in n for n in floats), floats[:3]
+    final = done["loop-global"].state
+    for n, v in gathered.items():  # backbone and stacked heads frozen; the integrator moved
+        if ".mix." not in n and np.issubdtype(np.asarray(v).dtype, np.floating):
+            np.testing.assert_array_equal(final[n], v)
+    assert any(not np.array_equal(final[n], gathered[n]) for n in final if ".mix." in n)
+
+
+def test_loop_reports_the_global_model_beside_the_personalised_one():
+    from fmtl_edge.evaluation import evaluate_method
+
+    ds = make_toy_dataset(n_clients=3, n_per_client=12)
+    method = _loop(ds.tasks, rounds=1, global_rounds=1)
+    ds, pool, coord, done = _run(method)
+    ev = evaluate_method(method, done, coord)
+    assert ev["global"] is not None and ev["personalised"] is not None
+    assert set(ev["global"]) == set(ds.tasks.names)
+    assert set(ev["personalised"]["per_client"]) == set(pool.client_ids)
+    off = _loop(ds.tasks, rounds=1, global_rounds=0)
+    assert not off.global_model and off.next_jobs({"loop": done["loop"]}) == []

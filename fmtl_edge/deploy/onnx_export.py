@@ -313,12 +313,14 @@ def group_model(models: Sequence[MultiTaskModel]) -> MultiTaskModel:
     """
     if not _same_backbone(models):
         raise ValueError("the task models do not share one backbone")
+    import copy
+
     tasks = [t for m in models for t in m.tasks]
     merged = MultiTaskModel(models[0].spec, tasks)
-    state = {k: v for k, v in models[0].state_dict().items() if k.startswith("backbone.")}
-    for m in models:
-        state.update({k: v for k, v in m.state_dict().items() if k.startswith("heads.")})
-    merged.load_state_dict(state)
+    merged.backbone.load_state_dict(models[0].backbone.state_dict())
+    for m in models:  # the heads as they are (a stacked head keeps its own structure)
+        for t in m.task_names:
+            merged.heads[t] = copy.deepcopy(m.heads[t])
     return merged.eval()
 
 

@@ -135,6 +135,11 @@ class Method(ABC):
     def final_jobs(self, done: Mapping[str, JobOutcome]) -> dict[str, str]:
         """task name → name of the job whose final weights are that task's final model."""
 
+    def personalised_jobs(self, done: Mapping[str, JobOutcome]) -> dict[str, str]:
+        """task name → the job whose client state gives each client's own model of that task
+        (personalised evaluation); default: :meth:`final_jobs`."""
+        return self.final_jobs(done)
+
     def strategy(self, job: Job) -> Strategy:
         """The strategy that runs ``job``'s rounds."""
         return FedAvgStrategy(job.procedure, job.method_config, job.sampling, self.aggregator, self.trim_fraction)

@@ -25,8 +25,17 @@ it rejoins in the next pass (the ring is recomputed every round); nothing traine
 round with no surviving node raises :class:`~fmtl_edge.coordinator.RoundFailed`. In the tasks ring a
 node (a task) fails only when all its K clients do.
 
-Not done: §3.4's stacked-head global model (gathering every node's head would be an explicit step:
-heads otherwise never leave a node).
+Global model (§3.4, solution 2; clients ring, ``--loop-global-rounds G``, 0 = none): after the ring,
+
+1. ``loop-gather`` (one ring pass): the explicit step where heads leave their nodes: each node puts
+   the head it kept into its slot of a stacked-head model (:func:`fmtl_edge.models.stacked_head_model`,
+   slots in client-id order) that travels the ring to the server;
+2. ``loop-global`` (G ring passes): each node trains only the small integrating network over the
+   stacked head outputs on its own data (backbone and heads frozen, so only the integrator travels;
+   the reference code trains it on pooled data, which is not FL).
+
+Its model is the method's global model (evaluated on the union test set, exported per task); each
+node's own head on the final backbone stays its personalised model.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import numpy as np
 
 from fmtl_edge.coordinator import Job, JobOutcome
 from fmtl_edge.methods.base import Method, Option, option
+from fmtl_edge.models import stack_head_state
 from fmtl_edge.strategy import (Aggregation, ClientTask, FedAvgAggregation, KeepAggregation, RoundContext,
                                 SequentialStrategy, Strategy, sample_uniform)
 from fmtl_edge.tasks import TaskSet
@@ -132,12 +142,17 @@ class Loop(Method):
         Option("loop_finetune_epochs", int, 6, "loop: final head fine-tuning epochs on the final backbone "
                "(reference: 6; 0 = off)"),
         Option("loop_finetune_lr", float, 2e-5, "loop: final head fine-tuning learning rate (2e-5)"),
+        Option("loop_global_rounds", int, 2, "loop, clients ring: ring passes training the stacked-head global "
+               "model's integrator after the heads are gathered (LI §3.4; default 2, 0 = no global model)"),
+        Option("loop_global_epochs", int, 1, "loop: integrator epochs per visit (default 1)"),
+        Option("loop_global_lr", float, 1e-3, "loop: integrator learning rate (default 1e-3)"),
     )
 
     def __init__(self, tasks: TaskSet, rounds: int, nodes: str = "clients", steps: int = 2, epochs: int = 2,
                  optimizer: str = "adamw", lr_head: float = 1e-4, lr_backbone: float = 4e-4, lr_all: float = 5e-4,
                  weight_decay: float = 0.1, finetune_epochs: int = 6, finetune_lr: float = 2e-5,
-                 decay_every: int = 10, **kw):
+                 decay_every: int = 10, global_rounds: int = 2, global_epochs: int = 1, global_lr: float = 1e-3,
+                 **kw):
         super().__init__(tasks, rounds, **kw)
         if nodes not in NODES:
             raise ValueError(f"--loop-nodes: {nodes!r} is not clients or tasks")
@@ -153,6 +168,12 @@ class Loop(Method):
                 raise ValueError(f"{flag}: must be > 0, got {v}")
         if weight_decay < 0:
             raise ValueError(f"--loop-weight-decay: must be >= 0, got {weight_decay}")
+        if global_rounds < 0:
+            raise ValueError(f"--loop-global-rounds: must be >= 0 (0 = no global model), got {global_rounds}")
+        if global_epochs < 1:
+            raise ValueError(f"--loop-global-epochs: must be >= 1, got {global_epochs}")
+        if not global_lr > 0:
+            raise ValueError(f"--loop-global-lr: must be > 0, got {global_lr}")
         if finetune_epochs < 0:
             raise ValueError(f"--loop-finetune-epochs: must be >= 0 (0 = off), got {finetune_epochs}")
         self.nodes = nodes
@@ -164,8 +185,11 @@ class Loop(Method):
             "decay_every": int(decay_every), "decay_factor": 0.5, "finetune_epochs": self.finetune_epochs,
             "finetune_lr": float(finetune_lr), "pass_length": self.ring_length,
         }
+        self.global_rounds = int(global_rounds) if nodes == "clients" else 0
+        self.global_config: dict[str, Any] = {"epochs": int(global_epochs), "lr": float(global_lr), "optimizer": optimizer,
+                                              "weight_decay": float(weight_decay)}
         self.personalised = nodes == "clients"
-        self.global_model = nodes == "tasks"
+        self.global_model = nodes == "tasks" or self.global_rounds > 0
 
     @classmethod
     def settings(cls, cfg: Any) -> dict[str, Any]:
@@ -175,7 +199,9 @@ class Loop(Method):
         return dict(nodes=o("loop_nodes"), steps=o("loop_steps"), epochs=o("loop_epochs"),
                    optimizer=o("loop_optimizer"), lr_head=o("loop_lr_head"), lr_backbone=o("loop_lr_backbone"),
                    lr_all=o("loop_lr_all"), weight_decay=o("loop_weight_decay"),
-                    finetune_epochs=o("loop_finetune_epochs"), finetune_lr=o("loop_finetune_lr"))
+                    finetune_epochs=o("loop_finetune_epochs"), finetune_lr=o("loop_finetune_lr"),
+                    global_rounds=o("loop_global_rounds"), global_epochs=o("loop_global_epochs"),
+                    global_lr=o("loop_global_lr"))
 
     @property
     def train_rounds(self) -> int:
@@ -189,16 +215,43 @@ class Loop(Method):
         return Job("loop", tuple(self.tasks.names), self.train_rounds + extra, procedure="loop",
                    method_config=dict(self.config))
 
+    def global_jobs(self, nodes: list[int]) -> tuple[Job, Job]:
+        """The gather pass and the integrator passes of the stacked-head global model over ``nodes``
+        (the ring's client ids; the slots' order)."""
+        base = {"nodes": [int(n) for n in nodes], "heads_from": "loop"}
+        tasks = tuple(self.tasks.names)
+        gather = Job("loop-gather", tasks, 1, init_from="loop", procedure="loop-global",
+                     method_config={**base, "phase": "gather"})
+        train = Job("loop-global", tasks, self.global_rounds, init_from="loop-gather", procedure="loop-global",
+                    method_config={**base, **self.global_config, "phase": "train"},
+                    frozen=("backbone.*", "heads.*.nodes.*"))
+        return gather, train
+
     def strategy(self, job: Job) -> Strategy:
+        if job.name in ("loop-gather", "loop-global"):
+            return ClientRing(job.procedure, job.method_config, job.rounds)
         if self.nodes == "clients":
             return ClientRing(job.procedure, job.method_config, self.train_rounds)
         return TaskRing(job.procedure, job.method_config, job.tasks, self.train_rounds)
 
+    def initial_state(self, job: Job, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if job.name == "loop-gather":
+            return stack_head_state(state, self.tasks.subset(job.tasks), len(job.method_config["nodes"]))
+        return state
+
     def next_jobs(self, done: Mapping[str, JobOutcome]) -> list[Job]:
-        return [] if "loop" in done else [self.job()]
+        if "loop" not in done:
+            return [self.job()]
+        if not self.global_rounds:
+            return []
+        gather, train = self.global_jobs(sorted(int(c) for c in done["loop"].history[0].clients))
+        return [j for j in (gather, train) if j.name not in done][:1]
 
     def final_jobs(self, done: Mapping[str, JobOutcome]) -> dict[str, str]:
+        return {t: "loop-global" if self.global_rounds else "loop" for t in self.tasks.names}
+
+    def personalised_jobs(self, done: Mapping[str, JobOutcome]) -> dict[str, str]:
         return {t: "loop" for t in self.tasks.names}
 
     def planned_rounds(self) -> int:
-        return self.job().rounds
+        return self.job().rounds + (1 + self.global_rounds if self.global_rounds else 0)

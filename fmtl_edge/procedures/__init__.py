@@ -14,6 +14,8 @@ procedure and uploads what may leave the client. A new method registers its proc
                 (``lambda``, ``personal_epochs``); p_k is client state
 ``loop``        a Loop Improvement visit: heads only, backbone only, optionally all layers, each
                 with its own optimiser (AdamW or SGD); ``phase=finetune``: the heads only
+``loop-global`` Loop Improvement's stacked-head global model: ``phase=gather`` puts the node's kept
+                head into its slot, ``phase=train`` trains the integrating network only
 =============== ===================================================================================
 """
 
@@ -27,5 +29,6 @@ from fmtl_edge.procedures import fedprox as _fedprox  # noqa: E402,F401
 from fmtl_edge.procedures import ditto as _ditto  # noqa: E402,F401
 from fmtl_edge.procedures import gradnorm as _gradnorm  # noqa: E402,F401
 from fmtl_edge.procedures import loop as _loop  # noqa: E402,F401
+from fmtl_edge.procedures import loop_global as _loop_global  # noqa: E402,F401
 
 __all__ = ["LocalContext", "LocalResult", "Procedure", "get_procedure", "procedure_names", "register"]

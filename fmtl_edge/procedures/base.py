@@ -35,6 +35,10 @@ class LocalContext:
         freeze: callable that freezes the assignment's frozen tensors in a model (no gradient; their
             BatchNorm modules in eval mode, so running statistics do not move); called after every
             ``model.train()``, also on any other model a procedure trains.
+        job_state: ``job name -> dict | None``: this client's own stored state of another job of the
+            same method (newest version; the ``layer:`` entries included), e.g. Loop Improvement's
+            gather reading the head a node kept in the ring job. It reads the client's own store
+            only: nothing leaves the client unless the procedure puts it into the model.
     """
 
     data: ClientData
@@ -47,6 +51,7 @@ class LocalContext:
     energy_probe: Callable[[], float | None] | None = None
     freeze: Callable[[torch.nn.Module], None] = lambda m: None
     t0: float = field(default_factory=time.perf_counter)
+    job_state: Callable[[str], dict[str, np.ndarray] | None] = lambda job: None
 
     def setting(self, key: str, default: Any = None, kind: type | None = None) -> Any:
         """``method_config[key]`` coerced to ``kind`` (or ``default`` when absent).
@@ -101,6 +106,12 @@ class Procedure(ABC):
     @abstractmethod
     def train(self, ctx: LocalContext) -> LocalResult:
         """Train ``ctx.model`` in place for one round; return the round's figures."""
+
+    def model(self, spec: ModelSpec, tasks: TaskSet, method_config: Mapping[str, Any]) -> MultiTaskModel:
+        """The (untrained) model this procedure trains and evaluates, before the state is loaded;
+        default: :class:`~fmtl_edge.models.MultiTaskModel` of ``tasks``. Raises ValueError on bad
+        ``method_config`` values."""
+        return MultiTaskModel(spec, tasks)
 
     def personal_state(self, global_state: Mapping[str, np.ndarray],
                        stored: Mapping[str, np.ndarray] | None) -> Mapping[str, np.ndarray]:
