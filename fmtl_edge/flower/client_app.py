@@ -121,8 +121,8 @@ def _runtime(profile: str | None, meter: str | None, lease_wait_s: float):
 class _Node:
     """What one ClientApp call needs, from its Context: config, own data, runtime, state store."""
 
-    def __init__(self, context: Context):
-        run_config = dict(context.run_config)
+    def __init__(self, context: Context, overrides: Mapping | None = None):
+        run_config = {**dict(context.run_config), **dict(overrides or {})}
         node_config = dict(context.node_config)
         self.cfg = _config(tuple(sorted(run_config.items())))
         _, self.app = split_run_config(run_config)
@@ -132,7 +132,7 @@ class _Node:
         self.data: LocalData = local_data(self.cfg, self.app, int(node_config["partition-id"]))
         self.meter, self.profile = _runtime(node_config.get("profile", self.cfg.profile), self.cfg.meter,
                                             float(self.cfg.lease_wait_s))
-        self.lease_id = str(node_config.get("lease", "local"))
+        self.lease_id = str(node_config.get("lease", self.app["lease"]))
         _warm_up()
         state_dir = node_config.get("state-dir")
         cid = self.data.client.client_id
@@ -158,46 +158,59 @@ class _Node:
         return a
 
 
-app = ClientApp()
+def make_client_app(run_config: Mapping | None = None) -> ClientApp:
+    """A ClientApp with ``query``, ``train`` and ``evaluate`` (see the module docstring).
+
+    Args:
+        run_config: run-config keys laid over ``context.run_config`` (for Flower's Python
+            simulation API, ``flwr.simulation.run_simulation``, which gives the apps no run
+            config); None: the run config of ``flwr run`` as it is.
+    """
+    over = dict(run_config or {})
+    capp = ClientApp()
+
+    @capp.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Reply with this node's client description (and, when asked, the data set's and device's)."""
+        node = _Node(context, over)
+        q = msg.content.config_records.get("fmtl.query") or {}
+        info = client_info(node.data, node.profile, node.meter, with_dataset=bool(q.get("with_dataset", False)))
+        return Message(codec.encode_info(info), reply_to=msg)
+
+    @capp.train()
+    def train(msg: Message, context: Context) -> Message:
+        """Run the assignment with :func:`fmtl_edge.client.execute`; reply with the update (its
+        uploaded tensors only) or a structured refusal (lease busy, budget)."""
+        from fmtl_edge.client import execute
+        from fmtl_edge.coordinator import refusal
+        from fmtl_edge.runtime import BudgetExceeded, DeviceBusy
+
+        node = _Node(context, over)
+        a, spec = codec.decode_assignment(msg.content)
+        a = node.tighten(a)
+        d = node.data
+        try:
+            upd = execute(d.client, spec, d.tasks, a, node.meter, node.lease(), node.profile.memory_budget_bytes,
+                          node.store)
+        except (BudgetExceeded, DeviceBusy) as e:
+            upd = refusal(d.client.client_id, a, e.to_dict())
+        return Message(codec.encode_update(upd), reply_to=msg)
+
+    @capp.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """Reply with the test sums of the assignment's model (global, or the client's own)."""
+        from fmtl_edge.client import evaluate_assignment
+
+        node = _Node(context, over)
+        a, spec = codec.decode_assignment(msg.content)
+        sums = evaluate_assignment(node.data.client, spec, node.data.tasks, a, node.store)
+        return Message(codec.encode_eval(sums), reply_to=msg)
+
+    return capp
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """Reply with this node's client description (and, when asked, the data set's and device's)."""
-    node = _Node(context)
-    q = msg.content.config_records.get("fmtl.query") or {}
-    info = client_info(node.data, node.profile, node.meter, with_dataset=bool(q.get("with_dataset", False)))
-    return Message(codec.encode_info(info), reply_to=msg)
+#: the ClientApp of ``flwr run`` (``fmtl_edge.flower.client_app:app``)
+app = make_client_app()
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Run the assignment with :func:`fmtl_edge.client.execute`; reply with the update (its
-    uploaded tensors only) or a structured refusal (lease busy, budget)."""
-    from fmtl_edge.client import execute
-    from fmtl_edge.coordinator import refusal
-    from fmtl_edge.runtime import BudgetExceeded, DeviceBusy
-
-    node = _Node(context)
-    a, spec = codec.decode_assignment(msg.content)
-    a = node.tighten(a)
-    d = node.data
-    try:
-        upd = execute(d.client, spec, d.tasks, a, node.meter, node.lease(), node.profile.memory_budget_bytes, node.store)
-    except (BudgetExceeded, DeviceBusy) as e:
-        upd = refusal(d.client.client_id, a, e.to_dict())
-    return Message(codec.encode_update(upd), reply_to=msg)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Reply with the test sums of the assignment's model (global, or the client's own)."""
-    from fmtl_edge.client import evaluate_assignment
-
-    node = _Node(context)
-    a, spec = codec.decode_assignment(msg.content)
-    sums = evaluate_assignment(node.data.client, spec, node.data.tasks, a, node.store)
-    return Message(codec.encode_eval(sums), reply_to=msg)
-
-
-__all__ = ["ContextStateStore", "app"]
+__all__ = ["ContextStateStore", "app", "make_client_app"]

@@ -29,9 +29,11 @@ from fmtl_edge.tasks import Task, TaskSet
 
 #: the apps' own run-config keys and their defaults (not fields of SimulationConfig)
 APP_KEYS: dict[str, Any] = {
+    "config": "",  # an fmtl-edge TOML config file (as `simulate --config`); its keys lie under the run config's
     "round-timeout-s": 600.0,  # send_and_receive timeout per round (a client not answering is refused)
     "nodes-wait-s": 120.0,  # how long the ServerApp waits for the nodes to connect
     "overwrite": True,  # replace an earlier results.json in ``out``
+    "lease": "local",  # the device lease of a ClientApp's executions ("none": no lease); node config "lease" wins
     "synthetic-train": 32,  # samples per client of dataset "synthetic" (train split)
     "synthetic-test": 8,  # ... (test split)
 }
@@ -53,8 +55,9 @@ def split_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], dic
 
 
 def simulation_config(run_config: Mapping[str, Any]) -> SimulationConfig:
-    """The :class:`SimulationConfig` of a Flower run config: defaults < dataset preset < the run
-    config's keys (named as in ``simulate``'s TOML file, ``-`` or ``_``).
+    """The :class:`SimulationConfig` of a Flower run config: defaults < dataset preset < the TOML
+    file named by ``config`` (as ``simulate --config``) < the run config's keys (named as in that
+    file, ``-`` or ``_``; ``""`` leaves an optional setting unset, as Flower's config has no null).
 
     Raises:
         ConfigError: an unknown key (named, with the nearest known one), a wrong type or an
@@ -63,7 +66,7 @@ def simulation_config(run_config: Mapping[str, Any]) -> SimulationConfig:
     from fmtl_edge.config import _FIELDS, _coerce, build_config
     from fmtl_edge.methods import method_options
 
-    sim, _ = split_run_config(run_config)
+    sim, app = split_run_config(run_config)
     opts = method_options()
     flags: dict[str, Any] = {"method_options": {}}
     for key, value in sim.items():
@@ -78,6 +81,8 @@ def simulation_config(run_config: Mapping[str, Any]) -> SimulationConfig:
             near = difflib.get_close_matches(key.replace("_", "-"), known, n=1, cutoff=0.6)
             hint = f"did you mean {near[0]}? " if near else ""
             raise ConfigError(f"run config: {key}", f"unknown key; {hint}known keys: {', '.join(known)}")
+        if value == "" and _FIELDS[name].default is None:
+            continue  # Flower's config has no null: "" leaves an optional setting unset
         if name == "layers" and isinstance(value, str):
             try:
                 value = json.loads(value)
@@ -86,7 +91,7 @@ def simulation_config(run_config: Mapping[str, Any]) -> SimulationConfig:
         flags[name] = _coerce(name, value)
     if flags.get("dataset") == SYNTHETIC and flags.get("clients") is None:
         raise ConfigError("clients", "dataset 'synthetic' needs clients = N (the number of simulated clients)")
-    return build_config(flags)
+    return build_config(flags, str(app["config"]) or None)
 
 
 @dataclass

@@ -168,18 +168,42 @@ def _ranges(ids: list[int]) -> str:
     return str(ids[:10]) + ("..." if len(ids) > 10 else "")
 
 
-app = ServerApp()
+def make_server_app(run_config: Mapping[str, Any] | None = None, sink: dict | None = None,
+                    write: bool = True) -> ServerApp:
+    """A ServerApp whose ``main`` runs :func:`serve` over its grid.
+
+    Args:
+        run_config: keys laid over ``context.run_config`` (for ``flwr.simulation.run_simulation``,
+            which gives the apps no run config); None: the run config of ``flwr run``.
+        sink: when given, ``sink["results"]``, ``sink["models"]`` and ``sink["out"]`` receive
+            what :func:`serve` returns (the Python simulation API returns nothing).
+        write: write ``results.json`` and the models into ``out`` (False: only ``sink``).
+    """
+    over = dict(run_config or {})
+    sapp = ServerApp()
+
+    @sapp.main()
+    def main(grid: Grid, context: Context) -> None:
+        """Run the methods of the run config over the grid's nodes; write the results."""
+        _log_to_stderr()
+        results, models, out = serve(grid, {**dict(context.run_config), **over}, write=write)
+        if sink is not None:
+            sink.update(results=results, models=models, out=out)
+
+    return sapp
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run the methods of ``context.run_config`` over the grid's nodes; write the results."""
-    logging.getLogger("fmtl_edge").setLevel(logging.INFO)
-    if not logging.getLogger("fmtl_edge").handlers:
+def _log_to_stderr() -> None:
+    lg = logging.getLogger("fmtl_edge")
+    lg.setLevel(logging.INFO)
+    if not lg.handlers:
         h = logging.StreamHandler()
         h.setFormatter(logging.Formatter("%(asctime)s fmtl-edge %(message)s", "%H:%M:%S"))
-        logging.getLogger("fmtl_edge").addHandler(h)
-    serve(grid, dict(context.run_config))
+        lg.addHandler(h)
 
 
-__all__ = ["app", "run_methods_on_pool", "serve"]
+#: the ServerApp of ``flwr run`` (``fmtl_edge.flower.server_app:app``)
+app = make_server_app()
+
+
+__all__ = ["app", "make_server_app", "run_methods_on_pool", "serve"]
