@@ -13,7 +13,8 @@ the coordinator, FedAvg strategy, streaming aggregation, evaluation) on the ``sy
 
 Each engine runs in its own subprocess, so each driver's peak RSS (``getrusage``) is its own. No
 lease and no meter on either side (``lease = "none"``, ``meter = "null"``): this measures the
-engines, not the device. Printed per engine: per-round wall seconds (round 0 apart: it includes
+engines, not the device. Both train with ``--cpus-per-client`` torch threads per client (Ray sets an
+actor's threads to its CPUs; the in-process engine is set to the same). Printed per engine: per-round wall seconds (round 0 apart: it includes
 Flower's actor start-up), the mean of the later rounds, and the driver's peak RSS.
 
 Run:  ``python bench/flower_scale.py [--clients 1000] [-K 100] [--rounds 4] [--json out.json]``
@@ -57,6 +58,9 @@ def one_engine(args) -> dict:
         from fmtl_edge.models import ModelSpec
         from fmtl_edge.simulation import warm_up
 
+        import torch
+
+        torch.set_num_threads(args.cpus_per_client)  # as Ray gives each ClientApp actor
         cfg = simulation_config(rc)
         ds = synthetic_dataset(cfg.seed, args.clients, args.train, args.test)
         warm_up()
