@@ -62,7 +62,7 @@ def _add_simulate(sub) -> None:
     g = p.add_argument_group("federated training")
     g.add_argument("--methods", help="comma list (default: mas-2,all-in-one,one-by-one)")
     g.add_argument("--rounds", type=int, help="R, rounds per task (preset: 30; paper: 100)")
-    g.add_argument("--r0", type=int, help="R0, rounds of MAS's merged phase (default: R/3)")
+    g.add_argument("--r0", type=int, help="R0, rounds of MAS's merged phase (default: R/3; mas-auto: its cap)")
     g.add_argument("--clients-per-round", type=int, help="K, clients sampled per round (default 4)")
     g.add_argument("--local-epochs", type=int, help="E, local epochs per round (default 1)")
     g.add_argument("--batch-size", type=int, help="samples per SGD step (default: preset)")
