@@ -277,6 +277,32 @@ def test_server_app_equals_simulate_and_loads_no_client_data(reference, tmp_path
         assert {p.name for p in (out / "models" / m).iterdir()} == {f"{t}.safetensors" for t in ref_models[m]}
 
 
+def test_personalised_and_ring_methods_equal_simulate(tmp_path, monkeypatch):
+    """ditto (p_k in Context.state), loop (a ring: one message per visit, execute_in_turn) and layered
+    (personal heads) through the apps: simulate's final weights bit for bit and its personalised
+    figures, per client too."""
+    from fmtl_edge.flower.client_app import make_client_app
+    from fmtl_edge.flower.server_app import serve
+
+    monkeypatch.setenv("FMTL_EDGE_RUNTIME_DIR", str(tmp_path))
+    import torch
+
+    rc = {**SMALL, "methods": "ditto,loop,layered", "rounds": 2, "layers": json.dumps({"personal": ["heads.*"]})}
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results, models, _ = serve(AppGrid(make_client_app(), 4, rc), rc, write=False)
+    finally:
+        torch.set_num_threads(old)
+    ref_results, ref_models = _inprocess(rc, threads=1)
+    assert _max_diff(models, ref_models) == 0.0
+    for m in ("ditto", "loop", "layered"):
+        e, r = results["methods"][m], ref_results["methods"][m]
+        assert e["personalised_total_test_loss"] == r["personalised_total_test_loss"] is not None
+        assert e["per_client"] == r["per_client"]
+        assert e["total_test_loss"] == r["total_test_loss"]
+
+
 def test_pool_refuses_missing_and_error_replies():
     """A node that does not answer, or answers with a Flower error, is a structured refusal."""
     from fmtl_edge.flower.client_app import make_client_app
