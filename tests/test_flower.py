@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,13 @@ def _task_identity():
 
 
 class AppGrid:
-    """A Grid for tests: every message goes to the real ClientApp with its node's own Context
-    (node config ``partition-id``), one after another in this process; replies are kept for
-    inspection. ``tamper(reply, request) -> reply`` may change a train reply."""
+    """A Grid for tests: every pushed message goes at once to the real ClientApp with its node's
+    own Context (node config ``partition-id``), in this process; ``pull_messages`` hands the
+    replies back in the reverse of the push order (the worst arrival order for the pool's in-order
+    hand-off). Messages to ``silent`` nodes get no reply. ``tamper(reply, request) -> reply`` may
+    change a train reply. Requests and replies are kept for inspection."""
 
-    def __init__(self, client_app, n: int, run_config: dict, node_base: int = 1000, tamper=None):
+    def __init__(self, client_app, n: int, run_config: dict, node_base: int = 1000, tamper=None, silent=()):
         self.app = client_app
         self.contexts = {node_base + i: Context(run_id=1, node_id=node_base + i,
                                                 node_config={"partition-id": i, "num-partitions": n},
@@ -59,15 +62,23 @@ class AppGrid:
         self.sent: list[Message] = []
         self.replies: list[Message] = []
         self.tamper = tamper
+        self.silent = set(silent)
         self.in_client = False
+        self._waiting: dict[str, Message] = {}
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
+    def push_messages(self, messages):
+        from uuid import uuid4
+
+        ids = []
         for m in messages:
+            m.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do on push
+            ids.append(m.metadata.message_id)
             self.sent.append(m)
+            if m.metadata.dst_node_id in self.silent:
+                continue
             self.in_client = True
             try:
                 r = self.app(m, self.contexts[m.metadata.dst_node_id])
@@ -78,8 +89,18 @@ class AppGrid:
             if self.tamper is not None and m.metadata.message_type == "train" and not r.has_error():
                 r = self.tamper(r, m)
             self.replies.append(r)
-            out.append(r)
+            self._waiting[m.metadata.message_id] = r
+        return ids
+
+    def pull_messages(self, message_ids):
+        want = set(message_ids)
+        out = [r for mid, r in reversed(list(self._waiting.items())) if mid in want]
+        for r in out:
+            del self._waiting[r.metadata.reply_to_message_id]
         return out
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 def _inprocess(rc: dict, threads: int | None = None):
@@ -304,27 +325,22 @@ def test_personalised_and_ring_methods_equal_simulate(tmp_path, monkeypatch):
 
 
 def test_pool_refuses_missing_and_error_replies():
-    """A node that does not answer, or answers with a Flower error, is a structured refusal."""
+    """A node that does not answer in time, or answers with a Flower error, is a structured
+    refusal; the others' updates come back in the work's order."""
     from fmtl_edge.flower.client_app import make_client_app
     from fmtl_edge.flower.pool import FlowerGridPool, query_nodes
 
     grid = AppGrid(make_client_app(), 4, SMALL)
     infos = query_nodes(grid, grid.get_node_ids(), 10)
     assert sorted(i["client_id"] for i in infos.values()) == [0, 1, 2, 3]
-    pool = FlowerGridPool(grid, infos, ModelSpec((1, 8, 8), width=4), timeout_s=1)
-    state = {"x": np.zeros(2, np.float32)}
-    a = Assignment("j", 0, ("digit",), state, 0.1, TrainConfig())
-    real = grid.send_and_receive
-
-    def lossy(messages, timeout=None):
-        msgs = list(messages)
-        out = real(msgs[:1], timeout=timeout)  # the first one errors (bad state), the second gets no reply
-        return out
-
-    grid.send_and_receive = lossy
-    ups = list(pool.execute_many([(0, a), (1, a)]))
-    assert [u.client_id for u in ups] == [0, 1]
-    assert ups[0].error["kind"] == "error" and ups[1].error["kind"] == "timeout"
+    pool = FlowerGridPool(grid, infos, ModelSpec((1, 8, 8), width=4), timeout_s=0.3)
+    grid.silent = {pool.node_of(1)}
+    a = Assignment("j", 0, ("digit",), {"x": np.zeros(2, np.float32)}, 0.1, TrainConfig())  # fits no model
+    t0 = time.monotonic()
+    ups = list(pool.execute_many([(0, a), (1, a), (2, a)]))
+    assert [u.client_id for u in ups] == [0, 1, 2]
+    assert [u.error["kind"] for u in ups] == ["error", "timeout", "error"]
+    assert "lacks" in ups[0].error["message"] and time.monotonic() - t0 < 5
 
 
 def test_flower_simulation_engine_matches_inprocess(reference):

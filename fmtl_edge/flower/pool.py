@@ -3,9 +3,11 @@
 The coordinator is the same code as in ``simulate`` and ``fmtl-server`` (DESIGN.md §3): only the
 pool differs. :class:`FlowerGridPool` turns each ``(client, Assignment)`` into a Flower ``train``
 or ``evaluate`` :class:`~flwr.app.Message` to the client's node (:mod:`fmtl_edge.flower.codec`),
-sends a round's messages together with :meth:`Grid.send_and_receive` (Flower's engine runs them,
-in parallel where it has the resources) and hands the replies back **in the plan's order**, so the
-streaming aggregation adds them in the same order as the in-process pool does.
+pushes a round's messages together (:meth:`Grid.push_messages`: Flower's engine runs them, in
+parallel where it has the resources), pulls the replies (:meth:`Grid.pull_messages`) and hands
+them on **in the plan's order** as soon as the next one is there, so the streaming aggregation
+adds them in the same order as the in-process pool does and the driver holds only the replies
+that arrive ahead of their turn.
 
 Every reply is checked before it reaches the aggregate: it must be the echo of its assignment
 (job, round, client) and carry no tensor outside :meth:`Assignment.uploaded_names` (client state —
@@ -93,17 +95,20 @@ class FlowerGridPool(ClientPool):
         infos: node id → the client's description (:func:`query_nodes`); the client id is the
             node's ``partition-id``.
         spec: the model architecture (sent with every assignment).
-        timeout_s: seconds a round (``send_and_receive``) waits for its replies.
+        timeout_s: seconds a round waits for its replies after pushing its messages.
+        poll_s: seconds between two pulls while no reply has come.
 
     Attributes:
         messages_sent, bytes_sent: ``train``/``evaluate`` messages sent and the bytes of their
             arrays (the round's shared ArrayRecord counted once per message).
     """
 
-    def __init__(self, grid, infos: Mapping[int, Mapping[str, Any]], spec: ModelSpec, timeout_s: float = 600.0):
+    def __init__(self, grid, infos: Mapping[int, Mapping[str, Any]], spec: ModelSpec, timeout_s: float = 600.0,
+                 poll_s: float = 0.02):
         self.grid = grid
         self.spec = spec
         self.timeout_s = float(timeout_s)
+        self.poll_s = float(poll_s)
         self._node: dict[int, int] = {int(i["client_id"]): int(n) for n, i in infos.items()}
         self._tasks: dict[int, set[str]] = {int(i["client_id"]): set(i["tasks"]) for i in infos.values()}
         self.messages_sent = 0
@@ -136,27 +141,41 @@ class FlowerGridPool(ClientPool):
             self.bytes_sent += int(rec.count_bytes())
         return msgs
 
-    def _send(self, work: Sequence[tuple[int, Assignment]], message_type: str) -> list[Any]:
-        """Send the work, return the reply of each item in ``work``'s order (None: no reply).
+    def _exchange(self, work: Sequence[tuple[int, Assignment]], message_type: str) -> Iterator[tuple[int, Any]]:
+        """Push every message of ``work`` (:meth:`Grid.push_messages`), then pull the replies
+        (:meth:`Grid.pull_messages`, matched by ``reply_to_message_id``) and yield ``(index, reply)``
+        in ``work``'s order as soon as the next one in that order is there (None: no reply within
+        ``timeout_s`` of the push). Only replies that arrive ahead of their turn are held, so a
+        round's updates reach the aggregation while later clients still train.
 
-        A node gets at most one message per ``send_and_receive`` (a reply is matched to its
-        request by the node it comes from): work that names a client twice (evaluation of two
-        final jobs) goes out in as many waves."""
-        replies: list[Any] = [None] * len(work)
-        pending = list(range(len(work)))
-        while pending:
-            wave, seen, later = [], set(), []
-            for i in pending:
-                (wave if work[i][0] not in seen else later).append(i)
-                seen.add(work[i][0])
-            msgs = self._messages([work[i] for i in wave], message_type)
-            by_node: dict[int, Any] = {}
-            for m in self.grid.send_and_receive(msgs, timeout=self.timeout_s):
-                by_node[int(m.metadata.src_node_id)] = m
-            for i in wave:
-                replies[i] = by_node.get(self.node_of(work[i][0]))
-            pending = later
-        return replies
+        Raises:
+            RuntimeError: the grid did not accept every message.
+        """
+        msgs = self._messages(work, message_type)
+        ids = [str(i) for i in self.grid.push_messages(msgs)]
+        if len(ids) != len(msgs) or len(set(ids)) != len(ids):
+            raise RuntimeError(f"the Flower grid accepted {len(set(ids))} of {len(msgs)} messages")
+        del msgs
+        pending, got = set(ids), {}
+        end = time.monotonic() + self.timeout_s
+        nxt = 0
+        while nxt < len(ids):
+            while nxt < len(ids) and ids[nxt] in got:
+                yield nxt, got.pop(ids[nxt])
+                nxt += 1
+            if nxt >= len(ids) or not pending or time.monotonic() > end:
+                break
+            fresh = 0
+            for m in self.grid.pull_messages(set(pending)):
+                mid = str(m.metadata.reply_to_message_id)
+                if mid in pending:
+                    pending.discard(mid)
+                    got[mid] = m
+                    fresh += 1
+            if not fresh:
+                time.sleep(self.poll_s)
+        for i in range(nxt, len(ids)):
+            yield i, got.pop(ids[i], None)
 
     def _update(self, cid: int, a: Assignment, reply) -> ClientUpdate:
         if reply is None:
@@ -177,11 +196,13 @@ class FlowerGridPool(ClientPool):
         return upd
 
     def execute_many(self, work: Sequence[tuple[int, Assignment]]) -> Iterator[ClientUpdate]:
-        """All of ``work`` in one ``send_and_receive``; updates in ``work``'s order."""
+        """All of ``work`` pushed at once; updates yielded in ``work``'s order (the in-process
+        pool's order, so the aggregate is the same bit for bit) as they become available."""
         work = list(work)
         if not work:
             return
-        for (cid, a), reply in zip(work, self._send(work, "train")):
+        for i, reply in self._exchange(work, "train"):
+            cid, a = work[i]
             yield self._update(cid, a, reply)
 
     def execute_in_turn(self, client_id: int, a: Assignment) -> Iterator[ClientUpdate]:
@@ -193,7 +214,8 @@ class FlowerGridPool(ClientPool):
         requests = list(requests)
         if not requests:
             return out
-        for (cid, a), reply in zip(requests, self._send(requests, "evaluate")):
+        for i, reply in self._exchange(requests, "evaluate"):
+            cid, a = requests[i]
             if reply is None or reply.has_error():
                 why = "no reply" if reply is None else reply.error.reason
                 log.warning("client %d did not evaluate job %s: %s", cid, a.job, why)
