@@ -30,7 +30,7 @@ from fmtl_edge.tasks import Task, TaskSet
 #: the apps' own run-config keys and their defaults (not fields of SimulationConfig)
 APP_KEYS: dict[str, Any] = {
     "config": "",  # an fmtl-edge TOML config file (as `simulate --config`); its keys lie under the run config's
-    "round-timeout-s": 600.0,  # send_and_receive timeout per round (a client not answering is refused)
+    "round-timeout-s": 600.0,  # seconds a round waits for its replies (a client not answering is refused)
     "nodes-wait-s": 120.0,  # how long the ServerApp waits for the nodes to connect
     "overwrite": True,  # replace an earlier results.json in ``out``
     "lease": "local",  # the device lease of a ClientApp's executions ("none": no lease); node config "lease" wins

@@ -111,7 +111,8 @@ def run_methods_on_pool(cfg: SimulationConfig, pool, tasks: TaskSet, input_shape
 
 def serve(grid, run_config: Mapping[str, Any], write: bool = True) -> tuple[dict[str, Any], dict, Path | None]:
     """The ServerApp's work for ``run_config`` over ``grid`` (``main`` calls it; tests call it with
-    any object offering ``get_node_ids()`` and ``send_and_receive(messages, timeout=)``).
+    any object with the :class:`~flwr.serverapp.Grid` methods ``get_node_ids``, ``push_messages``,
+    ``pull_messages`` and ``send_and_receive``).
 
     Returns:
         ``(results, models, out folder or None when write is False)``.
