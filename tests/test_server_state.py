@@ -70,6 +70,8 @@ def test_job_file_parsing_and_errors(tmp_path):
     for bad, match in [
         ('[job]\nmeter = "null"\n[server]\ninsecure = true\n', "device setting"),
         ('[job]\nbogus = 1\n[server]\ninsecure = true\n', "unknown key"),
+        ('[job]\neval_every = 2\n[server]\ninsecure = true\n', "simulation only"),
+        ('[job]\nclasses_per_client = 2\n[server]\ninsecure = true\n', "simulation only"),
         ('[job]\nmin_updates = 9\n[server]\ninsecure = true\n', "min_updates"),
         ('[job]\n[server]\n', "TLS needs a certificate"),
         ('[job]\n[server]\ninsecure = true\nchunk_mib = 8\n', "1..4 MiB"),
