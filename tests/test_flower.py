@@ -300,15 +300,16 @@ def test_server_app_equals_simulate_and_loads_no_client_data(reference, tmp_path
 
 def test_personalised_and_ring_methods_equal_simulate(tmp_path, monkeypatch):
     """ditto (p_k in Context.state), loop (a ring: one message per visit, execute_in_turn) and layered
-    (personal heads) through the apps: simulate's final weights bit for bit and its personalised
-    figures, per client too."""
+    (personal heads) through the apps: simulate's final weights bit for bit, its personalised
+    figures (per client too) and its ``eval-every`` curves."""
     from fmtl_edge.flower.client_app import make_client_app
     from fmtl_edge.flower.server_app import serve
 
     monkeypatch.setenv("FMTL_EDGE_RUNTIME_DIR", str(tmp_path))
     import torch
 
-    rc = {**SMALL, "methods": "ditto,loop,layered", "rounds": 2, "layers": json.dumps({"personal": ["heads.*"]})}
+    rc = {**SMALL, "methods": "ditto,loop,layered", "rounds": 2, "layers": json.dumps({"personal": ["heads.*"]}),
+          "eval-every": 1}
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -322,6 +323,8 @@ def test_personalised_and_ring_methods_equal_simulate(tmp_path, monkeypatch):
         assert e["personalised_total_test_loss"] == r["personalised_total_test_loss"] is not None
         assert e["per_client"] == r["per_client"]
         assert e["total_test_loss"] == r["total_test_loss"]
+        assert e.keys() == r.keys() and e.get("curve") == r.get("curve")
+    assert results["methods"]["ditto"]["curve"], "--eval-every's curve is recorded through the Flower pool"
 
 
 def test_pool_refuses_missing_and_error_replies():

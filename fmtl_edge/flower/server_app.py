@@ -57,8 +57,8 @@ def run_methods_on_pool(cfg: SimulationConfig, pool, tasks: TaskSet, input_shape
                         on_round: Callable[[Any, RoundRecord], None] | None = None
                         ) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, np.ndarray]]]]:
     """Every method of ``cfg.methods`` over ``pool`` (any :class:`~fmtl_edge.coordinator.ClientPool`
-    whose clients hold their own data): :func:`fmtl_edge.simulation.run_methods`'s loop without the
-    in-process pool and without resume.
+    whose clients hold their own data): :func:`fmtl_edge.simulation.run_methods`'s loop (with its
+    ``eval-every`` curves and merge-phase comparison) without the in-process pool and without resume.
 
     Args:
         tasks, input_shape: the data set's task set and per-sample input shape.
@@ -74,7 +74,8 @@ def run_methods_on_pool(cfg: SimulationConfig, pool, tasks: TaskSet, input_shape
             the pool cannot serve (before anything trains).
     """
     from fmtl_edge.evaluation import evaluate_method
-    from fmtl_edge.simulation import build_methods, final_states, method_entry, train_config, versions
+    from fmtl_edge.simulation import (CurveRecorder, build_methods, compare_merge_phase, final_states, method_entry,
+                                      train_config, versions)
     from fmtl_edge.strategy import RoundContext
 
     n_clients = len(pool.client_ids)
@@ -99,13 +100,18 @@ def run_methods_on_pool(cfg: SimulationConfig, pool, tasks: TaskSet, input_shape
         coord = Coordinator(pool, spec, tasks, train, min(cfg.clients_per_round, n_clients), cfg.seed,
                             on_round=(lambda rec, m=method: on_round(m, rec)) if on_round else None,
                             time_budget_s=cfg.time_budget_s, energy_budget_j=cfg.energy_budget_j)
+        curve = CurveRecorder(cfg.eval_every) if cfg.eval_every and method.global_model else None
+        if curve is not None:  # --eval-every: the test-loss curve, evaluated through the same pool
+            coord.on_round_end = lambda ck, c=coord, rec=curve: rec.record(c, ck)
         t0 = time.perf_counter()
         done = coord.run_method(method)
         wall = time.perf_counter() - t0
         evaluation = evaluate_method(method, done, coord)
-        results["methods"][method.name] = method_entry(method, done, evaluation, cfg.rounds, wall, spec, train.batch_size)
+        results["methods"][method.name] = method_entry(method, done, evaluation, cfg.rounds, wall, spec,
+                                                       train.batch_size, curve=None if curve is None else curve.points)
         if method.global_model:
             models[method.name] = final_states(method, done)
+    compare_merge_phase(results)
     return results, models
 
 
