@@ -206,7 +206,7 @@ def summary_tables(results: Mapping[str, Any]):
         cells = [_pm(m, "total_test_loss")]
         if personal:
             cells.append(_pm(m, "personalised_total_test_loss"))
-        main.add_row(label, *cells, _pm(m, "device_s", 1), _fmt(m.get("critical_path_s"), 1), energy,
+        main.add_row(label, *cells, _pm(m, "device_s", 1), _pm(m, "critical_path_s", 1), energy,
                      str(m["rounds"]), str(len(m["splits"])))
     sources = sorted({m["energy_source"] for m in methods.values()})
     main.caption = "energy source: " + "; ".join(sources)

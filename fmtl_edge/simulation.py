@@ -493,7 +493,7 @@ def _round_end_hook(coord: Coordinator, method: str, pool, run_state, curve: Cur
 
 #: the per-method figures ``run_seeds`` gives ``mean`` and ``std`` of
 SEED_FIGURES = ("total_test_loss", "personalised_total_test_loss", "device_s", "energy_j", "sample_passes",
-                "flops_estimate")
+                "flops_estimate", "critical_path_s")
 
 
 def seed_stats(values: list[float | None]) -> tuple[float | None, float | None]:
