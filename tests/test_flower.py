@@ -214,7 +214,7 @@ def test_client_state_stays_in_context_never_in_a_reply():
     from fmtl_edge.flower.client_app import make_client_app
     from fmtl_edge.flower.server_app import serve
 
-    rc = {**SMALL, "methods": "layered", "rounds": 2, "layers": json.dumps({"personal": ["heads.*"]})}
+    rc = {**SMALL, "methods": "layered", "rounds": 1, "layers": json.dumps({"personal": ["heads.*"]})}
     grid = AppGrid(make_client_app(), 4, rc)
     results, _, _ = serve(grid, rc, write=False)
     train = [(m, r) for m, r in zip(grid.sent, grid.replies) if m.metadata.message_type == "train"]
@@ -240,11 +240,11 @@ def test_client_state_stays_in_context_never_in_a_reply():
     u = codec.decode_update(train[0][1].content)
     u.state = dict(u.state, **{a.personal[0]: np.asarray(a.state[a.personal[0]])})
     assert "client state" in check_update(u.client_id, a, u)
-    bad = AppGrid(make_client_app(), 4, {**rc, "rounds": 1}, tamper=leak)
+    bad = AppGrid(make_client_app(), 4, rc, tamper=leak)
     from fmtl_edge.coordinator import RoundFailed
 
     with pytest.raises(RoundFailed, match="client state"):
-        serve(bad, {**rc, "rounds": 1}, write=False)
+        serve(bad, rc, write=False)
 
 
 # -- the apps against the in-process engine ---------------------------------------------------------
