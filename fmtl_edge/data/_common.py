@@ -144,6 +144,28 @@ def default_min_size(n_samples: int, n_clients: int) -> int:
     return max(2, min(10, n_samples // max(1, 4 * n_clients)))
 
 
+def label_partition(labels: np.ndarray, n_clients: int, alpha: float, classes_per_client: int | None,
+                    rng: np.random.Generator, label: str) -> tuple[list[np.ndarray], str]:
+    """A label-skewed federation: ``Dirichlet(alpha)`` over ``labels``, or, with
+    ``classes_per_client`` = C, the pathological split (every client exactly C of the labels).
+
+    Returns:
+        ``(parts, description)``: one int64 index array per client, and the ``partition`` string
+        of the data set's info (e.g. ``dirichlet(alpha=0.5) over race``).
+
+    Raises:
+        DataError: from :func:`~fmtl_edge.data.partition.dirichlet_partition` or
+            :func:`~fmtl_edge.data.partition.pathological_partition`.
+    """
+    from fmtl_edge.data.partition import dirichlet_partition, pathological_partition
+
+    if classes_per_client is None:
+        parts = dirichlet_partition(labels, n_clients, alpha, rng, min_size=default_min_size(len(labels), n_clients))
+        return parts, f"dirichlet(alpha={alpha:g}) over {label}"
+    parts = pathological_partition(labels, n_clients, classes_per_client, rng)
+    return parts, f"pathological({int(classes_per_client)} per client) over {label}"
+
+
 # -- Taskonomy-style 2D targets computed from the image ------------------------------------------
 
 

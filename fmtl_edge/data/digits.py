@@ -29,13 +29,13 @@ import numpy as np
 from fmtl_edge.data._common import (
     build_clients,
     client_sizes,
-    default_min_size,
+    label_partition,
     reject_option,
     seed_streams,
     sobel_edges,
 )
 from fmtl_edge.data.base import DataError, FederatedDataset
-from fmtl_edge.data.partition import dirichlet_partition, pathological_partition, split_train_test, stratified_subsample
+from fmtl_edge.data.partition import split_train_test, stratified_subsample
 from fmtl_edge.tasks import Task, TaskSet
 
 DEFAULT_CLIENTS = 8
@@ -99,12 +99,7 @@ def load_digits(
     edges = np.stack([sobel_edges(im[0]) for im in x])[:, None].astype(np.float32)
     n = len(labels)
 
-    if classes_per_client is None:
-        parts = dirichlet_partition(labels, n_clients, alpha, rng_part, min_size=default_min_size(n, n_clients))
-        partition = f"dirichlet(alpha={alpha:g}) over class"
-    else:
-        parts = pathological_partition(labels, n_clients, classes_per_client, rng_part)
-        partition = f"pathological({int(classes_per_client)} classes per client) over class"
+    parts, partition = label_partition(labels, n_clients, alpha, classes_per_client, rng_part, "class")
     splits = [split_train_test(p, test_fraction, rng_split, stratify=labels[p]) for p in parts]
 
     def get_x(idx: np.ndarray) -> np.ndarray:

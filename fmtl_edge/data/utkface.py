@@ -55,7 +55,7 @@ import numpy as np
 from fmtl_edge.data._common import (
     build_clients,
     client_sizes,
-    default_min_size,
+    label_partition,
     harris_keypoints,
     regression_stats,
     reject_option,
@@ -65,7 +65,7 @@ from fmtl_edge.data._common import (
     sobel_edges,
 )
 from fmtl_edge.data.base import DataError, FederatedDataset
-from fmtl_edge.data.partition import dirichlet_partition, pathological_partition, split_train_test, stratified_subsample
+from fmtl_edge.data.partition import split_train_test, stratified_subsample
 from fmtl_edge.tasks import Task, TaskSet
 
 log = logging.getLogger(__name__)
@@ -335,12 +335,7 @@ def load_utkface(
         log.warning("utkface: %d image(s) in %s could not be decoded and are left out (e.g. %s)",
                     len(unreadable), folder, ", ".join(unreadable[:3]))
 
-    if classes_per_client is None:
-        parts = dirichlet_partition(race, n_clients, alpha, rng_part, min_size=default_min_size(n, n_clients))
-        partition = f"dirichlet(alpha={alpha:g}) over race"
-    else:
-        parts = pathological_partition(race, n_clients, classes_per_client, rng_part)
-        partition = f"pathological({int(classes_per_client)} races per client)"
+    parts, partition = label_partition(race, n_clients, alpha, classes_per_client, rng_part, "race")
     splits = [split_train_test(p, test_fraction, rng_split, stratify=race[p]) for p in parts]
     age_mean, age_std = regression_stats([age[tr] for tr, _ in splits])
 
