@@ -48,3 +48,21 @@ def make_toy_dataset(n_clients: int = 4, n_per_client: int = 24, seed: int = 0, 
 @pytest.fixture
 def toy_dataset() -> FederatedDataset:
     return make_toy_dataset()
+
+
+def interrupt_then_resume(monkeypatch, main, args: list[str], out: Path, stop_at) -> None:
+    """``fmtl-edge simulate`` Ctrl-C'd at the first client execution whose assignment satisfies
+    ``stop_at`` (rc 130), then run again with ``--resume`` (rc 0): the resume tests' pattern."""
+    from fmtl_edge.coordinator import InProcessClientPool
+
+    orig = InProcessClientPool.execute_many
+
+    def interrupt(self, work):
+        if any(stop_at(a) for _, a in work):
+            raise KeyboardInterrupt
+        yield from orig(self, work)
+
+    monkeypatch.setattr(InProcessClientPool, "execute_many", interrupt)
+    assert main([*args, "--out", str(out)]) == 130
+    monkeypatch.undo()
+    assert main([*args, "--out", str(out), "--resume"]) == 0

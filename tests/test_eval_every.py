@@ -12,12 +12,12 @@ from fmtl_edge.config import ConfigError, build_config
 from fmtl_edge.coordinator import Coordinator, InProcessClientPool, Job
 from fmtl_edge.evaluation import evaluate_method
 from fmtl_edge.messages import TrainConfig
-from fmtl_edge.methods import MAS, AllInOne
+from fmtl_edge.methods import MAS
 from fmtl_edge.models import ModelSpec
 from fmtl_edge.report import method_curve
 from fmtl_edge.simulation import CurveRecorder
 
-from conftest import make_toy_dataset
+from conftest import interrupt_then_resume, make_toy_dataset
 
 SPEC = ModelSpec((1, 8, 8), 4)
 TINY = ["simulate", "--methods", "all-in-one,mas-2", "--rounds", "3", "--r0", "1", "--max-samples", "200",
@@ -93,17 +93,7 @@ def test_simulate_with_eval_every_writes_curves_and_trains_the_same(tmp_path):
 def test_resume_keeps_the_curve_exact(tmp_path, monkeypatch):
     args = [*TINY, "--eval-every", "1"]
     assert main([*args, "--out", str(tmp_path / "ref")]) == 0
-    orig = InProcessClientPool.execute_many
-
-    def interrupt(self, work):
-        if any(a.state_key == "mas-2/split-1" for _, a in work):
-            raise KeyboardInterrupt
-        yield from orig(self, work)
-
-    monkeypatch.setattr(InProcessClientPool, "execute_many", interrupt)
-    assert main([*args, "--out", str(tmp_path / "run")]) == 130
-    monkeypatch.undo()
-    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    interrupt_then_resume(monkeypatch, main, args, tmp_path / "run", lambda a: a.state_key == "mas-2/split-1")
     ref, got = _methods(tmp_path / "ref"), _methods(tmp_path / "run")
     for name in ref:
         assert got[name]["curve"] == ref[name]["curve"], name

@@ -16,6 +16,7 @@ from fmtl_edge.methods import MASAuto, make_method
 from fmtl_edge.methods.mas_auto import choose_x, partition_scores, round_decisions, stop_round
 from fmtl_edge.models import ModelSpec
 
+from conftest import interrupt_then_resume
 from test_mas_ablations import _all_partitions
 from test_mas_plan import S_TRUE, TASKS, ScriptedPool
 
@@ -167,8 +168,6 @@ def test_options_from_the_config_and_their_errors():
 @pytest.mark.slow
 def test_digits_end_to_end_and_resume_is_exact(tmp_path, monkeypatch):
     from fmtl_edge.cli import main
-    from fmtl_edge.coordinator import InProcessClientPool
-
     args = ["simulate", "--methods", "mas-auto", "--rounds", "5", "--r0", "3", "--max-samples", "200",
             "--clients-per-round", "2", "--meter", "estimate", "--no-progress", "--auto-stable-rounds", "2"]
     assert main([*args, "--out", str(tmp_path / "ref")]) == 0
@@ -180,17 +179,7 @@ def test_digits_end_to_end_and_resume_is_exact(tmp_path, monkeypatch):
     assert len(merges) == d["r0"] and ref["merge_phase"]["rounds"] == d["r0"]
     assert all(j["rounds"] == 5 - d["r0"] for j in ref["jobs"] if j["name"].startswith("split-"))
     # Ctrl-C at the second merge round, then --resume: the same run
-    orig = InProcessClientPool.execute_many
-
-    def interrupt(self, work):
-        if any(a.job == "merge-1" for _, a in work):
-            raise KeyboardInterrupt
-        yield from orig(self, work)
-
-    monkeypatch.setattr(InProcessClientPool, "execute_many", interrupt)
-    assert main([*args, "--out", str(tmp_path / "run")]) == 130
-    monkeypatch.undo()
-    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    interrupt_then_resume(monkeypatch, main, args, tmp_path / "run", lambda a: a.job == "merge-1")
     got = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]["mas-auto"]
     for k in ("total_test_loss", "per_task", "splits", "affinity", "decision", "rounds"):
         assert got[k] == ref[k], k
