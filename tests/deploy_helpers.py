@@ -61,6 +61,18 @@ def self_signed_cert(folder: str | Path, hosts: Sequence[str] = ("localhost", "1
     return crt, kp
 
 
+#: the ``[server]`` table of the loopback deployment tests' job.toml (state, results and tokens in
+#: the test's folder; a fast heartbeat so a killed agent is noticed within seconds)
+SERVER_TABLE = """
+[server]
+state_dir = "state"
+out = "out"
+tokens = "tokens.txt"
+heartbeat_interval_s = 0.3
+heartbeat_timeout_s = 2.5
+"""
+
+
 def python_path() -> str:
     """A PYTHONPATH under which child processes import the same fmtl_edge and fmtl_server as this one."""
     import fmtl_edge

@@ -31,7 +31,7 @@ try:
 except ImportError:  # running from a checkout: the server package lives in server/
     sys.path.insert(0, str(ROOT / "server"))
 
-from deploy_helpers import LoopbackDeployment, Proc, agent_cmd, deployment_fixture, wait_until  # noqa: E402
+from deploy_helpers import SERVER_TABLE, LoopbackDeployment, Proc, agent_cmd, deployment_fixture, wait_until  # noqa: E402
 from fmtl_edge.transport.service import free_port  # noqa: E402
 from fmtl_server.auth import add_token  # noqa: E402
 
@@ -50,14 +50,7 @@ clients_per_round = {k}
 width = {width}
 dispatch_wait_s = 1.0
 layers = {{personal = {personal}}}
-
-[server]
-state_dir = "state"
-out = "out"
-tokens = "tokens.txt"
-heartbeat_interval_s = 0.3
-heartbeat_timeout_s = 2.5
-"""
+""" + SERVER_TABLE
 
 # The server under test, with every received upload copied aside before validation sees it (the
 # server deletes its incoming files once used): what left the devices, byte for byte.

@@ -29,7 +29,7 @@ try:
 except ImportError:  # running from a checkout: the server package lives in server/
     sys.path.insert(0, str(ROOT / "server"))
 
-from deploy_helpers import wait_until  # noqa: E402
+from deploy_helpers import SERVER_TABLE, wait_until  # noqa: E402
 from test_deploy_client_state import CLIENTS, MAX_SAMPLES, WIDTH, Deployment, _assert_same_per_client  # noqa: E402
 
 ROUNDS, K = 2, 2     # two passes over the ring, then one parallel head fine-tuning round
@@ -49,14 +49,7 @@ loop_epochs = 1
 loop_finetune_epochs = 1
 loop_global_rounds = 1
 dispatch_wait_s = 1.0
-
-[server]
-state_dir = "state"
-out = "out"
-tokens = "tokens.txt"
-heartbeat_interval_s = 0.3
-heartbeat_timeout_s = 2.5
-"""
+""" + SERVER_TABLE
 
 
 class RingDeployment(Deployment):

@@ -30,7 +30,7 @@ except ImportError:  # running from a checkout: the server package lives in serv
 
 from fmtl_edge.transport.service import free_port  # noqa: E402
 from deploy_helpers import (  # noqa: E402
-    LoopbackDeployment, Proc, agent_cmd, deployment_fixture, python_path, server_cmd, wait_until,
+    SERVER_TABLE, LoopbackDeployment, Proc, agent_cmd, deployment_fixture, python_path, server_cmd, wait_until,
 )
 from fmtl_server.auth import add_token  # noqa: E402
 
@@ -48,14 +48,7 @@ clients_per_round = 2
 width = {width}
 dispatch_wait_s = 1.0
 {extra}
-
-[server]
-state_dir = "state"
-out = "out"
-tokens = "tokens.txt"
-heartbeat_interval_s = 0.3
-heartbeat_timeout_s = 2.5
-"""
+""" + SERVER_TABLE
 
 
 class Deployment(LoopbackDeployment):
