@@ -173,8 +173,10 @@ def _setup_logging(level: str | None, console=None) -> None:
     logger.setLevel(getattr(logging, (level or "info").upper()))
 
 
-def _log_hooks(log: logging.Logger) -> dict:
-    """``run_methods`` hooks writing one log line per round (``--no-progress``)."""
+def _log_hooks(log: logging.Logger):
+    """The runner's hooks writing one log line per round (``--no-progress``)."""
+    from fmtl_edge.runner import RunHooks
+
 
     def start(method):
         log.info("%s: starting, %d rounds planned", method.name, method.planned_rounds())
@@ -190,7 +192,7 @@ def _log_hooks(log: logging.Logger) -> dict:
 
         log.info("%s: done, %s, %.1f device s", method.name, loss_summary(entry), entry["device_s"])
 
-    return dict(on_method_start=start, on_round=on_round, on_method_end=end)
+    return RunHooks(on_method_start=start, on_round=on_round, on_method_end=end)
 
 
 def _err(prog: str, msg: str) -> int:
@@ -249,11 +251,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 classes_per_client=cfg.classes_per_client,
             )
         cfg.validate_against(len(dataset.tasks), dataset.n_clients)
-        from fmtl_edge.models import ModelSpec
-        from fmtl_edge.simulation import build_methods, check_sampling
+        from fmtl_edge.runner import prepare_methods
+        from fmtl_edge.simulation import dataset_eligible
 
-        methods = build_methods(cfg, dataset.tasks, ModelSpec(tuple(dataset.input_shape), width=cfg.width))
-        check_sampling(cfg, dataset, methods)
+        prepare_methods(cfg, dataset.tasks, cfg.model_spec(dataset.input_shape), dataset_eligible(dataset))
         from fmtl_edge.runtime import load_profile
 
         load_profile(cfg.profile)
@@ -266,9 +267,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         return _err("simulate", str(e))
 
-    from fmtl_edge.models import ModelSpec
     from fmtl_edge.report import loss_summary, summary_tables, write_outputs
-    from fmtl_edge.simulation import run_methods
+    from fmtl_edge.runner import RunHooks
+    from fmtl_edge.simulation import run_simulation
 
     console.print(
         f"[bold]{dataset.name}[/]: {len(dataset.tasks)} tasks ({', '.join(dataset.tasks.names)}), "
@@ -281,7 +282,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if entry is not None:
             log.info("%s: finished before the interruption, %s", method.name, loss_summary(entry))
 
-    hooks["on_method_resume"] = log_resumed
+    hooks.on_method_resume = log_resumed
     if resume_state is not None:
         console.print(f"resuming {cfg.out}: {resume_state.summary()}")
     progress = None
@@ -309,7 +310,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             progress.update(bars[method.name], completed=rounds_done,
                             info=(loss_summary(entry, 3) + " (before)") if entry else "resumed")
 
-        hooks = dict(on_method_start=start, on_round=on_round, on_method_end=end, on_method_resume=resumed)
+        hooks = RunHooks(on_method_start=start, on_round=on_round, on_method_end=end, on_method_resume=resumed)
     run_state = None
     resume_hint = "run the same command with --resume" + (f" --out {cfg.out}" if timestamped else "")
     try:
@@ -320,18 +321,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
             if progress is not None:
                 with progress:
-                    results, models = run_seeds(cfg, dataset, **hooks)
+                    results, models = run_seeds(cfg, dataset, hooks)
             else:
-                results, models = run_seeds(cfg, dataset, **hooks)
+                results, models = run_seeds(cfg, dataset, hooks)
         else:
             run_state = resume_state or RunState.create(cfg.out, cfg, overwrite)
             if progress is not None:
                 with progress:
-                    results, models = run_methods(cfg, dataset, run_state=run_state, **hooks)
+                    results, models = run_simulation(cfg, dataset, hooks=hooks, run_state=run_state)
             else:
-                results, models = run_methods(cfg, dataset, run_state=run_state, **hooks)
-        spec = ModelSpec(tuple(dataset.input_shape), width=cfg.width)
-        out = write_outputs(cfg.out, results, models, dataset.tasks, spec, overwrite=overwrite)
+                results, models = run_simulation(cfg, dataset, hooks=hooks, run_state=run_state)
+        out = write_outputs(cfg.out, results, models, dataset.tasks, cfg.model_spec(dataset.input_shape),
+                            overwrite=overwrite)
         if run_state is not None:
             run_state.remove()
         if timestamped:

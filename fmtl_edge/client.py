@@ -13,7 +13,6 @@ make both the union test loss of a global model and the personalised figures.
 from __future__ import annotations
 
 import time
-import zlib
 from contextlib import nullcontext
 from typing import Any, Mapping, Sequence
 
@@ -22,15 +21,22 @@ import torch
 
 from fmtl_edge.client_state import ClientStateStore
 from fmtl_edge.data.base import ClientData
+from fmtl_edge.layer_names import LAYER_PREFIX
 from fmtl_edge.messages import Assignment, ClientUpdate
 from fmtl_edge.models import ModelSpec, MultiTaskModel
 from fmtl_edge.partition import state_to_numpy
+from fmtl_edge.seeding import derive_seed
 from fmtl_edge.tasks import TaskSet
 
 
-def derive_seed(*parts: Any) -> int:
-    """A stable 32-bit seed from strings/ints (independent of Python's hash randomisation)."""
-    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
+def warm_up() -> None:
+    """Import what the first optimizer and ``functional_call`` import lazily (~1 s), so that cost is
+    not billed as device time to whichever client execution happens to run first in a process."""
+    from torch.func import functional_call
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    lin = torch.nn.Linear(1, 1)
+    functional_call(lin, dict(lin.named_parameters()), (torch.zeros(1, 1),))
 
 
 def build_model(spec: ModelSpec, tasks: TaskSet, state: Mapping[str, np.ndarray] | None, device: str = "cpu",
@@ -56,8 +62,6 @@ def build_model(spec: ModelSpec, tasks: TaskSet, state: Mapping[str, np.ndarray]
         model.load_state_dict(load)
     return model.to(device)
 
-
-LAYER_PREFIX = "layer:"
 
 
 def client_tasks(data: ClientData, job_tasks: Sequence[str]) -> list[str]:

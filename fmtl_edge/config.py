@@ -101,6 +101,21 @@ class SimulationConfig:
             raise KeyError(f"no method declares the option {name!r}")
         return self.method_options.get(name, opts[name].default)
 
+    def train_config(self):
+        """The clients' local-training settings (:class:`~fmtl_edge.messages.TrainConfig`)."""
+        from fmtl_edge.messages import TrainConfig
+
+        return TrainConfig(local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+                           momentum=self.momentum, weight_decay=self.weight_decay, affinity_every=self.affinity_every,
+                           affinity_divide_by_lr=self.affinity_divide_by_lr, device=self.device)
+
+    def model_spec(self, input_shape):
+        """The model architecture (:class:`~fmtl_edge.models.ModelSpec`) for per-sample inputs of
+        ``input_shape``."""
+        from fmtl_edge.models import ModelSpec
+
+        return ModelSpec(tuple(int(v) for v in input_shape), width=self.width)
+
     def resolved_sampling(self) -> str:
         """``--sampling``, or its default: ``per-group`` with ``--task-groups``, else ``uniform``."""
         if self.sampling is not None:

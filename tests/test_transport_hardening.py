@@ -16,7 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from fmtl_edge.coordinator import Coordinator, Job
+from fmtl_edge.coordinator import Coordinator
+from fmtl_edge.plan import Job
 from fmtl_edge.messages import Assignment, TrainConfig
 from fmtl_edge.transport import fmtl_edge_pb2 as pb
 from fmtl_edge.transport import fmtl_edge_pb2_grpc as pb_grpc

@@ -97,7 +97,7 @@ class ContextStateStore(ClientStateStore):
 def _warm_up() -> None:
     """Import what the first optimizer imports lazily (~1 s) once per process, before the first
     execution's meter window (as ``simulate`` does), so it is not billed as device time."""
-    from fmtl_edge.simulation import warm_up
+    from fmtl_edge.client import warm_up
 
     warm_up()
 
@@ -186,7 +186,7 @@ def make_client_app(run_config: Mapping | None = None) -> ClientApp:
         """Run the assignment with :func:`fmtl_edge.client.execute`; reply with the update (its
         uploaded tensors only) or a structured refusal (lease busy, budget)."""
         from fmtl_edge.client import execute
-        from fmtl_edge.coordinator import refusal
+        from fmtl_edge.pool import refusal
         from fmtl_edge.runtime import BudgetExceeded, DeviceBusy
 
         node = _Node(context, over)

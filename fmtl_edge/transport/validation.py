@@ -1,4 +1,4 @@
-"""Validation of every upload before it touches the aggregate (DESIGN.md §9).
+"""Validation of every upload before it touches the aggregate (docs/design.md §5).
 
 One function, :func:`validate_upload`, used by every upload path: a training update (its
 safetensors file and metadata) or an evaluation reply. It raises :class:`UpdateRejected` (a
