@@ -1,0 +1,244 @@
+"""Jetson power modes: nvpmodel.conf parsing, the current mode, switching only when allowed, and the
+guard that restores the original mode (also after SIGINT and SIGTERM) — against a fake nvpmodel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fmtl_edge.runtime.jetson import JetsonMeter
+from fmtl_edge.runtime.power_modes import (
+    ENV_NVPMODEL,
+    PowerModeControl,
+    PowerModeError,
+    PowerModeNotAllowed,
+    parse_nvpmodel_conf,
+    parse_nvpmodel_query,
+    query_power_mode,
+)
+from fmtl_edge.runtime.sysfs import ENV_ROOT, Sysfs
+from runtime_fakes import build_jetson, install_fake_nvpmodel
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONF = """\
+# a cut-down nvpmodel_p3701_0000.conf
+< PARAM TYPE=FILE NAME=CPU_ONLINE >
+CORE_0 /sys/devices/system/cpu/cpu0/online
+CORE_1 /sys/devices/system/cpu/cpu1/online
+
+< PARAM TYPE=CLOCK NAME=GPU >
+MAX_FREQ /sys/devices/17000000.ga10b/devfreq/17000000.ga10b/max_freq
+
+# MAXN is the NONE power model to release all constraints
+< POWER_MODEL ID=0 NAME=MAXN >
+CPU_ONLINE CORE_0 1
+CPU_ONLINE CORE_1 1
+GPU MAX_FREQ -1
+
+< POWER_MODEL ID=1 NAME=MODE_15W >
+CPU_ONLINE CORE_0 1
+CPU_ONLINE CORE_1 0
+GPU MAX_FREQ 408000000   # Hz
+
+< POWER_MODEL ID=2 NAME=MODE_30W >
+CPU_ONLINE CORE_0 1
+CPU_ONLINE CORE_1 1
+GPU MAX_FREQ 612000000
+
+< PM_CONFIG DEFAULT=2 >
+"""
+
+
+def test_parse_conf_modes_settings_and_default():
+    conf = parse_nvpmodel_conf(CONF)
+    assert conf.names == ["MAXN", "MODE_15W", "MODE_30W"]
+    assert [m.id for m in conf.modes] == [0, 1, 2]
+    assert conf.default_id == 2 and conf.default.name == "MODE_30W"
+    m15 = conf.by_name("MODE_15W")
+    assert m15.cpu_cores_online == 1 and m15.gpu_max_freq_hz == 408_000_000
+    assert conf.by_id(0).gpu_max_freq_hz is None  # -1: uncapped
+    assert conf.find("1").name == "MODE_15W" and conf.find(2).name == "MODE_30W"
+    with pytest.raises(PowerModeError, match="known: MAXN \\(id 0\\), MODE_15W"):
+        conf.find("MODE_99W")
+    with pytest.raises(PowerModeError, match="no '< POWER_MODEL"):
+        parse_nvpmodel_conf("# nothing here\n< PM_CONFIG DEFAULT=0 >\n")
+    with pytest.raises(PowerModeError, match="two power modes with id 0"):
+        parse_nvpmodel_conf("< POWER_MODEL ID=0 NAME=A >\n< POWER_MODEL ID=0 NAME=B >\n")
+
+
+def test_parse_query_output():
+    assert parse_nvpmodel_query("NV Fan Mode:quiet\nNV Power Mode: MODE_30W\n2\n") == ("MODE_30W", 2)
+    assert parse_nvpmodel_query("NVPM WARN: x\nNV Power Mode: MAXN\n\n0\n") == ("MAXN", 0)
+    assert parse_nvpmodel_query("garbage") == (None, None)
+
+
+@pytest.fixture
+def orin(tmp_path, monkeypatch):
+    """A fake AGX Orin tree in MODE_30W (id 2) with a fake nvpmodel logging to ``log``."""
+    fake = build_jetson(tmp_path / "root", "agx-orin", mode_id=2)
+    log = tmp_path / "nvpmodel.log"
+    exe = install_fake_nvpmodel(fake, log)
+    monkeypatch.setenv(ENV_ROOT, str(fake.root))
+    monkeypatch.setenv(ENV_NVPMODEL, str(exe))
+    return fake, log
+
+
+def _calls(log: Path) -> list[str]:
+    return log.read_text().split("\n")[:-1] if log.exists() else []
+
+
+def _status_id(fake) -> int:
+    return int((fake.root / "var/lib/nvpmodel/status").read_text().split()[0].split(":")[1])
+
+
+def test_current_mode_by_name_from_status_and_command(orin):
+    fake, log = orin
+    s = Sysfs()
+    assert query_power_mode(s, prefer="status").name == "MODE_30W"
+    assert _calls(log) == []  # the status file answered: no process started
+    assert query_power_mode(s, prefer="command").name == "MODE_30W"
+    assert _calls(log) == ["-q"]
+    (fake.root / "var/lib/nvpmodel/status").write_text("unreadable\n")
+    other = [sys.executable, "-c", "print('NV Power Mode: MAXN'); print(0)"]
+    assert query_power_mode(s, prefer="status", command=other).name == "MAXN"  # falls back to nvpmodel -q
+    assert query_power_mode(s, prefer="status", command=[]) is None
+    ctl = PowerModeControl()
+    assert [m.name for m in ctl.modes()] == ["MAXN", "MODE_15W", "MODE_30W", "MODE_50W"]
+    assert ctl.available
+
+
+def test_set_refused_without_allow(orin):
+    fake, log = orin
+    ctl = PowerModeControl(allow=False)
+    with pytest.raises(PowerModeNotAllowed, match="--allow-power-mode"):
+        ctl.set("MODE_15W")
+    assert not any(c.startswith("-m") for c in _calls(log))
+    assert _status_id(fake) == 2
+
+
+def test_set_calls_nvpmodel_with_the_mode_id(orin):
+    fake, log = orin
+    lines: list[str] = []
+    ctl = PowerModeControl(allow=True, log=lines.append)
+    assert ctl.set("MODE_15W").name == "MODE_15W"
+    assert "-m 1" in _calls(log) and _status_id(fake) == 1
+    assert lines == ["power mode MODE_30W -> MODE_15W"]
+    n = len(_calls(log))
+    assert ctl.set(1).name == "MODE_15W"  # already there: no -m
+    assert not any(c.startswith("-m") for c in _calls(log)[n:])
+    with pytest.raises(PowerModeError, match="not in /etc/nvpmodel.conf; known: MAXN"):
+        ctl.set("MODE_99W")
+
+
+def test_failing_nvpmodel_is_a_clear_error(tmp_path, monkeypatch):
+    fake = build_jetson(tmp_path / "root", "agx-orin", mode_id=2)
+    exe = install_fake_nvpmodel(fake, tmp_path / "log", fail_on=3)
+    monkeypatch.setenv(ENV_ROOT, str(fake.root))
+    monkeypatch.setenv(ENV_NVPMODEL, str(exe))
+    with pytest.raises(PowerModeError, match="exited 1: NVPM ERROR.*needs root"):
+        PowerModeControl(allow=True).set("MODE_50W")
+    assert _status_id(fake) == 2
+
+
+def test_no_conf_means_no_modes(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_ROOT, str(tmp_path))
+    monkeypatch.delenv(ENV_NVPMODEL, raising=False)
+    ctl = PowerModeControl(allow=True)
+    assert not ctl.available and ctl.current() is None
+    with pytest.raises(PowerModeError, match="no /etc/nvpmodel.conf under"):
+        ctl.set("MAXN")
+
+
+def test_guard_restores_on_exit_and_on_exception(orin):
+    fake, log = orin
+    ctl = PowerModeControl(allow=True)
+    with ctl.guard() as g:
+        assert g.original.name == "MODE_30W"
+        g.set("MAXN")
+        g.set("MODE_15W")
+        assert _status_id(fake) == 1
+    assert _status_id(fake) == 2
+    assert [c for c in _calls(log) if c.startswith("-m")] == ["-m 0", "-m 1", "-m 2"]
+    with pytest.raises(RuntimeError, match="boom"):
+        with ctl.guard() as g:
+            g.set("MODE_50W")
+            raise RuntimeError("boom")
+    assert _status_id(fake) == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+
+def test_guard_without_allow_refuses_to_switch(orin):
+    fake, _ = orin
+    with PowerModeControl(allow=False).guard() as g:
+        with pytest.raises(PowerModeNotAllowed):
+            g.set("MAXN")
+    assert _status_id(fake) == 2
+
+
+HOLDER = """\
+import signal, sys, time
+sys.path.insert(0, {repo!r})
+from fmtl_edge.runtime.power_modes import PowerModeControl
+stop = []
+if {chain!r}:
+    def on_stop(signum, frame):
+        print("STOPPING", signum, flush=True)
+        stop.append(signum)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGTERM, on_stop)
+with PowerModeControl(allow=True).guard() as g:
+    g.set("MODE_15W")
+    print("READY", flush=True)
+    t0 = time.monotonic()
+    while not stop and time.monotonic() - t0 < 60:
+        time.sleep(0.02)
+print("LEFT", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig,chain", [(signal.SIGINT, False), (signal.SIGTERM, False),
+                                       (signal.SIGINT, True), (signal.SIGTERM, True)])
+def test_original_mode_restored_after_signal(orin, tmp_path, sig, chain):
+    fake, log = orin
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER.format(repo=str(REPO), chain=chain))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ))
+    try:
+        assert p.stdout.readline().strip() == "READY"
+        assert _status_id(fake) == 1
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert [c for c in _calls(log) if c.startswith("-m")] == ["-m 1", "-m 2"]  # switched, then restored
+    assert _status_id(fake) == 2
+    if chain:  # the program's own handler ran, the program left the guard normally
+        assert f"STOPPING {int(sig)}" in out and "LEFT" in out and p.returncode == 0
+    elif sig == signal.SIGINT:  # KeyboardInterrupt through the `with`
+        assert "KeyboardInterrupt" in err and p.returncode != 0 and "LEFT" not in out
+    else:  # SIGTERM's default action still ends the process, after the restore
+        assert p.returncode == -signal.SIGTERM and "LEFT" not in out
+
+
+def test_jetson_meter_names_the_mode_after_a_switch(orin):
+    fake, _ = orin
+    m = JetsonMeter(sysfs_root=str(fake.root))
+    m.sampler.start = lambda: None
+    assert m.power_mode == "MODE_30W"
+    PowerModeControl(allow=True).set("MODE_50W")
+    m.refresh_power_mode()
+    assert m.power_mode == "MODE_50W"
+    with m.window("w") as w:
+        time.sleep(0.01)
+    assert w.measurement.power_mode == "MODE_50W"
+    m.close()
+
