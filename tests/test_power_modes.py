@@ -242,3 +242,88 @@ def test_jetson_meter_names_the_mode_after_a_switch(orin):
     assert w.measurement.power_mode == "MODE_50W"
     m.close()
 
+
+
+# ---- fmtl-edge profile-modes ----------------------------------------------------------------------
+
+MODE_WATTS = {  # fake AGX Orin rails per mode (sum_of_rails total = the sum)
+    0: {"VDD_GPU_SOC": 20.0, "VDD_CPU_CV": 8.0, "VIN_SYS_5V0": 5.0, "VDDQ_VDD2_1V8AO": 2.0},
+    1: {"VDD_GPU_SOC": 5.0, "VDD_CPU_CV": 3.0, "VIN_SYS_5V0": 4.0, "VDDQ_VDD2_1V8AO": 1.0},
+    2: {"VDD_GPU_SOC": 9.0, "VDD_CPU_CV": 5.0, "VIN_SYS_5V0": 4.0, "VDDQ_VDD2_1V8AO": 1.5},
+    3: {"VDD_GPU_SOC": 14.0, "VDD_CPU_CV": 6.0, "VIN_SYS_5V0": 5.0, "VDDQ_VDD2_1V8AO": 2.0},
+}
+
+
+@pytest.fixture
+def orin_watts(tmp_path, monkeypatch):
+    fake = build_jetson(tmp_path / "root", "agx-orin", mode_id=2, powers=MODE_WATTS[2])
+    log = tmp_path / "nvpmodel.log"
+    exe = install_fake_nvpmodel(fake, log, mode_watts=MODE_WATTS)
+    monkeypatch.setenv(ENV_ROOT, str(fake.root))
+    monkeypatch.setenv(ENV_NVPMODEL, str(exe))
+    monkeypatch.delenv("FMTL_EDGE_PROFILE", raising=False)
+    return fake, log
+
+
+def _cli(argv):
+    from fmtl_edge.cli import main
+
+    return main(argv)
+
+
+PM_ARGS = ["profile-modes", "--samples", "64", "--warmup-samples", "0", "--settle-s", "0", "--device", "cpu"]
+
+
+def test_profile_modes_prints_one_row_per_mode_on_fake_agx_orin(orin_watts, capsys):
+    fake, log = orin_watts
+    assert _cli(PM_ARGS + ["--allow-power-mode", "--json"]) == 0
+    import json
+
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = rep["modes"]
+    assert [r["mode"] for r in rows] == ["MAXN", "MODE_15W", "MODE_30W", "MODE_50W"]
+    assert [r["mode_id"] for r in rows] == [0, 1, 2, 3]
+    assert rep["meter"]["backend"] == "jetson" and not rep["meter"]["estimated"]
+    for r in rows:
+        assert r["samples"] == 64 and not r["estimated"] and r["total_scope"] == "sum_of_rails"
+        watts = sum(MODE_WATTS[r["mode_id"]].values())
+        # the rails' power of that mode x the window's seconds, per sample
+        assert r["j_per_sample"] == pytest.approx(watts * r["s_per_sample"], rel=0.02)
+        assert r["s_per_sample"] == pytest.approx(r["wall_s"] / 64)
+    assert rep["original_mode"] == "MODE_30W" and rep["switched"]
+    assert [c for c in _calls(log) if c.startswith("-m")] == ["-m 0", "-m 1", "-m 2", "-m 3", "-m 2"]
+    assert _status_id(fake) == 2  # restored
+
+
+def test_profile_modes_table_and_selected_modes(orin_watts, capsys):
+    assert _cli(PM_ARGS + ["--allow-power-mode", "--modes", "MODE_50W,1"]) == 0
+    out = capsys.readouterr().out
+    table = [ln.split()[0] for ln in out.splitlines() if ln.startswith("  ") and not ln.strip().startswith("mode")]
+    assert table == ["MODE_50W", "MODE_15W"]
+    assert "energy measured" in out and "original mode: MODE_30W (restored)" in out
+    assert _cli(PM_ARGS + ["--allow-power-mode", "--modes", "MODE_99W"]) == 2
+    assert "known: MAXN (id 0)" in capsys.readouterr().err
+
+
+def test_profile_modes_without_allow_profiles_the_current_mode_and_says_so(orin_watts, capsys):
+    fake, log = orin_watts
+    assert _cli(PM_ARGS + ["--json"]) == 0
+    import json
+
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["mode"] for r in rep["modes"]] == ["MODE_30W"]
+    assert "--allow-power-mode" in rep["note"] and "MODE_15W" in rep["note"]
+    assert not rep["switched"]
+    assert not any(c.startswith("-m") for c in _calls(log))
+
+
+def test_profile_modes_labels_estimated_energy(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(ENV_ROOT, str(tmp_path))  # no Jetson here
+    monkeypatch.delenv(ENV_NVPMODEL, raising=False)
+    monkeypatch.delenv("FMTL_EDGE_PROFILE", raising=False)
+    assert _cli(PM_ARGS + ["--backend", "estimate", "--power-w", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "ESTIMATED" in out and out.count("estimated") >= 1
+    assert "no nvpmodel power modes" in out
+    assert _cli(PM_ARGS + ["--backend", "estimate", "--allow-power-mode"]) == 2
+    assert "no /etc/nvpmodel.conf" in capsys.readouterr().err
