@@ -327,3 +327,106 @@ def test_profile_modes_labels_estimated_energy(tmp_path, monkeypatch, capsys):
     assert "no nvpmodel power modes" in out
     assert _cli(PM_ARGS + ["--backend", "estimate", "--allow-power-mode"]) == 2
     assert "no /etc/nvpmodel.conf" in capsys.readouterr().err
+
+
+# ---- the device agent (fmtl-edge join --allow-power-mode) -----------------------------------------
+
+def _agent(allow: bool):
+    from fmtl_edge.transport.agent import Agent, AgentOptions, DataSpec
+
+    a = Agent(AgentOptions(server="127.0.0.1:9", token="t", data=DataSpec.parse("digits:client=0,clients=4"),
+                           allow_power_mode=allow), log=lambda _m: None)
+    a.prepare()
+    return a
+
+
+def test_agent_switches_to_the_assignments_mode_only_when_allowed(orin):
+    fake, log = orin
+    agent = _agent(allow=True)
+    assert agent.meter.backend == "jetson"
+    with agent.power_session():
+        assert agent.apply_power_mode(None) is None and _status_id(fake) == 2
+        assert agent.apply_power_mode("MODE_15W") is None
+        assert _status_id(fake) == 1
+        energy = {"power_mode": agent.meter.power_mode, "warnings": []}
+        agent.note_power_mode(energy, None)
+        assert energy == {"power_mode": "MODE_15W", "warnings": []}  # the meter re-read the mode
+        why = agent.apply_power_mode("MODE_99W")
+        assert "MODE_99W requested but not applied" in why and _status_id(fake) == 1
+    assert _status_id(fake) == 2  # the mode found at start, back on exit
+    assert [c for c in _calls(log) if c.startswith("-m")] == ["-m 1", "-m 2"]
+
+    plain = _agent(allow=False)
+    with plain.power_session():
+        why = plain.apply_power_mode("MODE_15W")
+    assert "without --allow-power-mode" in why and _status_id(fake) == 2
+    energy = {"power_mode": None, "warnings": []}
+    plain.note_power_mode(energy, why)  # a meter that does not read the mode: nvpmodel names it
+    assert energy["power_mode"] == "MODE_30W" and energy["warnings"] == [why]
+    assert [c for c in _calls(log) if c.startswith("-m")] == ["-m 1", "-m 2"]
+
+
+def test_assignment_power_mode_crosses_the_codecs():
+    import numpy as np
+
+    from fmtl_edge.messages import Assignment, TrainConfig
+    from fmtl_edge.transport.convert import assignment_from_pb, work_to_pb
+
+    a = Assignment("merge", 0, ("t",), {"w": np.zeros(2, np.float32)}, 0.1, TrainConfig(), power_mode="MODE_30W")
+    w = work_to_pb("w1", "train", a, {"input_shape": [4], "width": 8}, 10, "", None)
+    back = assignment_from_pb(w, a.state)
+    from fmtl_edge.transport import fmtl_edge_pb2 as pb
+
+    # the protocol carries it once Work has a power_mode field; until then it arrives as None
+    expected = "MODE_30W" if "power_mode" in pb.Work.DESCRIPTOR.fields_by_name else None
+    assert back.power_mode == expected
+    assert Assignment("j", 0, (), {}, 0.1, TrainConfig()).power_mode is None
+    try:
+        from fmtl_edge.flower import codec
+        from fmtl_edge.models import ModelSpec
+    except ImportError:  # the [flower] extra is not installed
+        return
+    back, _ = codec.decode_assignment(codec.encode_assignment(a, ModelSpec((4,), width=8)))
+    assert back.power_mode == "MODE_30W"
+
+
+JOIN = """\
+import sys, time
+sys.path.insert(0, {repo!r})
+from fmtl_edge.transport import agent as A
+
+def serve(self):  # no server here: take the mode an assignment would ask for, then wait like the agent
+    assert self.apply_power_mode("MODE_15W") is None
+    print("READY", flush=True)
+    while not self.stop.is_set():
+        time.sleep(0.02)
+    print("STOPPED", flush=True)
+    return 0
+
+A.Agent._serve = serve
+from fmtl_edge.cli import main
+sys.exit(main(["join", "--server", "127.0.0.1:9", "--insecure", "--token", "t",
+               "--data", "digits:client=0,clients=4", "--allow-power-mode"]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_join_restores_the_mode_after_a_signal(orin, tmp_path, sig):
+    fake, log = orin
+    script = tmp_path / "join.py"
+    script.write_text(JOIN.format(repo=str(REPO)))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        line = p.stdout.readline().strip()
+        assert line == "READY", p.stderr.read() if p.poll() is not None else line
+        assert _status_id(fake) == 1
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0 and "STOPPED" in out  # join's own stop handler ran (chained by the guard)
+    assert f"signal {int(sig)}: stopping" in err and "power mode MODE_30W in effect" in err
+    assert [c for c in _calls(log) if c.startswith("-m")] == ["-m 1", "-m 2"]
+    assert _status_id(fake) == 2
