@@ -380,6 +380,13 @@ def collect_info(profile: str | None = None, sysfs_root: str | None = None) -> d
         chosen = {"error": str(exc)}
     info["auto_meter"] = chosen
     info["power_mode"] = chosen.get("power_mode") or nvpmodel_mode(sysfs)
+    from .power_modes import PowerModeError, read_nvpmodel_conf
+
+    try:
+        conf = read_nvpmodel_conf(sysfs)
+        info["power_modes"] = [m.to_dict() for m in conf.modes] if conf is not None else []
+    except PowerModeError as exc:
+        info["power_modes"] = [{"error": str(exc)}]
     try:
         prof = load_profile(profile, sysfs_root=sysfs_root)
         info["profile"] = prof.to_dict()
@@ -422,6 +429,9 @@ def format_info(info: dict[str, Any]) -> str:
         for wmsg in am.get("warnings", []):
             lines.append(f"    warning: {wmsg}")
     lines.append(f"power mode: {info.get('power_mode') or 'unknown'}")
+    modes = [m.get("name") for m in info.get("power_modes", []) if m.get("name")]
+    if modes:
+        lines.append(f"  power modes (nvpmodel.conf): {', '.join(modes)}; switch them only with --allow-power-mode")
     prof = info["profile"]
     if "error" in prof:
         lines.append(f"profile: error: {prof['error']}")

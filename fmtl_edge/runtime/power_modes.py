@@ -39,7 +39,7 @@ import shutil
 import signal
 import subprocess
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .sysfs import Sysfs
@@ -536,13 +536,3 @@ class PowerModeGuard:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
-
-@dataclass
-class ModeSwitchNote:
-    """What happened to a requested power mode (for logs and energy records)."""
-
-    requested: str | None
-    applied: bool
-    mode: str | None
-    reason: str = ""
-    extra: dict = field(default_factory=dict)
