@@ -175,11 +175,13 @@ def test_guard_restores_on_exit_and_on_exception(orin):
 
 
 def test_guard_without_allow_refuses_to_switch(orin):
-    fake, _ = orin
+    fake, log = orin
     with PowerModeControl(allow=False).guard() as g:
         with pytest.raises(PowerModeNotAllowed):
             g.set("MAXN")
+        assert not g.switched
     assert _status_id(fake) == 2
+    assert not any(c.startswith("-m") for c in _calls(log))
 
 
 HOLDER = """\

@@ -505,8 +505,8 @@ class PowerModeGuard:
             raise PowerModeError("the power-mode guard is not held (use it as a context manager)")
         with self._lock:
             target = self.control.resolve(mode)
-            if self.original is not None and target.id != self.original.id:
-                self.switched = True
+            if self.control.allow and self.original is not None and target.id != self.original.id:
+                self.switched = True  # before the call: a switch that half-happened is restored too
             return self.control.set(target)
 
     def restore(self) -> bool:
