@@ -177,7 +177,7 @@ class AgentOptions:
     poll_wait_s: float = 20.0
     fault: str | None = None          # testing only: nan | shape | delay:S | echo | poison[:SCALE]
     max_works: int | None = None      # testing only: exit after this many work items
-    torch_threads: int | None = None
+    threads: str = "auto"             # intra-op threads per execution: N or auto (runtime.threads)
     allow_power_mode: bool = False    # switch to an assignment's power mode (nvpmodel -m), restored on exit
 
 
@@ -230,11 +230,9 @@ class Agent:
         """
         from fmtl_edge.runtime import load_profile, make_meter
         from fmtl_edge.runtime.power_modes import PowerModeControl, PowerModeError
+        from fmtl_edge.runtime.threads import ThreadPolicy
 
-        if self.opts.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.opts.torch_threads)
+        self.threads = ThreadPolicy.parse(self.opts.threads)
         self.client, self.dataset = self.opts.data.load()
         self.profile = load_profile(self.opts.profile)
         if self.opts.meter:
@@ -553,7 +551,7 @@ class Agent:
                             owner=f"fmtl-edge join client {self.client.client_id}")
         # (raises BudgetExceeded before training when the job's memory estimate is over the profile's budget)
         upd = execute(self.client, spec, self.dataset.tasks, a, self.meter, lease, p.memory_budget_bytes,
-                      self.state_store)
+                      self.state_store, self.threads)
         self.note_power_mode(upd.energy, why_not)
         if fault == "nan":
             k = next(n for n, v in upd.state.items() if np.issubdtype(v.dtype, np.floating))
@@ -587,7 +585,10 @@ class Agent:
                              affinity_steps=int(upd.affinity_steps), device_s=float(upd.device_s),
                              energy_json=json.dumps(upd.energy, default=str), stopped_by=upd.stopped_by or "",
                              peak_memory_bytes=int(upd.peak_memory_bytes or 0), total_bytes=int(size), sha256=sha,
-                             sample_passes=int(upd.sample_passes), lookahead_passes=int(upd.lookahead_passes))
+                             sample_passes=int(upd.sample_passes), lookahead_passes=int(upd.lookahead_passes),
+                             threads=int(upd.threads or 0))
+        if upd.cpu_s is not None:
+            meta.cpu_s = float(upd.cpu_s)
         if upd.affinity is not None:
             aff = np.asarray(upd.affinity, dtype=np.float64)
             meta.affinity_n = aff.shape[0]
