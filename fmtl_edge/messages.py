@@ -71,6 +71,10 @@ class Assignment:
             never uploaded.
         personalised: for an evaluation, evaluate the client's own model (global slices + its
             state, as its procedure defines it) instead of the global model.
+        power_mode: the power mode the server asks the device to train in, by name (``MODE_30W``;
+            :mod:`fmtl_edge.runtime.power_modes`); None leaves the device as it is. A device switches
+            only when its agent runs with ``--allow-power-mode``; its energy record names the mode
+            actually used.
     """
 
     job: str
@@ -89,6 +93,7 @@ class Assignment:
     personal: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
     personalised: bool = False
+    power_mode: str | None = None
 
     def uploaded_names(self, names) -> list[str]:
         """The tensor names of ``names`` that an update may carry: all but personal and frozen."""

@@ -92,7 +92,7 @@ def assignment_to_dict(a: Assignment, spec: ModelSpec) -> dict[str, Any]:
         "measure_affinity": bool(a.measure_affinity), "seed": int(a.seed), "time_budget_s": a.time_budget_s,
         "energy_budget_j": a.energy_budget_j, "procedure": a.procedure, "method_config": dict(a.method_config),
         "state_key": a.state_key, "personal": list(a.personal), "frozen": list(a.frozen),
-        "personalised": bool(a.personalised),
+        "personalised": bool(a.personalised), "power_mode": a.power_mode,
         "model": {"input_shape": [int(s) for s in spec.input_shape], "width": int(spec.width), "depth": int(spec.depth)},
     }
 
@@ -129,7 +129,8 @@ def decode_assignment(content) -> tuple[Assignment, ModelSpec]:
                        time_budget_s=d.get("time_budget_s"), energy_budget_j=d.get("energy_budget_j"),
                        procedure=str(d.get("procedure", "sgd")), method_config=dict(d.get("method_config") or {}),
                        state_key=str(d.get("state_key", "")), personal=tuple(d.get("personal", ())),
-                       frozen=tuple(d.get("frozen", ())), personalised=bool(d.get("personalised", False)))
+                       frozen=tuple(d.get("frozen", ())), personalised=bool(d.get("personalised", False)),
+                       power_mode=d.get("power_mode") or None)
     except (KeyError, TypeError) as e:
         raise ValueError(f"malformed {ASSIGNMENT!r} record ({type(e).__name__}: {e})") from None
     return a, spec
