@@ -191,7 +191,7 @@ def test_two_streams_for_one_work_item_write_separate_files_and_the_accepted_one
     try:
         t, box = run_round(pool, k=2)
         works = [d.pull() for d in devs]
-        index = [pool._items[w.work_id].slot.index for w in works]
+        index = [pool.work.get(w.work_id).slot.index for w in works]
         first, racer = (0, 1) if index[0] == 0 else (1, 0)
         w = works[racer]
         state, names = devs[racer].model(w, tmp_path)

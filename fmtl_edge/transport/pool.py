@@ -23,36 +23,51 @@ Per round (:class:`RoundPolicy`):
   they are yielded, and yielded in slot order; the uploads are memory-mapped files, so the
   server holds one of them at a time.
 
-The pool is split by job: :mod:`~fmtl_edge.transport.registry` (devices, sessions, liveness),
-:mod:`~fmtl_edge.transport.scheduler` (slots, dispatch, deadlines), :mod:`~fmtl_edge.transport.model_files`
-(model files, paging), :mod:`~fmtl_edge.transport.uploads` and :mod:`~fmtl_edge.transport.validation`
-(acceptance of uploads), :mod:`~fmtl_edge.transport.evaluation` and :mod:`~fmtl_edge.transport.status`.
+The pool is a thin :class:`~fmtl_edge.pool.ClientPool` over small objects, each with its own state
+and given what it needs when it is made (they share the pool's one condition, which guards the
+devices, work items and slots that a round and the gRPC threads both touch):
+
+- :class:`~fmtl_edge.transport.registry.Registry` (``pool.registry``): devices, sessions, liveness,
+  long polls, a token's binding to its client;
+- :class:`~fmtl_edge.transport.work.WorkBook` (``pool.work``): slots and work items by id;
+- :class:`~fmtl_edge.transport.scheduler.Scheduler` (``pool.scheduler``): dispatch, replacement,
+  deadlines, ``min_updates``;
+- :class:`~fmtl_edge.transport.uploads.Uploads` (``pool.uploads``): incoming files, acceptance and
+  refusal through :mod:`~fmtl_edge.transport.validation`;
+- :class:`~fmtl_edge.transport.model_files.ModelFiles` (``pool.files``): round model files, the
+  paged-out global vector;
+- :mod:`~fmtl_edge.transport.status` (``pool.counters``, ``pool.view``): counters, refusals per
+  device, the round's timing; :mod:`~fmtl_edge.transport.evaluation`: evaluation work.
+
+The gRPC servicer (:mod:`fmtl_edge.transport.service`) talks to the registry, the work book and the
+uploads; the coordinator and ``fmtl-server`` to this facade.
 """
 
 from __future__ import annotations
 
-import itertools
 import secrets
-import shutil
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
+
+from fmtl_edge.messages import Assignment, ClientUpdate
 from fmtl_edge.pool import ClientPool
-from fmtl_edge.transport.evaluation import EvaluationMixin
-from fmtl_edge.transport.model_files import ModelFile, ModelFilesMixin, release_free_heap
-from fmtl_edge.transport.registry import Device, PoolClosed, RegistrationRefused, RegistryMixin
-from fmtl_edge.transport.scheduler import RoundPolicy, SchedulerMixin, Slot, WorkItem
-from fmtl_edge.transport.status import StatusMixin
-from fmtl_edge.transport.uploads import UploadsMixin
+from fmtl_edge.transport.evaluation import evaluate_on_devices
+from fmtl_edge.transport.model_files import ModelFile, ModelFiles, release_free_heap
+from fmtl_edge.transport.registry import Device, PoolClosed, RegistrationRefused, Registry
+from fmtl_edge.transport.scheduler import RoundPolicy, Scheduler, Slot, WorkItem
+from fmtl_edge.transport.status import PoolCounters, RoundInfo, StatusView
+from fmtl_edge.transport.uploads import Uploads
 from fmtl_edge.transport.validation import Limits
+from fmtl_edge.transport.work import WorkBook
 
 __all__ = ["Device", "ModelFile", "PoolClosed", "RegistrationRefused", "RemoteClientPool", "RoundPolicy", "Slot",
            "WorkItem", "release_free_heap"]
 
 
-class RemoteClientPool(RegistryMixin, SchedulerMixin, ModelFilesMixin, UploadsMixin, EvaluationMixin, StatusMixin,
-                       ClientPool):
+class RemoteClientPool(ClientPool):
     """Clients that are device agents connected over gRPC.
 
     Args:
@@ -68,6 +83,10 @@ class RemoteClientPool(RegistryMixin, SchedulerMixin, ModelFilesMixin, UploadsMi
         max_update_norm_ratio: the update norm bound relative to the global model's norm
             (:class:`~fmtl_edge.transport.validation.Limits`).
         max_client_samples: cap on one update's aggregation weight (None: no cap).
+
+    Attributes:
+        registry, work, scheduler, uploads, files: the parts (see the module docstring).
+        stats: the :class:`~fmtl_edge.transport.status.PoolCounters` (``counters`` is its live dict).
     """
 
     def __init__(self, work_dir: str | Path, policy: RoundPolicy | None = None, seed: int = 0,
@@ -78,28 +97,75 @@ class RemoteClientPool(RegistryMixin, SchedulerMixin, ModelFilesMixin, UploadsMi
                  max_update_norm_ratio: float = 10.0, max_client_samples: int | None = None):
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        for sub in ("models", "incoming"):
-            shutil.rmtree(self.work_dir / sub, ignore_errors=True)
-            (self.work_dir / sub).mkdir()
         self.policy = policy or RoundPolicy()
         self.seed = seed
         self.model_info = dict(model_info or {})
         self.max_update_bytes = int(max_update_bytes)
         self.chunk_bytes = int(chunk_bytes)
-        self.validate_registration = validate_registration
-        self.on_device_change = on_device_change
         self.server_id = secrets.token_hex(4)
-        self._cv = threading.Condition()
-        self._devices: dict[int, Device] = {}
-        self._sessions: dict[str, int] = {}
-        self._items: dict[str, WorkItem] = {}
-        self._ids = itertools.count()
-        self.closed = False
-        self.counters = {"updates_accepted": 0, "updates_rejected": 0, "replacements": 0, "failures": 0,
-                         "rounds_extended": 0, "registrations_refused": 0}
-        self.round_info: dict[str, Any] = {}
-        self.refusals: dict[str, dict[str, Any]] = {}   # device name → refused calls (status)
         self.limits = Limits(self.max_update_bytes, float(max_update_norm_ratio), max_client_samples)
+        cv = threading.Condition()
+        self.stats = PoolCounters()
+        self.timing = RoundInfo()
+        self.work = WorkBook(cv, self.server_id, self.policy, self.stats)
+        self.registry = Registry(cv, self.policy, self.work, self.stats, validate_registration, on_device_change)
+        self.files = ModelFiles(self.work_dir)
+        self.uploads = Uploads(cv, self.work_dir / "incoming", self.registry, self.work, self.stats, self.limits,
+                               self.timing)
+        self.scheduler = Scheduler(cv, self.policy, seed, self.registry, self.work, self.files, self.stats, self.timing)
+        self.view = StatusView(self.server_id, self.registry, self.stats, self.timing)
+
+    # -- the ClientPool hooks ------------------------------------------------------------------------
+    @property
+    def client_ids(self) -> list[int]:
+        return self.registry.client_ids
+
+    def eligible(self, tasks: Sequence[str]) -> list[int]:
+        return self.registry.eligible(tasks)
+
+    def execute_many(self, work: Sequence[tuple[int, Assignment]]) -> Iterator[ClientUpdate]:
+        """One parallel round on the devices (:meth:`Scheduler.execute_many
+        <fmtl_edge.transport.scheduler.Scheduler.execute_many>`): validated updates in slot order."""
+        return self.scheduler.execute_many(work)
+
+    def execute_in_turn(self, client_id: int, assignment: Assignment) -> Iterator[ClientUpdate]:
+        """A ring visit: only the device holding ``client_id`` serves it, a failure is a refusal."""
+        return self.scheduler.execute_in_turn(client_id, assignment)
+
+    def evaluate(self, requests: Sequence[tuple[int, Assignment]], timeout_s: float | None = None) -> dict[int, dict]:
+        """Evaluation work on the devices (:func:`~fmtl_edge.transport.evaluation.evaluate_on_devices`)."""
+        return evaluate_on_devices(self.scheduler, requests, timeout_s)
+
+    def global_vector_buffer(self, n_params: int) -> np.ndarray:
+        """A file-backed mapping the scheduler pages out of RAM while a round's updates arrive
+        (:meth:`ModelFiles.global_vector_buffer <fmtl_edge.transport.model_files.ModelFiles.global_vector_buffer>`)."""
+        return self.files.global_vector_buffer(n_params)
+
+    # -- fmtl-server's side ------------------------------------------------------------------------------
+    def load_registry(self, devices: Sequence[Device]) -> None:
+        """Known devices from persistence (offline until they register again)."""
+        self.registry.load(devices)
+
+    def devices(self) -> list[Device]:
+        return self.registry.devices()
+
+    def online_count(self) -> int:
+        return self.registry.online_count()
+
+    def wait_for_devices(self, n: int, timeout_s: float | None, stop: threading.Event | None = None,
+                         clients: Sequence[int] | None = None) -> bool:
+        """Block until ``n`` devices are online (or every one of ``clients``); False on timeout."""
+        return self.registry.wait_for_devices(n, timeout_s, stop, clients)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Event counters (a live dict; see :class:`~fmtl_edge.transport.status.PoolCounters`)."""
+        return self.stats.values
+
+    @property
+    def round_info(self) -> dict[str, Any]:
+        """The running (or last) round's timing (:class:`~fmtl_edge.transport.status.RoundInfo`)."""
+        return self.timing.values
 
     @property
     def task_kinds(self) -> Mapping[str, str]:
@@ -110,3 +176,14 @@ class RemoteClientPool(RegistryMixin, SchedulerMixin, ModelFilesMixin, UploadsMi
     def task_kinds(self, kinds: Mapping[str, str]) -> None:
         self.limits.task_kinds = dict(kinds)
 
+    @property
+    def closed(self) -> bool:
+        return self.registry.closed
+
+    def status(self) -> dict[str, Any]:
+        """``server_id``, ``devices``, ``counters``, ``refusals`` and ``round`` (what ``GetStatus`` shows)."""
+        return self.view.status()
+
+    def close(self) -> None:
+        """The server is stopping: long polls return, a running round raises :class:`PoolClosed`."""
+        self.registry.close()

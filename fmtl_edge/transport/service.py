@@ -89,7 +89,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         reason = (f"device {who.name!r} already has {n} model streams open (max_streams_per_device = "
                   f"{self.max_streams_per_device}); finish or cancel them first")
         log.warning("refused %s from %s: %s", rpc, who.name, reason)
-        self.pool.count_refusal(who.name, rpc, reason)
+        self.pool.stats.count_refusal(who.name, rpc, reason)
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
 
     def _close_stream(self, who: Identity) -> None:
@@ -104,7 +104,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
         def expire(why=why):
             log.warning("refused UploadUpdate from %s: %s; stream closed", who.name, why)
-            self.pool.count_refusal(who.name, "UploadUpdate", why)
+            self.pool.stats.count_refusal(who.name, "UploadUpdate", why)
 
         self._watchdog.arm(key, end, context, expire)
 
@@ -123,16 +123,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if broken:
                 log.warning("refused %s from %s: %s; every token is refused until it is fixed", rpc,
                             context.peer(), broken)
-                self.pool.count_refusal("(no valid token)", rpc, broken)
+                self.pool.stats.count_refusal("(no valid token)", rpc, broken)
                 context.abort(grpc.StatusCode.UNAUTHENTICATED,
                               "the server cannot check tokens now (its tokens file is unusable); ask its operator")
             log.warning("refused %s from %s: %s bearer token", rpc, context.peer(),
                         "invalid" if token else "missing")
-            self.pool.count_refusal("(no valid token)", rpc, f"{'invalid' if token else 'missing'} bearer token")
+            self.pool.stats.count_refusal("(no valid token)", rpc, f"{'invalid' if token else 'missing'} bearer token")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required (fmtl-edge join --token)")
         if admin and ident.role != "admin":
             log.warning("refused %s from %s (%s): admin role needed", rpc, context.peer(), ident.name)
-            self.pool.count_refusal(ident.name, rpc, "admin role needed")
+            self.pool.stats.count_refusal(ident.name, rpc, "admin role needed")
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "this call needs an admin token")
         return ident
 
@@ -144,7 +144,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         n_train = max(tasks.values(), default=0)
         n_test = max((int(t.test_samples) for t in data.tasks), default=0)
         try:
-            d = self.pool.register(who.name, int(data.client_id), tasks, n_train, n_test, message_to_dict(data),
+            d = self.pool.registry.register(who.name, int(data.client_id), tasks, n_train, n_test, message_to_dict(data),
                                    message_to_dict(request.device), allowed_clients=who.clients,
                                    resume_session_id=request.resume_session_id or None)
         except RegistrationRefused as e:
@@ -158,7 +158,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         who = self._who(context, "Heartbeat")
-        ok, cancel = self.pool.heartbeat(request.session_id, who.name, request.state, request.work_id)
+        ok, cancel = self.pool.registry.heartbeat(request.session_id, who.name, request.state, request.work_id)
         return pb.HeartbeatReply(ok=ok, cancel_work_ids=cancel)
 
     def PullWork(self, request: pb.PullWorkRequest, context) -> pb.PullWorkReply:
@@ -168,7 +168,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, max(0.0, remaining - 1.0))
-        item = self.pool.pull(request.session_id, who.name, wait)
+        item = self.pool.registry.pull(request.session_id, who.name, wait)
         if item == "reregister":
             return pb.PullWorkReply(reregister=True, message="unknown session: register again")
         if item is None:
@@ -180,7 +180,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def DownloadModel(self, request: pb.DownloadRequest, context):
         who = self._who(context, "DownloadModel")
-        item = self.pool.item_for(request.session_id, who.name, request.work_id)
+        item = self.pool.registry.item_for(request.session_id, who.name, request.work_id)
         if item is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no running work {request.work_id!r} for this session (cancelled?)")
         self._open_stream(who, "DownloadModel", context)
@@ -217,16 +217,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if first is None or first.WhichOneof("body") != "meta":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of an upload must be its metadata")
         meta = first.meta
-        item = self.pool.item_for(meta.session_id, who.name, meta.work_id)
+        item = self.pool.registry.item_for(meta.session_id, who.name, meta.work_id)
         if item is None:  # answering ends the call; the chunks are not read
-            return pb.UploadReply(accepted=False, reason=self.pool.why_not(meta.work_id))
+            return pb.UploadReply(accepted=False, reason=self.pool.work.why_not(meta.work_id))
         path = None
         if item.kind == "train":
-            path = self.pool.incoming_path(item.work_id)
+            path = self.pool.uploads.path(item.work_id)
             try:
                 sink = ChunkSink(path, int(meta.total_bytes), self.pool.max_update_bytes, meta.sha256 or None)
             except TensorFileError as e:
-                return pb.UploadReply(accepted=False, reason=self.pool.reject_upload(item, str(e)))
+                return pb.UploadReply(accepted=False, reason=self.pool.uploads.reject(item, str(e)))
             try:
                 if int(meta.total_bytes) > 0:
                     self._arm(key, context, who, first_s, started,
@@ -246,19 +246,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 sink.finish()
             except TensorFileError as e:
                 sink.abort()
-                return pb.UploadReply(accepted=False, reason=self.pool.reject_upload(item, str(e)))
+                return pb.UploadReply(accepted=False, reason=self.pool.uploads.reject(item, str(e)))
             except BaseException:
                 sink.abort()  # the stream broke or was cancelled: the heartbeat timeout frees the slot
                 if self._watchdog.expired(key):
                     return pb.UploadReply(accepted=False, reason="the server closed this upload stream (too slow)")
                 raise
             release_free_heap()  # this stream's freed chunk buffers, before the update can be aggregated
-        ok, reason = self.pool.finish_upload(item, meta, path)
+        ok, reason = self.pool.uploads.finish(item, meta, path)
         return pb.UploadReply(accepted=ok, reason=reason)
 
     def ReportFailure(self, request: pb.FailureReport, context) -> pb.Ack:
         who = self._who(context, "ReportFailure")
-        ok = self.pool.report_failure(request.session_id, who.name, request.work_id, request.kind, request.reason)
+        ok = self.pool.registry.report_failure(request.session_id, who.name, request.work_id, request.kind, request.reason)
         return pb.Ack(ok=ok, message="" if ok else "unknown work or session")
 
     def GetStatus(self, request: pb.StatusRequest, context) -> pb.StatusReply:
