@@ -484,3 +484,58 @@ def test_idle_upload_streams_are_limited_per_device_and_closed_at_the_first_chun
         dev.close()
         pool.close()
         server.stop(0)
+
+
+# -- issue 22: idle upload streams from many tokens ----------------------------------------------------
+
+
+def test_idle_upload_streams_from_many_tokens_do_not_starve_honest_heartbeats_or_uploads(tmp_path):
+    """32 devices x 2 idle upload streams against 64 workers: the server keeps workers for heartbeats
+    and at most ``max_idle_streams`` idle uploads, so an honest device beats, downloads and uploads."""
+    n_bad = 32
+    tokens = dict(TOKENS, **{f"bad{i}": Identity(f"bad{i}", "device") for i in range(n_bad)})
+    pool = RemoteClientPool(tmp_path / "w", RoundPolicy(heartbeat_timeout_s=3.0, dispatch_wait_s=0.5, max_attempts=1),
+                            seed=5, model_info={"input_shape": [1, 8, 8], "width": 4})
+    servicer = CoordinatorServicer(pool, tokens.get, heartbeat_interval_s=0.2, upload_first_chunk_s=20.0)
+    server, port = start_server(servicer, "127.0.0.1:0", None, max_workers=64)
+    target = f"127.0.0.1:{port}"
+    release = threading.Event()
+    dev = Raw(target, 0)
+    chans = []
+    try:
+        t, box = run_round(pool)
+        w = dev.pull()
+
+        def nothing():
+            release.wait(30)  # opened, never sends a message
+            return
+            yield
+
+        streams = []
+        for i in range(n_bad):
+            ch = channel(target, insecure=True)
+            chans.append(ch)
+            stub = pb_grpc.CoordinatorStub(ch)
+            streams += [stub.UploadUpdate.future(nothing(), timeout=30, metadata=bearer(f"bad{i}")) for _ in range(2)]
+        time.sleep(1.5)  # every idle stream is open, or refused
+        for _ in range(5):  # heartbeats are answered at once, whatever the idle streams do
+            t0 = time.monotonic()
+            r = dev.stub.Heartbeat(pb.HeartbeatRequest(session_id=dev.sid, state="downloading", work_id=w.work_id),
+                                   timeout=2, metadata=dev.md)
+            assert r.ok and time.monotonic() - t0 < 1.5
+        state, names = dev.model(w, tmp_path)  # the honest device still downloads and uploads
+        reply = dev.upload(w, update_bytes(shifted(state, 0.1), names, tmp_path))
+        assert reply.accepted, reply.reason
+        t.join(15)
+        assert "out" in box, box.get("error")
+        refused = [s for s in streams if s.done() and s.exception() is not None
+                   and s.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert len(refused) >= 2 * n_bad - servicer.max_idle_streams - 1, len(refused)
+        assert any("max_idle_streams" in s.exception().details() for s in refused)
+    finally:
+        release.set()
+        dev.close()
+        for ch in chans:
+            ch.close()
+        pool.close()
+        server.stop(0)

@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from fmtl_edge.messages import Assignment
+from fmtl_edge.transport.model_files import WriteFailed
 from fmtl_edge.transport.scheduler import Scheduler, Slot
 
 
@@ -19,7 +20,7 @@ def evaluate_on_devices(scheduler: Scheduler, requests: Sequence[tuple[int, Assi
 
     Raises:
         PoolClosed: the server is stopping.
-        OSError: a model file cannot be written (a full disk).
+        WriteFailed: a model file cannot be written (a full disk).
     """
     if not requests:
         return {}
@@ -28,7 +29,10 @@ def evaluate_on_devices(scheduler: Scheduler, requests: Sequence[tuple[int, Assi
         timeout_s = policy.eval_timeout_s
     slots = [Slot(i, int(c), a, kind="evaluate", replaceable=False, waiting_since=time.monotonic())
              for i, (c, a) in enumerate(requests)]
-    files = scheduler.write_models(slots, lambda s: f"eval-{s.assignment.job}")
+    try:
+        files = scheduler.write_models(slots, lambda s: f"eval-{s.assignment.job}")
+    except OSError as e:
+        raise WriteFailed("evaluate", 0, "the model to evaluate", e, scheduler.files.models_dir) from None
     out: dict[int, dict] = {}
     pol = replace(policy, deadline_s=timeout_s, min_updates=0) if timeout_s is not None else None
     for res in scheduler.run_slots(slots, files, "evaluate", 0, policy=pol):

@@ -207,16 +207,20 @@ class Work(_message.Message):
     def __init__(self, work_id: _Optional[str] = ..., kind: _Optional[str] = ..., job: _Optional[str] = ..., round: _Optional[int] = ..., tasks: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., config: _Optional[_Union[TrainSettings, _Mapping]] = ..., measure_affinity: _Optional[bool] = ..., seed: _Optional[int] = ..., time_budget_s: _Optional[float] = ..., energy_budget_j: _Optional[float] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., model_bytes: _Optional[int] = ..., model_sha256: _Optional[str] = ..., deadline_s: _Optional[float] = ..., procedure: _Optional[str] = ..., method_config_json: _Optional[str] = ..., state_key: _Optional[str] = ..., personal: _Optional[_Iterable[str]] = ..., frozen: _Optional[_Iterable[str]] = ..., personalised: _Optional[bool] = ...) -> None: ...
 
 class PullWorkReply(_message.Message):
-    __slots__ = ("has_work", "work", "reregister", "message")
+    __slots__ = ("has_work", "work", "reregister", "message", "job_complete", "closing")
     HAS_WORK_FIELD_NUMBER: _ClassVar[int]
     WORK_FIELD_NUMBER: _ClassVar[int]
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    JOB_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    CLOSING_FIELD_NUMBER: _ClassVar[int]
     has_work: bool
     work: Work
     reregister: bool
     message: str
-    def __init__(self, has_work: _Optional[bool] = ..., work: _Optional[_Union[Work, _Mapping]] = ..., reregister: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    job_complete: bool
+    closing: bool
+    def __init__(self, has_work: _Optional[bool] = ..., work: _Optional[_Union[Work, _Mapping]] = ..., reregister: _Optional[bool] = ..., message: _Optional[str] = ..., job_complete: _Optional[bool] = ..., closing: _Optional[bool] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("session_id", "work_id", "offset")

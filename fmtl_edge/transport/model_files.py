@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from fmtl_edge.plan import RoundFailed
 from fmtl_edge.transport.tensors import write_state
 
 log = logging.getLogger("fmtl_edge.transport.pool")
@@ -62,6 +63,27 @@ def release_free_heap() -> None:
             _malloc_trim = False
     if _malloc_trim:
         _malloc_trim(0)
+
+
+class WriteFailed(RoundFailed):
+    """A file a round needs could not be written (a full disk, ``ENOSPC``; a quota; an I/O error): the
+    round fails (the runner's retry policy tries it again from the last checkpoint), never the server.
+
+    Args:
+        job, round_idx: the round.
+        what: what could not be written ("the round model", "the checkpoint").
+        err: the ``OSError`` (or ``sqlite3`` error) raised.
+        where: the folder it went to.
+    """
+
+    def __init__(self, job: str, round_idx: int, what: str, err: BaseException, where: str | Path | None = None):
+        super().__init__(job, round_idx, 0, 0)
+        self.err = err
+        why = getattr(err, "strerror", None) or str(err)
+        no = getattr(err, "errno", None)
+        place = f" in {where}" if where is not None else ""
+        self.args = (f"job {job!r} round {round_idx}: could not write {what}{place}: {why}"
+                     + (f" [Errno {no}]" if no else "") + "; free disk space there",)
 
 
 @dataclass

@@ -83,6 +83,7 @@ class RemoteClientPool(ClientPool):
         max_update_norm_ratio: the update norm bound relative to the global model's norm
             (:class:`~fmtl_edge.transport.validation.Limits`).
         max_client_samples: cap on one update's aggregation weight (None: no cap).
+        on_round_start: ``(job, round, tasks, clients)`` before a round's work is handed out (logs).
 
     Attributes:
         registry, work, scheduler, uploads, files: the parts (see the module docstring).
@@ -94,7 +95,8 @@ class RemoteClientPool(ClientPool):
                  chunk_bytes: int = 2 << 20,
                  validate_registration: Callable[[Device], None] | None = None,
                  on_device_change: Callable[[Device], None] | None = None,
-                 max_update_norm_ratio: float = 10.0, max_client_samples: int | None = None):
+                 max_update_norm_ratio: float = 10.0, max_client_samples: int | None = None,
+                 on_round_start: Callable[[str, int, Sequence[str], Sequence[int]], None] | None = None):
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.policy = policy or RoundPolicy()
@@ -112,7 +114,8 @@ class RemoteClientPool(ClientPool):
         self.files = ModelFiles(self.work_dir)
         self.uploads = Uploads(cv, self.work_dir / "incoming", self.registry, self.work, self.stats, self.limits,
                                self.timing)
-        self.scheduler = Scheduler(cv, self.policy, seed, self.registry, self.work, self.files, self.stats, self.timing)
+        self.scheduler = Scheduler(cv, self.policy, seed, self.registry, self.work, self.files, self.stats, self.timing,
+                                   on_round_start)
         self.view = StatusView(self.server_id, self.registry, self.stats, self.timing)
 
     # -- the ClientPool hooks ------------------------------------------------------------------------
@@ -184,6 +187,7 @@ class RemoteClientPool(ClientPool):
         """``server_id``, ``devices``, ``counters``, ``refusals`` and ``round`` (what ``GetStatus`` shows)."""
         return self.view.status()
 
-    def close(self) -> None:
-        """The server is stopping: long polls return, a running round raises :class:`PoolClosed`."""
-        self.registry.close()
+    def close(self, reason: str = "the server is stopping", job_complete: bool = False) -> None:
+        """The server is stopping: long polls return (telling the devices ``reason`` and whether the
+        job is complete), a running round raises :class:`PoolClosed`."""
+        self.registry.close(reason, job_complete)

@@ -104,6 +104,8 @@ class Registry:
         self._devices: dict[int, Device] = {}
         self._sessions: dict[str, int] = {}
         self.closed = False
+        self.closing_reason = ""
+        self.job_complete = False
 
     # -- the devices --------------------------------------------------------------------------------
     def load(self, devices: Sequence[Device]) -> None:
@@ -186,8 +188,11 @@ class Registry:
                 client of the same token is online, the client is bound to another device, or the
                 token's ``clients=`` list lacks it); the client is connected already
                 (``ALREADY_EXISTS``: a second agent with the same token and client); the training
-                sample count differs from the registered one; or ``validate_registration`` refuses.
+                sample count differs from the registered one; ``validate_registration`` refuses; or
+                the pool is closed (``UNAVAILABLE``, not counted as a refusal).
         """
+        if self.closed:  # the job is over or the server stops: not a refusal of this device
+            raise RegistrationRefused("UNAVAILABLE", self.closing_reason or "the server is stopping")
         try:
             return self._register(name, client_id, tasks, n_train, n_test, data, info, allowed_clients,
                                   resume_session_id)
@@ -396,8 +401,12 @@ class Registry:
                 log.warning("client %d (%s) went silent: offline", d.client_id, d.name)
                 self._drop_session(d, "the device went silent (no heartbeat)")
 
-    def close(self) -> None:
-        """The pool is closing: long polls and waits return."""
+    def close(self, reason: str = "the server is stopping", job_complete: bool = False) -> None:
+        """The pool is closing: long polls and waits return, registrations are refused
+        (``UNAVAILABLE``); ``reason`` and ``job_complete`` are what the devices are told."""
         with self._cv:
-            self.closed = True
+            if not self.closed:  # the first reason stands (a completed job, then the server's shutdown)
+                self.closed = True
+                self.closing_reason = reason
+                self.job_complete = job_complete
             self._cv.notify_all()

@@ -14,7 +14,7 @@ from fmtl_edge.seeding import derive_seed
 from fmtl_edge.plan import RoundFailed
 from fmtl_edge.pool import refusal
 from fmtl_edge.messages import Assignment, ClientUpdate
-from fmtl_edge.transport.model_files import ModelFile, ModelFiles, release_free_heap
+from fmtl_edge.transport.model_files import ModelFile, ModelFiles, WriteFailed, release_free_heap
 from fmtl_edge.transport.registry import Device, PoolClosed, Registry
 from fmtl_edge.transport.status import PoolCounters, RoundInfo
 from fmtl_edge.transport.uploads import release_update
@@ -65,10 +65,13 @@ class Scheduler:
         files: where the round's model files are written.
         counters: ``replacements`` and ``rounds_extended``.
         timing: the round's timing.
+        on_round_start: ``(job, round, tasks, clients)`` before a round's work is handed out; what it
+            raises is logged, never raised.
     """
 
     def __init__(self, cv: threading.Condition, policy: RoundPolicy, seed: int, registry: Registry, work: WorkBook,
-                 files: ModelFiles, counters: PoolCounters, timing: RoundInfo):
+                 files: ModelFiles, counters: PoolCounters, timing: RoundInfo,
+                 on_round_start: Callable[[str, int, Sequence[str], Sequence[int]], None] | None = None):
         self._cv = cv
         self.policy = policy
         self.seed = seed
@@ -77,6 +80,7 @@ class Scheduler:
         self.files = files
         self.counters = counters
         self.timing = timing
+        self.on_round_start = on_round_start
 
     # -- work items (lock held) --------------------------------------------------------------------------
     def _cancel(self, item: WorkItem, reason: str) -> None:
@@ -152,14 +156,29 @@ class Scheduler:
         """Run one round's assignments on the devices; yield validated updates in slot order.
 
         ``replaceable = False``: a slot is served by the device holding its client or not at all (a
-        failed, offline or busy device yields a refusal; no replacement)."""
+        failed, offline or busy device yields a refusal; no replacement).
+
+        Raises:
+            WriteFailed: the round model cannot be written (a full disk): a failed round.
+            RoundFailed, PoolClosed: see :meth:`run_slots`.
+        """
         if not work:
             return
         slots = [Slot(i, int(cid), a, replaceable=replaceable, waiting_since=time.monotonic())
                  for i, (cid, a) in enumerate(work)]
         job, rnd = work[0][1].job, work[0][1].round
+        if self.on_round_start is not None:
+            tasks = list(dict.fromkeys(t for _, a in work for t in a.tasks))
+            try:
+                self.on_round_start(job, rnd, tasks, [int(c) for c, _ in work])
+            except Exception:  # a log line must not fail the round
+                log.exception("on_round_start failed")
         t0 = time.monotonic()
-        files = self.write_models(slots, lambda s: f"{job}-r{rnd}")
+        try:
+            files = self.write_models(slots, lambda s: f"{job}-r{rnd}")
+        except OSError as e:  # a full disk fails the round (retried from the last checkpoint), not the server
+            log.error("job %s round %d: could not write the round model in %s: %s", job, rnd, self.files.models_dir, e)
+            raise WriteFailed(job, rnd, "the round model", e, self.files.models_dir) from None
         for m in {id(s.assignment.state): s.assignment.state for s in slots}.values():
             self.files.page_out(m)  # written to the model file: the global vector need not stay in RAM meanwhile
         yield from self.run_slots(slots, files, job, rnd, model_write_s=time.monotonic() - t0)

@@ -47,7 +47,7 @@ _DEVICE_SIDE = {"meter": "a device setting: fmtl-edge join --meter or the device
                                       "what fmtl-edge join holds"}
 SERVER_KEYS = ("listen", "state_dir", "out", "tokens", "tls_cert", "tls_key", "client_ca", "insecure",
                "heartbeat_interval_s", "heartbeat_timeout_s", "chunk_mib", "max_update_mib", "max_workers",
-               "upload_first_chunk_s", "upload_idle_s", "max_call_s", "max_streams_per_device")
+               "upload_first_chunk_s", "upload_idle_s", "max_call_s", "max_streams_per_device", "max_idle_streams")
 _SERVER_PATHS = ("state_dir", "out", "tokens", "tls_cert", "tls_key", "client_ca")
 
 
@@ -108,9 +108,10 @@ class ServerConfig:
     upload_idle_s: float = 60.0            # later chunks within this of the previous one
     max_call_s: float = 3600.0             # an upload stream ends within this
     max_streams_per_device: int = 2        # model download/upload streams open at once per device
+    max_idle_streams: int = 8              # upload streams without data yet, over all devices
 
     def validate(self) -> None:
-        for k in ("upload_first_chunk_s", "upload_idle_s", "max_call_s", "max_streams_per_device"):
+        for k in ("upload_first_chunk_s", "upload_idle_s", "max_call_s", "max_streams_per_device", "max_idle_streams"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"[server] {k}", f"must be a number > 0, got {v!r}")
