@@ -224,6 +224,47 @@ def test_two_streams_for_one_work_item_write_separate_files_and_the_accepted_one
             d.close()
 
 
+def test_a_late_duplicate_upload_is_refused_as_late_when_its_round_model_is_gone(svc, tmp_path, monkeypatch, caplog):
+    """Issue 22: two streams for one work; the slower one's validation reads the round model after the
+    round ended and deleted it: refused as late, without a traceback, not counted against the device."""
+    import logging
+
+    from fmtl_edge.transport import uploads
+
+    caplog.set_level(logging.INFO)
+    pool, _, target = svc()
+    dev = Raw(target, 0)
+    try:
+        t, box = run_round(pool)
+        w = dev.pull()
+        state, names = dev.model(w, tmp_path)
+        data = update_bytes(shifted(state, 0.1), names, tmp_path)
+        real = uploads.validate_upload
+        first = threading.Event()
+
+        def slow_first(*a, **kw):
+            if not first.is_set():  # this stream is validated slowly: the other one wins, the round ends
+                first.set()
+                t.join(15)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(uploads, "validate_upload", slow_first)
+        replies = {}
+        late = threading.Thread(target=lambda: replies.setdefault("late", dev.upload(w, data)))
+        late.start()
+        assert first.wait(10)
+        replies["first"] = dev.upload(w, data)
+        late.join(20)
+        assert replies["first"].accepted, replies["first"].reason
+        assert "out" in box, box.get("error")
+        r = replies["late"]
+        assert not r.accepted and "too late" in r.reason and "could not validate" not in r.reason, r.reason
+        assert "Traceback" not in caplog.text and "FileNotFoundError" not in caplog.text
+        assert pool.counters["updates_rejected"] == 0 and _state_of(pool, 0)["rejected"] == 0
+    finally:
+        dev.close()
+
+
 # -- faults 3-5: values, sample counts, energy ---------------------------------------------------------
 
 

@@ -78,9 +78,21 @@ class Uploads:
         t_v = time.monotonic()
         try:
             result = validate_upload(item, meta, path, self.limits, device)
-        except (TensorFileError, ValueError, KeyError) as e:
-            return False, self.reject(item, str(e), path)
         except Exception as e:  # noqa: BLE001 - whatever breaks validation refuses the upload, never the call
+            with self._cv:
+                late = self._late(item)
+            if late is not None:
+                # another stream answered the work or the round ended meanwhile (its model file may be
+                # gone already): a late upload, not a broken one
+                if path is not None:
+                    path.unlink(missing_ok=True)
+                with self._cv:
+                    self.registry.release(item)
+                    self._cv.notify_all()
+                log.info("late upload of work %s refused: %s", item.work_id, late)
+                return False, late
+            if isinstance(e, (TensorFileError, ValueError, KeyError)):
+                return False, self.reject(item, str(e), path)
             log.exception("validation of work %s failed unexpectedly", item.work_id)
             return False, self.reject(item, f"the server could not validate the update ({type(e).__name__}: {e})",
                                       path)
@@ -88,11 +100,11 @@ class Uploads:
             self.timing.add_validation(time.monotonic() - t_v)
         with self._cv:
             d = self.registry.release(item)
-            if item.status != "running" or item.slot.item is not item:
-                late = item.reason or "the round no longer needs it"
+            late = self._late(item)
+            if late is not None:
                 release_update(result)
                 self._cv.notify_all()
-                return False, f"update arrived too late: {late}"
+                return False, late
             item.status = "done"
             item.slot.item = None
             item.slot.result = result
@@ -110,6 +122,15 @@ class Uploads:
         if d is not None:
             self.registry.changed(d)
         return True, ""
+
+    @staticmethod
+    def _late(item: WorkItem) -> str | None:
+        """Why ``item`` takes no upload any more (None: it still does). *(lock held)*"""
+        if item.status == "running" and item.slot.item is item:
+            return None
+        if item.status == "done":
+            return f"update arrived too late: work {item.work_id} was already answered"
+        return f"update arrived too late: {item.reason or 'the round no longer needs it'}"
 
     def reject(self, item: WorkItem, reason: str, path: Path | None = None) -> str:
         """Refuse an update (the slot goes to another device); returns the reason for the device."""
