@@ -83,6 +83,10 @@ class RemoteClientPool(ClientPool):
         max_update_norm_ratio: the update norm bound relative to the global model's norm
             (:class:`~fmtl_edge.transport.validation.Limits`).
         max_client_samples: cap on one update's aggregation weight (None: no cap).
+        max_samples_ratio: a client's FedAvg weight and evaluation ``n`` are bounded by this × the low
+            median of the counts the job's devices registered (None or 0: no bound; docs/deployment.md).
+        max_update_norm_multiple: the round's relative norm bound: an update farther from the global
+            model than this × the round's median distance is refused (None or 0: off).
         on_round_start: ``(job, round, tasks, clients)`` before a round's work is handed out (logs).
 
     Attributes:
@@ -96,7 +100,8 @@ class RemoteClientPool(ClientPool):
                  validate_registration: Callable[[Device], None] | None = None,
                  on_device_change: Callable[[Device], None] | None = None,
                  max_update_norm_ratio: float = 10.0, max_client_samples: int | None = None,
-                 on_round_start: Callable[[str, int, Sequence[str], Sequence[int]], None] | None = None):
+                 on_round_start: Callable[[str, int, Sequence[str], Sequence[int]], None] | None = None,
+                 max_samples_ratio: float | None = 10.0, max_update_norm_multiple: float | None = 4.0):
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.policy = policy or RoundPolicy()
@@ -105,17 +110,19 @@ class RemoteClientPool(ClientPool):
         self.max_update_bytes = int(max_update_bytes)
         self.chunk_bytes = int(chunk_bytes)
         self.server_id = secrets.token_hex(4)
-        self.limits = Limits(self.max_update_bytes, float(max_update_norm_ratio), max_client_samples)
+        self.limits = Limits(self.max_update_bytes, float(max_update_norm_ratio), max_client_samples,
+                             max_samples_ratio=max_samples_ratio, max_update_norm_multiple=max_update_norm_multiple)
         cv = threading.Condition()
         self.stats = PoolCounters()
         self.timing = RoundInfo()
         self.work = WorkBook(cv, self.server_id, self.policy, self.stats)
-        self.registry = Registry(cv, self.policy, self.work, self.stats, validate_registration, on_device_change)
+        self.registry = Registry(cv, self.policy, self.work, self.stats, validate_registration, on_device_change,
+                                 max_samples_ratio)
         self.files = ModelFiles(self.work_dir)
         self.uploads = Uploads(cv, self.work_dir / "incoming", self.registry, self.work, self.stats, self.limits,
                                self.timing)
         self.scheduler = Scheduler(cv, self.policy, seed, self.registry, self.work, self.files, self.stats, self.timing,
-                                   on_round_start)
+                                   on_round_start, max_update_norm_multiple)
         self.view = StatusView(self.server_id, self.registry, self.stats, self.timing)
 
     # -- the ClientPool hooks ------------------------------------------------------------------------

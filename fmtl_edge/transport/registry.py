@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import secrets
+import statistics
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
+from fmtl_edge.transport.validation import samples_bound
 from fmtl_edge.transport.work import WorkBook, WorkItem
 
 if TYPE_CHECKING:
@@ -90,17 +92,23 @@ class Registry:
         validate_registration: ``(Device) -> None`` raising :class:`RegistrationRefused` (the server
             checks the data partition and task definitions against its job).
         on_device_change: ``(Device) -> None`` after a registration or a finished execution (persistence).
+        max_samples_ratio: a registration announcing more test samples than this × the low median of
+            the other devices' is refused, and one announcing more training samples is warned that its
+            FedAvg weight is capped there (None or 0: no bound;
+            :func:`~fmtl_edge.transport.validation.samples_bound`).
     """
 
     def __init__(self, cv: threading.Condition, policy: "RoundPolicy", work: WorkBook, counters: "PoolCounters",
                  validate_registration: Callable[[Device], None] | None = None,
-                 on_device_change: Callable[[Device], None] | None = None):
+                 on_device_change: Callable[[Device], None] | None = None,
+                 max_samples_ratio: float | None = None):
         self._cv = cv
         self.policy = policy
         self.work = work
         self.counters = counters
         self.validate_registration = validate_registration
         self.on_device_change = on_device_change
+        self.max_samples_ratio = max_samples_ratio
         self._devices: dict[int, Device] = {}
         self._sessions: dict[str, int] = {}
         self.closed = False
@@ -136,6 +144,17 @@ class Registry:
         now = time.monotonic()
         with self._cv:
             return [self._devices[c].to_status(now, self.policy.heartbeat_timeout_s) for c in sorted(self._devices)]
+
+    def median_samples(self, exclude: int | None = None) -> tuple[int | None, int | None]:
+        """The low medians of the training- and test-sample counts registered by the known devices
+        (counts > 0; ``exclude``: leave that client out); None where no device registered one. The
+        low median is one device's own count, so with two devices it is the smaller one. *(lock
+        held or not)*"""
+        with self._cv:
+            devs = [d for c, d in self._devices.items() if c != exclude]
+            train = [d.n_train for d in devs if d.n_train > 0]
+            test = [d.n_test for d in devs if d.n_test > 0]
+        return (statistics.median_low(train) if train else None, statistics.median_low(test) if test else None)
 
     def get(self, client_id: int) -> Device | None:
         """*(lock held)*"""
@@ -204,6 +223,18 @@ class Registry:
     def _register(self, name, client_id, tasks, n_train, n_test, data, info, allowed_clients, resume_session_id):
         cand = Device(int(client_id), name, {str(k): int(v) for k, v in tasks.items()}, int(n_train), int(n_test),
                       dict(data), dict(info))
+        bad = {t: v for t, v in cand.tasks.items() if v < 0}
+        if bad or cand.n_test < 0:
+            raise RegistrationRefused("INVALID_ARGUMENT", f"negative sample counts: train {bad or cand.tasks}, test "
+                                      f"{cand.n_test}")
+        train_median, test_median = self.median_samples(exclude=cand.client_id)
+        test_cap = samples_bound(test_median, self.max_samples_ratio)
+        if test_cap is not None and cand.n_test > test_cap:
+            raise RegistrationRefused(
+                "FAILED_PRECONDITION",
+                f"test_samples {cand.n_test} is more than {test_cap} = max_samples_ratio {self.max_samples_ratio:g} x "
+                f"the median test-sample count of the job's other devices ({test_median}); join with the job's "
+                "partition (the same --data as the other devices)")
         if self.validate_registration is not None:
             self.validate_registration(cand)
         now = time.monotonic()
@@ -266,6 +297,11 @@ class Registry:
             self._sessions[cand.session_id] = cand.client_id
             self._cv.notify_all()
         log.info("device %s registered as client %d (session %s)", name, client_id, cand.session_id[:8])
+        weight_cap = samples_bound(train_median, self.max_samples_ratio)
+        if weight_cap is not None and cand.n_train > weight_cap:
+            log.warning("device %s (client %d) announces %d training samples, more than max_samples_ratio %g x the "
+                        "median of the other devices (%d): its FedAvg weight is capped at %d samples", name, client_id,
+                        cand.n_train, self.max_samples_ratio, train_median, weight_cap)
         self.changed(cand)
         return cand
 

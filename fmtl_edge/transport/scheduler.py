@@ -18,6 +18,7 @@ from fmtl_edge.transport.model_files import ModelFile, ModelFiles, WriteFailed, 
 from fmtl_edge.transport.registry import Device, PoolClosed, Registry
 from fmtl_edge.transport.status import PoolCounters, RoundInfo
 from fmtl_edge.transport.uploads import release_update
+from fmtl_edge.transport.validation import norm_outliers
 from fmtl_edge.transport.work import Slot, WorkBook, WorkItem
 
 __all__ = ["RoundPolicy", "Scheduler", "Slot", "WorkItem"]
@@ -67,11 +68,16 @@ class Scheduler:
         timing: the round's timing.
         on_round_start: ``(job, round, tasks, clients)`` before a round's work is handed out; what it
             raises is logged, never raised.
+        norm_multiple: the round's relative norm bound
+            (:func:`~fmtl_edge.transport.validation.norm_outliers`; None or 0: off). When set, a
+            parallel round of 3 or more training slots yields its first update once every slot is done
+            (the uploads wait as files on disk, so the server's memory stays O(P)).
     """
 
     def __init__(self, cv: threading.Condition, policy: RoundPolicy, seed: int, registry: Registry, work: WorkBook,
                  files: ModelFiles, counters: PoolCounters, timing: RoundInfo,
-                 on_round_start: Callable[[str, int, Sequence[str], Sequence[int]], None] | None = None):
+                 on_round_start: Callable[[str, int, Sequence[str], Sequence[int]], None] | None = None,
+                 norm_multiple: float | None = None):
         self._cv = cv
         self.policy = policy
         self.seed = seed
@@ -81,6 +87,7 @@ class Scheduler:
         self.counters = counters
         self.timing = timing
         self.on_round_start = on_round_start
+        self.norm_multiple = norm_multiple
 
     # -- work items (lock held) --------------------------------------------------------------------------
     def _cancel(self, item: WorkItem, reason: str) -> None:
@@ -130,6 +137,30 @@ class Scheduler:
             self.counters.add("replacements")
             self._issue(slot, self.registry.get(c), model, deadline_s)
             used.add(c)
+
+    def _judge_norms(self, slots: Sequence[Slot], job: str, rnd: int) -> list[Device]:
+        """Refuse the updates of ``slots`` farther from the global model than the round's relative
+        bound allows (their slots yield refusals); returns the devices whose records changed. *(lock
+        held)*"""
+        norms = {s.index: s.update_norm for s in slots
+                 if isinstance(s.result, ClientUpdate) and s.update_norm is not None}
+        changed = []
+        for i, reason in norm_outliers(norms, self.norm_multiple).items():
+            s = slots[i]
+            release_update(s.result)
+            s.result = None
+            s.failed = f"update rejected: {reason}"
+            cid = s.tried[-1] if s.tried else s.sampled
+            d = self.registry.get(cid)
+            name = d.name if d is not None else f"client {cid}"
+            self.counters.add("updates_rejected")
+            self.counters.count_refusal(name, "UploadUpdate", reason)
+            log.warning("refused UploadUpdate from %s: rejected update of client %d for job %s round %d: %s", name,
+                        cid, job, rnd, reason)
+            if d is not None:
+                d.rejected += 1
+                changed.append(d)
+        return changed
 
     # -- a round --------------------------------------------------------------------------------------
     def write_models(self, slots: Sequence[Slot], tag: Callable[[Slot], str]) -> dict[int, ModelFile]:
@@ -201,6 +232,9 @@ class Scheduler:
                 than ``deadline_retries``.
         """
         pol = policy or self.policy
+        # the relative norm bound needs the round's every update before the first is aggregated
+        gated = bool(self.norm_multiple) and len(slots) >= 3 and all(s.kind == "train" for s in slots)
+        judged = False
         used: set[int] = set()
         t0 = time.monotonic()
         deadline = None if pol.deadline_s is None else t0 + pol.deadline_s
@@ -211,6 +245,7 @@ class Scheduler:
         try:
             while True:
                 out = None
+                changed: list[Device] = []
                 with self._cv:
                     if self.registry.closed:
                         raise PoolClosed("the server is stopping")
@@ -218,7 +253,10 @@ class Scheduler:
                     self.registry.reap(now)
                     self._dispatch(slots, files, used, job, rnd,
                                    None if deadline is None else max(0.0, deadline - now))
-                    if next_out < len(slots) and slots[next_out].done:
+                    if gated and not judged and all(s.done for s in slots):
+                        changed = self._judge_norms(slots, job, rnd)
+                        judged = True
+                    if next_out < len(slots) and slots[next_out].done and (judged or not gated):
                         out = slots[next_out]
                         next_out += 1
                     elif next_out >= len(slots):
@@ -260,6 +298,8 @@ class Scheduler:
                             wait = max(0.01, min(wait, deadline - now))
                         self._cv.wait(wait)
                         continue
+                for d in changed:
+                    self.registry.changed(d)
                 if out.result is None and out.kind == "train":
                     # the simulation's pool answers a refusing client with a refusal: so does this one
                     yield refusal(out.tried[-1] if out.tried else out.sampled, out.assignment,

@@ -12,6 +12,7 @@ import secrets
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,11 @@ class Uploads:
                 self._cv.notify_all()
                 return False, self.work.why_not(item.work_id)
             device = self.registry.get(item.client_id)
+            train_median, test_median = self.registry.median_samples()
+        limits = replace(self.limits, median_train_samples=train_median, median_test_samples=test_median)
         t_v = time.monotonic()
         try:
-            result = validate_upload(item, meta, path, self.limits, device)
+            result = validate_upload(item, meta, path, limits, device)
         except Exception as e:  # noqa: BLE001 - whatever breaks validation refuses the upload, never the call
             with self._cv:
                 late = self._late(item)
@@ -108,6 +111,7 @@ class Uploads:
             item.status = "done"
             item.slot.item = None
             item.slot.result = result
+            item.slot.update_norm = item.update_norm
             item.slot.done = True
             self.counters.add("updates_accepted")
             self.timing.update_arrived()

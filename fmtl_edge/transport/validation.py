@@ -9,18 +9,25 @@ Rules (:class:`Limits` holds the settings):
 - the work's job, round and client; tensor names, dtypes and shapes equal to the model's; the file
   parsed as strictly as the ``safetensors`` package (:class:`~fmtl_edge.transport.tensors.SafetensorsFile`);
 - no NaN/Inf, and the update's distance to the global model bounded (norm-bounded FedAvg):
-  ``‖w − w_global‖₂ ≤ max_update_norm_ratio · max(‖w_global‖₂, 1)``;
+  ``‖w − w_global‖₂ ≤ max_update_norm_ratio · max(‖w_global‖₂, 1)``; the distance is kept on the
+  work item (``update_norm``) for the round's relative bound, :func:`norm_outliers`: once every
+  update of a round (3 or more) is in, one farther than ``max_update_norm_multiple`` × the round's
+  median distance is refused;
 - ``n_samples`` (the aggregation weight) in ``0..`` the training samples registered for the client
-  (held fixed from its first registration), then capped at ``max_client_samples`` when set;
+  (held fixed from its first registration), then capped (:func:`weight_cap`) at
+  ``max_samples_ratio`` × the low median of the training-sample counts registered by the job's
+  devices, and at ``max_client_samples`` when set;
 - train losses, seconds, joules, peak memory and affinity steps finite and ``≥ 0``;
-- evaluation: per task ``0 ≤ n ≤`` the registered test samples, ``loss_sum ≥ 0``, ``metric_sum ≥ 0``
-  and, for accuracy tasks (classification, binary), ``metric_sum ≤ n``.
+- evaluation: per task ``0 ≤ n ≤`` the registered test samples (0 registered: ``n = 0``) and
+  ``≤ max_samples_ratio`` × the low median of the registered test-sample counts, ``loss_sum ≥ 0``,
+  ``metric_sum ≥ 0`` and, for accuracy tasks (classification, binary), ``metric_sum ≤ n``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -43,6 +50,13 @@ class Limits:
         max_update_bytes: size limit of an update file (bytes).
         max_update_norm_ratio: the norm bound, relative to the global model's L2 norm (floored at 1).
         max_client_samples: cap on one update's weight (samples; None: no cap).
+        max_samples_ratio: a client's sample counts (its FedAvg weight, an evaluation's ``n``) are
+            bounded by this × the low median of the counts the job's devices registered (None or 0:
+            no bound).
+        max_update_norm_multiple: a round's relative norm bound: an update farther from the global
+            model than this × the round's median distance is refused (None or 0: off).
+        median_train_samples, median_test_samples: the low medians of the registered counts (set by
+            the pool for each upload; None: unknown, no bound).
         task_kinds: task → kind (``classification`` | ``binary`` | ``regression`` | ``dense``), for
             the range of evaluation metric sums; unknown tasks get only the ``≥ 0`` check.
         max_energy_json_bytes: size limit of the meter's JSON.
@@ -53,6 +67,10 @@ class Limits:
     max_client_samples: int | None = None
     task_kinds: Mapping[str, str] = field(default_factory=dict)
     max_energy_json_bytes: int = 64 << 10
+    max_samples_ratio: float | None = 10.0
+    max_update_norm_multiple: float | None = 4.0
+    median_train_samples: int | None = None
+    median_test_samples: int | None = None
 
 
 _ACCURACY = ("classification", "binary")
@@ -64,6 +82,44 @@ def _figure(name: str, v: float, fix: str = "") -> float:
     if not math.isfinite(v) or v < 0:
         raise UpdateRejected(f"{name} = {v!r}: must be a finite number >= 0{fix}")
     return v
+
+
+def samples_bound(median: float | None, ratio: float | None) -> int | None:
+    """The most samples one client may count: ``floor(ratio × median)`` (at least 1), where
+    ``median`` is the low median of the counts the job's devices registered; None when either is
+    unknown or 0 (no bound)."""
+    if not ratio or not median:
+        return None
+    return max(1, math.floor(float(ratio) * float(median)))
+
+
+def weight_cap(limits: Limits) -> int | None:
+    """The cap on one update's FedAvg weight (samples): ``max_samples_ratio`` × the low median of the
+    registered training-sample counts, and ``max_client_samples`` when set; None: no cap."""
+    caps = [c for c in (samples_bound(limits.median_train_samples, limits.max_samples_ratio),
+                        limits.max_client_samples) if c is not None]
+    return min(int(c) for c in caps) if caps else None
+
+
+def norm_outliers(norms: Mapping[int, float], multiple: float | None, min_count: int = 3) -> dict[int, str]:
+    """The round's relative norm bound: every update (key → its L2 distance to the global model)
+    farther than ``multiple`` × the median distance of the round's updates, with the reason it is
+    refused. A median needs ``min_count`` updates or more (with two, neither can be told honest);
+    ``multiple`` None or 0: none.
+
+    The median is robust to a minority of attackers: with fewer than half of the updates poisoned it
+    lies between two honest distances, and an honest client moves about as far as its peers (its
+    step is the same learning rate over a similar amount of data), while a scaled update moves its
+    scale × farther.
+    """
+    if not multiple or len(norms) < min_count:
+        return {}
+    med = statistics.median(norms.values())
+    bound = float(multiple) * med
+    return {k: (f"update norm bound: the update is {v:.3g} away from the global model (L2), above {bound:.3g} = "
+                f"max_update_norm_multiple {multiple:g} x the round's median distance {med:.3g} over {len(norms)} "
+                "updates; raise [job] max_update_norm_multiple (0: off) if honest updates differ that much")
+            for k, v in norms.items() if v > bound}
 
 
 def model_norm(model) -> float:
@@ -114,7 +170,8 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
         device: the :class:`~fmtl_edge.transport.registry.Device` that sent it (its registered counts).
 
     Returns:
-        a :class:`ClientUpdate` over the mapped file (train) or ``{client_id, job, sums}`` (evaluate).
+        a :class:`ClientUpdate` over the mapped file (train) or ``{client_id, job, sums}`` (evaluate);
+        a train update's distance to the global model is set on ``item.update_norm``.
 
     Raises:
         UpdateRejected, TensorFileError: the upload is refused (message names the field and the fix).
@@ -128,7 +185,8 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
         raise UpdateRejected(f"update says client {meta.client_id}, the work was given to client {item.client_id}")
     held = [t for t in a.tasks if d is None or not d.tasks or d.tasks.get(t, 0) > 0]
     if item.kind == "evaluate":
-        n_test = d.n_test if d is not None and d.n_test else None
+        n_test = d.n_test if d is not None else None  # 0 registered: n must be 0
+        cap = samples_bound(lim.median_test_samples, lim.max_samples_ratio)
         sums = {}
         for t in held:
             if t not in meta.eval:
@@ -138,6 +196,10 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
             if n < 0 or (n_test is not None and n > n_test):
                 raise UpdateRejected(f"evaluation of task {t!r}: n {n} is outside 0..{n_test} (the test samples "
                                      "registered for this client)")
+            if cap is not None and n > cap:
+                raise UpdateRejected(f"evaluation of task {t!r}: n {n} is above {cap} = max_samples_ratio "
+                                     f"{lim.max_samples_ratio:g} x the median test-sample count registered by the "
+                                     f"job's devices ({lim.median_test_samples})")
             loss = _figure(f"evaluation of task {t!r}: loss_sum", e.loss_sum)
             metric = float(e.metric_sum)
             top = n if lim.task_kinds.get(t) in _ACCURACY else math.inf
@@ -173,8 +235,9 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
     if n < 0 or (registered is not None and n > registered):
         raise UpdateRejected(f"n_samples {n} is outside 0..{registered} (the training samples registered for "
                              f"client {item.client_id})")
-    if lim.max_client_samples is not None:
-        n = min(n, int(lim.max_client_samples))
+    cap = weight_cap(lim)
+    if cap is not None:
+        n = min(n, cap)
     loss = {k: float(v) for k, v in meta.train_loss.items()}
     if not loss or not set(loss) <= set(held):
         raise UpdateRejected(f"train losses are for tasks {sorted(loss)}; this client trains {held} of the work's "
@@ -221,6 +284,7 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
             raise UpdateRejected(f"energy_json[{k!r}] = {v!r}: must be >= 0")
     energy["total_j"] = _figure("energy_j", meta.energy_j, " (leave it unset when unknown)") if meta.HasField("energy_j") else None
     dist = _scan(f, item.model)
+    item.update_norm = dist  # for the round's relative bound (norm_outliers)
     g = model_norm(item.model)
     bound = lim.max_update_norm_ratio * max(g, 1.0)
     if dist > bound:

@@ -31,6 +31,7 @@ class Slot:
     tried: list[int] = field(default_factory=list)
     item: "WorkItem | None" = None
     result: Any = None               # ClientUpdate (train) or eval dict (evaluate)
+    update_norm: float | None = None  # the result's L2 distance to the global model (train)
     failed: str | None = None        # why the slot gave up
     waiting_since: float = 0.0
     done: bool = False
@@ -47,6 +48,7 @@ class WorkItem:
     status: str = "queued"           # queued | running | done | failed | cancelled
     issued_at: float = 0.0
     reason: str = ""
+    update_norm: float | None = None  # set by validation: the upload's L2 distance to the global model
 
 
 class WorkBook:

@@ -24,6 +24,10 @@ from fmtl_edge.config import ConfigError, SimulationConfig, build_config, read_t
 JOB_KEYS = {
     "max_update_norm_ratio": "update norm bound: an update farther (L2) from the global model than this x max(|global|, 1) "
                              "is refused (default 10)",
+    "max_update_norm_multiple": "round-relative norm bound: an update farther from the global model than this x the "
+                                "round's median distance is refused, in rounds of 3 or more updates (default 4; 0: off)",
+    "max_samples_ratio": "a client's FedAvg weight (and evaluation n) is capped at this x the low median of the "
+                         "sample counts the devices registered (default 10; 0: no cap)",
     "max_client_samples": "cap on one update's aggregation weight, in samples (default: none)",
     "name": "job name (results, status)",
     "tasks": "the tasks to train (default: every task of the dataset)",
@@ -70,6 +74,8 @@ class JobConfig:
     retry_wait_s: float = 5.0
     max_round_retries: int = 20
     max_update_norm_ratio: float = 10.0
+    max_update_norm_multiple: float = 4.0
+    max_samples_ratio: float = 10.0
     max_client_samples: int | None = None
     table: dict[str, Any] = field(default_factory=dict)
 
@@ -186,7 +192,8 @@ def parse_job(table: Mapping[str, Any], name: str = "job") -> JobConfig:
                                  ("deadline_retries", int, 0, False), ("wait_for_devices", int, 1, True),
                                  ("start_timeout_s", float, 0.0, True), ("eval_timeout_s", float, 1.0, False),
                                  ("retry_wait_s", float, 0.0, False), ("max_round_retries", int, 0, False),
-                                 ("max_update_norm_ratio", float, 1e-6, False), ("max_client_samples", int, 1, True)):
+                                 ("max_update_norm_ratio", float, 1e-6, False), ("max_client_samples", int, 1, True),
+                                 ("max_update_norm_multiple", float, 0.0, False), ("max_samples_ratio", float, 0.0, False)):
         if k in table:
             setattr(job, k, _num(k, table[k], kind, lo, none_ok))
     if "evaluate" in table:

@@ -216,7 +216,9 @@ class JobServer:
                                      on_device_change=self.store.save_device,
                                      max_update_norm_ratio=self.job.max_update_norm_ratio,
                                      max_client_samples=self.job.max_client_samples,
-                                     on_round_start=self._on_round_start)
+                                     on_round_start=self._on_round_start,
+                                     max_samples_ratio=self.job.max_samples_ratio or None,
+                                     max_update_norm_multiple=self.job.max_update_norm_multiple or None)
         self.pool.load_registry(self.store.devices())
         self._restore_tasks()
         self.servicer = CoordinatorServicer(self.pool, tokens, srv.heartbeat_interval_s, status=self.status,
