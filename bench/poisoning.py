@@ -136,7 +136,7 @@ heartbeat_timeout_s = 120
     refused_rounds = [i + 1 for i, h in enumerate(hist)
                       if any(int(r.get("client_id", -1)) == args.attacker for r in h.get("refused", []))]
     row.update(total_test_loss=m["total_test_loss"], test_loss=m.get("test_loss"), refused_rounds=refused_rounds,
-               updates_rejected=res["deployment"]["counters"].get("updates_rejected", 0),
+               updates_rejected=res["engine"]["counters"].get("updates_rejected", 0),
                device_s=sum(float(h.get("device_s") or 0.0) for h in hist), rounds=len(hist), failed=None)
     return row
 

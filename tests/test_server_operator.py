@@ -275,3 +275,41 @@ def test_token_add_writes_the_tokens_file_readable_by_its_owner_only(tmp_path, c
     assert main(["token", "add", "jetson-2", "--tokens", str(p)]) == 0
     assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
     assert len(p.read_text().splitlines()) == 2
+
+
+# -- the job file and serve --help ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, where, near", [
+    ('[job]\nrouns = 5\n[server]\ninsecure = true\n', "[job] rouns", "'rounds'"),
+    ('[job]\nclients_per_rond = 2\n[server]\ninsecure = true\n', "[job] clients_per_rond", "'clients_per_round'"),
+    ('[job]\nmax_update_norm_multipl = 2\n[server]\ninsecure = true\n', "[job]", "'max_update_norm_multiple'"),
+    ('[job]\n[server]\ninsecure = true\nheartbeat_interval = 1\n', "[server] heartbeat_interval",
+     "'heartbeat_interval_s'"),
+    ('[job]\n[servr]\ninsecure = true\n', "--config", "[server]"),
+])
+def test_job_file_errors_suggest_the_nearest_key_and_do_not_list_every_key(tmp_path, text, where, near):
+    from fmtl_edge.config import ConfigError
+
+    f = tmp_path / "job.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert where in msg and f"did you mean {near}" in msg, msg
+    assert len(msg) < 200 and "known keys" not in msg and "wait_for_devices" not in msg, msg
+
+
+def test_serve_help_lists_every_method_it_accepts(capsys):
+    from fmtl_edge.methods import METHODS
+    from fmtl_server.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    listed = out.split("methods ([job] methods")[1]
+    for cls in METHODS.values():
+        if cls.pooled_data:
+            assert f"({cls.name}: a reference on pooled data, fmtl-edge simulate only)" in listed
+        else:
+            assert f"\n  {cls.name} " in listed, cls.name

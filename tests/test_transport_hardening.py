@@ -684,3 +684,9 @@ def test_the_relative_norm_bound_needs_three_updates_and_can_be_turned_off():
     assert list(out) == [3] and "10" in out[3] and "median distance 1.1" in out[3]
     assert norm_outliers({0: 1.0, 1: 1.2, 2: 0.9, 3: 10.0}, 0) == {}
     assert norm_outliers({0: 1.0, 1: 1.2, 2: 0.9, 3: 10.0}, 12.0) == {}
+    # a client with more data moves farther: its bound grows with its share of the round's median weight ...
+    w = {0: 100, 1: 120, 2: 90, 3: 300}
+    assert norm_outliers({0: 1.0, 1: 1.2, 2: 0.9, 3: 10.0}, 4.0, w) == {}
+    # ... up to 4 x (a weight is already capped by max_samples_ratio)
+    out = norm_outliers({0: 1.0, 1: 1.2, 2: 0.9, 3: 30.0}, 4.0, {**w, 3: 10_000})
+    assert list(out) == [3] and "data share 4" in out[3]

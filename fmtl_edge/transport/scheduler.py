@@ -142,10 +142,11 @@ class Scheduler:
         """Refuse the updates of ``slots`` farther from the global model than the round's relative
         bound allows (their slots yield refusals); returns the devices whose records changed. *(lock
         held)*"""
-        norms = {s.index: s.update_norm for s in slots
-                 if isinstance(s.result, ClientUpdate) and s.update_norm is not None}
+        kept = [s for s in slots if isinstance(s.result, ClientUpdate) and s.update_norm is not None]
+        norms = {s.index: s.update_norm for s in kept}
+        weights = {s.index: float(s.result.n_samples) for s in kept}
         changed = []
-        for i, reason in norm_outliers(norms, self.norm_multiple).items():
+        for i, reason in norm_outliers(norms, self.norm_multiple, weights).items():
             s = slots[i]
             release_update(s.result)
             s.result = None

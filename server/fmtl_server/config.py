@@ -145,6 +145,16 @@ class ServerConfig:
         return int(self.max_update_mib * (1 << 20))
 
 
+def _unknown(where: str, key: str, known) -> ConfigError:
+    """An unknown key of the job file, with the nearest known one (``difflib``, as
+    :mod:`fmtl_edge.config` does for ``simulate``) instead of every key."""
+    import difflib
+
+    near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    return ConfigError(f"{where} {key}", f"unknown key; {hint}docs/deployment.md §2 lists the {where} keys")
+
+
 def _num(name: str, v: Any, kind: type, lo: float | None = None, allow_none: bool = False):
     if v is None and allow_none:
         return None
@@ -172,8 +182,7 @@ def parse_job(table: Mapping[str, Any], name: str = "job") -> JobConfig:
         if k in JOB_KEYS:
             continue
         if k not in sim_fields:
-            known = sorted(JOB_KEYS) + sorted(sim_fields - set(_DEVICE_SIDE))
-            raise ConfigError(f"[job] {k}", f"unknown key; known keys: {', '.join(known)}")
+            raise _unknown("[job]", k, set(JOB_KEYS) | (sim_fields - set(_DEVICE_SIDE)))
         if isinstance(v, int) and not isinstance(v, bool) and k in ("lr", "momentum", "weight_decay", "alpha",
                                                                       "time_budget_s", "energy_budget_j"):
             v = float(v)
@@ -219,16 +228,20 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
         p = Path(path)
         raw = read_toml(p)
         base = p.resolve().parent
-    unknown = set(raw) - {"job", "server"}
+    unknown = sorted(set(raw) - {"job", "server"})
     if unknown:
-        raise ConfigError("--config", f"unknown tables {sorted(unknown)}; a job file has [job] and [server]")
+        import difflib
+
+        near = difflib.get_close_matches(unknown[0], ["job", "server"], n=1, cutoff=0.5)
+        raise ConfigError("--config", f"unknown table [{unknown[0]}]" + (f"; did you mean [{near[0]}]?" if near else "")
+                          + "; a job file has [job] and [server]")
     if "job" not in raw:
         raise ConfigError("--config", "no [job] table (dataset, methods, rounds, clients_per_round, ...)")
     job = parse_job(raw["job"], Path(path).stem if path else "job")
     srv_table = {k.replace("-", "_"): v for k, v in raw.get("server", {}).items()}
-    bad = set(srv_table) - set(SERVER_KEYS)
+    bad = sorted(set(srv_table) - set(SERVER_KEYS))
     if bad:
-        raise ConfigError("[server]", f"unknown keys {sorted(bad)}; known: {', '.join(SERVER_KEYS)}")
+        raise _unknown("[server]", bad[0], SERVER_KEYS)
     for k in _SERVER_PATHS:
         if isinstance(srv_table.get(k), str) and srv_table[k]:
             srv_table[k] = str(base / srv_table[k])
