@@ -157,15 +157,19 @@ def test_progress_eta_extrapolates_this_sessions_seconds_per_round():
 
     now = [100.0]
     p = Progress(10, clock=lambda: now[0], wall=lambda: 1000.0)
-    p.resumed(4)
+    p.resumed("a", 3)
+    p.resumed("b", 1)
     assert p.eta_s() is None and p.text() == "4/10 rounds (40%)"
     now[0] += 30.0
-    p.round_done()
-    p.round_done()  # 2 rounds in 30 s this session: 4 rounds left take 60 s
+    p.round_done("b")
+    p.round_done("b")  # 2 rounds in 30 s this session: 4 rounds left take 60 s
     assert p.eta_s() == pytest.approx(60.0)
     d = p.as_dict()
     assert d["rounds_done"] == 6 and d["percent"] == 60.0 and d["eta_unix_s"] == pytest.approx(1060.0)
     assert "ETA " in p.text() and "(in 60 s)" in p.text()
+    assert p.text(pending=1).startswith("7/10 rounds (70%)")
+    p.resumed("b", 3)  # a failed round retried from the last checkpoint: b's committed rounds, not added
+    assert p.done == 6
 
 
 # -- the end of a job, seen from an agent ----------------------------------------------------------------------

@@ -61,8 +61,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     transfers do, :func:`start_server` keeps ``reserve_workers`` of its ``max_workers`` for them
     (:meth:`set_workers`): past the rest, a long poll answers at once and a model stream is refused
     (``RESOURCE_EXHAUSTED``, the agent retries). Besides, a device holds at most
-    ``max_streams_per_device`` model streams, and the server at most ``max_idle_streams`` upload
-    streams that have not yet sent data.
+    ``max_streams_per_device`` model streams, and the server keeps at most ``max_idle_streams``
+    upload streams that have not yet sent data: a new upload closes the oldest one idle for
+    ``IDLE_GRACE_S`` or more (an honest upload sends its data at once), else it is refused.
 
     Args:
         pool: the pool the coordinator runs rounds on.

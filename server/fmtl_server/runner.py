@@ -308,7 +308,7 @@ class JobServer:
 
     def _on_method_resume(self, method, rounds_done: int, entry) -> None:
         if self.progress is not None:
-            self.progress.resumed(rounds_done)
+            self.progress.resumed(method.name, rounds_done)
         if entry is not None:
             self.say(f"{method.name}: already finished")
         else:
@@ -320,12 +320,7 @@ class JobServer:
         if rec.refused:
             rep += f", {len(rec.refused)} slot(s) without update: " + "; ".join(m.get("message", "?") for m in rec.refused)
         energy = "—" if rec.energy_j is None else f"{rec.energy_j:.1f} J"
-        overall = ""
-        if self.progress is not None:
-            self.progress.round_done()
-            overall = f"; overall {self.progress.text()}"
-            self._record("progress", self.progress.as_dict())
-            self._set_phase(f"training {method.name}: {self.progress.text()}")
+        overall = "" if self.progress is None else f"; overall {self.progress.text(pending=1)}"
         self.say(f"{method.name} {rec.job} round {rec.round + 1}: clients {rec.clients}{rep}, train loss {loss:.4f}, "
                  f"{rec.samples} samples, device {rec.device_s:.2f} s, {energy}, wall {rec.wall_s:.2f} s{overall}")
 
@@ -344,6 +339,10 @@ class JobServer:
                  f"first update {fmt(ri.get('first_update_s'))}, last update {fmt(ri.get('last_update_s'))}, "
                  f"validation {fmt(ri.get('validate_s'))} (sum), aggregation {fmt(ri.get('consumer_s'))}")
         self.current = {"method": method.name, "job": ck.job.name, "rounds_done": ck.round + 1, "rounds": ck.job.rounds}
+        if self.progress is not None:  # the round is committed: it counts
+            self.progress.round_done(method.name)
+            self._record("progress", self.progress.as_dict())
+            self._set_phase(f"training {method.name}: {self.progress.text()}")
 
     def _retry_wait(self, failures: int, e: RoundFailed) -> None:
         self._record("round_failed", str(e), event=True)
