@@ -19,9 +19,11 @@ Per round (:class:`RoundPolicy`):
 - the round ends when every slot has an update or has failed, or at ``deadline_s`` if at least
   ``min_updates`` updates are in (late work is cancelled); with fewer, the missing slots are sent to
   other devices and the deadline is extended, ``deadline_retries`` times;
-- updates are validated (job and round, tensor names, shapes and dtypes, NaN/Inf, size) before
-  they are yielded, and yielded in slot order; the uploads are memory-mapped files, so the
-  server holds one of them at a time.
+- updates are validated (job and round, tensor names, shapes and dtypes, NaN/Inf, size, the static
+  norm bound) before they are yielded, and yielded in slot order; in a round of 3 or more slots,
+  once every slot is done, after the round's relative norm bound
+  (:func:`~fmtl_edge.transport.validation.norm_outliers`). The uploads are memory-mapped files, so
+  the server holds one of them at a time.
 
 The pool is a thin :class:`~fmtl_edge.pool.ClientPool` over small objects, each with its own state
 and given what it needs when it is made (they share the pool's one condition, which guards the
