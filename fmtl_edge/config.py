@@ -63,6 +63,9 @@ class SimulationConfig:
     #: ``--seeds 0,1,2``: every method runs once per seed (the training seed: model init, client
     #: sampling, batch order, dropout); the data partition stays the one of ``seed``; None: one run
     seeds: tuple[int, ...] | None = None
+    #: ``--partition-seed S``: the data partition's seed when it differs from the training seed (one
+    #: seed of a ``--seeds`` study run as its own resumable run); None: ``seed``
+    partition_seed: int | None = None
     device: str = "cpu"
     out: str | None = None  # None: a new timestamped run folder runs/<UTC time>, runs/latest → it
     meter: str | None = None
@@ -101,6 +104,11 @@ class SimulationConfig:
             raise KeyError(f"no method declares the option {name!r}")
         return self.method_options.get(name, opts[name].default)
 
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data partition: ``partition_seed`` when set, else ``seed``."""
+        return int(self.seed if self.partition_seed is None else self.partition_seed)
+
     def train_config(self):
         """The clients' local-training settings (:class:`~fmtl_edge.messages.TrainConfig`)."""
         from fmtl_edge.messages import TrainConfig
@@ -124,6 +132,12 @@ class SimulationConfig:
     lease_wait_s: float = 600.0
     #: ``--threads N|auto``: intra-op threads of each client execution (:mod:`fmtl_edge.runtime.threads`)
     threads: str = "auto"
+    #: ``--loss-weights uniform|chance|TASK=W,...``: task weights of the objective (:mod:`fmtl_edge.loss_weights`)
+    loss_weights: str = "uniform"
+    #: ``--paired-with METHOD`` (with ``--seeds``): per-seed paired differences against METHOD, 95 % t-interval
+    paired_with: str | None = None
+    #: ``--oracle-splits``: beside every mas-x, mas-oracle-x trains every x-split from the merged weights
+    oracle_splits: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The config as results.json stores it (``data_dir`` absolute and resolved)."""
@@ -185,6 +199,17 @@ class SimulationConfig:
         except ValueError as e:
             raise ConfigError("--threads", str(e).removeprefix("--threads: ")) from None
         self.threads = "auto" if n is None else str(n)
+        from fmtl_edge.loss_weights import parse_loss_weights
+
+        self.loss_weights = parse_loss_weights(self.loss_weights)
+        if self.oracle_splits and not any(re.fullmatch(r"mas-\d+", m) for m in self.methods):
+            raise ConfigError("--oracle-splits", "checks the split of a mas-x method: add one to --methods (e.g. mas-2)")
+        if self.paired_with is not None:
+            if self.paired_with not in self.methods:
+                raise ConfigError("--paired-with", f"{self.paired_with!r} is not one of --methods "
+                                  f"({', '.join(self.methods)}); name the method to compare against")
+            if not self.seeds or len(self.seeds) < 2:
+                raise ConfigError("--paired-with", "paired differences need several seeds: add --seeds (e.g. 0,1,2,3,4)")
         if not self.lease_wait_s >= 0:
             raise ConfigError("--lease-wait-s", f"must be >= 0 seconds (0: refuse at once if busy), got {self.lease_wait_s}")
         for name in ("time_budget_s", "energy_budget_j"):

@@ -105,6 +105,7 @@ class Coordinator:
         time_budget_s, energy_budget_j: per-round budgets sent with every assignment.
         on_round_end: optional ``(RoundCheckpoint) -> None`` called after every round (persistence).
         min_updates: fewest usable updates a round may aggregate; fewer raise :class:`RoundFailed`.
+        loss_weights: task → w_t of the clients' objective Σ_t w_t·L_t (None: every w_t = 1).
 
     Raises:
         ValueError: K < 1 or min_updates outside 1..K.
@@ -115,7 +116,8 @@ class Coordinator:
                  on_round: Callable[[RoundRecord], None] | None = None,
                  affinity_rounds: Sequence[int] | None = None,
                  time_budget_s: float | None = None, energy_budget_j: float | None = None,
-                 on_round_end: Callable[[RoundCheckpoint], None] | None = None, min_updates: int = 1):
+                 on_round_end: Callable[[RoundCheckpoint], None] | None = None, min_updates: int = 1,
+                 loss_weights: Mapping[str, float] | None = None):
         if clients_per_round < 1:
             raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}")
         if not 1 <= min_updates <= clients_per_round:
@@ -132,6 +134,8 @@ class Coordinator:
         self.energy_budget_j = energy_budget_j
         self.on_round_end = on_round_end
         self.min_updates = min_updates
+        #: task → w_t of the clients' objective (``--loss-weights``), sent with every assignment
+        self.loss_weights = dict(loss_weights or {})
         #: prefix of the client-state keys (the method's name while :meth:`run_method` runs)
         self.namespace = ""
 
@@ -161,7 +165,8 @@ class Coordinator:
                           measure_affinity=job.measure_affinity, seed=self.seed, time_budget_s=self.time_budget_s,
                           energy_budget_j=self.energy_budget_j, procedure=task.procedure,
                           method_config=dict(task.method_config), state_key=self.state_key(job),
-                          personal=layout.names_in(PERSONAL), frozen=layout.names_in(FROZEN))
+                          personal=layout.names_in(PERSONAL), frozen=layout.names_in(FROZEN),
+                          loss_weights={t: self.loss_weights[t] for t in job.tasks if t in self.loss_weights})
 
     def run_job(self, job: Job, init_state: Mapping[str, np.ndarray] | None = None,
                 resume: RoundCheckpoint | None = None, strategy: Strategy | None = None) -> JobOutcome:

@@ -63,6 +63,11 @@ class InProcessClientPool(ClientPool):
     def eligible(self, tasks: Sequence[str]) -> list[int]:
         return [c for c in self.client_ids if any(t in self._by_id[c].y_train for t in tasks)]
 
+    def label_statistics(self, tasks) -> dict[int, dict[str, dict]]:
+        from fmtl_edge.loss_weights import client_label_stats
+
+        return {cid: client_label_stats(c.y_train, tasks) for cid, c in self._by_id.items()}
+
     def state_store(self, client_id: int) -> MemoryStateStore:
         """Client ``client_id``'s own state (created empty on first use)."""
         return self._states.setdefault(int(client_id), MemoryStateStore())

@@ -114,5 +114,6 @@ def run_seeds(cfg: SimulationConfig, dataset: FederatedDataset, hooks: RunHooks 
     runs = []
     for s in seeds:
         log.info("seed %d (%d of %d)", s, len(runs) + 1, len(seeds))
-        runs.append(run_simulation(dataclasses.replace(cfg, seed=int(s), seeds=None), dataset, hooks=hooks))
-    return combine_seeds([r for r, _ in runs], seeds, cfg.seed, cfg.to_dict()), runs[0][1]
+        runs.append(run_simulation(dataclasses.replace(cfg, seed=int(s), seeds=None, partition_seed=cfg.data_seed),
+                                   dataset, hooks=hooks))
+    return combine_seeds([r for r, _ in runs], seeds, cfg.data_seed, cfg.to_dict(), cfg.paired_with), runs[0][1]
