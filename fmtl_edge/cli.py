@@ -124,6 +124,17 @@ def _add_simulate(sub) -> None:
                    help="intra-op threads of each client execution (default auto: one per 0.5 GFLOP of a training "
                         "batch, at most the usable cores; the OpenMP wait policy is passive unless you set "
                         "OMP_WAIT_POLICY), so device seconds measure the work even on shared cores")
+    g.add_argument("--fleet", metavar="FILE.toml|NAME",
+                   help="simulated devices (e.g. orin-mix: Orin Nano, Orin NX, AGX Orin x 8, their power modes): client "
+                        "k runs on device k mod N; device seconds and joules are the fleet model's for the counted "
+                        "sample-passes (labelled model:fleet: deterministic on a loaded machine)")
+    g.add_argument("--selection", choices=("uniform", "energy", "utility"),
+                   help="who trains in a round: uniform (default), energy (the K of least predicted joules whose "
+                        "budgets allow the round), utility (Oort: statistical utility x system cost)")
+    g.add_argument("--power-mode", choices=("keep", "max", "auto"),
+                   help="each selected device's power mode: keep (default), max, auto (the least J per sample that "
+                        "still meets the round's deadline = the slowest device at max); needs --fleet or devices "
+                        "that report their modes")
     g.add_argument("--time-budget-s", type=float, help="per-round time budget of a client execution (s)")
     g.add_argument("--energy-budget-j", type=float, help="per-round energy budget of a client execution (J)")
     g.add_argument("--out", help="output folder (default: a new runs/<UTC time>, with runs/latest pointing at it)")
@@ -148,7 +159,7 @@ _CONFIG_KEYS = (
     "affinity_divide_by_lr", "width", "seed", "seeds", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
     "pretrained", "lease_wait_s", "dropout", "eval_every", "threads", "loss_weights", "paired_with", "partition_seed",
-    "oracle_splits",
+    "oracle_splits", "fleet", "selection", "power_mode",
 )
 
 
@@ -271,6 +282,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from fmtl_edge.simulation import dataset_eligible
 
         prepare_methods(cfg, dataset.tasks, cfg.model_spec(dataset.input_shape), dataset_eligible(dataset))
+        if cfg.power_mode != "keep" and cfg.fleet is None:
+            raise ConfigError("--power-mode", f"{cfg.power_mode}: simulated clients have no power modes; give "
+                              "--fleet (e.g. orin-mix) to simulate devices that do")
         from fmtl_edge.runtime import load_profile
 
         load_profile(cfg.profile)

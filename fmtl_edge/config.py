@@ -138,6 +138,12 @@ class SimulationConfig:
     paired_with: str | None = None
     #: ``--oracle-splits``: beside every mas-x, mas-oracle-x trains every x-split from the merged weights
     oracle_splits: bool = False
+    #: ``--fleet FILE.toml|NAME``: simulated devices (client k on device k mod N), modelled time and energy
+    fleet: str | None = None
+    #: ``--selection uniform|energy|utility``: who trains in a round (:mod:`fmtl_edge.selection`)
+    selection: str = "uniform"
+    #: ``--power-mode keep|max|auto``: each selected device's power mode (:mod:`fmtl_edge.selection`)
+    power_mode: str = "keep"
 
     def to_dict(self) -> dict[str, Any]:
         """The config as results.json stores it (``data_dir`` absolute and resolved)."""
@@ -202,6 +208,16 @@ class SimulationConfig:
         from fmtl_edge.loss_weights import parse_loss_weights
 
         self.loss_weights = parse_loss_weights(self.loss_weights)
+        from fmtl_edge.selection import POLICIES, POWER_MODE_POLICIES
+
+        if self.selection not in POLICIES:
+            raise ConfigError("--selection", f"{self.selection!r} is not one of {', '.join(POLICIES)}")
+        if self.power_mode not in POWER_MODE_POLICIES:
+            raise ConfigError("--power-mode", f"{self.power_mode!r} is not one of {', '.join(POWER_MODE_POLICIES)}")
+        if self.fleet is not None:
+            from fmtl_edge.fleet import Fleet
+
+            Fleet.load(self.fleet)  # a bad file or name is refused here (ConfigError --fleet)
         if self.oracle_splits and not any(re.fullmatch(r"mas-\d+", m) for m in self.methods):
             raise ConfigError("--oracle-splits", "checks the split of a mas-x method: add one to --methods (e.g. mas-2)")
         if self.paired_with is not None:

@@ -184,13 +184,15 @@ def method_entry(method, done: dict[str, JobOutcome], evaluation: dict[str, Any]
             {"job": r.job, "round": r.round, "clients": r.clients, "executed_by": list(r.executed), "lr": r.lr,
              "train_loss": r.train_loss, "samples": r.samples, "device_s": r.device_s, "cpu_s": r.cpu_s,
              "critical_path_s": r.critical_path_s, "energy_j": r.energy_j, "sample_passes": r.sample_passes,
-             "lookahead_passes": r.lookahead_passes, "wall_s": r.wall_s, "refused": list(r.refused)}
+             "lookahead_passes": r.lookahead_passes, "wall_s": r.wall_s, "refused": list(r.refused),
+             "per_client": list(r.per_client)}
             for o in done.values() for r in o.history
         ],
         "final_jobs": dict(method.final_jobs(done)),
         "merge_phase": merge_phase(done),
         "decision": method.decision(done),
         "oracle": None,
+        "energy": None,
     })
     if curve is not None:
         from fmtl_edge.report import method_curve

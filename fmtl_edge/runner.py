@@ -111,6 +111,8 @@ class RunSettings:
         min_updates: fewest usable updates a round may aggregate.
         evaluate: evaluate the final models (False: test losses are null).
         retry: retry failed rounds (None: a failed round ends the run).
+        fleet: the simulated :class:`~fmtl_edge.fleet.Fleet` the pool prices executions with
+            (``--fleet``), for the energy policy's predictions and budgets; None: the devices' own.
     """
 
     time_budget_s: float | None = None
@@ -118,6 +120,7 @@ class RunSettings:
     min_updates: int = 1
     evaluate: bool = True
     retry: RetryPolicy | None = None
+    fleet: Any = None
 
 
 def load_pretrained(path: str | None) -> dict[str, np.ndarray] | None:
@@ -211,6 +214,8 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
     tasks = methods[0].tasks if methods else None
     chance, weights = task_scales(cfg, pool, tasks)
     results["chance_loss"], results["loss_weights"] = chance, weights
+    policy = energy_policy(cfg, pool, settings.fleet, spec)
+    results["energy_policy"] = policy.describe()
     models: Models = {}
     pooled = None
     for method in methods:
@@ -236,7 +241,8 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
             method_pool, spec, tasks, train, min(cfg.clients_per_round, len(method_pool.client_ids)), cfg.seed,
             on_round=(lambda rec, m=method: hooks.on_round(m, rec)) if hooks.on_round else None,
             time_budget_s=settings.time_budget_s, energy_budget_j=settings.energy_budget_j,
-            min_updates=min(settings.min_updates, cfg.clients_per_round), loss_weights=weights)
+            min_updates=min(settings.min_updates, cfg.clients_per_round), loss_weights=weights,
+            energy_policy=policy)
         curve = None
         if cfg.eval_every and method.global_model:
             curve = CurveRecorder(cfg.eval_every, store.curve(method.name) if store is not None else None)
@@ -250,6 +256,10 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
         evaluation = evaluate_method(method, done, coord, clients=asked)
         entry = method_entry(method, done, evaluation, cfg.rounds, wall, spec, train.batch_size,
                              curve=None if curve is None else curve.points, asked=evaluation["asked"], chance=chance)
+        from fmtl_edge.selection import ClientRecord
+
+        entry["energy"] = policy.audit([ClientRecord.from_dict(d) for o in done.values() for rec in o.history
+                                        for d in rec.per_client])
         candidates = method.candidate_models(done) if settings.evaluate else {}
         if candidates:
             entry["oracle"] = method.oracle(done, _candidate_losses(method, done, coord, candidates, chance))
@@ -281,6 +291,29 @@ def _candidate_losses(method: Method, done, coord: Coordinator, candidates: Mapp
         out[label] = {"total_test_loss": float(sum(per.values())), "normalised_total_test_loss": normalised_total(per, chance),
                       "per_task": per}
     return out
+
+
+def energy_policy(cfg, pool: ClientPool, fleet, spec):
+    """The run's :class:`~fmtl_edge.energy_policy.EnergyPolicy` from ``--selection``,
+    ``--power-mode`` and the fleet (or the pool's devices).
+
+    Raises:
+        ConfigError: a power-mode policy where no device's modes are known.
+    """
+    from fmtl_edge.energy_policy import EnergyPolicy
+
+    try:
+        return EnergyPolicy(cfg.selection, cfg.power_mode, fleet, train_sizes=pool.train_sizes(),
+                            local_epochs=cfg.local_epochs, model=model_key(spec))
+    except ValueError as e:
+        flag = "--power-mode" if "power-mode" in str(e) else "--selection"
+        raise ConfigError(flag, str(e).split(": ", 1)[-1]) from None
+
+
+def model_key(spec) -> str:
+    """The energy profiles' key of a model architecture (J per sample-pass depend on it)."""
+    return "/".join(str(v) for v in (getattr(spec, "model", "auto"), "x".join(map(str, spec.input_shape)),
+                                     f"w{spec.width}"))
 
 
 def task_scales(cfg, pool: ClientPool, tasks) -> tuple[dict[str, float | None], dict[str, float]]:

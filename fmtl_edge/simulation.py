@@ -86,8 +86,13 @@ def run_simulation(cfg: SimulationConfig, dataset: FederatedDataset, *, hooks: R
     meter, lease, profile = make_runtime(cfg)
     warm_up()
     threads = ThreadPolicy.parse(cfg.threads)
+    fleet = None
+    if cfg.fleet is not None:
+        from fmtl_edge.fleet import Fleet
+
+        fleet = Fleet.load(cfg.fleet)
     pool = InProcessClientPool(dataset, spec, meter, lease, profile.memory_budget_bytes,
-                               faults=dropout_faults(cfg.seed, cfg.dropout), threads=threads)
+                               faults=dropout_faults(cfg.seed, cfg.dropout), threads=threads, fleet=fleet)
     results = results_document(
         dataset=dataset.name, dataset_info=dataset.info, tasks=dataset.tasks, clients=dataset.n_clients,
         config=cfg.to_dict(), dropout=cfg.dropout, engine={"name": "simulate"},
@@ -96,10 +101,12 @@ def run_simulation(cfg: SimulationConfig, dataset: FederatedDataset, *, hooks: R
                 "threads": threads.describe()})
     settings = RunSettings(
         time_budget_s=cfg.time_budget_s if cfg.time_budget_s is not None else profile.round_time_s,
-        energy_budget_j=cfg.energy_budget_j if cfg.energy_budget_j is not None else profile.round_energy_j)
+        energy_budget_j=cfg.energy_budget_j if cfg.energy_budget_j is not None else profile.round_energy_j,
+        fleet=fleet)
     return run_methods(cfg, methods, pool, spec, results, store=run_state, hooks=hooks, settings=settings,
                        pooled_pool=lambda: InProcessClientPool(dataset.pooled(), spec, meter, lease,
-                                                               profile.memory_budget_bytes, threads=threads))
+                                                               profile.memory_budget_bytes, threads=threads,
+                                                               fleet=fleet))
 
 
 def run_seeds(cfg: SimulationConfig, dataset: FederatedDataset, hooks: RunHooks | None = None):
