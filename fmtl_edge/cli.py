@@ -60,6 +60,7 @@ def _add_simulate(sub) -> None:
                    help="pathological split instead of Dirichlet: every client holds exactly C classes "
                         "(digits: of the digit; utkface: of race), e.g. --clients 10 --classes-per-client 2")
     g = p.add_argument_group("federated training")
+    g.add_argument("--tasks", metavar="TASK,TASK,...", help="train only these tasks of the data set (default: all)")
     g.add_argument("--methods", help="comma list (default: mas-2,all-in-one,one-by-one)")
     g.add_argument("--rounds", type=int, help="R, rounds per task (preset: 30; paper: 100)")
     g.add_argument("--r0", type=int, help="R0, rounds of MAS's merged phase (default: R/3; mas-auto: its cap)")
@@ -154,7 +155,7 @@ def _add_simulate(sub) -> None:
 
 
 _CONFIG_KEYS = (
-    "dataset", "data_dir", "clients", "max_samples", "image_size", "alpha", "classes_per_client", "methods", "rounds", "r0",
+    "dataset", "data_dir", "tasks", "clients", "max_samples", "image_size", "alpha", "classes_per_client", "methods", "rounds", "r0",
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
     "affinity_divide_by_lr", "width", "seed", "seeds", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
@@ -277,6 +278,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 image_size=cfg.image_size, max_samples=cfg.max_samples, task_groups=cfg.task_groups,
                 classes_per_client=cfg.classes_per_client,
             )
+        if cfg.tasks:
+            dataset = dataset.with_tasks(cfg.tasks)
         cfg.validate_against(len(dataset.tasks), dataset.n_clients)
         from fmtl_edge.runner import prepare_methods
         from fmtl_edge.simulation import dataset_eligible

@@ -48,6 +48,8 @@ class SimulationConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     methods: tuple[str, ...] = DEFAULT_METHODS
+    #: ``--tasks a,b``: train only these tasks of the data set (None: every task)
+    tasks: tuple[str, ...] | None = None
     rounds: int = 100
     r0: int = 35
     clients: int | None = None
@@ -149,6 +151,7 @@ class SimulationConfig:
         """The config as results.json stores it (``data_dir`` absolute and resolved)."""
         d = dataclasses.asdict(self)
         d["methods"] = list(self.methods)
+        d["tasks"] = None if self.tasks is None else list(self.tasks)
         d["seeds"] = None if self.seeds is None else list(self.seeds)
         if self.data_dir is not None:
             d["data_dir"] = str(Path(self.data_dir).expanduser().resolve())
@@ -337,11 +340,13 @@ def _coerce(name: str, value: Any) -> Any:
         if not out or len(set(out)) != len(out):
             raise ConfigError("seeds", f"name each seed once, at least one: got {value!r}")
         return out
-    if name == "methods":
+    if name in ("methods", "tasks"):
+        if value is None and name == "tasks":
+            return None
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError("methods", "must be a list of names or a comma-separated string")
+            raise ConfigError(name, "must be a list of names or a comma-separated string")
         return tuple(v.strip() for v in value)
     default = _FIELDS[name].default
     kind = type(default) if default is not None else None
@@ -351,11 +356,11 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError("layers", "must be a table: [layers] personal = [\"heads.*\"], pretrained = [...]")
         return {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in value.items()}
-    if name in ("clients", "max_samples", "image_size", "task_groups", "classes_per_client"):
+    if name in ("clients", "max_samples", "image_size", "task_groups", "classes_per_client", "partition_seed"):
         kind = int
     elif name in ("alpha", "time_budget_s", "energy_budget_j"):
         kind = float
-    elif name in ("data_dir", "meter", "profile", "sampling", "pretrained", "out"):
+    elif name in ("data_dir", "meter", "profile", "sampling", "pretrained", "out", "paired_with", "fleet"):
         kind = str
     if kind is bool:
         if not isinstance(value, bool):
@@ -464,8 +469,9 @@ def build_config(overrides: Mapping[str, Any], config_file: str | Path | None = 
     if "rounds" in explicit and "r0" not in explicit:
         # R0 follows R (a third, as the presets and the paper's R0 ≈ 0.3–0.4·R) unless set.
         merged["r0"] = max(1, min(int(merged["rounds"]) - 1, round(int(merged["rounds"]) / 3)))
-    if "methods" in merged:
-        merged["methods"] = _coerce("methods", merged["methods"])
+    for key in ("methods", "tasks"):
+        if key in merged:
+            merged[key] = _coerce(key, merged[key])
     if "seeds" in merged:
         merged["seeds"] = _coerce("seeds", merged["seeds"])
     merged["method_options"] = chosen
