@@ -39,6 +39,12 @@ SMALL = {"dataset": "digits", "methods": "mas-2,all-in-one", "clients": 4, "roun
 
 
 @pytest.fixture(autouse=True)
+def _data_cache(tmp_path, monkeypatch):
+    """Each test's ClientApps keep their data cache in the test's own folder."""
+    monkeypatch.setenv("FMTL_EDGE_CACHE_DIR", str(tmp_path / "data-cache"))
+
+
+@pytest.fixture(autouse=True)
 def _task_identity():
     """Flower's Message constructor reads the process's task identity (a ServerApp process has one)."""
     old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
@@ -265,9 +271,9 @@ def test_server_app_equals_simulate_and_loads_no_client_data(reference, tmp_path
         loads.append(key)
         return real_load(key)
 
-    def local(cfg, app, pid):
+    def local(cfg, app, pid, cache=None):
         served.append(int(pid))
-        d = real_local(cfg, app, pid)
+        d = real_local(cfg, app, pid, cache)
         assert d.client.client_id == int(pid)
         return d
 
