@@ -642,3 +642,128 @@ def test_flwr_run_matches_simulate(tmp_path):
     ra = json.loads((tmp_path / "flower" / "results.json").read_text())
     rb = json.loads((tmp_path / "sim" / "results.json").read_text())
     assert set(ra) - set(rb) == {"engine"} and all(ra["methods"][m].keys() == rb["methods"][m].keys() for m in rb["methods"])
+
+
+# -- the deployment guide (item 2) -------------------------------------------------------------------------
+def _deploy():
+    sys.path.insert(0, str(ROOT))
+    import bench.flower_deploy as fd
+
+    return fd
+
+
+def test_the_deployment_guide_holds_the_tested_commands():
+    """docs/flower.md gives, verbatim, the commands that bench/flower_deploy.Deployment runs (the
+    slow tests below run them): SuperLink, SuperNodes with their own --port and a TOML node config,
+    the [superlink.<name>] connection, insecure and with TLS, and the certificate commands."""
+    import shlex
+
+    fd = _deploy()
+    doc = (ROOT / "docs" / "flower.md").read_text()
+    nc = 'state-dir="/var/lib/fmtl/node-{i}"'
+    plain = fd.Deployment("/tmp/unused", nodes=2, node_config=nc)
+    certs = {"ca": "/etc/fmtl/certs/ca.crt", "cert": "/etc/fmtl/certs/server.pem", "key": "/etc/fmtl/certs/server.key"}
+    tls = fd.Deployment("/tmp/unused", nodes=1, certs=certs, node_config=nc)
+    for d in (plain, tls):
+        for cmd in (d.superlink_command(), *(d.supernode_command(i) for i in range(d.nodes))):
+            assert shlex.join(cmd) in doc, shlex.join(cmd)
+        assert d.flower_config().strip() in doc
+    for cmd in fd.OPENSSL:
+        assert cmd in doc
+    assert fd.SAN.strip() in doc
+    assert "flwr run examples/flower-app fmtl-loopback" in doc and "flwr ls fmtl-loopback --run-id" in doc
+    from flwr.supercore.constant import SUPERLINK_UVICORN_DEFAULT_PORT, SUPERNODE_UVICORN_DEFAULT_PORT
+
+    assert (plain.port, plain.node_port) == (SUPERLINK_UVICORN_DEFAULT_PORT, SUPERNODE_UVICORN_DEFAULT_PORT)
+    from fmtl_edge.flower import client_app
+
+    assert "--node-config 'partition-id=3 state-dir=\"/var/lib/fmtl\"" in client_app.__doc__.replace("\n", " ")
+
+
+def _package_env(tmp_path) -> dict:
+    """Subprocesses import the fmtl_edge this test imports, with one torch thread, and a private lease
+    folder."""
+    import fmtl_edge
+
+    pkg = str(Path(fmtl_edge.__file__).resolve().parents[1])
+    return {"PYTHONPATH": os.pathsep.join([pkg, str(ROOT / "server"), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1", "FMTL_EDGE_RUNTIME_DIR": str(tmp_path / "lease")}
+
+
+def _free_port_block(n: int) -> int:
+    import socket
+
+    for base in range(39400, 39900, 10):
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", p)) == 0:
+                    ok = False
+                    break
+        if ok:
+            return base
+    pytest.skip("no free block of loopback ports in 39400..39900")
+
+
+@pytest.mark.slow
+def test_deployment_on_loopback_matches_simulate_and_shows_failures(tmp_path):
+    """The guide's insecure deployment (a SuperLink, 2 SuperNodes, `flwr run` through a
+    [superlink.<name>] connection) gives `fmtl-edge simulate`'s final weights bit for bit; a run
+    whose ServerApp fails still exits 0 from `flwr run`, and `flwr ls` shows it finished:failed."""
+    import shutil
+
+    if shutil.which("flower-superlink") is None:
+        pytest.skip("no flower-superlink command")
+    fd = _deploy()
+    env = _package_env(tmp_path)
+    small = tmp_path / "small.toml"
+    small.write_text("max-samples = 300\nwidth = 4\n")
+    settings = (f"config='{small}' dataset='digits' methods='mas-2,all-in-one' clients=2 clients-per-round=2 "
+                "rounds=3 r0=1 seed=0 meter='null'")
+    port = _free_port_block(3)
+    with fd.Deployment(tmp_path / "dep", nodes=2, port=port, node_port=port + 1, env=env,
+                       node_config='state-dir="' + str(tmp_path) + '/node-{i}"') as dep:
+        code, run_id, out = dep.run(f"{settings} out='{tmp_path / 'flower'}'", timeout_s=900)
+        assert code == 0 and run_id, out[-3000:]
+        assert dep.status(run_id)["status"] == "finished:completed"
+        bad = tmp_path / "bad.toml"
+        bad.write_text("nodes-wiat-s = 3\n")
+        code, bad_id, out = dep.run(f"config='{bad}'", timeout_s=300)
+        assert code == 0 and bad_id, out[-3000:]  # flwr run carries no exit code of the run
+        st = dep.status(bad_id)
+        assert st["status"] == "finished:failed" and "did you mean nodes-wait-s" in st["status-details"]
+    subprocess.run([sys.executable, "-m", "fmtl_edge.cli", "simulate", "--config", str(small), "--dataset", "digits",
+                    "--methods", "mas-2,all-in-one", "--clients", "2", "--rounds", "3", "--r0", "1",
+                    "--clients-per-round", "2", "--meter", "null", "--seed", "0", "--out", str(tmp_path / "sim"),
+                    "--no-progress"], check=True, timeout=600, capture_output=True, cwd=tmp_path,
+                   env={**os.environ, **env})
+    from bench.flower_scale import compare
+
+    c = compare(str(tmp_path / "flower"), str(tmp_path / "sim"))
+    assert c["tensors"] > 0 and c["max_abs_diff"] == 0.0
+    for m, (a, b) in ((m, v["total_test_loss"]) for m, v in c["methods"].items()):
+        assert a == b
+    assert list((tmp_path / "node-0").glob("data-cache/*.safetensors")), "the node kept its data in its cache"
+
+
+@pytest.mark.slow
+def test_deployment_with_tls(tmp_path):
+    """The guide's TLS deployment (certificates from its openssl commands; no --insecure anywhere)
+    completes a run."""
+    import shutil
+
+    if shutil.which("flower-superlink") is None or shutil.which("openssl") is None:
+        pytest.skip("no flower-superlink or openssl command")
+    fd = _deploy()
+    certs = fd.make_certificates(tmp_path / "certs")
+    small = tmp_path / "small.toml"
+    small.write_text("max-samples = 300\nwidth = 4\n")
+    port = _free_port_block(3)
+    with fd.Deployment(tmp_path / "dep", nodes=2, port=port, node_port=port + 1, certs=certs,
+                       env=_package_env(tmp_path)) as dep:
+        assert "--insecure" not in dep.superlink_command() + dep.supernode_command(0)
+        code, run_id, out = dep.run(f"config='{small}' dataset='digits' methods='all-in-one' clients=2 "
+                                    f"clients-per-round=2 rounds=1 meter='null' out='{tmp_path / 'out'}'", timeout_s=600)
+        assert code == 0 and run_id, out[-3000:]
+        assert dep.status(run_id)["status"] == "finished:completed"
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["engine"]["nodes"] == 2
