@@ -105,6 +105,10 @@ def _add_simulate(sub) -> None:
                    "profile's, auto: the first that reads, else a labelled CPU-time estimate)")
     g.add_argument("--profile", help="device profile: a TOML file or a device class (jetson-nano, jetson-orin-nano, "
                    "workstation, ...; default: detected) giving memory/round budgets and the meter")
+    g.add_argument("--threads", metavar="N|auto",
+                   help="intra-op threads of each client execution (default auto: one per 0.5 GFLOP of a training "
+                        "batch, at most the usable cores; the OpenMP wait policy is passive unless you set "
+                        "OMP_WAIT_POLICY), so device seconds measure the work even on shared cores")
     g.add_argument("--time-budget-s", type=float, help="per-round time budget of a client execution (s)")
     g.add_argument("--energy-budget-j", type=float, help="per-round energy budget of a client execution (J)")
     g.add_argument("--out", help="output folder (default: a new runs/<UTC time>, with runs/latest pointing at it)")
@@ -128,7 +132,7 @@ _CONFIG_KEYS = (
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
     "affinity_divide_by_lr", "width", "seed", "seeds", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
-    "pretrained", "lease_wait_s", "dropout", "eval_every",
+    "pretrained", "lease_wait_s", "dropout", "eval_every", "threads",
 )
 
 

@@ -107,6 +107,8 @@ class SimulationConfig:
             return self.sampling
         return "per-group" if self.task_groups else "uniform"
     lease_wait_s: float = 600.0
+    #: ``--threads N|auto``: intra-op threads of each client execution (:mod:`fmtl_edge.runtime.threads`)
+    threads: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """The config as results.json stores it (``data_dir`` absolute and resolved)."""
@@ -161,6 +163,13 @@ class SimulationConfig:
 
         if self.meter is not None and self.meter not in ("auto", *BACKENDS):
             raise ConfigError("--meter", f"{self.meter!r} is not auto or one of {', '.join(BACKENDS)}")
+        from fmtl_edge.runtime.threads import parse_threads
+
+        try:
+            n = parse_threads(self.threads)
+        except ValueError as e:
+            raise ConfigError("--threads", str(e).removeprefix("--threads: ")) from None
+        self.threads = "auto" if n is None else str(n)
         if not self.lease_wait_s >= 0:
             raise ConfigError("--lease-wait-s", f"must be >= 0 seconds (0: refuse at once if busy), got {self.lease_wait_s}")
         for name in ("time_budget_s", "energy_budget_j"):

@@ -123,11 +123,13 @@ class EnergyTally:
     ``critical_path_s`` is the wall-clock lower bound of the rounds tallied: a parallel round adds
     its slowest client's device seconds, a sequential round (a ring) every visit's (set per round
     by the coordinator; :meth:`add` does not touch it). ``sample_passes`` (lookahead included) and
-    ``lookahead_passes`` sum the updates' machine-load-independent training cost.
+    ``lookahead_passes`` sum the updates' machine-load-independent training cost. ``cpu_s`` sums
+    the executions' process CPU seconds (None as soon as one did not report it).
     """
 
     def __init__(self) -> None:
         self.device_s = 0.0
+        self.cpu_s: float | None = 0.0
         self.critical_path_s = 0.0
         self.total_j: float | None = 0.0
         self.executions = 0
@@ -138,8 +140,9 @@ class EnergyTally:
         self.lookahead_passes = 0
 
     def add(self, device_s: float, energy: Mapping[str, Any], sample_passes: int = 0,
-            lookahead_passes: int = 0) -> None:
+            lookahead_passes: int = 0, cpu_s: float | None = None) -> None:
         self.device_s += float(device_s)
+        self.cpu_s = None if (cpu_s is None or self.cpu_s is None) else self.cpu_s + float(cpu_s)
         self.executions += 1
         self.sample_passes += int(sample_passes)
         self.lookahead_passes += int(lookahead_passes)
@@ -154,7 +157,8 @@ class EnergyTally:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (checkpoints); :meth:`from_dict` reads it back."""
-        return {"device_s": self.device_s, "critical_path_s": self.critical_path_s, "total_j": self.total_j,
+        return {"device_s": self.device_s, "cpu_s": self.cpu_s, "critical_path_s": self.critical_path_s,
+                "total_j": self.total_j,
                 "executions": self.executions,
                 "sources": sorted(self.sources), "scopes": sorted(self.scopes), "estimated": self.estimated,
                 "sample_passes": self.sample_passes, "lookahead_passes": self.lookahead_passes}
@@ -163,6 +167,7 @@ class EnergyTally:
     def from_dict(cls, d: Mapping[str, Any]) -> "EnergyTally":
         t = cls()
         t.device_s = float(d["device_s"])
+        t.cpu_s = None if d.get("cpu_s") is None else float(d["cpu_s"])
         t.critical_path_s = float(d.get("critical_path_s", 0.0))
         t.total_j = None if d.get("total_j") is None else float(d["total_j"])
         t.executions = int(d["executions"])
@@ -175,6 +180,7 @@ class EnergyTally:
 
     def merge(self, other: "EnergyTally") -> None:
         self.device_s += other.device_s
+        self.cpu_s = None if (other.cpu_s is None or self.cpu_s is None) else self.cpu_s + other.cpu_s
         self.critical_path_s += other.critical_path_s
         self.executions += other.executions
         self.sample_passes += other.sample_passes
@@ -218,6 +224,8 @@ class RoundRecord:
     #: the round's training sample-passes (lookahead included) and the lookahead's share
     sample_passes: int = 0
     lookahead_passes: int = 0
+    #: the round's process CPU seconds of its executions (None: a client did not report them)
+    cpu_s: float | None = None
 
 
 @dataclass
@@ -312,17 +320,21 @@ class InProcessClientPool(ClientPool):
         memory_budget_bytes: refuse an execution whose estimated memory need is over this.
         faults: optional ``(client_id, Assignment) -> str | None``: a fault injector; a returned
             reason makes that execution fail (a refusal) as a lost device would.
+        threads: the executions' :class:`~fmtl_edge.runtime.threads.ThreadPolicy` (None: torch's
+            threads as they are).
     """
 
     def __init__(self, dataset: FederatedDataset, spec: ModelSpec, meter=None,
                  lease_factory: Callable[[int], Any] | None = None,
-                 memory_budget_bytes: int | None = None, faults: Callable[[int, Assignment], str | None] | None = None):
+                 memory_budget_bytes: int | None = None, faults: Callable[[int, Assignment], str | None] | None = None,
+                 threads=None):
         self.dataset = dataset
         self.spec = spec
         self.meter = meter
         self.lease_factory = lease_factory
         self.memory_budget_bytes = memory_budget_bytes
         self.faults = faults
+        self.threads = threads
         self._by_id = {c.client_id: c for c in dataset.clients}
         self._states: dict[int, MemoryStateStore] = {}
 
@@ -356,7 +368,7 @@ class InProcessClientPool(ClientPool):
             lease = self.lease_factory(cid) if self.lease_factory else None
             try:
                 yield execute(self._by_id[cid], self.spec, self.dataset.tasks, a, self.meter, lease,
-                              self.memory_budget_bytes, self.state_store(cid))
+                              self.memory_budget_bytes, self.state_store(cid), self.threads)
             except (BudgetExceeded, DeviceBusy) as e:
                 # A refusal is a structured answer, not a crash: the round goes on without this client.
                 yield refusal(cid, a, e.to_dict())
@@ -390,7 +402,7 @@ class _RoundTotals:
         """Tally an update that trained; False when it used no sample (nothing to aggregate)."""
         self.executed.append(int(upd.client_id))
         self.device_times.append(float(upd.device_s))
-        self.tally.add(upd.device_s, upd.energy, upd.sample_passes, upd.lookahead_passes)
+        self.tally.add(upd.device_s, upd.energy, upd.sample_passes, upd.lookahead_passes, upd.cpu_s)
         if upd.n_samples <= 0:
             return False
         for t, v in upd.train_loss.items():
@@ -547,7 +559,7 @@ class Coordinator:
             rec = RoundRecord(job.name, r, [c for c, _ in plan], lr, totals.train_loss(), totals.samples,
                               totals.tally.device_s, totals.tally.total_j, time.perf_counter() - t_round,
                               totals.stopped, totals.executed, totals.refused, totals.tally.critical_path_s,
-                              totals.tally.sample_passes, totals.tally.lookahead_passes)
+                              totals.tally.sample_passes, totals.tally.lookahead_passes, totals.tally.cpu_s)
             history.append(rec)
             if self.on_round:
                 self.on_round(rec)

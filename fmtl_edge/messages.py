@@ -121,6 +121,10 @@ class ClientUpdate:
             batch size (forward + backward per sample) plus ``lookahead_passes`` (per lookahead
             measurement ``n_tasks × B``); see :class:`fmtl_edge.procedures.base.LocalResult`.
         lookahead_passes: the lookahead's share of ``sample_passes``.
+        cpu_s: the process's CPU seconds over the execution (all threads, user + system); beside
+            ``device_s`` it shows contention: ``cpu_s / device_s`` far below ``threads`` means the
+            device's cores were busy with other work. None when not measured.
+        threads: intra-op threads the execution ran on (None: not reported).
     """
 
     client_id: int
@@ -139,3 +143,5 @@ class ClientUpdate:
     error: dict[str, Any] | None = None
     sample_passes: int = 0
     lookahead_passes: int = 0
+    cpu_s: float | None = None
+    threads: int | None = None

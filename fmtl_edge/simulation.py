@@ -197,6 +197,7 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
     out = {
         **entry_eval,
         "device_s": tally.device_s,
+        "cpu_s": tally.cpu_s,
         "critical_path_s": tally.critical_path_s,
         "energy_j": tally.total_j,
         "energy_source": tally.source,
@@ -214,6 +215,7 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
         "jobs": [
             {"name": o.job.name, "tasks": list(o.job.tasks), "rounds": o.job.rounds,
              "init_from": o.job.init_from, "procedure": o.job.procedure, "device_s": o.energy.device_s,
+             "cpu_s": o.energy.cpu_s,
              "critical_path_s": o.energy.critical_path_s, "energy_j": o.energy.total_j,
              "sample_passes": o.energy.sample_passes, "lookahead_passes": o.energy.lookahead_passes,
              "flops_estimate": flops[o.job.name], "wall_s": o.wall_s,
@@ -222,7 +224,7 @@ def method_entry(method: Method, done: dict[str, JobOutcome], evaluation: dict[s
         ],
         "history": [
             {"job": r.job, "round": r.round, "clients": r.clients, "lr": r.lr, "train_loss": r.train_loss,
-             "samples": r.samples, "device_s": r.device_s, "critical_path_s": r.critical_path_s,
+             "samples": r.samples, "device_s": r.device_s, "cpu_s": r.cpu_s, "critical_path_s": r.critical_path_s,
              "energy_j": r.energy_j, "sample_passes": r.sample_passes, "lookahead_passes": r.lookahead_passes,
              "wall_s": r.wall_s, "refused": list(r.refused)}
             for o in done.values() for r in o.history
@@ -348,8 +350,11 @@ def run_methods(
                     "and the methods cannot be compared", dataset.name)
     meter, lease, profile = make_runtime(cfg)
     warm_up()
+    from fmtl_edge.runtime.threads import ThreadPolicy
+
+    threads = ThreadPolicy.parse(cfg.threads)
     pool = InProcessClientPool(dataset, spec, meter, lease, profile.memory_budget_bytes,
-                               faults=dropout_faults(cfg.seed, cfg.dropout))
+                               faults=dropout_faults(cfg.seed, cfg.dropout), threads=threads)
     pooled_pool = None
     train = train_config(cfg)
     results: dict[str, Any] = {
@@ -357,7 +362,8 @@ def run_methods(
         "task_kinds": {t.name: t.kind for t in dataset.tasks},
         "clients": dataset.n_clients, "config": cfg.to_dict(), "versions": versions(), "dropout": cfg.dropout,
         "device": {"profile": profile.name, "profile_source": profile.source, "device_class": profile.device_class,
-                   "meter": type(meter).__name__, "memory_budget_bytes": profile.memory_budget_bytes},
+                   "meter": type(meter).__name__, "memory_budget_bytes": profile.memory_budget_bytes,
+                   "threads": threads.describe()},
         "methods": {},
     }
     models: dict[str, dict[str, dict[str, np.ndarray]]] = {}
@@ -374,7 +380,8 @@ def run_methods(
         if on_method_start:
             on_method_start(method)
         if method.pooled_data and pooled_pool is None:
-            pooled_pool = InProcessClientPool(dataset.pooled(), spec, meter, lease, profile.memory_budget_bytes)
+            pooled_pool = InProcessClientPool(dataset.pooled(), spec, meter, lease, profile.memory_budget_bytes,
+                                              threads=threads)
         method_pool = pooled_pool if method.pooled_data else pool
         done, resume, prior_wall = _restore_method(run_state, method, method_pool, on_method_resume)
         coord = Coordinator(
@@ -492,7 +499,7 @@ def _round_end_hook(coord: Coordinator, method: str, pool, run_state, curve: Cur
 
 
 #: the per-method figures ``run_seeds`` gives ``mean`` and ``std`` of
-SEED_FIGURES = ("total_test_loss", "personalised_total_test_loss", "device_s", "energy_j", "sample_passes",
+SEED_FIGURES = ("total_test_loss", "personalised_total_test_loss", "device_s", "cpu_s", "energy_j", "sample_passes",
                 "flops_estimate", "critical_path_s")
 
 

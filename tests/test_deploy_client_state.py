@@ -114,7 +114,7 @@ class Deployment(LoopbackDeployment):
     def start_agent(self, c: int, *extra: str) -> Proc:
         data = f"digits:client={c},clients={CLIENTS},max-samples={MAX_SAMPLES}"
         p = Proc(agent_cmd(self.addr, data, f"--token={self.tokens[c]}", "--max-backoff-s", "1", "--poll-wait-s", "2",
-                           "--lease", f"cs-{c}", "--meter", "estimate", "--torch-threads", "1", "--insecure",
+                           "--lease", f"cs-{c}", "--meter", "estimate", "--threads", "1", "--insecure",
                            "--work-dir", str(self.work_dir(c)), *extra),
                  self.tmp / f"agent{c}.log", env=self.env)
         self.agents[c] = p

@@ -89,7 +89,7 @@ class Deployment(LoopbackDeployment):
             extra = ("--data-dir", self.data_dir, *extra)
         # one torch thread per agent: several agents share two cores (and the reference uses one too)
         p = Proc(agent_cmd(self.addr, data, f"--token={token or self.tokens[c]}", "--max-backoff-s", "1",
-                           "--poll-wait-s", "2", "--lease", f"it-{c}", "--meter", "estimate", "--torch-threads", "1",
+                           "--poll-wait-s", "2", "--lease", f"it-{c}", "--meter", "estimate", "--threads", "1",
                            *self.sec_agent, *extra),
                  self.tmp / (log or f"agent{c}.log"), env=self.env)
         if log is None:

@@ -154,6 +154,10 @@ class _Node:
         self.meter, self.profile = _runtime(node_config.get("profile", self.cfg.profile), self.cfg.meter,
                                             float(self.cfg.lease_wait_s))
         self.lease_id = str(node_config.get("lease", self.app["lease"]))
+        from fmtl_edge.runtime.threads import ThreadPolicy
+
+        # the node's own setting wins over the run's (a device knows its cores)
+        self.threads = ThreadPolicy.parse(node_config.get("threads", self.cfg.threads))
         _warm_up()
         state_dir = node_config.get("state-dir")
         cid = self.data.client.client_id
@@ -217,7 +221,7 @@ def make_client_app(run_config: Mapping | None = None) -> ClientApp:
         d = node.data
         try:
             upd = execute(d.client, spec, d.tasks, a, node.meter, node.lease(), node.profile.memory_budget_bytes,
-                          node.store)
+                          node.store, node.threads)
         except (BudgetExceeded, DeviceBusy) as e:
             upd = refusal(d.client.client_id, a, e.to_dict())
         return Message(codec.encode_update(upd), reply_to=msg)

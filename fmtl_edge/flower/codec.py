@@ -179,6 +179,7 @@ def encode_update(u: ClientUpdate):
         "affinity_steps": int(u.affinity_steps), "device_s": float(u.device_s), "energy": dict(u.energy or {}),
         "stopped_by": u.stopped_by, "peak_memory_bytes": u.peak_memory_bytes, "error": u.error,
         "sample_passes": int(u.sample_passes), "lookahead_passes": int(u.lookahead_passes),
+        "cpu_s": None if u.cpu_s is None else float(u.cpu_s), "threads": None if u.threads is None else int(u.threads),
     }
     return RecordDict({STATE: state_to_record(u.state), UPDATE: _json_record(meta)})
 
@@ -200,7 +201,9 @@ def decode_update(content) -> ClientUpdate:
             affinity=None if aff is None else np.asarray(aff, dtype=np.float64), affinity_steps=int(d["affinity_steps"]),
             device_s=float(d["device_s"]), energy=dict(d.get("energy") or {}), stopped_by=d.get("stopped_by"),
             peak_memory_bytes=d.get("peak_memory_bytes"), error=d.get("error"),
-            sample_passes=int(d.get("sample_passes", 0)), lookahead_passes=int(d.get("lookahead_passes", 0)))
+            sample_passes=int(d.get("sample_passes", 0)), lookahead_passes=int(d.get("lookahead_passes", 0)),
+            cpu_s=None if d.get("cpu_s") is None else float(d["cpu_s"]),
+            threads=None if d.get("threads") is None else int(d["threads"]))
     except (KeyError, TypeError) as e:
         raise ValueError(f"malformed {UPDATE!r} record ({type(e).__name__}: {e})") from None
 

@@ -435,7 +435,7 @@ def check_update(cid: int, a: Assignment, upd: ClientUpdate, n_train: int | None
         if upd.affinity is not None and not np.isfinite(np.asarray(upd.affinity, dtype=np.float64)).all():
             raise UpdateRejected("the affinity matrix holds NaN or Inf")
         check_resources(upd.device_s, upd.peak_memory_bytes or 0, upd.affinity_steps, upd.sample_passes,
-                        upd.lookahead_passes)
+                        upd.lookahead_passes, cpu_s=upd.cpu_s, threads=upd.threads)
         check_energy(dict(upd.energy or {}))
         norm = global_norm if global_norm is not None else state_norm({k: a.state[k] for k in allowed})
         check_norm_bound(state_distance(upd.state, a.state), norm, lim, setting="the run config's max-update-norm-ratio")

@@ -171,7 +171,7 @@ class AgentOptions:
     poll_wait_s: float = 20.0
     fault: str | None = None          # testing only: nan | shape | delay:S | echo | poison[:SCALE]
     max_works: int | None = None      # testing only: exit after this many work items
-    torch_threads: int | None = None
+    threads: str = "auto"             # intra-op threads per execution: N or auto (runtime.threads)
 
 
 class Agent:
@@ -221,10 +221,9 @@ class Agent:
         """
         from fmtl_edge.runtime import load_profile, make_meter
 
-        if self.opts.torch_threads:
-            import torch
+        from fmtl_edge.runtime.threads import ThreadPolicy
 
-            torch.set_num_threads(self.opts.torch_threads)
+        self.threads = ThreadPolicy.parse(self.opts.threads)
         self.client, self.dataset = self.opts.data.load()
         self.profile = load_profile(self.opts.profile)
         if self.opts.meter:
@@ -457,7 +456,7 @@ class Agent:
                             owner=f"fmtl-edge join client {self.client.client_id}")
         # (raises BudgetExceeded before training when the job's memory estimate is over the profile's budget)
         upd = execute(self.client, spec, self.dataset.tasks, a, self.meter, lease, p.memory_budget_bytes,
-                      self.state_store)
+                      self.state_store, self.threads)
         if fault == "nan":
             k = next(n for n, v in upd.state.items() if np.issubdtype(v.dtype, np.floating))
             upd.state[k] = upd.state[k].copy()
@@ -490,7 +489,10 @@ class Agent:
                              affinity_steps=int(upd.affinity_steps), device_s=float(upd.device_s),
                              energy_json=json.dumps(upd.energy, default=str), stopped_by=upd.stopped_by or "",
                              peak_memory_bytes=int(upd.peak_memory_bytes or 0), total_bytes=int(size), sha256=sha,
-                             sample_passes=int(upd.sample_passes), lookahead_passes=int(upd.lookahead_passes))
+                             sample_passes=int(upd.sample_passes), lookahead_passes=int(upd.lookahead_passes),
+                             threads=int(upd.threads or 0))
+        if upd.cpu_s is not None:
+            meta.cpu_s = float(upd.cpu_s)
         if upd.affinity is not None:
             aff = np.asarray(upd.affinity, dtype=np.float64)
             meta.affinity_n = aff.shape[0]

@@ -53,7 +53,9 @@ def register(sub) -> None:
     g.add_argument("--max-backoff-s", type=float, default=30.0, help="longest wait between reconnection attempts (default 30)")
     g.add_argument("--poll-wait-s", type=float, default=20.0, help="long-poll duration when idle (default 20)")
     g.add_argument("--work-dir", help="folder for downloads and uploads in flight (default: a temp folder)")
-    g.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
+    g.add_argument("--threads", default="auto", metavar="N|auto",
+                   help="intra-op threads of each training execution (default auto: from the model's FLOPs per batch "
+                        "and the usable cores; OpenMP waits passively unless OMP_WAIT_POLICY is set)")
     # testing and benchmarks only
     p.add_argument("--max-works", type=int, help=argparse.SUPPRESS)
     p.add_argument("--inject-fault", help=argparse.SUPPRESS)
@@ -81,7 +83,7 @@ def cmd_join(args: argparse.Namespace) -> int:
                             device=args.device, lease=args.lease, lease_wait_s=args.lease_wait_s, insecure=args.insecure,
                             ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name,
                             work_dir=args.work_dir, max_backoff_s=args.max_backoff_s, poll_wait_s=args.poll_wait_s,
-                            fault=args.inject_fault, max_works=args.max_works, torch_threads=args.torch_threads)
+                            fault=args.inject_fault, max_works=args.max_works, threads=args.threads)
         agent = Agent(opts)
         agent.prepare()
     except (DataError, ValueError, FileNotFoundError) as e:

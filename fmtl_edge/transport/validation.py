@@ -188,9 +188,10 @@ def check_train_losses(loss: Mapping[str, float], held, tasks, n: int) -> tuple[
 
 
 def check_resources(device_s: float, peak_memory_bytes: int, affinity_steps: int, sample_passes: int,
-                    lookahead_passes: int) -> None:
-    """An update's resource figures: seconds finite and ``>= 0``, counts ``>= 0`` and the lookahead
-    passes within the sample passes (peak memory 0 = unknown).
+                    lookahead_passes: int, cpu_s: float | None = None, threads: int | None = 0) -> float | None:
+    """An update's resource figures: seconds (device, CPU) finite and ``>= 0``, counts ``>= 0``,
+    threads in ``0..4096`` and the lookahead passes within the sample passes (peak memory, threads
+    0 = unknown; ``cpu_s`` None = unknown). Returns ``cpu_s`` as a float (or None).
 
     Raises:
         UpdateRejected: the first bad figure, named.
@@ -200,12 +201,16 @@ def check_resources(device_s: float, peak_memory_bytes: int, affinity_steps: int
     if int(peak_memory_bytes) < 0:
         raise UpdateRejected(f"peak_memory_bytes = {peak_memory_bytes}: must be >= 0 (0 = unknown)")
     _figure("device_s", device_s)
+    cpu = _figure("cpu_s", cpu_s) if cpu_s is not None else None
+    if not 0 <= int(threads or 0) <= 4096:
+        raise UpdateRejected(f"threads = {threads}: must be in 0..4096 (0 = unknown)")
     for k, v in (("sample_passes", sample_passes), ("lookahead_passes", lookahead_passes)):
         if int(v) < 0:
             raise UpdateRejected(f"{k} = {v}: must be >= 0")
     if int(lookahead_passes) > int(sample_passes):
         raise UpdateRejected(f"lookahead_passes = {lookahead_passes} is above sample_passes = "
                              f"{sample_passes} (which includes it)")
+    return cpu
 
 
 def check_energy(energy: Mapping) -> None:
@@ -314,8 +319,9 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
         aff = np.asarray(meta.affinity, dtype=np.float64).reshape(k, k)
         if not np.isfinite(aff).all():
             raise UpdateRejected("the affinity matrix holds NaN or Inf")
-    check_resources(meta.device_s, meta.peak_memory_bytes, meta.affinity_steps, meta.sample_passes,
-                    meta.lookahead_passes)
+    cpu_s = check_resources(meta.device_s, meta.peak_memory_bytes, meta.affinity_steps, meta.sample_passes,
+                            meta.lookahead_passes, cpu_s=meta.cpu_s if meta.HasField("cpu_s") else None,
+                            threads=meta.threads)
     if len(meta.energy_json) > lim.max_energy_json_bytes:
         raise UpdateRejected(f"energy_json is {len(meta.energy_json)} bytes, above {lim.max_energy_json_bytes}")
     try:
@@ -334,4 +340,5 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
         device_s=float(meta.device_s), energy=energy, stopped_by=meta.stopped_by or None,
         peak_memory_bytes=int(meta.peak_memory_bytes) or None,
         sample_passes=int(meta.sample_passes), lookahead_passes=int(meta.lookahead_passes),
+        cpu_s=cpu_s, threads=int(meta.threads) or None,
     )
