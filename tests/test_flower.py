@@ -717,7 +717,7 @@ def test_deployment_on_loopback_matches_simulate_and_shows_failures(tmp_path):
     fd = _deploy()
     env = _package_env(tmp_path)
     small = tmp_path / "small.toml"
-    small.write_text("max-samples = 300\nwidth = 4\n")
+    small.write_text("max-samples = 300\nwidth = 4\nthreads = 1\n")  # one intra-op thread on both sides
     settings = (f"config='{small}' dataset='digits' methods='mas-2,all-in-one' clients=2 clients-per-round=2 "
                 "rounds=3 r0=1 seed=0 meter='null'")
     port = _free_port_block(3)
