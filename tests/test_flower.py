@@ -717,7 +717,7 @@ def test_deployment_on_loopback_matches_simulate_and_shows_failures(tmp_path):
     fd = _deploy()
     env = _package_env(tmp_path)
     small = tmp_path / "small.toml"
-    small.write_text("max-samples = 300\nwidth = 4\nthreads = 1\n")  # one intra-op thread on both sides
+    small.write_text("max-samples = 300\nwidth = 4\nthreads = \"1\"\n")  # one intra-op thread on both sides
     settings = (f"config='{small}' dataset='digits' methods='mas-2,all-in-one' clients=2 clients-per-round=2 "
                 "rounds=3 r0=1 seed=0 meter='null'")
     port = _free_port_block(3)
@@ -725,7 +725,8 @@ def test_deployment_on_loopback_matches_simulate_and_shows_failures(tmp_path):
                        node_config='state-dir="' + str(tmp_path) + '/node-{i}"') as dep:
         code, run_id, out = dep.run(f"{settings} out='{tmp_path / 'flower'}'", timeout_s=900)
         assert code == 0 and run_id, out[-3000:]
-        assert dep.status(run_id)["status"] == "finished:completed"
+        st = dep.status(run_id)
+        assert st["status"] == "finished:completed", (st.get("status-details"), out[-3000:])
         bad = tmp_path / "bad.toml"
         bad.write_text("nodes-wiat-s = 3\n")
         code, bad_id, out = dep.run(f"config='{bad}'", timeout_s=300)
@@ -765,5 +766,6 @@ def test_deployment_with_tls(tmp_path):
         code, run_id, out = dep.run(f"config='{small}' dataset='digits' methods='all-in-one' clients=2 "
                                     f"clients-per-round=2 rounds=1 meter='null' out='{tmp_path / 'out'}'", timeout_s=600)
         assert code == 0 and run_id, out[-3000:]
-        assert dep.status(run_id)["status"] == "finished:completed"
+        st = dep.status(run_id)
+        assert st["status"] == "finished:completed", (st.get("status-details"), out[-3000:])
     assert json.loads((tmp_path / "out" / "results.json").read_text())["engine"]["nodes"] == 2
