@@ -615,7 +615,8 @@ def test_flwr_run_matches_simulate(tmp_path):
     cfgfile = tmp_path / "small.toml"
     cfgfile.write_text("max-samples = 300\nwidth = 4\n")
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FMTL_EDGE_RUNTIME_DIR": str(tmp_path / "lease")}
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FMTL_EDGE_RUNTIME_DIR": str(tmp_path / "lease"),
+           "PYTHONPATH": _package_env(tmp_path)["PYTHONPATH"]}  # the fmtl_edge this test imports
     import torch
 
     over = (f"config='{cfgfile}' rounds=3 r0=1 clients=4 clients-per-round=2 seed=0 meter='null' "
