@@ -14,7 +14,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 try:
     import tomllib
@@ -413,8 +413,9 @@ def read_toml(path: str | Path, flag: str = "--config") -> dict[str, Any]:
         raise ConfigError(flag, f"{p} is not valid TOML: {e}") from None
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
+def load_toml(path: str | Path, skip: Collection[str] = ()) -> dict[str, Any]:
     """Read a config file; keys may use ``-`` or ``_``; an optional ``[simulate]`` table is accepted.
+    Keys in ``skip`` (spelled with ``-``) are left out: another program's own keys (the Flower apps').
 
     Raises:
         ConfigError: missing file, bad TOML, unknown key or wrong type (naming the key).
@@ -429,13 +430,15 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
+        if key.replace("_", "-") in skip:
+            continue
         if name in opts:
             out[name] = value
             continue
         if name not in _FIELDS or name == "method_options":
             import difflib
 
-            known = sorted(k.replace("_", "-") for k in [*_FIELDS, *opts] if k != "method_options")
+            known = sorted([*(k.replace("_", "-") for k in [*_FIELDS, *opts] if k != "method_options"), *skip])
             near = difflib.get_close_matches(key.replace("_", "-"), known, n=1, cutoff=0.6)
             hint = f"did you mean {near[0]}? " if near else ""
             raise ConfigError(f"{p}: {key}", f"unknown key; {hint}known keys: {', '.join(known)}")
@@ -443,17 +446,19 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def build_config(overrides: Mapping[str, Any], config_file: str | Path | None = None) -> SimulationConfig:
+def build_config(overrides: Mapping[str, Any], config_file: str | Path | None = None,
+                 skip: Collection[str] = ()) -> SimulationConfig:
     """Defaults < dataset preset < TOML file < ``overrides`` (flags given on the command line).
 
-    ``overrides`` holds only values the user set (None means "not given").
+    ``overrides`` holds only values the user set (None means "not given"); ``skip``: keys of the
+    file that another program reads (:func:`load_toml`).
 
     Raises:
         ConfigError: as :func:`load_toml` and :meth:`SimulationConfig.validate`.
     """
     from fmtl_edge.methods import method_options
 
-    from_file = load_toml(config_file) if config_file else {}
+    from_file = load_toml(config_file, skip) if config_file else {}
     flags = {k: v for k, v in overrides.items() if v is not None}
     opts = method_options()
     # method options (flags or TOML keys named by a method's OPTIONS) go into method_options
