@@ -71,6 +71,20 @@ class ClientRecord:
     samples: int = 0
     train_loss: float | None = None
     mode: str | None = None
+    source: str = ""
+    estimated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (a round's ``per_client`` history); :meth:`from_dict` reads it back."""
+        return {"client_id": self.client_id, "job": self.job, "round": self.round, "device": self.device,
+                "sample_passes": self.sample_passes, "device_s": self.device_s, "energy_j": self.energy_j,
+                "samples": self.samples, "train_loss": self.train_loss, "mode": self.mode, "source": self.source,
+                "estimated": self.estimated}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ClientRecord":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def from_update(cls, update: Any, device: str) -> "ClientRecord":
@@ -83,7 +97,8 @@ class ClientRecord:
                    sample_passes=int(getattr(update, "sample_passes", 0) or 0), device_s=float(update.device_s or 0.0),
                    energy_j=None if energy.get("total_j") is None else float(energy["total_j"]),
                    samples=int(update.n_samples or 0), train_loss=None if (refused or not losses) else sum(losses),
-                   mode=energy.get("power_mode"))
+                   mode=energy.get("power_mode"), source=str(energy.get("source") or ""),
+                   estimated=bool(energy.get("estimated", False)))
 
 
 # ---- budgets -----------------------------------------------------------------------------------
@@ -198,7 +213,7 @@ class Selection:
 
 
 def _rng(seed_parts: Sequence[Any], *salt: Any) -> np.random.Generator:
-    from fmtl_edge.client import derive_seed
+    from fmtl_edge.seeding import derive_seed
 
     return np.random.default_rng(derive_seed(*seed_parts, *salt))
 
@@ -217,7 +232,8 @@ def select_clients(policy: str, eligible: Sequence[int], k: int, seed_parts: Seq
                    history: Sequence[ClientRecord] = (),
                    predict_time: Callable[[int], float | None] | None = None,
                    unknown: str = "explore",
-                   utility: UtilityConfig = UtilityConfig()) -> Selection:
+                   utility: UtilityConfig = UtilityConfig(),
+                   candidates: int | None = None) -> Selection:
     """The round's clients under ``policy`` (see the module docstring).
 
     Args:
@@ -232,6 +248,11 @@ def select_clients(policy: str, eligible: Sequence[int], k: int, seed_parts: Seq
         predict_time: client → predicted device seconds (``utility``; default: its last time).
         unknown: ``explore`` or ``mean`` (clients without a prediction under ``energy``).
         utility: :class:`UtilityConfig`.
+        candidates: ``energy`` only: draw this many candidates uniformly (seeded) first and take
+            the K of least predicted joules among them (``--energy-candidates``: every client keeps
+            a chance to train each round, so the federation's data stays covered); None: every
+            eligible client is a candidate (the greedy choice, which keeps picking the same cheapest
+            clients).
 
     Returns:
         A :class:`Selection`; fewer than K clients when the budgets allow fewer.
@@ -277,6 +298,8 @@ def select_clients(policy: str, eligible: Sequence[int], k: int, seed_parts: Seq
     elif policy == "energy":
         rng = _rng(seed_parts, "energy")
         tiebreak = dict(zip(eligible, rng.random(len(eligible))))
+        if candidates is not None and candidates < len(eligible):
+            eligible = uniform_draw(eligible, max(int(candidates), k), (*seed_parts, "candidates"))
         known = [p for p in pred.values() if p is not None]
         mean = float(np.mean(known)) if known else 0.0
         if unknown == "explore":
