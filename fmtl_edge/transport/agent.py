@@ -258,15 +258,18 @@ class Agent:
             self.log("--allow-power-mode: this device has no nvpmodel power modes; it trains as it is")
 
     def register_request(self) -> pb.RegisterRequest:
-        p, ds, c, spec = self.profile, self.dataset, self.client, self.opts.data
         import json
 
+        from fmtl_edge.loss_weights import client_label_stats
+
+        p, ds, c, spec = self.profile, self.dataset, self.client, self.opts.data
         data = pb.DataInfo(
             dataset=ds.name, client_id=c.client_id, n_clients=ds.n_clients, seed=spec.seed,
             alpha=spec.alpha or 0.0, max_samples=spec.max_samples or 0, image_size=spec.image_size or 0,
             input_shape=[int(s) for s in ds.input_shape],
             tasks=[task_to_pb(t, c.n_train, c.n_test) for t in ds.tasks],
             info_json=json.dumps(ds.info, default=str),
+            label_stats_json=json.dumps(client_label_stats(c.y_train, ds.tasks)),
         )
         dev = pb.DeviceInfo(
             hostname=socket.gethostname(), agent_version=__version__, profile_name=p.name,
@@ -275,6 +278,12 @@ class Agent:
             meter=f"{self.meter.backend}:{self.meter.source}" if hasattr(self.meter, "backend") else str(self.meter.source),
             torch_device=self.opts.device or "", pid=os.getpid(),
         )
+        modes = self.power.modes() if self.power is not None and self.power.available else []
+        if modes:
+            now = self.power.current()
+            dev.power_modes.extend(m.name for m in modes)
+            dev.power_mode = now.name if now is not None else ""
+            dev.power_mode_allowed = bool(self.opts.allow_power_mode)
         return pb.RegisterRequest(device=dev, data=data)
 
     # -- power modes ----------------------------------------------------------------------------------

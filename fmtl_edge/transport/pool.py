@@ -47,6 +47,8 @@ uploads; the coordinator and ``fmtl-server`` to this facade.
 
 from __future__ import annotations
 
+import json
+
 import secrets
 import threading
 from pathlib import Path
@@ -147,6 +149,34 @@ class RemoteClientPool(ClientPool):
     def evaluate(self, requests: Sequence[tuple[int, Assignment]], timeout_s: float | None = None) -> dict[int, dict]:
         """Evaluation work on the devices (:func:`~fmtl_edge.transport.evaluation.evaluate_on_devices`)."""
         return evaluate_on_devices(self.scheduler, requests, timeout_s)
+
+    def train_sizes(self) -> dict[int, int]:
+        return {d.client_id: int(d.n_train) for d in self.registry.devices()}
+
+    def label_statistics(self, tasks) -> dict[int, dict[str, dict]] | None:
+        """Each device's label statistics as it registered them (checked at registration,
+        :func:`fmtl_edge.loss_weights.check_label_stats`); None when a device did not send them."""
+        out = {}
+        for d in self.registry.devices():
+            raw = d.data.get("label_stats_json")
+            if not raw:
+                return None
+            out[d.client_id] = {t: s for t, s in json.loads(raw).items() if t in tasks.names}
+        return out
+
+    def device_name(self, client_id: int) -> str:
+        d = self.registry.get(int(client_id))
+        return f"client-{int(client_id)}" if d is None else d.name
+
+    def device_modes(self, device: str):
+        from fmtl_edge.selection import DeviceModes
+
+        for d in self.registry.devices():
+            if d.name == device:
+                modes = list(d.info.get("power_modes") or [])
+                if modes and d.info.get("power_mode_allowed"):
+                    return DeviceModes(device, tuple(modes), modes[0])
+        return None
 
     def global_vector_buffer(self, n_params: int) -> np.ndarray:
         """A file-backed mapping the scheduler pages out of RAM while a round's updates arrive

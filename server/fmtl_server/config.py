@@ -48,7 +48,11 @@ _DEVICE_SIDE = {"meter": "a device setting: fmtl-edge join --meter or the device
                 "dropout": "the simulation's fault injector (fmtl-edge simulate --dropout); devices fail for real here",
                 "eval_every": "simulation only for now (fmtl-edge simulate --eval-every); fmtl-server evaluates at the end",
                 "classes_per_client": "simulation only (fmtl-edge simulate --classes-per-client); a device's data is "
-                                      "what fmtl-edge join holds"}
+                                      "what fmtl-edge join holds",
+                "fleet": "simulation only (fmtl-edge simulate --fleet): here the devices are real and metered",
+                "threads": "a device setting: fmtl-edge join --threads",
+                "partition_seed": "a simulation setting (one seed of a study run on its own); give devices the "
+                                  "partition with fmtl-edge join --data ...,seed=S"}
 SERVER_KEYS = ("listen", "state_dir", "out", "tokens", "tls_cert", "tls_key", "client_ca", "insecure",
                "heartbeat_interval_s", "heartbeat_timeout_s", "chunk_mib", "max_update_mib", "max_workers",
                "upload_first_chunk_s", "upload_idle_s", "max_call_s", "max_streams_per_device", "max_idle_streams")

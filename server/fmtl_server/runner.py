@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fmtl_edge.config import ConfigError
 from fmtl_edge.plan import RoundCheckpoint, RoundFailed, RoundRecord
 from fmtl_edge.results import results_document
@@ -87,7 +89,7 @@ class JobServer:
             if jk == "clients" and job_v is None:
                 continue  # the dataset's default partition: the device reports it, checked across devices below
             if jk == "seed":
-                dev_v, job_v = int(data.get("seed", 0)), int(sim.seed)
+                dev_v, job_v = int(data.get("seed", 0)), int(sim.data_seed)
             if (dev_v or None) != (job_v or None) and not (isinstance(dev_v, (int, float)) and isinstance(job_v, (int, float))
                                                            and float(dev_v) == float(job_v)):
                 key = jk.replace("_", "-") if jk != "clients" else "clients"
@@ -100,6 +102,14 @@ class JobServer:
         except ValueError as e:
             raise RegistrationRefused("INVALID_ARGUMENT", f"bad task definition: {e}") from None
         shape = tuple(int(s) for s in data.get("input_shape", []))
+        if data.get("label_stats_json"):
+            from fmtl_edge.loss_weights import check_label_stats
+
+            dense = {t.name: int(np.prod(shape[1:])) * t.out_dim for t in tasks if t.kind == "dense"}
+            try:
+                check_label_stats(json.loads(data["label_stats_json"]), TaskSet(tasks), d.n_train, dense)
+            except (ValueError, json.JSONDecodeError) as e:
+                raise RegistrationRefused("INVALID_ARGUMENT", f"bad label statistics: {e}") from None
         sig = task_signature(tasks, shape)
         with self._lock:
             if self._signature is None:
@@ -332,6 +342,24 @@ class JobServer:
         when = "starts" if rnd == 0 else f"resumes at round {rnd + 1}"
         self.say(f"{self._method} {job} {when}: tasks {', '.join(tasks)}")
 
+    def _learn_energy(self, ck: RoundCheckpoint) -> None:
+        """The devices' energy profiles (J and s per sample-pass per device, power mode and model,
+        metered apart from estimated), grown by the round's executions and kept in the store: they
+        survive restarts and ``fmtl-server status`` shows them."""
+        from fmtl_edge.energy_profile import EnergyProfiles
+        from fmtl_edge.runner import model_key
+
+        if not ck.history:
+            return
+        raw = self.store.get("energy_profiles")
+        profiles = EnergyProfiles.from_dict(raw) if raw else EnergyProfiles()
+        model = model_key(self.job.sim.model_spec(self.input_shape))
+        for c in ck.history[-1].per_client:
+            if c.get("sample_passes"):
+                profiles.observe(c["device"], c.get("mode"), model, int(c["sample_passes"]), float(c["device_s"]),
+                                 c.get("energy_j"), str(c.get("source") or ""), bool(c.get("estimated")))
+        self._record("energy_profiles", profiles.to_dict())
+
     def _on_round_end(self, method, ck: RoundCheckpoint) -> None:
         ri = self.pool.round_info
         fmt = lambda v: "—" if v is None else f"{v:.2f} s"  # noqa: E731
@@ -339,6 +367,7 @@ class JobServer:
                  f"first update {fmt(ri.get('first_update_s'))}, last update {fmt(ri.get('last_update_s'))}, "
                  f"validation {fmt(ri.get('validate_s'))} (sum), aggregation {fmt(ri.get('consumer_s'))}")
         self.current = {"method": method.name, "job": ck.job.name, "rounds_done": ck.round + 1, "rounds": ck.job.rounds}
+        self._learn_energy(ck)
         if self.progress is not None:  # the round is committed: it counts
             self.progress.round_done(method.name)
             self._record("progress", self.progress.as_dict())

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from fmtl_edge.energy_profile import EnergyProfiles
 from fmtl_edge.plan import EnergyTally, Job, RoundCheckpoint, RoundRecord
 from fmtl_edge.transport.model_files import WriteFailed
 from fmtl_edge.transport.pool import Device
@@ -313,7 +314,9 @@ class Store:
         return {"job": self.get("job_name"), "phase": self.get("phase", "unknown"), "methods_planned": self.get("methods", []),
                 "methods_done": out_methods, "jobs": out_jobs, "devices": devs, "results": self.get("results_path"),
                 "progress": self.get("progress"), "round_failures": int(fails[0]),
-                "last_round_failure": None if last is None else {"t_unix_s": last[0], "detail": last[1]}}
+                "last_round_failure": None if last is None else {"t_unix_s": last[0], "detail": last[1]},
+                "energy_profiles": EnergyProfiles.from_dict(self.get("energy_profiles")).summary()
+                if self.get("energy_profiles") else []}
 
 
 def _safe(s: str) -> str:
