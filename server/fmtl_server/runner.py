@@ -300,7 +300,10 @@ class JobServer:
         """Run ``methods`` over the devices with the method runner: this job's budgets,
         ``min_updates``, evaluation and round retries, every round committed to the store, progress
         in the log; returns the runner's ``(results, models)``."""
+        from fmtl_edge.runner import model_key
+
         sim, job = self.job.sim, self.job
+        self._model_key = model_key(spec)
         self.progress = Progress(sum(m.planned_rounds() for m in methods))
         hooks = RunHooks(on_method_start=self._on_method_start, on_round=self._on_round, on_round_end=self._on_round_end,
                          on_evaluate=self._on_evaluate, on_method_end=self._on_method_end,
@@ -347,13 +350,12 @@ class JobServer:
         metered apart from estimated), grown by the round's executions and kept in the store: they
         survive restarts and ``fmtl-server status`` shows them."""
         from fmtl_edge.energy_profile import EnergyProfiles
-        from fmtl_edge.runner import model_key
 
         if not ck.history:
             return
         raw = self.store.get("energy_profiles")
         profiles = EnergyProfiles.from_dict(raw) if raw else EnergyProfiles()
-        model = model_key(self.job.sim.model_spec(self.input_shape))
+        model = self._model_key
         for c in ck.history[-1].per_client:
             if c.get("sample_passes"):
                 profiles.observe(c["device"], c.get("mode"), model, int(c["sample_passes"]), float(c["device_s"]),
