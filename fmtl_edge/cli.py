@@ -89,7 +89,19 @@ def _add_simulate(sub) -> None:
     g.add_argument("--eval-every", type=int, metavar="N", help="test-loss curves: evaluate every job's global "
                    "model on the union test set every N rounds and at the job's end (results: methods.<m>.curve; "
                    "not counted in device time; default 0: off)")
-    g.add_argument("--width", type=int, help="backbone width (default 16)")
+    g = p.add_argument_group("model (fmtl-edge models lists the built-ins with their size and FLOPs)")
+    g.add_argument("--model", metavar="FAMILY|MODULE:FUNCTION|FILE.py:FUNCTION",
+                   help="the network: auto (default: a small conv for images, an MLP for vectors), conv, mlp, "
+                   "resnet (BasicBlocks), mobilenet (inverted residuals), or your factory "
+                   "function(input_shape, tasks) returning a module with .backbone and .heads "
+                   "(an nn.ModuleDict, one head per task name); see README 'Your own network'")
+    g.add_argument("--width", type=int, help="backbone width: channels of the first stage, or the MLP's size "
+                   "(default 16)")
+    g.add_argument("--depth", type=int, help="blocks per stage of conv/resnet/mobilenet (MLP: hidden layers - 1; "
+                   "default 1)")
+    g.add_argument("--head-hidden", type=int, metavar="UNITS", help="a hidden layer of this many units in the "
+                   "built-in families' classification/binary/regression heads (default 0: linear heads)")
+    g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, help="run seed (default 0)")
     g.add_argument("--seeds", metavar="S,S,...", help="run every method once per training seed (e.g. 0,1,2: "
                    "model init, sampling, batch order); the data partition stays --seed's; results hold "
@@ -126,7 +138,7 @@ def _add_simulate(sub) -> None:
 _CONFIG_KEYS = (
     "dataset", "data_dir", "clients", "max_samples", "image_size", "alpha", "classes_per_client", "methods", "rounds", "r0",
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
-    "affinity_divide_by_lr", "width", "seed", "seeds", "device", "meter", "time_budget_s",
+    "affinity_divide_by_lr", "width", "depth", "model", "head_hidden", "seed", "seeds", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
     "pretrained", "lease_wait_s", "dropout", "eval_every",
 )
@@ -245,10 +257,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 classes_per_client=cfg.classes_per_client,
             )
         cfg.validate_against(len(dataset.tasks), dataset.n_clients)
-        from fmtl_edge.models import ModelSpec
         from fmtl_edge.simulation import build_methods, check_sampling
 
-        methods = build_methods(cfg, dataset.tasks, ModelSpec(tuple(dataset.input_shape), width=cfg.width))
+        methods = build_methods(cfg, dataset.tasks, cfg.model_spec(dataset.input_shape))
         check_sampling(cfg, dataset, methods)
         from fmtl_edge.runtime import load_profile
 
@@ -262,7 +273,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         return _err("simulate", str(e))
 
-    from fmtl_edge.models import ModelSpec
     from fmtl_edge.report import loss_summary, summary_tables, write_outputs
     from fmtl_edge.simulation import run_methods
 
@@ -326,7 +336,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     results, models = run_methods(cfg, dataset, run_state=run_state, **hooks)
             else:
                 results, models = run_methods(cfg, dataset, run_state=run_state, **hooks)
-        spec = ModelSpec(tuple(dataset.input_shape), width=cfg.width)
+        spec = cfg.model_spec(dataset.input_shape)
         out = write_outputs(cfg.out, results, models, dataset.tasks, spec, overwrite=overwrite)
         if run_state is not None:
             run_state.remove()

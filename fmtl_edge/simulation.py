@@ -25,7 +25,7 @@ from fmtl_edge.data.base import FederatedDataset
 from fmtl_edge.messages import TrainConfig
 from fmtl_edge.evaluation import evaluate_method
 from fmtl_edge.methods import Method, make_method
-from fmtl_edge.models import ModelSpec
+from fmtl_edge.models import ModelSpec, validate_model
 from fmtl_edge.partition import select_state
 
 if TYPE_CHECKING:
@@ -116,12 +116,13 @@ def load_pretrained(path: str | None) -> dict[str, np.ndarray] | None:
 
 
 def build_methods(cfg: SimulationConfig, tasks, spec: ModelSpec) -> list[Method]:
-    """The methods of ``cfg.methods``, validated against the model (layer patterns, pre-trained
-    tensors) before anything trains.
+    """The methods of ``cfg.methods``, validated against the model (the ``--model`` factory:
+    :func:`fmtl_edge.models.validate_model`; layer patterns, pre-trained tensors) before anything trains.
 
     Raises:
-        ConfigError, ValueError: unknown names, bad settings (the message names the flag).
+        ConfigError, ValueError: a bad model, unknown names, bad settings (the message names the flag).
     """
+    validate_model(spec, tasks)  # a bad --model: one ConfigError before anything trains
     pretrained = load_pretrained(cfg.pretrained)
     methods = [make_method(m, tasks, cfg, pretrained=pretrained) for m in cfg.methods]
     names = [m.name for m in methods]
@@ -341,7 +342,7 @@ def run_methods(
         ConfigError, ValueError: invalid method names or settings (before any training).
     """
     cfg.validate_against(len(dataset.tasks), dataset.n_clients)
-    spec = ModelSpec(tuple(dataset.input_shape), width=cfg.width)
+    spec = cfg.model_spec(dataset.input_shape)
     methods = build_methods(cfg, dataset.tasks, spec)
     if not any(len(c.x_test) for c in dataset.clients):
         log.warning("%s: no client has test samples: every test loss will be empty (null in results.json) "

@@ -80,7 +80,7 @@ def run_methods_on_pool(cfg: SimulationConfig, pool, tasks: TaskSet, input_shape
 
     n_clients = len(pool.client_ids)
     cfg.validate_against(len(tasks), n_clients)
-    spec = ModelSpec(tuple(input_shape), width=cfg.width)
+    spec = cfg.model_spec(input_shape)
     methods = build_methods(cfg, tasks, spec)
     for m in methods:
         if m.pooled_data:
@@ -143,7 +143,7 @@ def serve(grid, run_config: Mapping[str, Any], write: bool = True) -> tuple[dict
     ids = sorted(int(i["client_id"]) for i in infos.values())
     log.info("%d Flower nodes serve clients %s of %s (%d clients)", len(nodes), _ranges(ids), first["dataset"],
              first["n_clients"])
-    spec = ModelSpec(tuple(first["input_shape"]), width=cfg.width)
+    spec = cfg.model_spec(first["input_shape"])
     pool = FlowerGridPool(grid, infos, spec, timeout_s=float(app["round-timeout-s"]))
     meta = {"dataset": first["dataset"], "dataset_info": first.get("dataset_info", {}), "clients": int(first["n_clients"]),
             "device": first.get("device", {})}

@@ -249,7 +249,7 @@ class JobServer:
         self.say(f"{self.pool.online_count()} devices online: starting")
         from fmtl_edge.simulation import build_methods, train_config
 
-        spec = ModelSpec(tuple(self.input_shape), width=sim.width)
+        spec = sim.model_spec(self.input_shape)
         n_clients = len(self.pool.client_ids)
         if sim.clients_per_round > n_clients:
             self.say(f"K={sim.clients_per_round} but only {n_clients} clients joined")
