@@ -261,13 +261,17 @@ def _call(factory: Factory, spec: "ModelSpec", infos: tuple[TaskInfo, ...]) -> A
         raise ModelError(f"the factory {factory.label} raised {type(e).__name__}: {e}") from None
 
 
-def adopt(net: Any, infos: Sequence[TaskInfo], label: str) -> tuple[nn.Module, nn.ModuleDict]:
+def adopt(net: Any, infos: Sequence[TaskInfo], label: str, full: bool = False) -> tuple[nn.Module, nn.ModuleDict]:
     """Check a factory's result against the contract; its ``backbone`` and its heads (in task order).
+
+    ``full=False`` (every model construction) checks the structure only; ``full=True``
+    (:func:`validate_model`, once per run) also walks every parameter and buffer.
 
     Raises:
         ModelError: not an ``nn.Module``; no ``backbone`` module; ``heads`` not an ``nn.ModuleDict``;
-            a task without a head or a head for no task; a parameter or buffer outside
-            ``backbone``/``heads``; a parameter shared by the backbone and a head.
+            a task without a head or a head for no task; with ``full``: a parameter or buffer
+            outside ``backbone``/``heads`` (it would not be trained nor aggregated), a parameter
+            shared by the backbone and a head.
     """
     if not isinstance(net, nn.Module):
         raise ModelError(f"{label} returned a {type(net).__name__}, not a torch.nn.Module with backbone and heads")
@@ -289,6 +293,8 @@ def adopt(net: Any, infos: Sequence[TaskInfo], label: str) -> tuple[nn.Module, n
     if extra:
         raise ModelError(f"{label}: heads has {', '.join(repr(k) for k in extra)}, which is not a task of this "
                          f"job ({', '.join(names)}); build heads only for the tasks argument")
+    if not full:
+        return backbone, nn.ModuleDict((n, heads[n]) for n in names)
     for kind, named in (("parameter", net.named_parameters()), ("buffer", net.named_buffers())):
         for n, _ in named:
             if not (n.startswith("backbone.") or n.startswith("heads.")):
@@ -374,12 +380,12 @@ def validate_model(spec: "ModelSpec", tasks: Iterable) -> None:
         label = factory.label
         infos = task_infos(spec.input_shape, tasks)
         with torch.random.fork_rng(devices=[]):
-            backbone, heads = adopt(_call(factory, spec, infos), infos, label)
+            backbone, heads = adopt(_call(factory, spec, infos), infos, label, full=True)
             _check_forward(backbone, heads, spec, infos, label)
             if len(infos) > 1:
                 ref_b = _signature(backbone)
                 for t, info in zip(tasks, infos):
-                    b1, h1 = adopt(_call(factory, spec, (info,)), (info,), label)
+                    b1, h1 = adopt(_call(factory, spec, (info,)), (info,), label, full=True)
                     if _signature(b1) != ref_b:
                         raise ModelError(f"{label}: the backbone built for task {t.name!r} alone differs from the "
                                          f"one built for all tasks ({_first_difference(_signature(b1), ref_b)}); "
