@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--plot", metavar="FILE.png", help="also draw loss vs device time, energy per method and "
                     "the task-affinity matrix (needs matplotlib)")
     rp.set_defaults(func=cmd_report)
-    for module in ("fmtl_edge.runtime.cli", "fmtl_edge.transport.cli", "fmtl_edge.deploy.cli"):
+    for module in ("fmtl_edge.backbones.cli", "fmtl_edge.runtime.cli", "fmtl_edge.transport.cli", "fmtl_edge.deploy.cli"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ImportError:

@@ -232,15 +232,15 @@ def resolve_factory(ref: str) -> Factory:
         if not p.is_file():
             raise ModelError(f"{ref}: no such file {str(p)!r}")
         module = _load_file(p.resolve())
-        where = str(p)
+        where = "the file"
     else:
         module = _import_module(target)
         where = f"module {target!r}"
     fn = getattr(module, name, None)
     if fn is None:
-        public = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
-                        and getattr(v, "__module__", None) == module.__name__)
-        hint = f" (it defines {', '.join(public[:8])})" if public else ""
+        public = sorted(k for k, v in vars(module).items() if inspect.isfunction(v) and not k.startswith("_")
+                        and v.__module__ == module.__name__)
+        hint = f" (its functions: {', '.join(public[:8])})" if public else ""
         raise ModelError(f"{ref}: {where} has no function {name!r}{hint}")
     if not callable(fn):
         raise ModelError(f"{ref}: {name!r} in {where} is a {type(fn).__name__}, not a function")
@@ -356,7 +356,7 @@ def _check_forward(backbone: nn.Module, heads: nn.ModuleDict, spec: "ModelSpec",
                 raise ModelError(f"{label}: the head of task {t.name!r} returned a {type(y).__name__}, not a tensor")
             if tuple(y.shape) != (2, *t.out_shape):
                 raise ModelError(f"{label}: the head of task {t.name!r} ({t.kind}) outputs {tuple(y.shape)} for a "
-                                 f"batch of 2, but the task needs {(2, *t.out_shape)} (batch, *{t.out_shape})")
+                                 f"batch of 2, but the task needs {(2, *t.out_shape)} (batch first)")
             if not y.is_floating_point():
                 raise ModelError(f"{label}: the head of task {t.name!r} outputs {y.dtype}; the losses need floats")
 
