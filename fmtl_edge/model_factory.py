@@ -404,16 +404,16 @@ def validate_model(spec: "ModelSpec", tasks: Iterable) -> None:
 def forward_flops_per_sample(backbone: nn.Module, heads: nn.ModuleDict, input_shape: Sequence[int],
                              batch: int = 2) -> float:
     """FLOPs of one forward pass (backbone and every head, eval mode) per sample, counted with
-    :class:`torch.utils.flop_counter.FlopCounterMode` on a batch of ``batch`` zero inputs (a
+    :func:`fmtl_edge.flops.flop_counter` on a batch of ``batch`` zero inputs (a
     multiply-add counts 2 FLOPs; element-wise operations, BatchNorm and pooling are not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from fmtl_edge.flops import flop_counter
 
     was = backbone.training, heads.training
     backbone.eval()
     heads.eval()
     x = torch.zeros((batch, *[int(s) for s in input_shape]), dtype=torch.float32)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with torch.no_grad(), flop_counter() as fc:
             f = backbone(x)
             for h in heads.values():
                 h(f)
