@@ -235,3 +235,34 @@ def test_config_flags_and_toml_keys(tmp_path):
             build_config(flags)
         assert e.value.field == field
     assert SimulationConfig().model_spec((1, 8, 8)) == ModelSpec((1, 8, 8))  # auto, width 16, depth 1
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "torchvision_model.py"
+
+
+def _has_torchvision() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+@pytest.mark.skipif(not _has_torchvision(), reason="torchvision is not installed here (the example's resnet18 needs it)")
+def test_torchvision_example_trains_one_round(tmp_path):
+    out = tmp_path / "run"
+    rc = main(["simulate", "--model", f"{EXAMPLE}:resnet18_heads", "--methods", "all-in-one", "--rounds", "1",
+               "--max-samples", "64", "--clients-per-round", "2", "--no-progress", "--meter", "estimate",
+               "--out", str(out)])
+    assert rc == 0
+    res = _results(out)
+    assert np.isfinite(res["methods"]["all-in-one"]["total_test_loss"])
+    model, _ = load_task_model(out / "models" / "all-in-one" / "digit.safetensors")
+    assert sum(p.numel() for p in model.backbone.parameters()) > 10_000_000  # ResNet-18's
+
+
+@pytest.mark.skipif(_has_torchvision(), reason="torchvision is installed: the example trains instead")
+def test_torchvision_example_without_torchvision_is_a_model_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["simulate", "--model", f"{EXAMPLE}:resnet18_heads", *QUICK, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "raised ModuleNotFoundError" in err and "torchvision" in err
+    assert not out.exists()
