@@ -29,10 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "server"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from bench import ROOT, pythonpath
 
 
 def width_for(size_mb: float) -> tuple[int, int]:
@@ -90,7 +87,7 @@ def raw_transfer(model_file: Path, k: int, chunk: int, work: Path) -> float:
     barrier = Path(tempfile.mkdtemp(prefix="raw-", dir=work))
     procs = [subprocess.Popen([sys.executable, __file__, "--raw-client", f"127.0.0.1:{port}",
                                str(model_file.stat().st_size), str(chunk), str(barrier / str(i))],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": _pythonpath()})
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": pythonpath()})
              for i in range(k)]
     # every client has done one untimed transfer (warm connection and HTTP/2 windows, like a running
     # agent's); then all start the timed one together
@@ -137,9 +134,6 @@ def raw_client(addr: str, size: int, chunk: int, ready: str) -> None:
     print(json.dumps({"start": t0, "end": time.time()}))
 
 
-def _pythonpath() -> str:
-    return os.pathsep.join([str(ROOT), str(ROOT / "server")] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-
 
 def _rss(pid: int, field: str = "VmRSS") -> int | None:
     try:
@@ -180,7 +174,7 @@ heartbeat_timeout_s = 120
 max_workers = {8 * k + 16}
 """)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": _pythonpath(), "FMTL_EDGE_RUNTIME_DIR": str(work / "run"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath(), "FMTL_EDGE_RUNTIME_DIR": str(work / "run"), "OMP_NUM_THREADS": "1"}
     log = open(work / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "fmtl_server", "serve", "--config", str(work / "job.toml"),
                                "--listen", f"127.0.0.1:{port}", "--insecure"], stdout=log, stderr=subprocess.STDOUT,
@@ -196,7 +190,7 @@ max_workers = {8 * k + 16}
         agents.append(subprocess.Popen(
             [sys.executable, "-m", "fmtl_edge.cli", "join", "--server", f"127.0.0.1:{port}", "--insecure",
              f"--token={tokens[c]}", "--data", f"digits:client={c},clients={k},max-samples={20 * k}", "--inject-fault", "echo",
-             "--lease", f"bench-{c}", "--meter", "null", "--torch-threads", "1", "--max-backoff-s", "1",
+             "--lease", f"bench-{c}", "--meter", "null", "--threads", "1", "--max-backoff-s", "1",
              "--work-dir", str(work / f"agent{c}")],
             stdout=open(work / f"agent{c}.log", "w"), stderr=subprocess.STDOUT, env=env))
     peak_seen = 0

@@ -1,10 +1,10 @@
 """Scale: many simulated clients on Flower's simulation engine vs fmtl-edge's in-process pool.
 
-Both engines run the same fmtl-edge code (:func:`fmtl_edge.flower.server_app.run_methods_on_pool`:
+Both engines run the same fmtl-edge code (:func:`fmtl_edge.runner.run_methods`:
 the coordinator, FedAvg strategy, streaming aggregation, evaluation) on the ``synthetic`` data set
 (8x8 inputs, two tasks, ``--train``/``--test`` samples per client generated from (seed, client)):
 
-- ``inprocess``: :class:`~fmtl_edge.coordinator.InProcessClientPool` over a
+- ``inprocess``: :class:`~fmtl_edge.simulated_pool.InProcessClientPool` over a
   :class:`~fmtl_edge.data.base.FederatedDataset` holding every client's data in the driver;
 - ``flower``: :class:`~fmtl_edge.flower.pool.FlowerGridPool` inside a ServerApp run by
   ``flwr.simulation.run_simulation`` (Flower's Simulation Runtime with its Ray backend: the same
@@ -33,9 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import ROOT
 
 
 def run_config(args) -> dict:
@@ -52,21 +50,26 @@ def one_engine(args) -> dict:
     rc = run_config(args)
     t0 = time.perf_counter()
     if args.engine == "inprocess":
-        from fmtl_edge.coordinator import InProcessClientPool
-        from fmtl_edge.flower.data import SYNTHETIC_SHAPE, SYNTHETIC_TASKS, simulation_config, synthetic_dataset
-        from fmtl_edge.flower.server_app import run_methods_on_pool
-        from fmtl_edge.models import ModelSpec
-        from fmtl_edge.simulation import warm_up
-
         import torch
+
+        from fmtl_edge.client import warm_up
+        from fmtl_edge.flower.data import SYNTHETIC_SHAPE, SYNTHETIC_TASKS, simulation_config, synthetic_dataset
+        from fmtl_edge.results import results_document
+        from fmtl_edge.runner import prepare_methods, run_methods
+        from fmtl_edge.simulated_pool import InProcessClientPool
 
         torch.set_num_threads(args.cpus_per_client)  # as Ray gives each ClientApp actor
         cfg = simulation_config(rc)
         ds = synthetic_dataset(cfg.seed, args.clients, args.train, args.test)
         warm_up()
-        pool = InProcessClientPool(ds, ModelSpec(SYNTHETIC_SHAPE, width=cfg.width))
-        results, _ = run_methods_on_pool(cfg, pool, SYNTHETIC_TASKS, SYNTHETIC_SHAPE,
-                                         {"dataset": ds.name, "dataset_info": ds.info, "clients": ds.n_clients})
+        spec = cfg.model_spec(SYNTHETIC_SHAPE)
+        from fmtl_edge.runtime.threads import ThreadPolicy
+
+        pool = InProcessClientPool(ds, spec, threads=ThreadPolicy.parse(cfg.threads))  # as the ClientApp
+        methods = prepare_methods(cfg, SYNTHETIC_TASKS, spec, pool.eligible, pooled=False)
+        doc = results_document(dataset=ds.name, dataset_info=ds.info, tasks=SYNTHETIC_TASKS, clients=ds.n_clients,
+                               config=cfg.to_dict(), device={}, engine={"name": "in-process"}, dropout=cfg.dropout)
+        results, _ = run_methods(cfg, methods, pool, spec, doc)
     else:
         from flwr.simulation import run_simulation
 

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+import bench  # noqa: E402,F401  (the installed package, not the checkout)
+
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from fmtl_edge.runtime import make_meter  # noqa: E402

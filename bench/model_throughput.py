@@ -34,10 +34,7 @@ from typing import Any, Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
+import bench  # noqa: E402,F401  (the installed fmtl-edge where there is one, else the source tree)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

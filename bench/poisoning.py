@@ -34,17 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "server"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from bench import ROOT, pythonpath
 
 K = 8
 CASES = ("clean", "fedavg", "bounded", "bounded-tight", "median")
 
-
-def _pythonpath() -> str:
-    return os.pathsep.join([str(ROOT), str(ROOT / "server")] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
 
 
 def case_settings(case: str, ratio: float, tight: float) -> tuple[bool, str, float]:
@@ -85,7 +79,7 @@ heartbeat_interval_s = 1
 heartbeat_timeout_s = 120
 """)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": _pythonpath(), "FMTL_EDGE_RUNTIME_DIR": str(work / "run"), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "PYTHONPATH": pythonpath(), "FMTL_EDGE_RUNTIME_DIR": str(work / "run"), "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "fmtl_server", "serve", "--config", str(work / "job.toml"),
@@ -97,7 +91,7 @@ heartbeat_timeout_s = 120
         agents.append(subprocess.Popen(
             [sys.executable, "-m", "fmtl_edge.cli", "join", "--server", f"127.0.0.1:{port}", "--insecure",
              f"--token={tokens[c]}", "--data", f"digits:client={c},clients={K},max-samples={args.max_samples}",
-             *fault, "--lease", f"poison-{case}-{c}", "--meter", "estimate", "--torch-threads", "1",
+             *fault, "--lease", f"poison-{case}-{c}", "--meter", "estimate", "--threads", "1",
              "--max-backoff-s", "1", "--poll-wait-s", "2", "--work-dir", str(work / f"agent{c}")],
             stdout=open(work / f"agent{c}.log", "w"), stderr=subprocess.STDOUT, env=env))
     try:

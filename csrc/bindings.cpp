@@ -9,6 +9,10 @@
 #include <sstream>
 #include <string>
 
+#ifndef FMTL_EDGE_VERSION
+#define FMTL_EDGE_VERSION "unknown"  // a build outside scikit-build-core (CMakeLists.txt passes the version)
+#endif
+
 #include "affinity.hpp"
 #include "aggregate.hpp"
 #ifdef FMTL_WITH_CUDA
@@ -157,7 +161,7 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("default_threads", &default_threads);
   m.def("scratch_bytes", &scratch_bytes, "Bytes held by the reusable rollback scratch of weighted_average_slices.");
   m.def("release_scratch", &release_scratch, "Frees the reusable rollback scratch (it is re-grown on demand).");
-  m.attr("__version__") = "0.1.0";
+  m.attr("__version__") = FMTL_EDGE_VERSION;  // the package version, passed in by CMakeLists.txt
 
   m.def("weighted_average_slices",
         [](py::array out, const py::sequence& xs, const std::vector<int>& dtypes,

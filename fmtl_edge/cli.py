@@ -117,6 +117,10 @@ def _add_simulate(sub) -> None:
                    "profile's, auto: the first that reads, else a labelled CPU-time estimate)")
     g.add_argument("--profile", help="device profile: a TOML file or a device class (jetson-nano, jetson-orin-nano, "
                    "workstation, ...; default: detected) giving memory/round budgets and the meter")
+    g.add_argument("--threads", metavar="N|auto",
+                   help="intra-op threads of each client execution (default auto: one per 0.5 GFLOP of a training "
+                        "batch, at most the usable cores; the OpenMP wait policy is passive unless you set "
+                        "OMP_WAIT_POLICY), so device seconds measure the work even on shared cores")
     g.add_argument("--time-budget-s", type=float, help="per-round time budget of a client execution (s)")
     g.add_argument("--energy-budget-j", type=float, help="per-round energy budget of a client execution (J)")
     g.add_argument("--out", help="output folder (default: a new runs/<UTC time>, with runs/latest pointing at it)")
@@ -140,7 +144,7 @@ _CONFIG_KEYS = (
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
     "affinity_divide_by_lr", "width", "depth", "model", "head_hidden", "seed", "seeds", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
-    "pretrained", "lease_wait_s", "dropout", "eval_every",
+    "pretrained", "lease_wait_s", "dropout", "eval_every", "threads",
 )
 
 
@@ -181,8 +185,10 @@ def _setup_logging(level: str | None, console=None) -> None:
     logger.setLevel(getattr(logging, (level or "info").upper()))
 
 
-def _log_hooks(log: logging.Logger) -> dict:
-    """``run_methods`` hooks writing one log line per round (``--no-progress``)."""
+def _log_hooks(log: logging.Logger):
+    """The runner's hooks writing one log line per round (``--no-progress``)."""
+    from fmtl_edge.runner import RunHooks
+
 
     def start(method):
         log.info("%s: starting, %d rounds planned", method.name, method.planned_rounds())
@@ -198,7 +204,7 @@ def _log_hooks(log: logging.Logger) -> dict:
 
         log.info("%s: done, %s, %.1f device s", method.name, loss_summary(entry), entry["device_s"])
 
-    return dict(on_method_start=start, on_round=on_round, on_method_end=end)
+    return RunHooks(on_method_start=start, on_round=on_round, on_method_end=end)
 
 
 def _err(prog: str, msg: str) -> int:
@@ -257,10 +263,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 classes_per_client=cfg.classes_per_client,
             )
         cfg.validate_against(len(dataset.tasks), dataset.n_clients)
-        from fmtl_edge.simulation import build_methods, check_sampling
+        from fmtl_edge.runner import prepare_methods
+        from fmtl_edge.simulation import dataset_eligible
 
-        methods = build_methods(cfg, dataset.tasks, cfg.model_spec(dataset.input_shape))
-        check_sampling(cfg, dataset, methods)
+        prepare_methods(cfg, dataset.tasks, cfg.model_spec(dataset.input_shape), dataset_eligible(dataset))
         from fmtl_edge.runtime import load_profile
 
         load_profile(cfg.profile)
@@ -274,7 +280,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return _err("simulate", str(e))
 
     from fmtl_edge.report import loss_summary, summary_tables, write_outputs
-    from fmtl_edge.simulation import run_methods
+    from fmtl_edge.runner import RunHooks
+    from fmtl_edge.simulation import run_simulation
 
     console.print(
         f"[bold]{dataset.name}[/]: {len(dataset.tasks)} tasks ({', '.join(dataset.tasks.names)}), "
@@ -287,7 +294,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if entry is not None:
             log.info("%s: finished before the interruption, %s", method.name, loss_summary(entry))
 
-    hooks["on_method_resume"] = log_resumed
+    hooks.on_method_resume = log_resumed
     if resume_state is not None:
         console.print(f"resuming {cfg.out}: {resume_state.summary()}")
     progress = None
@@ -315,7 +322,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             progress.update(bars[method.name], completed=rounds_done,
                             info=(loss_summary(entry, 3) + " (before)") if entry else "resumed")
 
-        hooks = dict(on_method_start=start, on_round=on_round, on_method_end=end, on_method_resume=resumed)
+        hooks = RunHooks(on_method_start=start, on_round=on_round, on_method_end=end, on_method_resume=resumed)
     run_state = None
     resume_hint = "run the same command with --resume" + (f" --out {cfg.out}" if timestamped else "")
     try:
@@ -326,18 +333,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
             if progress is not None:
                 with progress:
-                    results, models = run_seeds(cfg, dataset, **hooks)
+                    results, models = run_seeds(cfg, dataset, hooks)
             else:
-                results, models = run_seeds(cfg, dataset, **hooks)
+                results, models = run_seeds(cfg, dataset, hooks)
         else:
             run_state = resume_state or RunState.create(cfg.out, cfg, overwrite)
             if progress is not None:
                 with progress:
-                    results, models = run_methods(cfg, dataset, run_state=run_state, **hooks)
+                    results, models = run_simulation(cfg, dataset, hooks=hooks, run_state=run_state)
             else:
-                results, models = run_methods(cfg, dataset, run_state=run_state, **hooks)
-        spec = cfg.model_spec(dataset.input_shape)
-        out = write_outputs(cfg.out, results, models, dataset.tasks, spec, overwrite=overwrite)
+                results, models = run_simulation(cfg, dataset, hooks=hooks, run_state=run_state)
+        out = write_outputs(cfg.out, results, models, dataset.tasks, cfg.model_spec(dataset.input_shape),
+                            overwrite=overwrite)
         if run_state is not None:
             run_state.remove()
         if timestamped:

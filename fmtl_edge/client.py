@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Any, Mapping, Sequence
@@ -25,15 +24,22 @@ import torch
 
 from fmtl_edge.client_state import ClientStateStore
 from fmtl_edge.data.base import ClientData
+from fmtl_edge.layer_names import LAYER_PREFIX
 from fmtl_edge.messages import Assignment, ClientUpdate
 from fmtl_edge.models import ModelSpec, MultiTaskModel
 from fmtl_edge.partition import state_to_numpy
+from fmtl_edge.seeding import derive_seed
 from fmtl_edge.tasks import TaskSet
 
 
-def derive_seed(*parts: Any) -> int:
-    """A stable 32-bit seed from strings/ints (independent of Python's hash randomisation)."""
-    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
+def warm_up() -> None:
+    """Import what the first optimizer and ``functional_call`` import lazily (~1 s), so that cost is
+    not billed as device time to whichever client execution happens to run first in a process."""
+    from torch.func import functional_call
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    lin = torch.nn.Linear(1, 1)
+    functional_call(lin, dict(lin.named_parameters()), (torch.zeros(1, 1),))
 
 
 def build_model(spec: ModelSpec, tasks: TaskSet, state: Mapping[str, np.ndarray] | None, device: str = "cpu",
@@ -117,9 +123,6 @@ def _job_model(spec: ModelSpec, job_tasks: TaskSet, proc, method_config: Mapping
         p.grad = None
         p.requires_grad_(True)
     return model.train()
-
-
-LAYER_PREFIX = "layer:"
 
 
 def client_tasks(data: ClientData, job_tasks: Sequence[str]) -> list[str]:
@@ -295,8 +298,9 @@ def execute(
     lease=None,
     memory_budget_bytes: int | None = None,
     state_store: ClientStateStore | None = None,
+    threads=None,
 ) -> ClientUpdate:
-    """:func:`train_round` under a device lease, a memory budget and a meter window.
+    """:func:`train_round` under a device lease, a memory budget, a thread policy and a meter window.
 
     Args:
         meter: a :class:`fmtl_edge.runtime.Meter` (None: wall time only, energy unknown).
@@ -305,11 +309,16 @@ def execute(
         memory_budget_bytes: refuse the job before it starts when its estimated memory need is over
             this (None: no budget).
         state_store: the client's state (see :func:`train_round`).
+        threads: a :class:`fmtl_edge.runtime.threads.ThreadPolicy`: the execution's intra-op
+            threads, set before the meter window opens (None: torch's threads as they are).
 
     Returns:
-        The update with ``device_s`` (measured seconds), ``energy`` (the window's measurement as a
-        dict: ``total_j``, ``total_scope``, ``estimated``, ``source``, ``domains``...) and
-        ``peak_memory_bytes`` (what the execution added to the process's peak memory).
+        The update with ``device_s`` (measured wall seconds), ``cpu_s`` (this process's CPU
+        seconds over the same window, all threads: ``cpu_s / device_s`` well below the thread
+        count shows the device shared with other work), ``threads`` (the intra-op threads it ran
+        on), ``energy`` (the window's measurement as a dict: ``total_j``, ``total_scope``,
+        ``estimated``, ``source``, ``domains``...) and ``peak_memory_bytes`` (what the execution
+        added to the process's peak memory).
 
     Raises:
         fmtl_edge.runtime.BudgetExceeded: the memory estimate is over the budget (nothing ran).
@@ -319,23 +328,42 @@ def execute(
 
     if memory_budget_bytes is not None:
         check_memory_budget(spec, tasks, assignment, memory_budget_bytes)
+    n_threads = None
+    if threads is not None:
+        n_threads = threads.count(batch_flops(spec, tasks, assignment))
+        threads.apply(n_threads)
     with lease if lease is not None else nullcontext():
         with watch_peak_memory(assignment.config.device) as mem:
             if meter is None:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 upd = train_round(data, spec, tasks, assignment, state_store=state_store)
                 upd.device_s = time.perf_counter() - t0
+                upd.cpu_s = time.process_time() - c0
                 upd.energy = {"wall_s": upd.device_s, "total_j": None, "estimated": False, "source": "none",
                               "total_scope": "none", "domains": [], "warnings": ["no meter"]}
             else:
                 with meter.window(f"client-{data.client_id}/{assignment.job}/round-{assignment.round}") as win:
+                    c0 = time.process_time()
                     probe = (lambda: win.peek().total_j) if assignment.energy_budget_j is not None else None
                     upd = train_round(data, spec, tasks, assignment, energy_probe=probe, state_store=state_store)
+                    upd.cpu_s = time.process_time() - c0
                 m = win.measurement
                 upd.device_s = float(m.wall_s)
                 upd.energy = m.to_dict()
     upd.peak_memory_bytes = mem.job_peak_bytes
+    upd.threads = n_threads if n_threads is not None else torch.get_num_threads()
     return upd
+
+
+def batch_flops(spec: ModelSpec, tasks: TaskSet, assignment: Assignment) -> float | None:
+    """Training FLOPs (forward + backward) of one batch of the assignment's model: the thread
+    policy's input (:func:`fmtl_edge.flops.training_flops_per_sample` × batch size; counted once
+    per model and batch size per process, outside any meter window). None when not countable."""
+    from fmtl_edge.flops import training_flops_per_sample
+
+    batch = int(assignment.config.batch_size)
+    per = training_flops_per_sample(spec, tasks.subset(assignment.tasks), batch)
+    return None if per is None else per * batch
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Client state: tensors a client keeps across rounds (personal layers, Ditto's p_k, a node's head).
 
-Client state never leaves the client (DESIGN.md §7): the simulated pool keeps it per client in
+Client state never leaves the client (docs/design.md §3): the simulated pool keeps it per client in
 memory (:class:`MemoryStateStore`, saved with a resumable run through :meth:`snapshot`); a device
 agent keeps it in its work folder (:class:`FolderStateStore`, one safetensors file per version with
 its SHA-256 stored beside it).

@@ -111,12 +111,22 @@ class SimulationConfig:
             raise KeyError(f"no method declares the option {name!r}")
         return self.method_options.get(name, opts[name].default)
 
+    def train_config(self):
+        """The clients' local-training settings (:class:`~fmtl_edge.messages.TrainConfig`)."""
+        from fmtl_edge.messages import TrainConfig
+
+        return TrainConfig(local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+                           momentum=self.momentum, weight_decay=self.weight_decay, affinity_every=self.affinity_every,
+                           affinity_divide_by_lr=self.affinity_divide_by_lr, device=self.device)
+
     def resolved_sampling(self) -> str:
         """``--sampling``, or its default: ``per-group`` with ``--task-groups``, else ``uniform``."""
         if self.sampling is not None:
             return self.sampling
         return "per-group" if self.task_groups else "uniform"
     lease_wait_s: float = 600.0
+    #: ``--threads N|auto``: intra-op threads of each client execution (:mod:`fmtl_edge.runtime.threads`)
+    threads: str = "auto"
 
     def model_spec(self, input_shape) -> "ModelSpec":
         """The :class:`~fmtl_edge.models.ModelSpec` of this run for per-sample ``input_shape``
@@ -198,6 +208,13 @@ class SimulationConfig:
 
         if self.meter is not None and self.meter not in ("auto", *BACKENDS):
             raise ConfigError("--meter", f"{self.meter!r} is not auto or one of {', '.join(BACKENDS)}")
+        from fmtl_edge.runtime.threads import parse_threads
+
+        try:
+            n = parse_threads(self.threads)
+        except ValueError as e:
+            raise ConfigError("--threads", str(e).removeprefix("--threads: ")) from None
+        self.threads = "auto" if n is None else str(n)
         if not self.lease_wait_s >= 0:
             raise ConfigError("--lease-wait-s", f"must be >= 0 seconds (0: refuse at once if busy), got {self.lease_wait_s}")
         for name in ("time_budget_s", "energy_budget_j"):

@@ -1,372 +1,47 @@
 """The coordinator: runs a method's plan of FL jobs over a client pool, round by round.
 
-It knows nothing of transport, files or meters (DESIGN.md §3): a :class:`ClientPool` executes
-assignments — :class:`InProcessClientPool` in simulation, a gRPC pool in deployment — and the same
-coordinator code aggregates the updates. Per round of a job the method's strategy
-(:mod:`fmtl_edge.strategy`) chooses the clients and what each runs; the coordinator sends each the
-global state (the personal and frozen tensor names, the client-state key, the round's learning rate)
-and combines the returned states slice by slice with the strategy's aggregation — by default FedAvg
-(``common`` over all, ``task:<t>`` over the clients that trained t, weighted by samples used) with the
-streaming :class:`fmtl_edge.aggregation.Accumulator`, so the server holds O(P) memory. Personal and
-frozen slices are never uploaded nor aggregated.
+It knows nothing of transport, files or meters (docs/architecture.md): a
+:class:`~fmtl_edge.pool.ClientPool` executes assignments — in-process clients in simulation, device
+agents over gRPC, Flower nodes — and the same coordinator code aggregates the updates. Per round of
+a job the method's strategy (:mod:`fmtl_edge.strategy`) chooses the clients and what each runs; the
+coordinator sends each the global state (the personal and frozen tensor names, the client-state
+key, the round's learning rate) and combines the returned states slice by slice with the
+strategy's aggregation — by default FedAvg (``common`` over all, ``task:<t>`` over the clients that
+trained t, weighted by samples used) with the streaming :class:`fmtl_edge.aggregation.Accumulator`,
+so the server holds O(P) memory. Personal and frozen slices are never uploaded nor aggregated.
 
-Deployment hooks (used by ``fmtl-server``; the in-process behaviour is unchanged when they are unset):
+What the runner (:mod:`fmtl_edge.runner`) builds on:
 
 - ``on_round_end(RoundCheckpoint)`` after every round: everything needed to resume the job at the
   next round boundary (global state, affinity per round, energy tally, history). Client sampling and
   client batch order are derived from ``(seed, job, round[, client])``, so no RNG state is carried.
 - ``run_job(..., resume=checkpoint)`` / ``run_method(..., done=..., resume=...)`` continue a plan from
   its finished jobs and the last completed round of the running job.
-- ``min_updates``: a round with fewer usable updates raises :class:`RoundFailed` (the pool's deadline
-  and retry policy decides how many arrive; the in-process pool always returns all of them).
+- ``min_updates``: a round with fewer usable updates raises :class:`~fmtl_edge.plan.RoundFailed`
+  (the pool's deadline and retry policy decides how many arrive; the in-process pool always returns
+  all of them).
 - An update whose ``state`` has an ``as_flat(layout)`` method (a memory-mapped upload) is aggregated
   from that flat float32 vector without a copy, which keeps the server at about three model sizes
-  (global vector, accumulator, one mapped update) whatever K is.
-- A pool with a ``global_vector_buffer(n)`` method supplies the global vector's storage (the gRPC
-  pool: a file-backed mapping it pages out of RAM while the round's updates arrive and are added).
+  (global vector, accumulator, one mapped update) whatever K is; the pool may supply the global
+  vector's storage (:meth:`~fmtl_edge.pool.ClientPool.global_vector_buffer`).
 """
 
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from fmtl_edge.affinity.measure import AffinityAverager
-from fmtl_edge.client import evaluate_assignment, execute
-from fmtl_edge.client_state import MemoryStateStore
-from fmtl_edge.data.base import FederatedDataset
-from fmtl_edge.messages import Assignment, ClientUpdate, TrainConfig, poly_lr
+from fmtl_edge.messages import Assignment, ClientUpdate, TrainConfig
 from fmtl_edge.models import ModelSpec, MultiTaskModel
 from fmtl_edge.partition import FROZEN, PERSONAL, ParameterLayout, select_state, state_to_numpy
+from fmtl_edge.plan import EnergyTally, Job, JobOutcome, RoundCheckpoint, RoundFailed, RoundRecord
+from fmtl_edge.pool import ClientPool
+from fmtl_edge.seeding import derive_seed
 from fmtl_edge.strategy import ClientTask, FedAvgStrategy, RoundContext, Strategy
 from fmtl_edge.tasks import TaskSet
-
-
-@dataclass(frozen=True)
-class Job:
-    """One FL training job of a plan.
-
-    Attributes:
-        name: unique within the method's plan (``all``, ``merge``, ``split-0``, ``task-age``).
-        tasks: the tasks trained together (the model has these heads), in task-set order.
-        rounds: R of this job (its learning-rate schedule restarts at round 0).
-        init_from: name of a finished job whose final weights (backbone + these tasks' heads)
-            initialise this job; None = fresh initialisation from the run seed.
-        measure_affinity: clients run the lookahead measurement (MAS's all-in-one phase).
-        procedure: the client procedure every client runs (:mod:`fmtl_edge.procedures`).
-        method_config: that procedure's settings (JSON-ready values).
-        sampling: ``uniform`` | ``per-group`` | ``all`` (see :class:`~fmtl_edge.strategy.FedAvgStrategy`).
-        personal, frozen, common: ``fnmatch`` patterns over state names that override the default
-            scopes (:meth:`~fmtl_edge.partition.ParameterLayout.from_state`): personal layers stay
-            on the clients, frozen (pre-trained) layers are never trained nor sent back, common
-            layers are averaged over every client.
-        lr_schedule: ``(offset, total)``: round r of this job uses the learning rate of round
-            ``offset + r`` of a ``total``-round poly schedule, so a job continuing another
-            (``init_from``) can continue its schedule (mas-auto's one-round merge jobs); None:
-            ``(0, rounds)``, the schedule restarts with the job.
-
-    Raises:
-        ValueError: ``lr_schedule`` with offset < 0 or offset + rounds > total.
-    """
-
-    name: str
-    tasks: tuple[str, ...]
-    rounds: int
-    init_from: str | None = None
-    measure_affinity: bool = False
-    procedure: str = "sgd"
-    method_config: Mapping[str, Any] = field(default_factory=dict)
-    sampling: str = "uniform"
-    personal: tuple[str, ...] = ()
-    frozen: tuple[str, ...] = ()
-    common: tuple[str, ...] = ()
-    lr_schedule: tuple[int, int] | None = None
-
-    def __post_init__(self) -> None:
-        if self.lr_schedule is not None:
-            off, total = (int(v) for v in self.lr_schedule)
-            if off < 0 or off + self.rounds > total:
-                raise ValueError(f"job {self.name!r}: lr_schedule {self.lr_schedule} must satisfy 0 <= offset and "
-                                 f"offset + rounds ({self.rounds}) <= total")
-            object.__setattr__(self, "lr_schedule", (off, total))
-
-    def lr(self, base_lr: float, round_idx: int) -> float:
-        """The learning rate of round ``round_idx`` of this job (:func:`~fmtl_edge.messages.poly_lr`)."""
-        off, total = self.lr_schedule or (0, self.rounds)
-        return poly_lr(base_lr, off + round_idx, total)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (checkpoints); :meth:`from_dict` reads it back."""
-        return {"name": self.name, "tasks": list(self.tasks), "rounds": self.rounds, "init_from": self.init_from,
-                "measure_affinity": self.measure_affinity, "procedure": self.procedure,
-                "method_config": dict(self.method_config), "sampling": self.sampling, "personal": list(self.personal),
-                "frozen": list(self.frozen), "common": list(self.common),
-                "lr_schedule": None if self.lr_schedule is None else list(self.lr_schedule)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Job":
-        sched = d.get("lr_schedule")
-        return cls(d["name"], tuple(d["tasks"]), int(d["rounds"]), d.get("init_from"), bool(d.get("measure_affinity")),
-                   str(d.get("procedure", "sgd")), dict(d.get("method_config") or {}), str(d.get("sampling", "uniform")),
-                   tuple(d.get("personal", ())), tuple(d.get("frozen", ())), tuple(d.get("common", ())),
-                   None if sched is None else (int(sched[0]), int(sched[1])))
-
-
-class EnergyTally:
-    """Sums device seconds and joules of client executions; keeps the meter's provenance.
-
-    ``total_j`` is None as soon as one execution's energy is unknown (never reported as 0).
-    ``critical_path_s`` is the wall-clock lower bound of the rounds tallied: a parallel round adds
-    its slowest client's device seconds, a sequential round (a ring) every visit's (set per round
-    by the coordinator; :meth:`add` does not touch it). ``sample_passes`` (lookahead included) and
-    ``lookahead_passes`` sum the updates' machine-load-independent training cost.
-    """
-
-    def __init__(self) -> None:
-        self.device_s = 0.0
-        self.critical_path_s = 0.0
-        self.total_j: float | None = 0.0
-        self.executions = 0
-        self.sources: set[str] = set()
-        self.scopes: set[str] = set()
-        self.estimated = False
-        self.sample_passes = 0
-        self.lookahead_passes = 0
-
-    def add(self, device_s: float, energy: Mapping[str, Any], sample_passes: int = 0,
-            lookahead_passes: int = 0) -> None:
-        self.device_s += float(device_s)
-        self.executions += 1
-        self.sample_passes += int(sample_passes)
-        self.lookahead_passes += int(lookahead_passes)
-        j = energy.get("total_j")
-        self.total_j = None if (j is None or self.total_j is None) else self.total_j + float(j)
-        self.sources.add(str(energy.get("source", "none")))
-        self.scopes.add(str(energy.get("total_scope", "none")))
-        self.estimated = self.estimated or bool(energy.get("estimated", False))
-
-    def copy(self) -> "EnergyTally":
-        return EnergyTally.from_dict(self.to_dict())
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (checkpoints); :meth:`from_dict` reads it back."""
-        return {"device_s": self.device_s, "critical_path_s": self.critical_path_s, "total_j": self.total_j,
-                "executions": self.executions,
-                "sources": sorted(self.sources), "scopes": sorted(self.scopes), "estimated": self.estimated,
-                "sample_passes": self.sample_passes, "lookahead_passes": self.lookahead_passes}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EnergyTally":
-        t = cls()
-        t.device_s = float(d["device_s"])
-        t.critical_path_s = float(d.get("critical_path_s", 0.0))
-        t.total_j = None if d.get("total_j") is None else float(d["total_j"])
-        t.executions = int(d["executions"])
-        t.sources = set(d.get("sources", ()))
-        t.scopes = set(d.get("scopes", ()))
-        t.estimated = bool(d.get("estimated", False))
-        t.sample_passes = int(d.get("sample_passes", 0))
-        t.lookahead_passes = int(d.get("lookahead_passes", 0))
-        return t
-
-    def merge(self, other: "EnergyTally") -> None:
-        self.device_s += other.device_s
-        self.critical_path_s += other.critical_path_s
-        self.executions += other.executions
-        self.sample_passes += other.sample_passes
-        self.lookahead_passes += other.lookahead_passes
-        self.total_j = None if (other.total_j is None or self.total_j is None) else self.total_j + other.total_j
-        self.sources |= other.sources
-        self.scopes |= other.scopes
-        self.estimated = self.estimated or other.estimated
-
-    @property
-    def source(self) -> str:
-        return ", ".join(sorted(self.sources)) or "none"
-
-    @property
-    def scope(self) -> str:
-        return ", ".join(sorted(self.scopes)) or "none"
-
-
-@dataclass
-class RoundRecord:
-    """What one round of a job did (for progress, logs and results)."""
-
-    job: str
-    round: int
-    clients: list[int]
-    lr: float
-    train_loss: dict[str, float]
-    samples: int
-    device_s: float
-    energy_j: float | None
-    wall_s: float
-    stopped_early: int = 0
-    #: client ids whose updates were aggregated, in arrival order (differs from ``clients`` when a
-    #: remote pool replaced a sampled device that failed; the same in simulation)
-    executed: list[int] = field(default_factory=list)
-    #: structured refusals (``BudgetExceeded``/``DeviceBusy`` as dicts) of clients that did not train
-    refused: list[dict] = field(default_factory=list)
-    #: the round's critical path: its slowest client's device seconds (parallel), or the sum of
-    #: every visit's (sequential: a ring)
-    critical_path_s: float = 0.0
-    #: the round's training sample-passes (lookahead included) and the lookahead's share
-    sample_passes: int = 0
-    lookahead_passes: int = 0
-
-
-@dataclass
-class JobOutcome:
-    """A finished job: final global state, averaged affinity, cost and history."""
-
-    job: Job
-    state: dict[str, np.ndarray]
-    affinity: np.ndarray | None
-    affinity_per_round: dict[int, np.ndarray]
-    energy: EnergyTally
-    history: list[RoundRecord] = field(default_factory=list)
-    wall_s: float = 0.0
-
-
-class RoundFailed(RuntimeError):
-    """A round ended with fewer usable updates than ``min_updates`` (no aggregate was applied)."""
-
-    def __init__(self, job: str, round_idx: int, got: int, needed: int, detail: str = ""):
-        self.job, self.round, self.got, self.needed = job, round_idx, got, needed
-        if got == 0:
-            msg = f"job {job!r} round {round_idx}: no client returned a usable update"
-        else:
-            msg = f"job {job!r} round {round_idx}: {got} usable updates, at least {needed} needed"
-        super().__init__(msg + (f" ({detail})" if detail else ""))
-
-
-@dataclass
-class RoundCheckpoint:
-    """Everything needed to resume job ``job`` after its completed round ``round`` (0-based).
-
-    ``state`` is the global model after that round (every entry of the model state, in the model's
-    order). When handed to ``on_round_end`` its float entries are views into the coordinator's
-    working vector: write or copy them before returning.
-    """
-
-    job: Job
-    round: int
-    state: dict[str, np.ndarray]
-    affinity_per_round: dict[int, np.ndarray]
-    energy: EnergyTally
-    history: list[RoundRecord]
-    wall_s: float
-
-    @property
-    def job_done(self) -> bool:
-        return self.round + 1 >= self.job.rounds
-
-
-class ClientPool(ABC):
-    """Where client executions run. Implementations: :class:`InProcessClientPool`, the gRPC pool."""
-
-    @property
-    @abstractmethod
-    def client_ids(self) -> list[int]:
-        """All client ids of the pool."""
-
-    def eligible(self, tasks: Sequence[str]) -> list[int]:
-        """Clients that hold labels for at least one task of ``tasks``, sorted (default: all)."""
-        return list(self.client_ids)
-
-    def evaluate(self, requests: Sequence[tuple[int, Assignment]]) -> dict[int, dict[str, dict]]:
-        """Run evaluation assignments; ``client → job → task → {"loss_sum", "metric_sum", "n"}``
-        over that client's test split (clients that did not answer are absent)."""
-        raise NotImplementedError
-
-    @abstractmethod
-    def execute_many(self, work: Sequence[tuple[int, Assignment]]) -> Iterator[ClientUpdate]:
-        """Run the assignments (one per client), yielding updates as they complete."""
-
-
-def refusal(client_id: int, a: Assignment, error: dict[str, Any]) -> ClientUpdate:
-    """The update of a client that refused or could not run an assignment (not aggregated)."""
-    return ClientUpdate(client_id, a.job, a.round, tuple(a.tasks), {}, 0, {}, None, 0, 0.0,
-                        {"total_j": 0.0, "source": "none", "total_scope": "none", "estimated": False},
-                        error=error)
-
-
-class InProcessClientPool(ClientPool):
-    """Simulated clients in this process, run one after another (a device runs one task at a time).
-
-    Each client keeps its own state (:class:`~fmtl_edge.client_state.MemoryStateStore`: personal
-    layers, Ditto's personal model...) across rounds; :meth:`state_snapshot` and
-    :meth:`restore_state` carry it through a resumable run.
-
-    Args:
-        dataset: the federated dataset (one :class:`ClientData` per client).
-        spec: model architecture.
-        meter: a :class:`fmtl_edge.runtime.Meter` wrapping every execution (None: time only).
-        lease_factory: ``client_id -> context manager`` holding the device during an execution
-            (e.g. ``lambda cid: DeviceLease("local")``); None runs without a lease.
-        memory_budget_bytes: refuse an execution whose estimated memory need is over this.
-        faults: optional ``(client_id, Assignment) -> str | None``: a fault injector; a returned
-            reason makes that execution fail (a refusal) as a lost device would.
-    """
-
-    def __init__(self, dataset: FederatedDataset, spec: ModelSpec, meter=None,
-                 lease_factory: Callable[[int], Any] | None = None,
-                 memory_budget_bytes: int | None = None, faults: Callable[[int, Assignment], str | None] | None = None):
-        self.dataset = dataset
-        self.spec = spec
-        self.meter = meter
-        self.lease_factory = lease_factory
-        self.memory_budget_bytes = memory_budget_bytes
-        self.faults = faults
-        self._by_id = {c.client_id: c for c in dataset.clients}
-        self._states: dict[int, MemoryStateStore] = {}
-
-    @property
-    def client_ids(self) -> list[int]:
-        return sorted(self._by_id)
-
-    def eligible(self, tasks: Sequence[str]) -> list[int]:
-        return [c for c in self.client_ids if any(t in self._by_id[c].y_train for t in tasks)]
-
-    def state_store(self, client_id: int) -> MemoryStateStore:
-        """Client ``client_id``'s own state (created empty on first use)."""
-        return self._states.setdefault(int(client_id), MemoryStateStore())
-
-    def state_snapshot(self) -> dict[int, Any]:
-        """Every client's state (copies), for a resumable run."""
-        return {c: s.snapshot() for c, s in self._states.items()}
-
-    def restore_state(self, snap: Mapping[int, Any]) -> None:
-        """Replace every client's state by a :meth:`state_snapshot`."""
-        self._states = {int(c): MemoryStateStore.restore(v) for c, v in snap.items()}
-
-    def execute_many(self, work: Sequence[tuple[int, Assignment]]) -> Iterator[ClientUpdate]:
-        from fmtl_edge.runtime import BudgetExceeded, DeviceBusy
-
-        for cid, a in work:
-            reason = self.faults(cid, a) if self.faults is not None else None
-            if reason:
-                yield refusal(cid, a, {"kind": "fault", "message": reason})
-                continue
-            lease = self.lease_factory(cid) if self.lease_factory else None
-            try:
-                yield execute(self._by_id[cid], self.spec, self.dataset.tasks, a, self.meter, lease,
-                              self.memory_budget_bytes, self.state_store(cid))
-            except (BudgetExceeded, DeviceBusy) as e:
-                # A refusal is a structured answer, not a crash: the round goes on without this client.
-                yield refusal(cid, a, e.to_dict())
-
-    def evaluate(self, requests: Sequence[tuple[int, Assignment]]) -> dict[int, dict[str, dict]]:
-        out: dict[int, dict[str, dict]] = {}
-        for cid, a in requests:
-            sums = evaluate_assignment(self._by_id[cid], self.spec, self.dataset.tasks, a, self.state_store(cid))
-            out.setdefault(int(cid), {})[a.job] = sums
-        return out
 
 
 class _RoundTotals:
@@ -390,7 +65,7 @@ class _RoundTotals:
         """Tally an update that trained; False when it used no sample (nothing to aggregate)."""
         self.executed.append(int(upd.client_id))
         self.device_times.append(float(upd.device_s))
-        self.tally.add(upd.device_s, upd.energy, upd.sample_passes, upd.lookahead_passes)
+        self.tally.add(upd.device_s, upd.energy, upd.sample_passes, upd.lookahead_passes, upd.cpu_s)
         if upd.n_samples <= 0:
             return False
         for t, v in upd.train_loss.items():
@@ -464,8 +139,6 @@ class Coordinator:
     def initial_state(self, tasks: Sequence[str]) -> dict[str, np.ndarray]:
         """Fresh weights for a model with ``tasks``' heads; the backbone init is the same for every
         job and method of a run (seeded by the run seed), so methods start from the same θ_s."""
-        from fmtl_edge.client import derive_seed
-
         model = MultiTaskModel(self.spec, self.tasks.subset(tasks), seed=derive_seed(self.seed, "init"))
         return state_to_numpy(model.state_dict())
 
@@ -518,8 +191,7 @@ class Coordinator:
         layout = self.layout(job, state)
         # A pool may supply the global vector's buffer (the gRPC pool: a file-backed mapping whose pages
         # it drops from RAM once the round's model file is written); the in-process pool does not.
-        buffer = getattr(self.pool, "global_vector_buffer", None)
-        global_vec = layout.flatten(state, out=None if buffer is None else buffer(layout.n_params))
+        global_vec = layout.flatten(state, out=self.pool.global_vector_buffer(layout.n_params))
         # From here the float entries of ``state`` are views into ``global_vec`` (one copy of the model).
         state = {**state, **layout.unflatten(global_vec)}
         averager = AffinityAverager(len(job.tasks), self.affinity_rounds)
@@ -547,7 +219,7 @@ class Coordinator:
             rec = RoundRecord(job.name, r, [c for c, _ in plan], lr, totals.train_loss(), totals.samples,
                               totals.tally.device_s, totals.tally.total_j, time.perf_counter() - t_round,
                               totals.stopped, totals.executed, totals.refused, totals.tally.critical_path_s,
-                              totals.tally.sample_passes, totals.tally.lookahead_passes)
+                              totals.tally.sample_passes, totals.tally.lookahead_passes, totals.tally.cpu_s)
             history.append(rec)
             if self.on_round:
                 self.on_round(rec)
@@ -587,11 +259,10 @@ class Coordinator:
         stepped = 0
         scratch: list[np.ndarray] = []
         # a pool that can hand a failed slot to another device (the gRPC pool) must not here: the
-        # node is the client, and the ring skips it instead
-        in_turn = getattr(self.pool, "execute_in_turn", None)
+        # node is the client, and the ring skips it instead (ClientPool.execute_in_turn)
         for cid, task in plan:
             a = self.assignment(job, r, task, {**state, **layout.unflatten(global_vec)}, lr, layout)
-            for upd in (in_turn(cid, a) if in_turn is not None else self.pool.execute_many([(cid, a)])):
+            for upd in self.pool.execute_in_turn(cid, a):
                 if upd.error is not None:
                     totals.refuse(upd)
                     continue

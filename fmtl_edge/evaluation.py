@@ -1,6 +1,6 @@
 """Evaluation of a method's final models, the same in simulation and deployment.
 
-Two kinds (DESIGN.md §7), both reported:
+Two kinds (docs/design.md §3), both reported:
 
 - **global**: each task's final global model (its job's state) on the union of the clients' test
   splits, each sample counted once (MAS, all-in-one, one-by-one, ditto's w, centralized);
@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 
 from fmtl_edge.client import add_sums, finish_sums
-from fmtl_edge.coordinator import Coordinator, JobOutcome
+from fmtl_edge.coordinator import Coordinator
+from fmtl_edge.plan import JobOutcome
 from fmtl_edge.messages import Assignment
 from fmtl_edge.partition import PERSONAL
 
@@ -51,23 +52,28 @@ def evaluate_method(method, done: Mapping[str, JobOutcome], coord: Coordinator,
     Returns:
         ``{"global": task → {"loss", "metric", "metric_name", "n"} or None,
         "personalised": {"per_task": task → ..., "per_client": client → task → ...} or None,
-        "clients": the clients that answered}``.
+        "clients": the clients that answered, "asked": the clients asked}``.
     """
     evaluate = evaluate or coord.pool.evaluate
     finals = method.final_jobs(done)
     own = method.personalised_jobs(done)
     tasks = coord.tasks
     answered: set[int] = set()
+    asked: set[int] = set()
     out: dict[str, Any] = {"global": None, "personalised": None}
     if method.global_model:
-        res = evaluate(_requests(method, done, coord, clients, personalised=False, finals=finals))
+        reqs = _requests(method, done, coord, clients, personalised=False, finals=finals)
+        asked |= {int(c) for c, _ in reqs}
+        res = evaluate(reqs) if reqs else {}
         answered |= set(res)
         total: dict[str, dict] = {}
         for c in sorted(res):
             add_sums(total, {t: s for t, s in _final(res[c], finals).items()})
         out["global"] = _complete(tasks, finish_sums(tasks, total), finals)
     if method.personalised:
-        res = evaluate(_requests(method, done, coord, clients, personalised=True, finals=own))
+        reqs = _requests(method, done, coord, clients, personalised=True, finals=own)
+        asked |= {int(c) for c, _ in reqs}
+        res = evaluate(reqs) if reqs else {}
         answered |= set(res)
         total = {}
         per_client = {}
@@ -77,6 +83,7 @@ def evaluate_method(method, done: Mapping[str, JobOutcome], coord: Coordinator,
             per_client[int(c)] = finish_sums(tasks, mine)
         out["personalised"] = {"per_task": _complete(tasks, finish_sums(tasks, total), own), "per_client": per_client}
     out["clients"] = sorted(answered)
+    out["asked"] = sorted(asked)
     return out
 
 

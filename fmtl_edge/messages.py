@@ -71,6 +71,10 @@ class Assignment:
             never uploaded.
         personalised: for an evaluation, evaluate the client's own model (global slices + its
             state, as its procedure defines it) instead of the global model.
+        power_mode: the power mode the server asks the device to train in, by name (``MODE_30W``;
+            :mod:`fmtl_edge.runtime.power_modes`); None leaves the device as it is. A device switches
+            only when its agent runs with ``--allow-power-mode``; its energy record names the mode
+            actually used.
     """
 
     job: str
@@ -89,6 +93,7 @@ class Assignment:
     personal: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
     personalised: bool = False
+    power_mode: str | None = None
 
     def uploaded_names(self, names) -> list[str]:
         """The tensor names of ``names`` that an update may carry: all but personal and frozen."""
@@ -121,6 +126,10 @@ class ClientUpdate:
             batch size (forward + backward per sample) plus ``lookahead_passes`` (per lookahead
             measurement ``n_tasks × B``); see :class:`fmtl_edge.procedures.base.LocalResult`.
         lookahead_passes: the lookahead's share of ``sample_passes``.
+        cpu_s: the process's CPU seconds over the execution (all threads, user + system); beside
+            ``device_s`` it shows contention: ``cpu_s / device_s`` far below ``threads`` means the
+            device's cores were busy with other work. None when not measured.
+        threads: intra-op threads the execution ran on (None: not reported).
     """
 
     client_id: int
@@ -139,3 +148,5 @@ class ClientUpdate:
     error: dict[str, Any] | None = None
     sample_passes: int = 0
     lookahead_passes: int = 0
+    cpu_s: float | None = None
+    threads: int | None = None

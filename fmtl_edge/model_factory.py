@@ -22,8 +22,8 @@ References (``--model``, TOML ``model``): a built-in family (:data:`fmtl_edge.ba
 the current folder is searched first) or ``path/to/file.py:function`` (the file is executed as a
 module of its own, its folder importable while it loads; no bytecode is written).
 
-:func:`validate_model` checks a reference once before training and turns every problem into one
-:class:`~fmtl_edge.config.ConfigError` naming ``--model``.
+:func:`validate_model` checks a reference once before training; every problem is one
+:class:`ModelError` that the runner reports as a ``ConfigError`` naming ``--model``.
 """
 
 from __future__ import annotations
@@ -366,37 +366,33 @@ def validate_model(spec: "ModelSpec", tasks: Iterable) -> None:
     builds a model that keeps the contract for all tasks (:func:`adopt`), a forward pass of a batch of
     2 zero inputs gives every head its task's output shape (float), and the factory called with each
     task alone builds the same backbone and the same head (names, shapes, dtypes) as with all tasks.
-    The global torch RNG is left as it was.
+    The global torch RNG is left as it was. :func:`fmtl_edge.runner.prepare_methods` calls it and
+    turns the error into a ``ConfigError("--model", ...)``.
 
     Raises:
-        fmtl_edge.config.ConfigError: (``--model``) the first problem found, with what to fix.
+        ModelError: the first problem found, with what to fix (``field`` = ``--model``).
     """
-    from fmtl_edge.config import ConfigError
-
     tasks = list(tasks)
-    try:
-        check_reference(spec.model)
-        factory = resolve_factory(spec.model)
-        label = factory.label
-        infos = task_infos(spec.input_shape, tasks)
-        with torch.random.fork_rng(devices=[]):
-            backbone, heads = adopt(_call(factory, spec, infos), infos, label, full=True)
-            _check_forward(backbone, heads, spec, infos, label)
-            if len(infos) > 1:
-                ref_b = _signature(backbone)
-                for t, info in zip(tasks, infos):
-                    b1, h1 = adopt(_call(factory, spec, (info,)), (info,), label, full=True)
-                    if _signature(b1) != ref_b:
-                        raise ModelError(f"{label}: the backbone built for task {t.name!r} alone differs from the "
-                                         f"one built for all tasks ({_first_difference(_signature(b1), ref_b)}); "
-                                         "the backbone must not depend on the tasks asked for (jobs train "
-                                         "subsets of the tasks)")
-                    if _signature(h1[t.name]) != _signature(heads[t.name]):
-                        raise ModelError(f"{label}: the head of task {t.name!r} differs when it is built alone "
-                                         f"({_first_difference(_signature(h1[t.name]), _signature(heads[t.name]))}); "
-                                         "a head must depend on its own task only")
-    except ModelError as e:
-        raise ConfigError("--model", str(e)) from None
+    check_reference(spec.model)
+    factory = resolve_factory(spec.model)
+    label = factory.label
+    infos = task_infos(spec.input_shape, tasks)
+    with torch.random.fork_rng(devices=[]):
+        backbone, heads = adopt(_call(factory, spec, infos), infos, label, full=True)
+        _check_forward(backbone, heads, spec, infos, label)
+        if len(infos) > 1:
+            ref_b = _signature(backbone)
+            for t, info in zip(tasks, infos):
+                b1, h1 = adopt(_call(factory, spec, (info,)), (info,), label, full=True)
+                if _signature(b1) != ref_b:
+                    raise ModelError(f"{label}: the backbone built for task {t.name!r} alone differs from the "
+                                     f"one built for all tasks ({_first_difference(_signature(b1), ref_b)}); "
+                                     "the backbone must not depend on the tasks asked for (jobs train "
+                                     "subsets of the tasks)")
+                if _signature(h1[t.name]) != _signature(heads[t.name]):
+                    raise ModelError(f"{label}: the head of task {t.name!r} differs when it is built alone "
+                                     f"({_first_difference(_signature(h1[t.name]), _signature(heads[t.name]))}); "
+                                     "a head must depend on its own task only")
 
 
 # ------------------------------------------------------------------------------ describing ---

@@ -1,7 +1,7 @@
 """Parameter scopes and the flat slice layout used for aggregation.
 
 Every floating-point tensor of a model's state (parameters and BatchNorm running statistics) gets a
-*scope* that says over which clients it is averaged (DESIGN.md §1, "layered"):
+*scope* that says over which clients it is averaged (docs/design.md §3, "layered"):
 
 =============== ==================================================================================
 ``frozen``      pre-trained, never trained nor averaged (left as it is)

@@ -156,6 +156,12 @@ def _count(v: int | float | None) -> str:
     return f"{v:.0f}"
 
 
+def _cpu_ratio(m: Mapping[str, Any]) -> str:
+    """``cpu_s / device_s`` of a method entry, or — when either is unknown."""
+    cpu, dev = m.get("cpu_s"), m.get("device_s")
+    return "—" if cpu is None or not dev else f"{cpu / dev:.2f}"
+
+
 def loss_summary(entry: Mapping[str, Any], digits: int = 4) -> str:
     """``total test loss X, personalised total test loss Y`` of a method's results entry (the ones it has)."""
     parts = [f"{k.replace('_', ' ')} {entry[k]:.{digits}f}" for k in ("total_test_loss", "personalised_total_test_loss")
@@ -226,11 +232,19 @@ def summary_tables(results: Mapping[str, Any]):
     cost.add_column("sample-passes", justify="right")
     cost.add_column("lookahead", justify="right")
     cost.add_column("FLOPs (est.)", justify="right")
+    cost.add_column("CPU s", justify="right")
+    cost.add_column("CPU/dev", justify="right")
     for name, m in methods.items():
         cost.add_row(name, _pm(m, "sample_passes", fmt=_count), _count(m.get("lookahead_passes")),
-                     _pm(m, "flops_estimate", fmt=_count))
-    cost.caption = ("sample-passes: training forward+backward per sample, lookahead included (n_tasks x B\n"
-                    "per measurement); FLOPs: one counted training step's FLOPs per sample x passes")
+                     _pm(m, "flops_estimate", fmt=_count), _pm(m, "cpu_s", 1), _cpu_ratio(m))
+    threads = (results.get("device") or {}).get("threads") or {}
+    cost.caption = ("sample-passes: forward+backward per sample (lookahead: n_tasks x B each)\n"
+                    "FLOPs: one counted training step's FLOPs per sample x sample-passes\n"
+                    "CPU s: the client executions' process CPU seconds; CPU/dev: CPU s /\n"
+                    "device s, far below the threads used = cores shared with other work")
+    if threads:
+        cost.caption += (f"\nthreads: {threads.get('intra_op')} (usable cores {threads.get('usable_cores')}), "
+                         f"OMP_WAIT_POLICY {threads.get('omp_wait_policy')}")
     per = _per_task_table("per task: test loss / metric", tasks, methods, "")
     extra = [t for t in (merge_phase_table(results), decisions_text(results)) if t is not None]
     pers = {n: m for n, m in methods.items() if m.get("personalised_total_test_loss") is not None}

@@ -20,7 +20,6 @@ On success the outputs are written as usual and this folder is removed.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -194,9 +193,9 @@ class RunState:
 
     def running(self, method: str):
         """``(checkpoints, client-state snapshot or None)`` of ``method`` if it was the running one:
-        the :class:`~fmtl_edge.coordinator.RoundCheckpoint` of each job it started, in order (the
+        the :class:`~fmtl_edge.plan.RoundCheckpoint` of each job it started, in order (the
         last one may be mid-job), and ``client → InProcessClientPool.state_snapshot()`` entry."""
-        from fmtl_edge.coordinator import EnergyTally, Job, RoundCheckpoint, RoundRecord
+        from fmtl_edge.plan import EnergyTally, Job, RoundCheckpoint, RoundRecord
 
         run = self.doc.get("running")
         if not run or run["method"] != method:
@@ -206,7 +205,7 @@ class RunState:
             ckpts.append(RoundCheckpoint(
                 job=Job.from_dict(j["job"]), round=int(j["round"]), state=self._load(j["file"]),
                 affinity_per_round={int(r): np.asarray(m, dtype=np.float64) for r, m in j["affinity_per_round"].items()},
-                energy=EnergyTally.from_dict(j["energy"]), history=[RoundRecord(**h) for h in j["history"]],
+                energy=EnergyTally.from_dict(j["energy"]), history=[RoundRecord.from_dict(h) for h in j["history"]],
                 wall_s=float(j["wall_s"])))
         snap: dict[int, dict[str, list]] = {}
         for cid, c in run["clients"].items():
@@ -272,13 +271,12 @@ class RunState:
         entry = {"job": ckpt.job.to_dict(), "round": int(ckpt.round), "file": self._new_file(ckpt.state),
                  "affinity_per_round": {str(r): np.asarray(m, dtype=np.float64).tolist()
                                         for r, m in ckpt.affinity_per_round.items()},
-                 "energy": ckpt.energy.to_dict(), "history": [dataclasses.asdict(h) for h in ckpt.history],
+                 "energy": ckpt.energy.to_dict(), "history": [h.to_dict() for h in ckpt.history],
                  "wall_s": float(ckpt.wall_s)}
         jobs = [j for j in run["jobs"] if j["job"]["name"] != ckpt.job.name]
         run["jobs"] = jobs + [entry]
-        snapshot = getattr(pool, "state_snapshot", None)
         prefix = f"{method}/"
-        for cid, per_key in (snapshot() if snapshot else {}).items():
+        for cid, per_key in (pool.state_snapshot() or {}).items():
             versions = [(k, int(r), t) for k, v in sorted(per_key.items()) if k.startswith(prefix) for r, t in v]
             if not versions:
                 continue

@@ -1,4 +1,4 @@
-"""Strategies: how one FL job's rounds run (Flower's ``Strategy`` is the anchor, DESIGN.md §7).
+"""Strategies: how one FL job's rounds run (Flower's ``Strategy`` is the anchor, docs/design.md §3).
 
 A method (:mod:`fmtl_edge.methods`) plans jobs; for each job it gives the coordinator a
 :class:`Strategy` that decides, round by round,
@@ -228,7 +228,7 @@ def sample_uniform(ctx: RoundContext, tasks: Sequence[str], k: int, salt: Sequen
     Raises:
         ValueError: fewer eligible clients than K (names the fix).
     """
-    from fmtl_edge.client import derive_seed
+    from fmtl_edge.seeding import derive_seed
 
     eligible = ctx.eligible(tasks)
     if len(eligible) < k:

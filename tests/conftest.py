@@ -53,7 +53,7 @@ def toy_dataset() -> FederatedDataset:
 def interrupt_then_resume(monkeypatch, main, args: list[str], out: Path, stop_at) -> None:
     """``fmtl-edge simulate`` Ctrl-C'd at the first client execution whose assignment satisfies
     ``stop_at`` (rc 130), then run again with ``--resume`` (rc 0): the resume tests' pattern."""
-    from fmtl_edge.coordinator import InProcessClientPool
+    from fmtl_edge.simulated_pool import InProcessClientPool
 
     orig = InProcessClientPool.execute_many
 
@@ -66,3 +66,20 @@ def interrupt_then_resume(monkeypatch, main, args: list[str], out: Path, stop_at
     assert main([*args, "--out", str(out)]) == 130
     monkeypatch.undo()
     assert main([*args, "--out", str(out), "--resume"]) == 0
+
+
+def assert_same_layout(a: dict, b: dict) -> None:
+    """Two ``results.json`` documents have the same layout key for key (top level, every method
+    entry, its per-task rows, jobs, history rows and evaluation record); ``engine`` may differ
+    below its ``name`` (each program's own details)."""
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    assert a["config"].keys() == b["config"].keys()
+    assert a["methods"].keys() == b["methods"].keys()
+    for m in a["methods"]:
+        x, y = a["methods"][m], b["methods"][m]
+        assert x.keys() == y.keys(), (m, set(x) ^ set(y))
+        assert x["evaluation"].keys() == y["evaluation"].keys()
+        for t in x["per_task"]:
+            assert x["per_task"][t].keys() == y["per_task"][t].keys(), (m, t)
+        for rows in ("jobs", "history"):
+            assert [r.keys() for r in x[rows]] == [r.keys() for r in y[rows]], (m, rows)

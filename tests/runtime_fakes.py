@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +76,8 @@ BOARDS: dict[str, dict] = {
         "devices": [("1-0040", ["VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0"]), ("1-0041", ["NC", "VDDQ_VDD2_1V8AO", "NC"])],
         "scope": "sum_of_rails",
         "total": ["VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0", "VDDQ_VDD2_1V8AO"],
-        "modes": [(0, "MAXN"), (3, "50W")],
+        # nvpmodel_p3701_0000.conf (JetPack 5/6): ids and names as L4T ships them; boot default MODE_30W
+        "modes": [(0, "MAXN"), (1, "MODE_15W"), (2, "MODE_30W"), (3, "MODE_50W")],
     },
 }
 
@@ -175,6 +179,73 @@ def build_jetson(root: Path, board: str, powers: dict[str, float] | None = None,
     for i, label in enumerate(fake.rails):
         fake.set_power(label, powers.get(label, 1.0 + i))
     return fake
+
+
+FAKE_NVPMODEL = r"""#!{python}
+# fake nvpmodel for the tests: -q prints the mode as JetPack's nvpmodel does, -m ID switches the
+# fake tree's /var/lib/nvpmodel/status (and, when set, the rails' power for that mode); every call
+# is appended to the log
+import json, pathlib, re, sys
+root = pathlib.Path({root!r})
+log = pathlib.Path({log!r})
+with open(log, "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\n")
+conf = (root / "etc/nvpmodel.conf").read_text()
+modes = {{int(i): n for i, n in re.findall(r"<\s*POWER_MODEL\s+ID=(\d+)\s+NAME=([^\s>]+)", conf)}}
+status = root / "var/lib/nvpmodel/status"
+args = sys.argv[1:]
+if args[:1] == ["-q"]:
+    i = int(re.search(r"pmode:(\d+)", status.read_text()).group(1))
+    print("NV Fan Mode:quiet")
+    print("NV Power Mode: " + modes[i])
+    print(i)
+elif args[:1] == ["-m"] and len(args) == 2:
+    i = int(args[1])
+    if i not in modes:
+        print("NVPM ERROR: Invalid power mode " + args[1], file=sys.stderr)
+        sys.exit(1)
+    if {fail_on!r} is not None and i == {fail_on!r}:
+        print("NVPM ERROR: failed to set power mode (not root?)", file=sys.stderr)
+        sys.exit(1)
+    status.write_text("pmode:%04d fmode:quiet\n" % i)
+    writes = root / "etc/fake_nvpmodel_rails.json"
+    if writes.exists():
+        for path, text in json.loads(writes.read_text()).get(str(i), {{}}).items():
+            with open(root / path.lstrip("/"), "w") as f:  # in place: the meter's descriptors stay valid
+                f.write(text + "\n")
+else:
+    print("usage: nvpmodel -q | -m ID", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def install_fake_nvpmodel(fake: FakeJetson, log: Path, mode_watts: dict[int, dict[str, float]] | None = None,
+                          fail_on: int | None = None) -> Path:
+    """An executable fake ``nvpmodel`` for ``fake``'s tree (point ``FMTL_EDGE_NVPMODEL`` at it).
+
+    ``mode_watts``: mode id -> {rail label: watts} written to the rails when that mode is set.
+    ``fail_on``: a mode id whose ``-m`` fails like an unprivileged nvpmodel. Every call is appended
+    to ``log`` (``-q``, ``-m 1``...).
+    """
+    if mode_watts:
+        table: dict[str, dict[str, str]] = {}
+        saved = dict(fake.watts)
+        for mid, rails in mode_watts.items():
+            files: dict[str, str] = {}
+            for label, w in rails.items():
+                fake.set_power(label, w)
+                d, ch = fake.rails[label]
+                names = [f"in_power{ch}_input"] if fake.driver == "iio" else [f"in{ch}_input", f"curr{ch}_input"]
+                for n in names:
+                    files[f"{d}/{n}"] = fake.file(f"{d}/{n}").read_text().strip()
+            table[str(mid)] = files
+        for label, w in saved.items():  # back to the tree's own values until a mode is set
+            fake.set_power(label, w)
+        (fake.root / "etc/fake_nvpmodel_rails.json").write_text(json.dumps(table))
+    path = fake.root / "fake-nvpmodel"
+    path.write_text(FAKE_NVPMODEL.format(python=sys.executable, root=str(fake.root), log=str(log), fail_on=fail_on))
+    os.chmod(path, 0o755)
+    return path
 
 
 # ---- RAPL ---------------------------------------------------------------------------------------

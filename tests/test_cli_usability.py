@@ -119,7 +119,7 @@ def test_device_cuda_without_cuda_is_one_line_rc_2(tmp_path, capsys):
 def test_run_without_test_samples_warns(caplog):
     from fmtl_edge.config import build_config
     from fmtl_edge.data.base import ClientData, FederatedDataset
-    from fmtl_edge.simulation import run_methods
+    from fmtl_edge.simulation import run_simulation
     from conftest import make_toy_dataset
 
     ds = make_toy_dataset()
@@ -129,7 +129,7 @@ def test_run_without_test_samples_warns(caplog):
     cfg = build_config({"rounds": 1, "methods": "all-in-one", "clients_per_round": 2, "meter": "estimate",
                         "width": 4})
     with caplog.at_level(logging.WARNING, logger="fmtl_edge"):
-        results, _ = run_methods(cfg, ds)
+        results, _ = run_simulation(cfg, ds)
     assert any("no client has test samples" in r.getMessage() for r in caplog.records)
     assert all(v["test_samples"] == 0 for v in results["methods"]["all-in-one"]["per_task"].values())
 

@@ -8,7 +8,9 @@ import pytest
 
 from fmtl_edge.client import execute, train_round
 from fmtl_edge.procedures.sgd import batches as _batches
-from fmtl_edge.coordinator import Coordinator, InProcessClientPool, RoundFailed
+from fmtl_edge.coordinator import Coordinator
+from fmtl_edge.plan import RoundFailed
+from fmtl_edge.simulated_pool import InProcessClientPool
 from fmtl_edge.messages import Assignment, TrainConfig
 from fmtl_edge.methods import AllInOne
 from fmtl_edge.models import ModelSpec, MultiTaskModel

@@ -114,7 +114,7 @@ class Deployment(LoopbackDeployment):
     def start_agent(self, c: int, *extra: str) -> Proc:
         data = f"digits:client={c},clients={CLIENTS},max-samples={MAX_SAMPLES}"
         p = Proc(agent_cmd(self.addr, data, f"--token={self.tokens[c]}", "--max-backoff-s", "1", "--poll-wait-s", "2",
-                           "--lease", f"cs-{c}", "--meter", "estimate", "--torch-threads", "1", "--insecure",
+                           "--lease", f"cs-{c}", "--meter", "estimate", "--threads", "1", "--insecure",
                            "--work-dir", str(self.work_dir(c)), *extra),
                  self.tmp / f"agent{c}.log", env=self.env)
         self.agents[c] = p
@@ -137,7 +137,7 @@ def simulated(tmp_path_factory):
     from fmtl_edge.config import build_config
     from fmtl_edge.coordinator import Coordinator
     from fmtl_edge.data import load_dataset
-    from fmtl_edge.simulation import run_methods
+    from fmtl_edge.simulation import run_simulation
 
     cfg = build_config({"dataset": "digits", "rounds": ROUNDS, "max_samples": MAX_SAMPLES, "clients_per_round": K,
                         "methods": "layered,ditto", "meter": "null", "clients": CLIENTS, "width": WIDTH,
@@ -157,7 +157,7 @@ def simulated(tmp_path_factory):
 
     Coordinator.run_method = recording
     try:
-        results, models = run_methods(cfg, ds)
+        results, models = run_simulation(cfg, ds)
         return results, models, finals
     finally:
         Coordinator.run_method = run_method
@@ -272,7 +272,7 @@ def test_personal_heads_and_ditto_models_stay_on_the_agents(deployment, simulate
         ref_results["methods"]["ditto"]["total_test_loss"], rel=1e-9)
     _assert_same_models(d.tmp / "out", "ditto", ref_models)
     _assert_same_final_state(d.tmp / "state", "layered", "layered", ref_finals)
-    assert res["deployment"]["counters"]["updates_rejected"] == 0
+    assert res["engine"]["counters"]["updates_rejected"] == 0
     # the agents ran every evaluation (personalised ones read their state) and keep running
     assert all(a.alive() for a in d.agents.values()), [a.text()[-2000:] for a in d.agents.values() if not a.alive()]
     assert not any("cannot run it" in a.text() for a in d.agents.values())
@@ -285,7 +285,7 @@ def test_personal_heads_and_ditto_models_stay_on_the_agents(deployment, simulate
 def test_an_update_carrying_a_personal_tensor_is_refused_naming_it(svc, tmp_path, carry_personal):
     from test_transport_hardening import Raw, shifted, update_bytes
 
-    from fmtl_edge.coordinator import Job
+    from fmtl_edge.plan import Job
 
     pool, _, target = svc()
     dev = Raw(target, 0)
@@ -341,7 +341,8 @@ from test_transport_hardening import svc  # noqa: E402,F401  (the raw-device gRP
 
 def test_a_corrupt_state_file_is_logged_discarded_and_trained_afresh(tmp_path, caplog):
     from conftest import make_toy_dataset
-    from fmtl_edge.client import LAYER_PREFIX, train_round
+    from fmtl_edge.client import train_round
+    from fmtl_edge.layer_names import LAYER_PREFIX
     from fmtl_edge.client_state import FolderStateStore
     from fmtl_edge.messages import Assignment, TrainConfig
     from fmtl_edge.models import ModelSpec, MultiTaskModel

@@ -72,7 +72,7 @@ def simulated(tmp_path_factory):
 
     from fmtl_edge.config import build_config
     from fmtl_edge.data import load_dataset
-    from fmtl_edge.simulation import run_methods
+    from fmtl_edge.simulation import run_simulation
 
     cfg = build_config({"dataset": "digits", "rounds": ROUNDS, "max_samples": MAX_SAMPLES, "clients_per_round": K,
                         "methods": "loop", "meter": "null", "clients": CLIENTS, "width": WIDTH,
@@ -83,7 +83,7 @@ def simulated(tmp_path_factory):
     os.environ["FMTL_EDGE_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("lease"))
     torch.set_num_threads(1)
     try:
-        results, _models = run_methods(cfg, ds)
+        results, _models = run_simulation(cfg, ds)
         return results
     finally:
         torch.set_num_threads(threads)
@@ -150,8 +150,8 @@ def test_a_loop_ring_over_agents_keeps_heads_on_devices_and_equals_the_simulatio
         assert kept and all(".heads." in n or n.startswith(("layer:heads.", "heads.")) for n in kept), list(kept)
     assert m["personalised_total_test_loss"] is not None
     _assert_same_per_client(m, ref)
-    assert res["deployment"]["counters"]["updates_rejected"] == 0
-    assert res["deployment"]["counters"]["replacements"] == 0
+    assert res["engine"]["counters"]["updates_rejected"] == 0
+    assert res["engine"]["counters"]["replacements"] == 0
 
 
 def test_an_agent_killed_mid_ring_is_skipped_never_replaced_and_the_run_completes(ring):
@@ -181,7 +181,7 @@ def test_an_agent_killed_mid_ring_is_skipped_never_replaced_and_the_run_complete
         assert set(refused[0].get("tried", [victim])) <= {victim}, refused   # nobody else took its slot
     for h in hist[1:ROUNDS]:   # the rest of the ring ran in its order, from the last good backbone
         assert h["executed_by"] == [c for c in order if c != victim], h
-    assert res["deployment"]["counters"]["replacements"] == 0
+    assert res["engine"]["counters"]["replacements"] == 0
     _assert_no_head_uploaded(d)
     # the survivors' personalised results are there (the victim cannot evaluate)
     per = res["methods"]["loop"]["per_client"]

@@ -9,13 +9,15 @@ import pytest
 
 from fmtl_edge.cli import main
 from fmtl_edge.config import ConfigError, build_config
-from fmtl_edge.coordinator import Coordinator, InProcessClientPool, Job
+from fmtl_edge.coordinator import Coordinator
+from fmtl_edge.plan import Job
+from fmtl_edge.simulated_pool import InProcessClientPool
 from fmtl_edge.evaluation import evaluate_method
 from fmtl_edge.messages import TrainConfig
 from fmtl_edge.methods import MAS
 from fmtl_edge.models import ModelSpec
 from fmtl_edge.report import method_curve
-from fmtl_edge.simulation import CurveRecorder
+from fmtl_edge.curves import CurveRecorder
 
 from conftest import interrupt_then_resume, make_toy_dataset
 

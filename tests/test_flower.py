@@ -31,6 +31,8 @@ from fmtl_edge.flower.data import simulation_config, split_run_config  # noqa: E
 from fmtl_edge.messages import Assignment, ClientUpdate, TrainConfig  # noqa: E402
 from fmtl_edge.models import ModelSpec  # noqa: E402
 
+from conftest import assert_same_layout  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: small digits: 4 clients, K = 2, R = 3 (R0 = 1), width 4
@@ -104,11 +106,11 @@ class AppGrid:
 
 
 def _inprocess(rc: dict, threads: int | None = None):
-    """``simulate``'s engine (simulation.run_methods) on the same run config."""
+    """``simulate``'s engine (simulation.run_simulation) on the same run config."""
     import torch
 
     from fmtl_edge.data import load_dataset
-    from fmtl_edge.simulation import run_methods
+    from fmtl_edge.simulation import run_simulation
 
     cfg = simulation_config(rc)
     ds = load_dataset(cfg.dataset, n_clients=cfg.clients, seed=cfg.seed, max_samples=cfg.max_samples)
@@ -116,7 +118,7 @@ def _inprocess(rc: dict, threads: int | None = None):
     if threads:
         torch.set_num_threads(threads)
     try:
-        return run_methods(cfg, ds)
+        return run_simulation(cfg, ds)
     finally:
         torch.set_num_threads(old)
 
@@ -241,7 +243,7 @@ def test_client_state_stays_in_context_never_in_a_reply():
     u.state = dict(u.state, **{a.personal[0]: np.asarray(a.state[a.personal[0]])})
     assert "client state" in check_update(u.client_id, a, u)
     bad = AppGrid(make_client_app(), 4, rc, tamper=leak)
-    from fmtl_edge.coordinator import RoundFailed
+    from fmtl_edge.plan import RoundFailed
 
     with pytest.raises(RoundFailed, match="client state"):
         serve(bad, rc, write=False)
@@ -291,9 +293,10 @@ def test_server_app_equals_simulate_and_loads_no_client_data(reference, tmp_path
         assert e["splits"] == r["splits"] and e["affinity"] == r["affinity"]
         assert [h["clients"] for h in e["history"]] == [h["clients"] for h in r["history"]]
         assert e["client_executions"] == r["client_executions"]
-    assert set(results) - set(ref_results) == {"engine"} and not set(ref_results) - set(results)
+    assert_same_layout(results, ref_results)
     written = json.loads((out / "results.json").read_text())
-    assert written["engine"]["name"] == "flower" and (out / "models" / "mas-2").is_dir()
+    assert written["engine"]["name"] == "flower" and ref_results["engine"]["name"] == "simulate"
+    assert (out / "models" / "mas-2").is_dir()
     for m in written["methods"]:
         assert {p.name for p in (out / "models" / m).iterdir()} == {f"{t}.safetensors" for t in ref_models[m]}
 
@@ -427,4 +430,4 @@ def test_flwr_run_matches_simulate(tmp_path):
         assert a == b
     ra = json.loads((tmp_path / "flower" / "results.json").read_text())
     rb = json.loads((tmp_path / "sim" / "results.json").read_text())
-    assert set(ra) - set(rb) == {"engine"} and all(ra["methods"][m].keys() == rb["methods"][m].keys() for m in rb["methods"])
+    assert_same_layout(ra, rb)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fmtl_edge.client import build_model, train_round
-from fmtl_edge.coordinator import Coordinator, InProcessClientPool
+from fmtl_edge.coordinator import Coordinator
+from fmtl_edge.simulated_pool import InProcessClientPool
 from fmtl_edge.evaluation import evaluate_method
 from fmtl_edge.messages import Assignment, TrainConfig
 from fmtl_edge.methods import GradNorm, make_method

@@ -26,12 +26,12 @@ def test_first_use_warns_once_naming_the_fix_and_results_record_it():
         "import numpy as np\n"
         "from fmtl_edge.affinity.search import best_partition\n"
         "from fmtl_edge.aggregation import weighted_average_slices\n"
-        "from fmtl_edge import kernels, simulation\n"
+        "from fmtl_edge import kernels, results\n"
         "S = np.eye(4) * 0.1 + 0.01\n"
         "best_partition(S, 2); best_partition(S, 2)\n"
         "out = np.zeros(4, np.float32)\n"
         "weighted_average_slices(out, [np.ones(4, np.float32)], [1.0], np.array([[0, 4]]), np.ones((1, 1), bool))\n"
-        "import json; print(json.dumps({'mode': kernels.mode(), 'versions': simulation.versions()['kernels'],"
+        "import json; print(json.dumps({'mode': kernels.mode(), 'versions': results.versions()['kernels'],"
         " 'info': kernels.info()['mode']}))\n"
     )
     assert r.returncode == 0, r.stderr
@@ -48,9 +48,9 @@ def test_no_warning_with_the_compiled_module(tmp_path):
     # the source tree, which has no compiled module unless it was installed with -e
     code = ("import warnings; warnings.simplefilter('error')\n"
             "import numpy as np\nfrom fmtl_edge.affinity.search import best_partition\n"
-            "from fmtl_edge import kernels, simulation\n"
+            "from fmtl_edge import kernels, results\n"
             "best_partition(np.eye(4) * 0.1 + 0.01, 2)\n"
-            "print(kernels.mode(), simulation.versions()['kernels'])\n")
+            "print(kernels.mode(), results.versions()['kernels'])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["native", "native"]

@@ -8,15 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from fmtl_edge.client import build_model, derive_seed, train_round
+from fmtl_edge.client import build_model, train_round
+from fmtl_edge.seeding import derive_seed
 from fmtl_edge.client_state import MemoryStateStore
-from fmtl_edge.coordinator import Coordinator, InProcessClientPool, RoundFailed
+from fmtl_edge.coordinator import Coordinator
+from fmtl_edge.plan import RoundFailed
+from fmtl_edge.simulated_pool import InProcessClientPool
 from fmtl_edge.messages import Assignment, TrainConfig
 from fmtl_edge.methods import AllInOne, Loop
 from fmtl_edge.models import ModelSpec
 from fmtl_edge.partition import state_to_numpy
 from fmtl_edge.procedures.sgd import batches
-from fmtl_edge.simulation import dropout_faults
+from fmtl_edge.simulated_pool import dropout_faults
 
 from conftest import make_toy_dataset
 

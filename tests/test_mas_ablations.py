@@ -99,7 +99,7 @@ def test_affinity_rounds_parse():
 
 def test_only_the_chosen_merge_rounds_measure_affinity():
     from conftest import make_toy_dataset
-    from fmtl_edge.coordinator import InProcessClientPool
+    from fmtl_edge.simulated_pool import InProcessClientPool
 
     ds = make_toy_dataset(n_clients=2, n_per_client=16)
     tasks = ds.tasks.subset(["cls", "bin", "reg"])

@@ -10,7 +10,8 @@ import pytest
 
 from fmtl_edge.affinity import group_score, self_affinity
 from fmtl_edge.config import SimulationConfig
-from fmtl_edge.coordinator import Coordinator, Job
+from fmtl_edge.coordinator import Coordinator
+from fmtl_edge.plan import Job
 from fmtl_edge.messages import TrainConfig, poly_lr
 from fmtl_edge.methods import MASAuto, make_method
 from fmtl_edge.methods.mas_auto import choose_x, partition_scores, round_decisions, stop_round

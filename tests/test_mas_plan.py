@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from fmtl_edge.affinity import best_partition, self_affinity
-from fmtl_edge.coordinator import ClientPool, Coordinator
+from fmtl_edge.coordinator import Coordinator
+from fmtl_edge.pool import ClientPool
 from fmtl_edge.messages import ClientUpdate, TrainConfig
 from fmtl_edge.methods import MAS, AllInOne, OneByOne, make_method
 from fmtl_edge.models import ModelSpec
 from fmtl_edge.evaluation import evaluate_method
-from fmtl_edge.simulation import final_states
+from fmtl_edge.results import final_states
 from fmtl_edge.tasks import Task, TaskSet
 
 from conftest import make_toy_dataset
@@ -96,7 +97,7 @@ def test_reconstructed_task_model_is_group_backbone_plus_own_head():
     mas = MAS(ds.tasks, rounds=3, r0=1, n_splits=2)
     done = coord.run_method(mas)
     assert len(mas.splits(done)) == 2
-    from fmtl_edge.coordinator import InProcessClientPool
+    from fmtl_edge.simulated_pool import InProcessClientPool
 
     real = Coordinator(InProcessClientPool(ds, spec), spec, ds.tasks, TrainConfig(), clients_per_round=2, seed=0)
     per_task = evaluate_method(mas, done, real)["global"]

@@ -172,10 +172,18 @@ def test_bad_reference_is_one_model_error(ref, expected, tmp_path, monkeypatch, 
 
 def test_builtin_family_that_needs_images_on_vectors_names_model():
     tasks = TaskSet([Task("a", "classification", 3), Task("b", "binary")])
-    with pytest.raises(ConfigError, match=r"--model: resnet needs an image input \(C, H, W\).*\(265,\).*use mlp"):
+    with pytest.raises(ModelError, match=r"resnet needs an image input \(C, H, W\).*\(265,\).*use mlp") as e:
         validate_model(ModelSpec((265,), model="resnet"), tasks)
-    with pytest.raises(ConfigError, match=r"--model: task 'd' is dense but the input \(265,\) is not an image"):
+    assert e.value.field == "--model"
+    with pytest.raises(ModelError, match=r"task 'd' is dense but the input \(265,\) is not an image"):
         validate_model(ModelSpec((265,), model="mlp"), TaskSet([Task("d", "dense", 1)]))
+    # the runner's check before training reports it as a ConfigError naming the flag
+    from fmtl_edge.config import SimulationConfig as Cfg
+    from fmtl_edge.runner import prepare_methods
+
+    with pytest.raises(ConfigError, match="resnet needs an image input") as e:
+        prepare_methods(Cfg(methods=("all-in-one",)), tasks, ModelSpec((265,), model="resnet"))
+    assert e.value.field == "--model"
     validate_model(ModelSpec((265,), model="auto"), tasks)  # no error
 
 

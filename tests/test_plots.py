@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fmtl_edge.report import decisions_text, merge_phase_table, method_curve, summary_tables
-from fmtl_edge.simulation import compare_merge_phase
+from fmtl_edge.results import compare_merge_phase
 
 TASKS = ["a", "b", "c"]
 S = [[0.010, 0.004, -0.002], [0.006, 0.012, -0.001], [-0.003, 0.001, 0.0]]

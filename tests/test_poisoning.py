@@ -20,7 +20,7 @@ from fmtl_edge.data import load_dataset
 from fmtl_edge.messages import Assignment
 from fmtl_edge.models import ModelSpec, MultiTaskModel
 from fmtl_edge.partition import state_to_numpy
-from fmtl_edge.simulation import train_config
+from fmtl_edge.config import SimulationConfig  # noqa: F811
 from fmtl_edge.transport import fmtl_edge_pb2 as pb
 from fmtl_edge.transport.agent import FAULTS, POISON_SCALE, Agent, AgentOptions, DataSpec, poison_state
 from fmtl_edge.transport.model_files import ModelFile
@@ -61,7 +61,7 @@ def honest_round():
     ds = load_dataset("digits", n_clients=8, max_samples=800)
     spec = ModelSpec(tuple(ds.input_shape), width=8)
     g = state_to_numpy(MultiTaskModel(spec, ds.tasks, seed=0).state_dict())
-    tc = train_config(SimulationConfig(dataset="digits"))
+    tc = SimulationConfig(dataset="digits").train_config()
     a = Assignment("all", 0, ds.tasks.names, {k: v.copy() for k, v in g.items()}, tc.lr, tc)
     upd = train_round(ds.clients[0], spec, ds.tasks, a)
     return g, {k: np.asarray(v) for k, v in upd.state.items()}, ds

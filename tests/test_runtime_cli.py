@@ -72,7 +72,7 @@ def test_meter_on_fake_jetson_reports_rails(tmp_path, monkeypatch, capfd):
     obj = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
     assert obj["backend"] == "jetson" and obj["total_scope"] == "board_input" and not obj["estimated"]
     assert obj["total_j"] == pytest.approx(6.0 * obj["wall_s"], rel=0.02)
-    assert obj["power_mode"] == "MAXN (nvpmodel 0)"
+    assert obj["power_mode"] == "MAXN"
     assert {d["domain"] for d in obj["domains"]} == {"VDD_IN", "VDD_SYS_GPU", "VDD_SYS_SOC", "VDD_4V0_WIFI", "VDD_SYS_CPU", "VDD_SYS_DDR"}
     assert [d["domain"] for d in obj["domains"] if d["in_total"]] == ["VDD_IN"]
     assert obj["sample_hz"] == 50.0
@@ -114,7 +114,7 @@ def test_info_json_on_fake_orin(tmp_path, monkeypatch, capsys):
     assert not meters["rapl"]["ok"] and meters["rapl"]["reason"]
     assert info["auto_meter"]["backend"] == "jetson"
     assert info["auto_meter"]["total_scope"] == "sum_of_rails"
-    assert info["power_mode"] == "MAXN (nvpmodel 0)"
+    assert info["power_mode"] == "MAXN"
     assert info["profile"]["device_class"] == "jetson-agx-orin"
     assert info["kernels"] == {"built": True, "mode": "native", "version": None, "cuda_compiled": True, "cuda_available": False}
 

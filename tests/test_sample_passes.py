@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from fmtl_edge.client import train_round
-from fmtl_edge.coordinator import Coordinator, EnergyTally, InProcessClientPool
+from fmtl_edge.coordinator import Coordinator
+from fmtl_edge.plan import EnergyTally
+from fmtl_edge.simulated_pool import InProcessClientPool
 from fmtl_edge.messages import Assignment, TrainConfig
 from fmtl_edge.methods import AllInOne
 from fmtl_edge.models import ModelSpec, MultiTaskModel
@@ -72,7 +74,7 @@ def test_energy_tally_merges_passes():
 
 def test_flops_estimate_is_one_counted_step_times_the_passes():
     from fmtl_edge.flops import training_flops_per_sample
-    from fmtl_edge.simulation import method_entry
+    from fmtl_edge.results import method_entry
 
     ds = make_toy_dataset(n_clients=2, n_per_client=12)
     coord = Coordinator(InProcessClientPool(ds, SPEC), SPEC, ds.tasks, TrainConfig(batch_size=4),

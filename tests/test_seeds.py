@@ -11,7 +11,7 @@ import pytest
 
 from fmtl_edge.cli import main
 from fmtl_edge.config import ConfigError, build_config
-from fmtl_edge.simulation import SEED_FIGURES
+from fmtl_edge.results import SEED_FIGURES
 
 TINY = ["--methods", "mas-2,all-in-one", "--rounds", "2", "--r0", "1", "--max-samples", "200",
         "--clients-per-round", "2", "--meter", "estimate", "--no-progress"]

@@ -34,6 +34,8 @@ from deploy_helpers import (  # noqa: E402
 )
 from fmtl_server.auth import add_token  # noqa: E402
 
+from conftest import assert_same_layout  # noqa: E402
+
 CLIENTS, MAX_SAMPLES, WIDTH = 4, 320, 4
 JOB = """
 [job]
@@ -89,7 +91,7 @@ class Deployment(LoopbackDeployment):
             extra = ("--data-dir", self.data_dir, *extra)
         # one torch thread per agent: several agents share two cores (and the reference uses one too)
         p = Proc(agent_cmd(self.addr, data, f"--token={token or self.tokens[c]}", "--max-backoff-s", "1",
-                           "--poll-wait-s", "2", "--lease", f"it-{c}", "--meter", "estimate", "--torch-threads", "1",
+                           "--poll-wait-s", "2", "--lease", f"it-{c}", "--meter", "estimate", "--threads", "1",
                            *self.sec_agent, *extra),
                  self.tmp / (log or f"agent{c}.log"), env=self.env)
         if log is None:
@@ -120,7 +122,7 @@ def _simulate(tmp_path_factory, dataset="digits", clients=CLIENTS, max_samples=M
 
     from fmtl_edge.config import build_config
     from fmtl_edge.data import load_dataset
-    from fmtl_edge.simulation import run_methods
+    from fmtl_edge.simulation import run_simulation
 
     cfg = build_config({"dataset": dataset, "data_dir": data_dir, "rounds": rounds, "r0": 1, "max_samples": max_samples,
                         "clients_per_round": 2, "methods": "mas-2", "meter": "null", "clients": clients, "width": WIDTH})
@@ -131,7 +133,7 @@ def _simulate(tmp_path_factory, dataset="digits", clients=CLIENTS, max_samples=M
     os.environ["FMTL_EDGE_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("lease"))
     torch.set_num_threads(1)
     try:
-        return run_methods(cfg, ds)
+        return run_simulation(cfg, ds)
     finally:
         torch.set_num_threads(threads)
         if old_dir is None:
@@ -179,7 +181,8 @@ def test_mas_job_over_tls_gives_the_simulations_weights(deployment, simulated):
     np.testing.assert_allclose(m["affinity"], ref["affinity"], rtol=1e-12)
     assert m["total_test_loss"] == pytest.approx(ref["total_test_loss"], rel=1e-9)
     _assert_same_models(d.tmp / "out", ref_models)
-    assert set(res) >= set(ref_results) and res["clients"] == CLIENTS  # the simulation's layout
+    assert_same_layout(res, ref_results)  # the simulation's layout, key for key
+    assert res["clients"] == CLIENTS and res["engine"]["name"] == "fmtl-server" and res["engine"]["devices"]
     assert m["device_s"] > 0 and m["energy_j"] > 0 and m["client_executions"] == ref["client_executions"]
     st = d.cli("status", "--state-dir", str(d.tmp / "state"), "--json")
     assert st.returncode == 0, st.stderr
@@ -203,7 +206,7 @@ def test_nan_and_wrong_shape_updates_are_rejected_and_the_job_goes_on(deployment
     m = res["methods"]["mas-2"]
     assert all(not {0, 1} & set(h["executed_by"]) and len(h["executed_by"]) == 2 for h in m["history"])
     assert np.isfinite(m["total_test_loss"])
-    assert res["deployment"]["counters"]["updates_rejected"] >= 2
+    assert res["engine"]["counters"]["updates_rejected"] >= 2
     assert "rejected update of client" in d.server.text()
 
 

@@ -191,20 +191,20 @@ def _job_server(tmp_path, retries=1):
 
 
 def test_an_aggregation_error_fails_the_round_not_the_server(tmp_path):
-    from fmtl_edge.coordinator import RoundFailed
     from fmtl_edge.methods import make_method
-    from fmtl_edge.simulation import train_config
+    from fmtl_edge.plan import RoundFailed
 
     js = _job_server(tmp_path)
     js.pool = Overflowing(bad_calls=1)  # the first attempt overflows, the retry succeeds
     method = make_method("all-in-one", TASKS, js.job.sim)
-    js._run_method(0, method, ModelSpec((1, 8, 8), 4), train_config(js.job.sim))
+    res, _ = js.train([method], ModelSpec((1, 8, 8), 4), {"methods": {}})
+    assert res["methods"]["all-in-one"]["rounds"] == 2
     rows = js.store.db.execute("SELECT kind, detail FROM events").fetchall()
     assert any(k == "round_failed" and "overflow" in d for k, d in rows), rows
     js2 = _job_server(tmp_path / "b", retries=0)
     js2.pool = Overflowing(bad_calls=99)
     with pytest.raises(RoundFailed, match="overflow"):  # given up as a failed round (exit 5), not a crash
-        js2._run_method(0, method, ModelSpec((1, 8, 8), 4), train_config(js2.job.sim))
+        js2.train([method], ModelSpec((1, 8, 8), 4), {"methods": {}})
 
 
 def test_the_tokens_file_fails_closed_and_says_why(tmp_path, caplog):
@@ -252,7 +252,7 @@ def test_the_tokens_file_fails_closed_and_says_why(tmp_path, caplog):
 def test_checkpoints_are_verified_on_resume_and_roll_back_to_the_kept_round(tmp_path):
     from fmtl_server.store import CheckpointCorrupt
 
-    from fmtl_edge.coordinator import Job
+    from fmtl_edge.plan import Job
 
     store = Store(tmp_path / "s")
     store.claim("fp", "job")
@@ -301,12 +301,13 @@ def test_checkpoints_are_verified_on_resume_and_roll_back_to_the_kept_round(tmp_
 
 def test_round_records_keep_every_field_through_the_store():
     """A resumed job's history keeps the critical path and sample-passes of the rounds before the kill."""
-    from fmtl_edge.coordinator import RoundRecord
-    from fmtl_server.store import _rec_from_dict, _rec_to_dict
-
-    r = RoundRecord("j", 1, [1, 2], 0.1, {"a": 1.0}, 10, 0.5, None, 0.7, 0, [1, 2], [{"client_id": 3}],
-                    critical_path_s=0.4, sample_passes=100, lookahead_passes=20)
     import json
 
-    back = _rec_from_dict(json.loads(json.dumps(_rec_to_dict(r))))
+    from fmtl_edge.plan import RoundRecord
+
+    r = RoundRecord("j", 1, [1, 2], 0.1, {"a": 1.0}, 10, 0.5, None, 0.7, 0, [1, 2], [{"client_id": 3}],
+                    critical_path_s=0.4, sample_passes=100, lookahead_passes=20, cpu_s=0.3)
+    back = RoundRecord.from_dict(json.loads(json.dumps(r.to_dict())))
     assert back == r
+    old = {k: v for k, v in r.to_dict().items() if k not in ("cpu_s", "sample_passes")}  # state of an older version
+    assert RoundRecord.from_dict(old).cpu_s is None

@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from fmtl_edge.cli import main
-from fmtl_edge.coordinator import InProcessClientPool
+from fmtl_edge.simulated_pool import InProcessClientPool
 from fmtl_edge.run_state import STATE, state_dir
 
 # ditto keeps a personal model per client, layered its personal heads: client state must survive
@@ -27,13 +27,13 @@ ARGS = ["simulate", "--max-samples", "300", "--rounds", "3", "--clients-per-roun
 # the CLI with each client execution slowed down, so the test can kill it mid-job
 SLOW_CLI = """
 import sys, time
-from fmtl_edge import coordinator
-orig = coordinator.InProcessClientPool.execute_many
+from fmtl_edge import simulated_pool
+orig = simulated_pool.InProcessClientPool.execute_many
 def slow(self, work):
     for upd in orig(self, work):
         time.sleep(0.15)
         yield upd
-coordinator.InProcessClientPool.execute_many = slow
+simulated_pool.InProcessClientPool.execute_many = slow
 from fmtl_edge.cli import main
 sys.exit(main(sys.argv[1:]))
 """

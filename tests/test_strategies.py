@@ -1,4 +1,4 @@
-"""Strategies, client procedures and client state (DESIGN.md §7): per-group slice averaging, robust
+"""Strategies, client procedures and client state (docs/design.md §3): per-group slice averaging, robust
 aggregators, personal and frozen layers, Ditto's personal step, resume with client state."""
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import torch
 
 from fmtl_edge.client import build_model, train_round
 from fmtl_edge.client_state import MemoryStateStore
-from fmtl_edge.coordinator import ClientPool, Coordinator, InProcessClientPool, Job
+from fmtl_edge.coordinator import Coordinator
+from fmtl_edge.plan import Job
+from fmtl_edge.pool import ClientPool
+from fmtl_edge.simulated_pool import InProcessClientPool
 from fmtl_edge.data.base import DataError, assign_task_groups
 from fmtl_edge.evaluation import evaluate_method
 from fmtl_edge.messages import Assignment, ClientUpdate, TrainConfig

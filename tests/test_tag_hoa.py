@@ -9,12 +9,13 @@ import pytest
 
 from fmtl_edge.affinity import tag_groups
 from fmtl_edge.config import SimulationConfig
-from fmtl_edge.coordinator import ClientPool, Coordinator
+from fmtl_edge.coordinator import Coordinator
+from fmtl_edge.pool import ClientPool
 from fmtl_edge.messages import ClientUpdate, TrainConfig
 from fmtl_edge.methods import HOA, TAG, make_method
 from fmtl_edge.methods.hoa import group_loss, select_groups, set_partitions
 from fmtl_edge.models import ModelSpec
-from fmtl_edge.simulation import method_entry
+from fmtl_edge.results import method_entry
 from fmtl_edge.tasks import Task, TaskSet
 
 TASKS = TaskSet([Task(n, "binary") for n in ("a", "b", "c", "d")])

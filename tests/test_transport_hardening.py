@@ -16,7 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from fmtl_edge.coordinator import Coordinator, Job
+from fmtl_edge.coordinator import Coordinator
+from fmtl_edge.plan import Job
 from fmtl_edge.messages import Assignment, TrainConfig
 from fmtl_edge.transport import fmtl_edge_pb2 as pb
 from fmtl_edge.transport import fmtl_edge_pb2_grpc as pb_grpc
@@ -294,6 +295,8 @@ def test_a_device_may_not_change_its_registered_sample_count(svc, tmp_path, capl
 @pytest.mark.parametrize("field, value", [("energy_j", -1e6), ("energy_j", float("nan")), ("device_s", -1.0),
                                           ("peak_memory_bytes", -5), ("affinity_steps", -3),
                                           ("sample_passes", -2), ("lookahead_passes", -1),
+                                          ("cpu_s", -0.5), ("cpu_s", float("inf")), ("threads", -1),
+                                          ("threads", 100000),
                                           ("energy_json", '{"source": "x", "cpu_j": -4.0}'),
                                           ("energy_json", '{"source": "x", "total_j": NaN}')])
 def test_negative_or_non_finite_resource_figures_are_refused(svc, tmp_path, field, value):

@@ -14,7 +14,9 @@ import grpc
 import numpy as np
 import pytest
 
-from fmtl_edge.coordinator import ClientPool, Coordinator, RoundFailed
+from fmtl_edge.coordinator import Coordinator
+from fmtl_edge.plan import RoundFailed
+from fmtl_edge.pool import ClientPool
 from fmtl_edge.messages import ClientUpdate, TrainConfig
 from fmtl_edge.models import ModelSpec
 from fmtl_edge.tasks import Task, TaskSet
@@ -190,7 +192,7 @@ def test_rounds_over_grpc_devices_equal_the_in_process_rounds(service):
     # the fastest device is the last of every round's slot order: updates must still be added in slot order
     devs = _devices(target, 5, {c: {"delay_s": 0.05 * (5 - c)} for c in range(5)})
     try:
-        from fmtl_edge.coordinator import Job
+        from fmtl_edge.plan import Job
 
         job = Job("all", ("a", "b"), 3, measure_affinity=True)
         remote = _coord(pool, 3).run_job(job)
@@ -210,7 +212,7 @@ def test_bad_updates_are_rejected_with_a_reason_and_the_round_goes_on(service):
     pool, _, target = service()
     devs = _devices(target, 5, {0: {"behaviour": "nan"}, 1: {"behaviour": "shape"}})
     try:
-        from fmtl_edge.coordinator import Job
+        from fmtl_edge.plan import Job
 
         # K = 3 of 5: every round has 3 slots; bad devices lose theirs to good ones
         out = _coord(pool, 3).run_job(Job("all", ("a", "b"), 4))
@@ -233,7 +235,7 @@ def test_failed_and_silent_devices_are_replaced(service):
     pool, _, target = service(RoundPolicy(heartbeat_timeout_s=1.0, dispatch_wait_s=0.5))
     devs = _devices(target, 4, {0: {"behaviour": "hang"}, 1: {"behaviour": "fail"}})
     try:
-        from fmtl_edge.coordinator import Job
+        from fmtl_edge.plan import Job
 
         out = _coord(pool, 4 - 2).run_job(Job("all", ("a", "b"), 3))
     finally:
@@ -249,7 +251,7 @@ def test_deadline_ends_a_round_with_min_updates_and_fails_below(service):
                                           deadline_retries=0, max_attempts=1))
     devs = _devices(target, 3, {2: {"delay_s": 2.0}})
     try:
-        from fmtl_edge.coordinator import Job
+        from fmtl_edge.plan import Job
 
         t0 = time.monotonic()
         out = _coord(pool, 3, min_updates=2).run_job(Job("all", ("a", "b"), 1))

@@ -48,7 +48,7 @@ def lookahead_affinity(
         lr: η, the learning rate of the current round.
         weight_decay: ``wd`` added to the lookahead gradient.
         tasks: task order of rows/columns (default: the model's).
-        divide_by_lr: TAG's normalisation, ``S / η`` (off by default; DESIGN.md §2).
+        divide_by_lr: TAG's normalisation, ``S / η`` (off by default; docs/design.md §2).
 
     Returns:
         ``(n, n)`` float64, ``S[i, j]`` = effect of task i's lookahead step on task j's loss. A task

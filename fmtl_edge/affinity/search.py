@@ -1,6 +1,6 @@
 """Split search over task affinities: MAS (seed 003) exact partition and TAG's group selection.
 
-Conventions (DESIGN.md §2):
+Conventions (docs/design.md §2):
 
 * ``S[i, j]`` = S_{α_i→α_j}, the effect of task i's lookahead step on task j's loss (MAS Eq. 3).  The
   diagonal of an input matrix is ignored (it may hold anything, NaN included).

@@ -16,7 +16,10 @@ from torch import nn
 
 
 class ModelError(ValueError):
-    """A model that cannot be built or does not fit the model contract (see :mod:`fmtl_edge.model_factory`)."""
+    """A model that cannot be built or does not fit the model contract (see :mod:`fmtl_edge.model_factory`).
+    ``field`` names the setting to fix (``--model``), as :class:`fmtl_edge.config.ConfigError`'s does."""
+
+    field = "--model"
 
 
 class Network(nn.Module):

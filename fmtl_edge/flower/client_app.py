@@ -97,7 +97,7 @@ class ContextStateStore(ClientStateStore):
 def _warm_up() -> None:
     """Import what the first optimizer imports lazily (~1 s) once per process, before the first
     execution's meter window (as ``simulate`` does), so it is not billed as device time."""
-    from fmtl_edge.simulation import warm_up
+    from fmtl_edge.client import warm_up
 
     warm_up()
 
@@ -133,6 +133,10 @@ class _Node:
         self.meter, self.profile = _runtime(node_config.get("profile", self.cfg.profile), self.cfg.meter,
                                             float(self.cfg.lease_wait_s))
         self.lease_id = str(node_config.get("lease", self.app["lease"]))
+        from fmtl_edge.runtime.threads import ThreadPolicy
+
+        # the node's own setting wins over the run's (a device knows its cores)
+        self.threads = ThreadPolicy.parse(node_config.get("threads", self.cfg.threads))
         _warm_up()
         state_dir = node_config.get("state-dir")
         cid = self.data.client.client_id
@@ -182,7 +186,7 @@ def make_client_app(run_config: Mapping | None = None) -> ClientApp:
         """Run the assignment with :func:`fmtl_edge.client.execute`; reply with the update (its
         uploaded tensors only) or a structured refusal (lease busy, budget)."""
         from fmtl_edge.client import execute
-        from fmtl_edge.coordinator import refusal
+        from fmtl_edge.pool import refusal
         from fmtl_edge.runtime import BudgetExceeded, DeviceBusy
 
         node = _Node(context, over)
@@ -191,7 +195,7 @@ def make_client_app(run_config: Mapping | None = None) -> ClientApp:
         d = node.data
         try:
             upd = execute(d.client, spec, d.tasks, a, node.meter, node.lease(), node.profile.memory_budget_bytes,
-                          node.store)
+                          node.store, node.threads)
         except (BudgetExceeded, DeviceBusy) as e:
             upd = refusal(d.client.client_id, a, e.to_dict())
         return Message(codec.encode_update(upd), reply_to=msg)

@@ -92,7 +92,7 @@ def assignment_to_dict(a: Assignment, spec: ModelSpec) -> dict[str, Any]:
         "measure_affinity": bool(a.measure_affinity), "seed": int(a.seed), "time_budget_s": a.time_budget_s,
         "energy_budget_j": a.energy_budget_j, "procedure": a.procedure, "method_config": dict(a.method_config),
         "state_key": a.state_key, "personal": list(a.personal), "frozen": list(a.frozen),
-        "personalised": bool(a.personalised),
+        "personalised": bool(a.personalised), "power_mode": a.power_mode,
         "model": {"input_shape": [int(s) for s in spec.input_shape], "width": int(spec.width), "depth": int(spec.depth)},
     }
 
@@ -129,7 +129,8 @@ def decode_assignment(content) -> tuple[Assignment, ModelSpec]:
                        time_budget_s=d.get("time_budget_s"), energy_budget_j=d.get("energy_budget_j"),
                        procedure=str(d.get("procedure", "sgd")), method_config=dict(d.get("method_config") or {}),
                        state_key=str(d.get("state_key", "")), personal=tuple(d.get("personal", ())),
-                       frozen=tuple(d.get("frozen", ())), personalised=bool(d.get("personalised", False)))
+                       frozen=tuple(d.get("frozen", ())), personalised=bool(d.get("personalised", False)),
+                       power_mode=d.get("power_mode") or None)
     except (KeyError, TypeError) as e:
         raise ValueError(f"malformed {ASSIGNMENT!r} record ({type(e).__name__}: {e})") from None
     return a, spec
@@ -147,6 +148,7 @@ def encode_update(u: ClientUpdate):
         "affinity_steps": int(u.affinity_steps), "device_s": float(u.device_s), "energy": dict(u.energy or {}),
         "stopped_by": u.stopped_by, "peak_memory_bytes": u.peak_memory_bytes, "error": u.error,
         "sample_passes": int(u.sample_passes), "lookahead_passes": int(u.lookahead_passes),
+        "cpu_s": None if u.cpu_s is None else float(u.cpu_s), "threads": None if u.threads is None else int(u.threads),
     }
     return RecordDict({STATE: state_to_record(u.state), UPDATE: _json_record(meta)})
 
@@ -168,7 +170,9 @@ def decode_update(content) -> ClientUpdate:
             affinity=None if aff is None else np.asarray(aff, dtype=np.float64), affinity_steps=int(d["affinity_steps"]),
             device_s=float(d["device_s"]), energy=dict(d.get("energy") or {}), stopped_by=d.get("stopped_by"),
             peak_memory_bytes=d.get("peak_memory_bytes"), error=d.get("error"),
-            sample_passes=int(d.get("sample_passes", 0)), lookahead_passes=int(d.get("lookahead_passes", 0)))
+            sample_passes=int(d.get("sample_passes", 0)), lookahead_passes=int(d.get("lookahead_passes", 0)),
+            cpu_s=None if d.get("cpu_s") is None else float(d["cpu_s"]),
+            threads=None if d.get("threads") is None else int(d["threads"]))
     except (KeyError, TypeError) as e:
         raise ValueError(f"malformed {UPDATE!r} record ({type(e).__name__}: {e})") from None
 

@@ -33,6 +33,7 @@ APP_KEYS: dict[str, Any] = {
     "round-timeout-s": 600.0,  # seconds a round waits for its replies (a client not answering is refused)
     "nodes-wait-s": 120.0,  # how long the ServerApp waits for the nodes to connect
     "overwrite": True,  # replace an earlier results.json in ``out``
+    "resume": False,  # continue the interrupted run of ``out`` (its resume state, same settings)
     "lease": "local",  # the device lease of a ClientApp's executions ("none": no lease); node config "lease" wins
     "synthetic-train": 32,  # samples per client of dataset "synthetic" (train split)
     "synthetic-test": 8,  # ... (test split)
@@ -148,7 +149,7 @@ def synthetic_client(seed: int, client_id: int, n_train: int = 32, n_test: int =
     Raises:
         DataError: ``n_train < 2`` or ``n_test < 0``.
     """
-    from fmtl_edge.client import derive_seed
+    from fmtl_edge.seeding import derive_seed
 
     if n_train < 2 or n_test < 0:
         raise DataError(f"synthetic-train must be >= 2 and synthetic-test >= 0, got {n_train}, {n_test}")

@@ -1,6 +1,6 @@
-"""A :class:`~fmtl_edge.coordinator.ClientPool` over a Flower :class:`~flwr.serverapp.Grid`.
+"""A :class:`~fmtl_edge.pool.ClientPool` over a Flower :class:`~flwr.serverapp.Grid`.
 
-The coordinator is the same code as in ``simulate`` and ``fmtl-server`` (DESIGN.md §3): only the
+The coordinator is the same code as in ``simulate`` and ``fmtl-server`` (docs/design.md §1): only the
 pool differs. :class:`FlowerGridPool` turns each ``(client, Assignment)`` into a Flower ``train``
 or ``evaluate`` :class:`~flwr.app.Message` to the client's node (:mod:`fmtl_edge.flower.codec`),
 pushes a round's messages together (:meth:`Grid.push_messages`: Flower's engine runs them, in
@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from fmtl_edge.coordinator import ClientPool, refusal
+from fmtl_edge.pool import ClientPool, refusal
 from fmtl_edge.messages import Assignment, ClientUpdate
 from fmtl_edge.models import ModelSpec
 

@@ -8,13 +8,15 @@ context)``:
 2. waits for the nodes (``clients`` of them when the run config sets it) and asks each for its
    client's description (a ``query`` message): the ServerApp learns the tasks, input shape and
    which tasks each client holds labels for — it never loads client data;
-3. runs each method's plan with fmtl-edge's :class:`~fmtl_edge.coordinator.Coordinator`
-   (strategies, streaming aggregation kernels, MAS affinity averaging and exact split search:
-   all unchanged) over :class:`~fmtl_edge.flower.pool.FlowerGridPool`, then evaluates the final
-   models through the same pool (:func:`fmtl_edge.evaluation.evaluate_method`);
+3. runs the methods with fmtl-edge's method runner (:func:`fmtl_edge.runner.run_methods`, the
+   code ``simulate`` and ``fmtl-server`` run: strategies, streaming aggregation kernels, MAS
+   affinity averaging and exact split search, evaluation) over
+   :class:`~fmtl_edge.flower.pool.FlowerGridPool`, committing every round to the resume state
+   beside ``out`` (:class:`fmtl_edge.run_state.RunState`; app key ``resume = true`` continues an
+   interrupted run with the same settings);
 4. writes ``results.json`` and ``models/<method>/<task>.safetensors`` into ``out`` with
-   :func:`fmtl_edge.report.write_outputs`: the layout of ``fmtl-edge simulate``, plus an
-   ``engine`` entry (Flower version, nodes, messages, the driver's peak RSS).
+   :func:`fmtl_edge.report.write_outputs`: the layout of ``fmtl-edge simulate``, with Flower's
+   details under ``engine`` (Flower version, nodes, messages, the driver's peak RSS).
 
 Centralized references (pooled data) cannot run on Flower: the ServerApp refuses them.
 """
@@ -26,14 +28,12 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import numpy as np
-
-from fmtl_edge.config import ConfigError, SimulationConfig
-from fmtl_edge.coordinator import Coordinator, RoundRecord
 from fmtl_edge.flower import require_flwr
-from fmtl_edge.models import ModelSpec
+from fmtl_edge.plan import RoundRecord
+from fmtl_edge.results import results_document
+from fmtl_edge.runner import RunHooks, RunSettings, prepare_methods, run_methods
 from fmtl_edge.tasks import TaskSet
 
 from .data import split_run_config, simulation_config, task_from_dict
@@ -51,68 +51,6 @@ def peak_rss_bytes() -> int:
     """This process's peak resident set size in bytes (``getrusage``; Linux reports KiB)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) * (1 if sys.platform == "darwin" else 1024)
-
-
-def run_methods_on_pool(cfg: SimulationConfig, pool, tasks: TaskSet, input_shape, meta: Mapping[str, Any],
-                        on_round: Callable[[Any, RoundRecord], None] | None = None
-                        ) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, np.ndarray]]]]:
-    """Every method of ``cfg.methods`` over ``pool`` (any :class:`~fmtl_edge.coordinator.ClientPool`
-    whose clients hold their own data): :func:`fmtl_edge.simulation.run_methods`'s loop (with its
-    ``eval-every`` curves and merge-phase comparison) without the in-process pool and without resume.
-
-    Args:
-        tasks, input_shape: the data set's task set and per-sample input shape.
-        meta: ``dataset``, ``dataset_info``, ``clients`` (count), ``device`` (the nodes' profile
-            and meter) for ``results.json``.
-        on_round: ``(method, RoundRecord)`` after every round.
-
-    Returns:
-        ``(results, models)`` as :func:`fmtl_edge.simulation.run_methods`.
-
-    Raises:
-        ConfigError, ValueError: a bad setting, a centralized (pooled-data) method, or a sampling
-            the pool cannot serve (before anything trains).
-    """
-    from fmtl_edge.evaluation import evaluate_method
-    from fmtl_edge.simulation import (CurveRecorder, build_methods, compare_merge_phase, final_states, method_entry,
-                                      train_config, versions)
-    from fmtl_edge.strategy import RoundContext
-
-    n_clients = len(pool.client_ids)
-    cfg.validate_against(len(tasks), n_clients)
-    spec = cfg.model_spec(input_shape)
-    methods = build_methods(cfg, tasks, spec)
-    for m in methods:
-        if m.pooled_data:
-            raise ConfigError("--methods", f"{m.name} trains on pooled data (a centralized reference) and cannot run "
-                              "on Flower nodes; run it with fmtl-edge simulate")
-        for job in m.next_jobs({}):
-            m.strategy(job).configure_train(RoundContext(job, 0, cfg.seed, cfg.clients_per_round, pool.eligible))
-    train = train_config(cfg)
-    results: dict[str, Any] = {
-        "dataset": meta["dataset"], "dataset_info": meta.get("dataset_info", {}), "tasks": list(tasks.names),
-        "task_kinds": {t.name: t.kind for t in tasks}, "clients": int(meta.get("clients", n_clients)),
-        "config": cfg.to_dict(), "versions": versions(), "dropout": cfg.dropout,
-        "device": dict(meta.get("device") or {}), "methods": {},
-    }
-    models: dict[str, dict[str, dict[str, np.ndarray]]] = {}
-    for method in methods:
-        coord = Coordinator(pool, spec, tasks, train, min(cfg.clients_per_round, n_clients), cfg.seed,
-                            on_round=(lambda rec, m=method: on_round(m, rec)) if on_round else None,
-                            time_budget_s=cfg.time_budget_s, energy_budget_j=cfg.energy_budget_j)
-        curve = CurveRecorder(cfg.eval_every) if cfg.eval_every and method.global_model else None
-        if curve is not None:  # --eval-every: the test-loss curve, evaluated through the same pool
-            coord.on_round_end = lambda ck, c=coord, rec=curve: rec.record(c, ck)
-        t0 = time.perf_counter()
-        done = coord.run_method(method)
-        wall = time.perf_counter() - t0
-        evaluation = evaluate_method(method, done, coord)
-        results["methods"][method.name] = method_entry(method, done, evaluation, cfg.rounds, wall, spec,
-                                                       train.batch_size, curve=None if curve is None else curve.points)
-        if method.global_model:
-            models[method.name] = final_states(method, done)
-    compare_merge_phase(results)
-    return results, models
 
 
 def serve(grid, run_config: Mapping[str, Any], write: bool = True) -> tuple[dict[str, Any], dict, Path | None]:
@@ -145,24 +83,39 @@ def serve(grid, run_config: Mapping[str, Any], write: bool = True) -> tuple[dict
              first["n_clients"])
     spec = cfg.model_spec(first["input_shape"])
     pool = FlowerGridPool(grid, infos, spec, timeout_s=float(app["round-timeout-s"]))
-    meta = {"dataset": first["dataset"], "dataset_info": first.get("dataset_info", {}), "clients": int(first["n_clients"]),
-            "device": first.get("device", {})}
+    cfg.validate_against(len(tasks), len(pool.client_ids))
+    methods = prepare_methods(cfg, tasks, spec, pool.eligible, pooled=False)
+    results = results_document(dataset=first["dataset"], dataset_info=first.get("dataset_info", {}), tasks=tasks,
+                               clients=int(first["n_clients"]), config=cfg.to_dict(), device=first.get("device", {}),
+                               engine={"name": "flower"}, dropout=cfg.dropout)
 
     def on_round(method, rec: RoundRecord) -> None:
         loss = sum(rec.train_loss.values())
         log.info("%s %s r%d: %d clients, train loss %.4f, %.2f s", method.name, rec.job, rec.round + 1,
                  len(rec.executed), loss, rec.wall_s)
 
-    results, models = run_methods_on_pool(cfg, pool, tasks, first["input_shape"], meta, on_round)
-    results["engine"] = {"name": "flower", "flwr": flwr.__version__, "nodes": len(nodes),
-                         "messages": pool.messages_sent, "array_bytes_sent": pool.bytes_sent,
-                         "wall_s": time.perf_counter() - t0, "driver_peak_rss_bytes": peak_rss_bytes()}
-    out = None
+    out, store = None, None
     if write:
-        from fmtl_edge.report import link_latest, new_run_dir, write_outputs
+        from fmtl_edge.report import check_out_dir, new_run_dir
+        from fmtl_edge.run_state import RunState, has_state
 
         out = Path(cfg.out) if cfg.out else new_run_dir()
-        write_outputs(out, results, models, tasks, spec, overwrite=bool(app["overwrite"]))
+        if bool(app["resume"]) and has_state(out):
+            store = RunState.open(out, cfg)  # the same settings, or ConfigError
+            log.info("resuming %s: %s", out, store.summary())
+        else:
+            check_out_dir(out, overwrite=bool(app["overwrite"]))
+            store = RunState.create(out, cfg, overwrite=bool(app["overwrite"]))
+    results, models = run_methods(cfg, methods, pool, spec, results, store=store, hooks=RunHooks(on_round=on_round),
+                                  settings=RunSettings(time_budget_s=cfg.time_budget_s, energy_budget_j=cfg.energy_budget_j))
+    results["engine"].update({"flwr": flwr.__version__, "nodes": len(nodes), "messages": pool.messages_sent,
+                              "array_bytes_sent": pool.bytes_sent, "wall_s": time.perf_counter() - t0,
+                              "driver_peak_rss_bytes": peak_rss_bytes()})
+    if write:
+        from fmtl_edge.report import link_latest, write_outputs
+
+        write_outputs(out, results, models, tasks, spec, overwrite=True)
+        store.remove()
         if not cfg.out:
             link_latest(out)
         log.info("results in %s", out)
@@ -213,4 +166,4 @@ def _log_to_stderr() -> None:
 app = make_server_app()
 
 
-__all__ = ["app", "make_server_app", "run_methods_on_pool", "serve"]
+__all__ = ["app", "make_server_app", "serve"]

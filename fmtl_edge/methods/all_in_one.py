@@ -7,7 +7,7 @@ from typing import Mapping
 
 import numpy as np
 
-from fmtl_edge.coordinator import Job, JobOutcome
+from fmtl_edge.plan import Job, JobOutcome
 from fmtl_edge.methods.base import Method
 from fmtl_edge.tasks import TaskSet
 

@@ -11,7 +11,8 @@ multi-task planning), so a coordinator can resume a plan from its finished jobs:
 - :meth:`Method.initial_state` — a job's initial weights from the fresh (or ``init_from``) ones
   (pre-trained layers loaded here);
 - :meth:`Method.final_jobs` — for each task, the job whose model is its final model;
-- :meth:`Method.splits` / :meth:`Method.affinity` — for results;
+- :meth:`Method.splits` / :meth:`Method.affinity` / :meth:`Method.decision` — for results;
+- :meth:`Method.check` — validate settings against the model before training;
 - :attr:`Method.global_model` / :attr:`Method.personalised` — which evaluations apply: the global
   model of each task on the union of the clients' test splits, and/or each client's own model
   (global slices + its state) on its own test split;
@@ -28,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fmtl_edge.coordinator import Job, JobOutcome
+from fmtl_edge.plan import Job, JobOutcome
 from fmtl_edge.strategy import FedAvgStrategy, Strategy
 from fmtl_edge.tasks import TaskSet
 
@@ -82,6 +83,8 @@ class Method(ABC):
     pooled_data: bool = False
     #: a non-FL reference (labelled as such in results)
     reference: bool = False
+    #: the method loads pre-trained (frozen) layers from ``--pretrained``
+    uses_pretrained: bool = False
     #: the method's own settings (flags and config keys generated from these)
     OPTIONS: tuple[Option, ...] = ()
 
@@ -158,6 +161,19 @@ class Method(ABC):
 
     def affinity(self, done: Mapping[str, JobOutcome]) -> np.ndarray | None:
         """The ``(n, n)`` affinity matrix the method measured (task-set order), or None."""
+        return None
+
+    def check(self, state: Mapping[str, np.ndarray]) -> None:
+        """Validate the method's settings against the full model's initial ``state`` (every task's
+        head) before anything trains (layer patterns, pre-trained tensors); default: nothing.
+
+        Raises:
+            ValueError: a setting the model cannot serve (the message names the flag).
+        """
+
+    def decision(self, done: Mapping[str, JobOutcome]) -> dict[str, Any] | None:
+        """A JSON record of what the method chose and why (its results entry's ``decision``:
+        mas-auto's R0 and x), or None (default) for a method that chooses nothing."""
         return None
 
     def planned_rounds(self) -> int:

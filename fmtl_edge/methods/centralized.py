@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from fmtl_edge.coordinator import Job, JobOutcome
+from fmtl_edge.plan import Job, JobOutcome
 from fmtl_edge.methods.base import Method, Option, option
 from fmtl_edge.strategy import SequentialStrategy, Strategy
 from fmtl_edge.tasks import TaskSet

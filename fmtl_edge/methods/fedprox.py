@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fmtl_edge.coordinator import Job
+from fmtl_edge.plan import Job
 from fmtl_edge.methods.all_in_one import AllInOne
 from fmtl_edge.methods.base import Option, option
 from fmtl_edge.tasks import TaskSet

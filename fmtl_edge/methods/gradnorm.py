@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fmtl_edge.coordinator import Job
+from fmtl_edge.plan import Job
 from fmtl_edge.methods.all_in_one import AllInOne
 from fmtl_edge.methods.base import Option, option
 from fmtl_edge.procedures.gradnorm import initial_entries

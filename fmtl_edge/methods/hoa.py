@@ -23,7 +23,7 @@ import itertools
 import math
 from typing import Any, Iterator, Mapping, Sequence
 
-from fmtl_edge.coordinator import Job, JobOutcome
+from fmtl_edge.plan import Job, JobOutcome
 from fmtl_edge.methods.base import Method, Option, option
 from fmtl_edge.tasks import TaskSet
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fmtl_edge.coordinator import Job, JobOutcome
+from fmtl_edge.plan import Job, JobOutcome
 from fmtl_edge.methods.base import Method
 from fmtl_edge.tasks import TaskSet
 
@@ -94,6 +94,7 @@ class Layered(Method):
     summary = ("layer-typed sharing: pre-trained (frozen), common, task-specific and personal layers from "
                "[layers] patterns (default: backbone common, heads task-specific), clients grouped by task")
     personalised = True
+    uses_pretrained = True
 
     def __init__(self, tasks: TaskSet, rounds: int, layers: Mapping[str, Sequence[str]] | None = None,
                  pretrained: Mapping[str, np.ndarray] | None = None, sampling: str = "uniform", **kw):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from fmtl_edge.coordinator import Job, JobOutcome
+from fmtl_edge.plan import Job, JobOutcome
 from fmtl_edge.methods.base import Method
 
 

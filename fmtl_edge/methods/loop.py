@@ -1,6 +1,6 @@
 """``loop``: Loop Improvement (Li et al., "Loop Improvement: An Efficient Approach for Extracting
 Shared Features from Heterogeneous Data without Central Server", 2024, arXiv 2403.14371; reference
-code axedge1983/LI; DESIGN.md §8).
+code axedge1983/LI; docs/design.md §4).
 
 No server aggregation: the nodes sit on a ring in a seeded order, the one shared backbone travels
 around it, each node keeps its own head. A round is one pass over the ring; per visit the client
@@ -44,7 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fmtl_edge.coordinator import Job, JobOutcome
+from fmtl_edge.plan import Job, JobOutcome
 from fmtl_edge.methods.base import Method, Option, option
 from fmtl_edge.models import stack_head_state
 from fmtl_edge.strategy import (Aggregation, ClientTask, FedAvgAggregation, KeepAggregation, RoundContext,
@@ -56,7 +56,7 @@ NODES = ("clients", "tasks")
 
 def ring_order(items, seed: int, job: str) -> list:
     """The ring: ``items`` in an order seeded by ``(seed, job, "ring")``, the same every round."""
-    from fmtl_edge.client import derive_seed
+    from fmtl_edge.seeding import derive_seed
 
     rng = np.random.default_rng(derive_seed(seed, job, "ring"))
     items = list(items)

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fmtl_edge.affinity import Partition, best_partition, self_affinity
-from fmtl_edge.coordinator import Job, JobOutcome
+from fmtl_edge.plan import Job, JobOutcome
 from fmtl_edge.methods.base import Method, Option, option, r0_of
 from fmtl_edge.tasks import TaskSet
 

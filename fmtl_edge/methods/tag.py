@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fmtl_edge.affinity import TagSelection, self_affinity, tag_groups
-from fmtl_edge.coordinator import Job, JobOutcome
+from fmtl_edge.plan import Job, JobOutcome
 from fmtl_edge.methods.base import Method, r0_of
 from fmtl_edge.tasks import TaskSet
 

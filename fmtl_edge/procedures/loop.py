@@ -1,6 +1,6 @@
 """``loop``: one visit of Loop Improvement's ring (Li et al., "Loop Improvement: An Efficient
 Approach for Extracting Shared Features from Heterogeneous Data without Central Server", 2024,
-arXiv 2403.14371, §3; reference code axedge1983/LI; DESIGN.md §8).
+arXiv 2403.14371, §3; reference code axedge1983/LI; docs/design.md §4).
 
 A node receives the travelling backbone and, on its own data,
 

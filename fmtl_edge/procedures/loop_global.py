@@ -1,6 +1,6 @@
 """``loop-global``: Loop Improvement's global model, trained over the ring (Li et al., "Loop
 Improvement: An Efficient Approach for Extracting Shared Features from Heterogeneous Data without
-Central Server", 2024, arXiv 2403.14371, §3.4 solution 2; DESIGN.md §8).
+Central Server", 2024, arXiv 2403.14371, §3.4 solution 2; docs/design.md §4).
 
 The model (:func:`fmtl_edge.models.stacked_head_model`): the final travelling backbone, every node's
 head for each task stacked (``heads.<t>.nodes.<j>.*``), and a small integrating network per task
@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from fmtl_edge.client import LAYER_PREFIX
+from fmtl_edge.layer_names import LAYER_PREFIX
 from fmtl_edge.models import ModelSpec, MultiTaskModel, stacked_head_model
 from fmtl_edge.procedures.base import LocalContext, LocalResult, Procedure, register
 from fmtl_edge.procedures.loop import run_step

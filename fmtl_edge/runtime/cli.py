@@ -1,4 +1,5 @@
-"""``fmtl-edge info`` and ``fmtl-edge meter`` (registered into the main CLI by :func:`register`)."""
+"""``fmtl-edge info``, ``fmtl-edge meter`` and ``fmtl-edge profile-modes`` (registered into the main CLI
+by :func:`register`)."""
 
 from __future__ import annotations
 
@@ -46,9 +47,25 @@ examples:
   fmtl-edge meter --backend jetson --sample-hz 100 -o run.json -- python -m my.job
 """
 
+PROFILE_MODES_HELP = """\
+Run a short fixed training workload (a small model on fixed synthetic data, --samples sample-passes)
+under each Jetson power mode and print J/sample and s/sample per mode, with the meter's source
+(energy from the estimate meter is labelled ESTIMATED: a model of CPU energy, not a measurement).
+
+Switching modes (nvpmodel -m, root) happens only with --allow-power-mode; without it the current
+mode alone is profiled and the report says so. The original mode is restored afterwards, also after
+Ctrl-C. The modes come from /etc/nvpmodel.conf (under $FMTL_EDGE_SYSFS_ROOT), the command from
+$FMTL_EDGE_NVPMODEL or nvpmodel on the PATH.
+
+examples:
+  fmtl-edge profile-modes                                   # the current mode only
+  sudo fmtl-edge profile-modes --allow-power-mode --samples 4096
+  sudo fmtl-edge profile-modes --allow-power-mode --modes MODE_15W,MODE_30W --workload conv --json
+"""
+
 
 def register(subparsers) -> None:
-    """Add the ``info`` and ``meter`` subcommands to an argparse subparsers object."""
+    """Add the ``info``, ``meter`` and ``profile-modes`` subcommands to an argparse subparsers object."""
     p = subparsers.add_parser(
         "info",
         help="device, accelerators, working energy meters, power mode, budgets, native kernels",
@@ -78,6 +95,31 @@ def register(subparsers) -> None:
     # dest "cmd", not "command": the main parser's subparsers use dest="command"
     m.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command to run, after --")
     m.set_defaults(func=cmd_meter)
+
+    pm = subparsers.add_parser(
+        "profile-modes",
+        help="J/sample and s/sample of a fixed training workload under each Jetson power mode",
+        description=PROFILE_MODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pm.add_argument("--modes", default="all", help="all | NAME[,NAME...] (names or ids from nvpmodel.conf; default all)")
+    pm.add_argument("--samples", type=int, default=2048, help="metered sample-passes per mode (default 2048)")
+    pm.add_argument("--allow-power-mode", action="store_true",
+                    help="allow switching the power mode with nvpmodel -m (needs root); restored afterwards")
+    pm.add_argument("--workload", default="mlp", choices=("mlp", "conv"), help="mlp (HAR-sized) or conv (UTKFace-sized)")
+    pm.add_argument("--batch-size", type=int, default=32, help="batch size of the workload (default 32)")
+    pm.add_argument("--device", help="torch device: cpu | cuda (default: cuda when available)")
+    pm.add_argument("--warmup-samples", type=int, default=64, help="unmetered sample-passes before each window (default 64)")
+    pm.add_argument("--settle-s", type=float, default=1.0, help="seconds to wait after a mode switch (default 1)")
+    pm.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    pm.add_argument("-o", "--output", help="also write the JSON object to this file")
+    pm.add_argument("--backend", choices=("auto",) + BACKENDS, help="meter backend (default: the profile's, usually auto)")
+    pm.add_argument("--profile", help="device profile TOML file or device class (default: detected / $FMTL_EDGE_PROFILE)")
+    pm.add_argument("--sample-hz", type=float, help="sampling rate of integrating meters (default: profile, 50)")
+    pm.add_argument("--power-w", type=float, help="estimate backend: W per busy core (default: profile)")
+    pm.add_argument("--idle-w", type=float, help="estimate backend: W charged per wall second (default: profile)")
+    pm.add_argument("--sysfs-root", help=f"read /sys and /etc under this root (default: ${ENV_ROOT} or /)")
+    pm.set_defaults(func=cmd_profile_modes)
 
 
 # ---- meter ---------------------------------------------------------------------------------------
@@ -194,6 +236,52 @@ def cmd_meter(args) -> int:
     return rc
 
 
+# ---- profile-modes -------------------------------------------------------------------------------
+
+
+def cmd_profile_modes(args) -> int:
+    from .power_modes import PowerModeControl, PowerModeError
+    from .profile_modes import format_report, profile_modes
+
+    if args.samples < 1:
+        _eprint("fmtl-edge profile-modes: --samples must be >= 1")
+        return 2
+    device = args.device
+    if device is None:
+        try:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        except Exception:  # pragma: no cover - torch is a dependency
+            device = "cpu"
+    modes = None if args.modes.strip().lower() == "all" else [m.strip() for m in args.modes.split(",") if m.strip()]
+    try:
+        meter = _meter_from_args(args)
+    except (MeterUnavailable, ValueError, TypeError, FileNotFoundError) as exc:
+        _eprint(f"fmtl-edge profile-modes: {exc}")
+        return 2
+    control = PowerModeControl(allow=args.allow_power_mode, sysfs_root=args.sysfs_root, log=_eprint)
+    try:
+        rep = profile_modes(meter, control, modes, args.samples, workload=args.workload, batch_size=args.batch_size,
+                            device=device, warmup_samples=args.warmup_samples, settle_s=args.settle_s, log=_eprint)
+    except (PowerModeError, ValueError) as exc:
+        _eprint(f"fmtl-edge profile-modes: {exc}")
+        return 2
+    finally:
+        meter.close()
+    obj = rep.to_dict()
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    if args.json:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+    else:
+        print(format_report(rep), flush=True)
+    return 0
+
+
 # ---- info ----------------------------------------------------------------------------------------
 
 
@@ -292,6 +380,13 @@ def collect_info(profile: str | None = None, sysfs_root: str | None = None) -> d
         chosen = {"error": str(exc)}
     info["auto_meter"] = chosen
     info["power_mode"] = chosen.get("power_mode") or nvpmodel_mode(sysfs)
+    from .power_modes import PowerModeError, read_nvpmodel_conf
+
+    try:
+        conf = read_nvpmodel_conf(sysfs)
+        info["power_modes"] = [m.to_dict() for m in conf.modes] if conf is not None else []
+    except PowerModeError as exc:
+        info["power_modes"] = [{"error": str(exc)}]
     try:
         prof = load_profile(profile, sysfs_root=sysfs_root)
         info["profile"] = prof.to_dict()
@@ -334,6 +429,9 @@ def format_info(info: dict[str, Any]) -> str:
         for wmsg in am.get("warnings", []):
             lines.append(f"    warning: {wmsg}")
     lines.append(f"power mode: {info.get('power_mode') or 'unknown'}")
+    modes = [m.get("name") for m in info.get("power_modes", []) if m.get("name")]
+    if modes:
+        lines.append(f"  power modes (nvpmodel.conf): {', '.join(modes)}; switch them only with --allow-power-mode")
     prof = info["profile"]
     if "error" in prof:
         lines.append(f"profile: error: {prof['error']}")

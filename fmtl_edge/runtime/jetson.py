@@ -27,7 +27,8 @@ The total (and its scope):
 * otherwise the total is unknown (None, with a warning) -- never a guess.
 
 A rail labelled ``NC`` (not connected), disabled, or unreadable at start-up is skipped with a
-warning. The nvpmodel power mode is read from ``/var/lib/nvpmodel/status`` and ``/etc/nvpmodel.conf``.
+warning. The nvpmodel power mode is named from ``/var/lib/nvpmodel/status`` (or ``nvpmodel -q``) and
+``/etc/nvpmodel.conf`` (:mod:`fmtl_edge.runtime.power_modes`): ``Measurement.power_mode`` is its name.
 All paths go through the redirectable sysfs root (``FMTL_EDGE_SYSFS_ROOT``).
 """
 
@@ -35,8 +36,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -186,31 +185,18 @@ def tegra_release(sysfs: Sysfs) -> str | None:
 
 
 def nvpmodel_mode(sysfs: Sysfs, allow_command: bool | None = None) -> str | None:
-    """The nvpmodel power mode, e.g. ``MAXN (nvpmodel 0)`` or ``15W (nvpmodel 2)``; None if unknown."""
-    status = sysfs.try_read_text("/var/lib/nvpmodel/status")
-    mode_id: int | None = None
-    if status:
-        m = re.search(r"pmode:\s*(\d+)", status)
-        if m:
-            mode_id = int(m.group(1))
-    if mode_id is not None:
-        conf = sysfs.try_read_text("/etc/nvpmodel.conf") or ""
-        for m in re.finditer(r"<\s*POWER_MODEL\s+ID=(\d+)\s+NAME=([^\s>]+)\s*>", conf):
-            if int(m.group(1)) == mode_id:
-                return f"{m.group(2)} (nvpmodel {mode_id})"
-        return f"nvpmodel {mode_id}"
-    if allow_command is None:
-        allow_command = not sysfs.redirected
-    exe = shutil.which("nvpmodel") if allow_command else None
-    if exe:
-        try:
-            out = subprocess.run([exe, "-q"], capture_output=True, text=True, timeout=3).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-        m = re.search(r"NV Power Mode:\s*(\S+)\s*\n\s*(\d+)", out)
-        if m:
-            return f"{m.group(1)} (nvpmodel {m.group(2)})"
-    return None
+    """The nvpmodel power mode by name (``MAXN``, ``MODE_15W``, ``15W``), as every energy record
+    carries it; ``nvpmodel <id>`` when ``/etc/nvpmodel.conf`` does not name the id; None if unknown.
+
+    Reads ``/var/lib/nvpmodel/status`` first, then ``nvpmodel -q`` (the command from
+    ``$FMTL_EDGE_NVPMODEL``, else ``nvpmodel`` on the PATH unless the sysfs root is redirected;
+    ``allow_command=False`` never runs it). See :mod:`fmtl_edge.runtime.power_modes`.
+    """
+    from .power_modes import nvpmodel_command, query_power_mode
+
+    cmd = nvpmodel_command(sysfs) if allow_command is not False else None
+    mode = query_power_mode(sysfs, prefer="status", command=cmd or [])
+    return None if mode is None else mode.name
 
 
 class JetsonMeter(SampledMeter):

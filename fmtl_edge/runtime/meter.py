@@ -137,6 +137,10 @@ class Meter:
         self._power_mode_cache = (now, value)
         return value
 
+    def refresh_power_mode(self) -> None:
+        """Forget the cached power mode (call after switching modes, so the next window reads it)."""
+        self._power_mode_cache = None
+
     @property
     def warnings(self) -> list[str]:
         """Warnings that hold for every window of this meter (skipped rails, fallbacks...)."""

@@ -8,6 +8,11 @@ across processes), the profile's budgets and the meter window, and the update is
 chunks with its metadata. When the connection is lost it reconnects with exponential backoff (with
 jitter) and registers again; a refused token or a data partition the job cannot use ends it.
 
+An assignment may name a power mode (``Assignment.power_mode``): with ``--allow-power-mode`` the
+agent switches to it before training (:mod:`fmtl_edge.runtime.power_modes`) and restores the mode it
+found when it exits, also on Ctrl-C; otherwise it trains in the current mode. Either way the
+update's energy record names the mode it ran in (and why a requested one was not applied).
+
 Data are named by a spec: ``NAME:client=ID[,clients=N][,seed=S][,max-samples=M][,alpha=A][,image-size=P]``
 (the partition must be the one the job uses: same ``clients``, ``seed``, ``max-samples``... as the
 job's config; the server checks and says what differs).
@@ -15,6 +20,7 @@ job's config; the server checks and says what differs).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -24,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -171,7 +177,8 @@ class AgentOptions:
     poll_wait_s: float = 20.0
     fault: str | None = None          # testing only: nan | shape | delay:S | echo | poison[:SCALE]
     max_works: int | None = None      # testing only: exit after this many work items
-    torch_threads: int | None = None
+    threads: str = "auto"             # intra-op threads per execution: N or auto (runtime.threads)
+    allow_power_mode: bool = False    # switch to an assignment's power mode (nvpmodel -m), restored on exit
 
 
 class Agent:
@@ -200,6 +207,8 @@ class Agent:
         self.work_dir = Path(opts.work_dir) if opts.work_dir else Path(tempfile.mkdtemp(prefix="fmtl-agent-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._state_store = None
+        self.power = None  # runtime.power_modes.PowerModeControl, made by prepare()
+        self._power_guard = None  # held while run() runs with --allow-power-mode
         if opts.fault is not None and opts.fault.split(":")[0] not in FAULTS:
             raise ValueError(f"unknown fault {opts.fault!r}; known: {FAULTS}")
         if opts.fault is not None and opts.fault.startswith("poison:"):
@@ -220,11 +229,10 @@ class Agent:
             DataError, ValueError, FileNotFoundError: bad data spec, profile or meter.
         """
         from fmtl_edge.runtime import load_profile, make_meter
+        from fmtl_edge.runtime.power_modes import PowerModeControl, PowerModeError
+        from fmtl_edge.runtime.threads import ThreadPolicy
 
-        if self.opts.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.opts.torch_threads)
+        self.threads = ThreadPolicy.parse(self.opts.threads)
         self.client, self.dataset = self.opts.data.load()
         self.profile = load_profile(self.opts.profile)
         if self.opts.meter:
@@ -234,6 +242,19 @@ class Agent:
         self.log(f"{self.dataset.name}: client {self.client.client_id} of {self.dataset.n_clients}, "
                  f"{self.client.n_train} training samples, tasks {', '.join(self.dataset.tasks.names)}; "
                  f"profile {self.profile.name}, meter {self.meter.source}")
+        self.power = PowerModeControl(allow=self.opts.allow_power_mode, log=self.log)
+        try:
+            conf = self.power.conf
+        except PowerModeError as e:
+            self.log(f"power modes: {e}")
+            conf = None
+        if conf is not None:
+            now = self.power.current()
+            self.log(f"power modes {', '.join(conf.names)}; current {now.name if now else 'unknown'}; switching "
+                     + ("allowed (the original mode is restored on exit)" if self.opts.allow_power_mode
+                        else "not allowed (start with --allow-power-mode)"))
+        elif self.opts.allow_power_mode:
+            self.log("--allow-power-mode: this device has no nvpmodel power modes; it trains as it is")
 
     def register_request(self) -> pb.RegisterRequest:
         p, ds, c, spec = self.profile, self.dataset, self.client, self.opts.data
@@ -255,12 +276,82 @@ class Agent:
         )
         return pb.RegisterRequest(device=dev, data=data)
 
+    # -- power modes ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def power_session(self) -> Iterator[None]:
+        """Holds the power-mode guard while the agent runs (with ``--allow-power-mode`` on a device
+        with power modes): the mode the agent found is restored when it exits, also on Ctrl-C and
+        SIGTERM (the guard chains the handlers installed before, e.g. ``join``'s stop handler)."""
+        from fmtl_edge.runtime.power_modes import PowerModeError
+
+        if self.power is None or not self.power.allow or not self.power.available:
+            yield
+            return
+        try:
+            guard = self.power.guard().__enter__()
+        except PowerModeError as e:
+            self.log(f"power modes: {e}; assignments' power modes will not be applied")
+            yield
+            return
+        self._power_guard = guard
+        try:
+            yield
+        finally:
+            self._power_guard = None
+            guard.close()
+            if guard.restore_error:
+                self.log(f"power mode NOT restored: {guard.restore_error}")
+            elif guard.original is not None:
+                self.log(f"power mode {guard.original.name} in effect (as found at start)")
+
+    def apply_power_mode(self, requested: str | None) -> str | None:
+        """Switch to an assignment's ``power_mode`` when allowed; returns None when it is in effect
+        (or none was asked for), else why not (the execution then trains in the current mode and the
+        reason goes to its energy record's warnings)."""
+        from fmtl_edge.runtime.power_modes import PowerModeError
+
+        if not requested:
+            return None
+        if self._power_guard is None:
+            if not self.opts.allow_power_mode:
+                why = "the agent runs without --allow-power-mode"
+            else:
+                why = "this device has no switchable power modes"
+            return f"power mode {requested} requested but not applied: {why}"
+        try:
+            self._power_guard.set(requested)
+        except PowerModeError as e:
+            return f"power mode {requested} requested but not applied: {e}"
+        finally:
+            if self.meter is not None:
+                self.meter.refresh_power_mode()
+        return None
+
+    def note_power_mode(self, energy: dict, why_not: str | None) -> None:
+        """Make an execution's energy record name the mode it ran in (from nvpmodel when the meter
+        does not read it) and carry ``why_not`` (a requested mode that was not applied)."""
+        if energy.get("power_mode") is None and self.power is not None:
+            try:
+                now = self.power.current()
+            except Exception:  # informative only
+                now = None
+            if now is not None:
+                energy["power_mode"] = now.name
+        if why_not:
+            energy.setdefault("warnings", []).append(why_not)
+
     # -- main loop ------------------------------------------------------------------------------------
     def run(self) -> int:
-        import grpc
-
+        """Serve until stopped (see the class docstring); with ``--allow-power-mode`` inside
+        :meth:`power_session`."""
         if self.client is None:
             self.prepare()
+        with self.power_session():
+            return self._serve()
+
+    def _serve(self) -> int:
+        import grpc
+
         o = self.opts
         md = bearer(o.token)
         backoff = o.min_backoff_s
@@ -453,11 +544,15 @@ class Agent:
             return self._meta(upd, size, sha)
         a = assignment_from_pb(w, model_file.load(), device=self.opts.device,
                                time_budget_s=p.round_time_s, energy_budget_j=p.round_energy_j)
+        why_not = self.apply_power_mode(a.power_mode)
+        if why_not:
+            self.log(f"train {w.job} round {w.round + 1}: {why_not}")
         lease = DeviceLease(self.opts.lease, self.opts.runtime_dir, timeout_s=self.opts.lease_wait_s,
                             owner=f"fmtl-edge join client {self.client.client_id}")
         # (raises BudgetExceeded before training when the job's memory estimate is over the profile's budget)
         upd = execute(self.client, spec, self.dataset.tasks, a, self.meter, lease, p.memory_budget_bytes,
-                      self.state_store)
+                      self.state_store, self.threads)
+        self.note_power_mode(upd.energy, why_not)
         if fault == "nan":
             k = next(n for n, v in upd.state.items() if np.issubdtype(v.dtype, np.floating))
             upd.state[k] = upd.state[k].copy()
@@ -490,7 +585,10 @@ class Agent:
                              affinity_steps=int(upd.affinity_steps), device_s=float(upd.device_s),
                              energy_json=json.dumps(upd.energy, default=str), stopped_by=upd.stopped_by or "",
                              peak_memory_bytes=int(upd.peak_memory_bytes or 0), total_bytes=int(size), sha256=sha,
-                             sample_passes=int(upd.sample_passes), lookahead_passes=int(upd.lookahead_passes))
+                             sample_passes=int(upd.sample_passes), lookahead_passes=int(upd.lookahead_passes),
+                             threads=int(upd.threads or 0))
+        if upd.cpu_s is not None:
+            meta.cpu_s = float(upd.cpu_s)
         if upd.affinity is not None:
             aff = np.asarray(upd.affinity, dtype=np.float64)
             meta.affinity_n = aff.shape[0]

@@ -13,6 +13,11 @@ and data, then train the assignments it sends, one at a time, under the device l
 profile's budgets, and stream each update back. The device opens no port. After a network loss the
 agent reconnects with exponential backoff; stop it with Ctrl-C.
 
+Power modes (Jetson): an assignment may ask for a power mode by name (the server's --power-mode
+policy). The agent switches to it (nvpmodel -m, root) only with --allow-power-mode, and puts the mode
+it found at start back when it exits, also after Ctrl-C or SIGTERM. Every update's energy record names
+the mode the device trained in.
+
 Data (--data): which client of which data partition this device holds; the partition must be the
 job's (same clients, seed, max-samples...), the server checks it:
   NAME:client=ID[,clients=N][,seed=S][,max-samples=M][,alpha=A][,image-size=P]
@@ -53,7 +58,13 @@ def register(sub) -> None:
     g.add_argument("--max-backoff-s", type=float, default=30.0, help="longest wait between reconnection attempts (default 30)")
     g.add_argument("--poll-wait-s", type=float, default=20.0, help="long-poll duration when idle (default 20)")
     g.add_argument("--work-dir", help="folder for downloads and uploads in flight (default: a temp folder)")
-    g.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
+    g.add_argument("--threads", default="auto", metavar="N|auto",
+                   help="intra-op threads of each training execution (default auto: from the model's FLOPs per batch "
+                        "and the usable cores; OpenMP waits passively unless OMP_WAIT_POLICY is set)")
+    g.add_argument("--allow-power-mode", action="store_true",
+                   help="let the server's assignments switch this Jetson's power mode (nvpmodel -m, needs root); "
+                        "the mode found at start is restored when the agent exits, also on Ctrl-C. Without it the "
+                        "device trains in its current mode and its energy records say so")
     # testing and benchmarks only
     p.add_argument("--max-works", type=int, help=argparse.SUPPRESS)
     p.add_argument("--inject-fault", help=argparse.SUPPRESS)
@@ -81,7 +92,8 @@ def cmd_join(args: argparse.Namespace) -> int:
                             device=args.device, lease=args.lease, lease_wait_s=args.lease_wait_s, insecure=args.insecure,
                             ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name,
                             work_dir=args.work_dir, max_backoff_s=args.max_backoff_s, poll_wait_s=args.poll_wait_s,
-                            fault=args.inject_fault, max_works=args.max_works, torch_threads=args.torch_threads)
+                            fault=args.inject_fault, max_works=args.max_works, threads=args.threads,
+                            allow_power_mode=args.allow_power_mode)
         agent = Agent(opts)
         agent.prepare()
     except (DataError, ValueError, FileNotFoundError) as e:

@@ -58,6 +58,8 @@ def work_to_pb(work_id: str, kind: str, a: Assignment, model: Mapping[str, Any],
         w.time_budget_s = float(a.time_budget_s)
     if a.energy_budget_j is not None:
         w.energy_budget_j = float(a.energy_budget_j)
+    if a.power_mode and "power_mode" in w.DESCRIPTOR.fields_by_name:  # once the protocol carries it
+        w.power_mode = a.power_mode
     return w
 
 
@@ -80,7 +82,8 @@ def assignment_from_pb(w: pb.Work, state: dict[str, np.ndarray], device: str | N
                       config=train_config_from_pb(w.config, device), measure_affinity=bool(w.measure_affinity),
                       seed=int(w.seed), time_budget_s=_min(tb, time_budget_s), energy_budget_j=_min(eb, energy_budget_j),
                       procedure=w.procedure or "sgd", method_config=method_config, state_key=w.state_key,
-                      personal=tuple(w.personal), frozen=tuple(w.frozen), personalised=bool(w.personalised))
+                      personal=tuple(w.personal), frozen=tuple(w.frozen), personalised=bool(w.personalised),
+                      power_mode=str(getattr(w, "power_mode", "") or "") or None)
 
 
 def _min(a: float | None, b: float | None) -> float | None:

@@ -17,7 +17,11 @@ class EvaluationMixin:
         """Run evaluation work (one per ``(client id, assignment)``: the assignment's state is the model
         and its tasks are evaluated on that client's test split). Returns client → ``{task: {loss_sum,
         metric_sum, n}}`` for the clients that answered (offline ones are skipped after
-        ``dispatch_wait_s``)."""
+        ``dispatch_wait_s``); ``timeout_s`` (default: the policy's ``eval_timeout_s``) bounds it."""
+        if not requests:
+            return {}
+        if timeout_s is None:
+            timeout_s = self.policy.eval_timeout_s
         slots = [Slot(i, int(c), a, kind="evaluate", replaceable=False, waiting_since=time.monotonic())
                  for i, (c, a) in enumerate(requests)]
         files: dict[int, ModelFile] = {}

@@ -249,7 +249,7 @@ class EvalSums(_message.Message):
     def __init__(self, loss_sum: _Optional[float] = ..., metric_sum: _Optional[float] = ..., n: _Optional[int] = ...) -> None: ...
 
 class UpdateMeta(_message.Message):
-    __slots__ = ("session_id", "work_id", "job", "round", "client_id", "n_samples", "train_loss", "affinity", "affinity_n", "affinity_steps", "device_s", "energy_j", "energy_json", "stopped_by", "peak_memory_bytes", "total_bytes", "sha256", "eval", "sample_passes", "lookahead_passes")
+    __slots__ = ("session_id", "work_id", "job", "round", "client_id", "n_samples", "train_loss", "affinity", "affinity_n", "affinity_steps", "device_s", "energy_j", "energy_json", "stopped_by", "peak_memory_bytes", "total_bytes", "sha256", "eval", "sample_passes", "lookahead_passes", "cpu_s", "threads")
     class TrainLossEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +284,8 @@ class UpdateMeta(_message.Message):
     EVAL_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_PASSES_FIELD_NUMBER: _ClassVar[int]
     LOOKAHEAD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    CPU_S_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     work_id: str
     job: str
@@ -304,7 +306,9 @@ class UpdateMeta(_message.Message):
     eval: _containers.MessageMap[str, EvalSums]
     sample_passes: int
     lookahead_passes: int
-    def __init__(self, session_id: _Optional[str] = ..., work_id: _Optional[str] = ..., job: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., n_samples: _Optional[int] = ..., train_loss: _Optional[_Mapping[str, float]] = ..., affinity: _Optional[_Iterable[float]] = ..., affinity_n: _Optional[int] = ..., affinity_steps: _Optional[int] = ..., device_s: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_json: _Optional[str] = ..., stopped_by: _Optional[str] = ..., peak_memory_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., eval: _Optional[_Mapping[str, EvalSums]] = ..., sample_passes: _Optional[int] = ..., lookahead_passes: _Optional[int] = ...) -> None: ...
+    cpu_s: float
+    threads: int
+    def __init__(self, session_id: _Optional[str] = ..., work_id: _Optional[str] = ..., job: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., n_samples: _Optional[int] = ..., train_loss: _Optional[_Mapping[str, float]] = ..., affinity: _Optional[_Iterable[float]] = ..., affinity_n: _Optional[int] = ..., affinity_steps: _Optional[int] = ..., device_s: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_json: _Optional[str] = ..., stopped_by: _Optional[str] = ..., peak_memory_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., eval: _Optional[_Mapping[str, EvalSums]] = ..., sample_passes: _Optional[int] = ..., lookahead_passes: _Optional[int] = ..., cpu_s: _Optional[float] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class UploadMessage(_message.Message):
     __slots__ = ("meta", "chunk")

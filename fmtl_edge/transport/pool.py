@@ -1,4 +1,4 @@
-"""The remote client pool: the coordinator's :class:`~fmtl_edge.coordinator.ClientPool` over device agents.
+"""The remote client pool: the coordinator's :class:`~fmtl_edge.pool.ClientPool` over device agents.
 
 The gRPC service (:mod:`fmtl_edge.transport.service`) feeds this pool with registrations,
 heartbeats, pulls and uploads; the coordinator calls :meth:`RemoteClientPool.execute_many` exactly as
@@ -38,7 +38,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from fmtl_edge.coordinator import ClientPool
+from fmtl_edge.pool import ClientPool
 from fmtl_edge.transport.evaluation import EvaluationMixin
 from fmtl_edge.transport.model_files import ModelFile, ModelFilesMixin, release_free_heap
 from fmtl_edge.transport.registry import Device, PoolClosed, RegistrationRefused, RegistryMixin

@@ -9,8 +9,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from fmtl_edge.client import derive_seed
-from fmtl_edge.coordinator import RoundFailed, refusal
+from fmtl_edge.seeding import derive_seed
+from fmtl_edge.plan import RoundFailed
+from fmtl_edge.pool import refusal
 from fmtl_edge.messages import Assignment, ClientUpdate
 from fmtl_edge.transport.model_files import ModelFile, _page_out, release_free_heap
 from fmtl_edge.transport.registry import Device, PoolClosed
@@ -32,6 +33,8 @@ class RoundPolicy:
         deadline_retries: extensions of the deadline (sending missing slots to other devices)
             before the round fails.
         heartbeat_timeout_s: a device silent this long is offline and its work fails.
+        eval_timeout_s: seconds an evaluation (final models on the devices' test splits) may take
+            (None: ``deadline_s``).
     """
 
     deadline_s: float | None = None
@@ -40,7 +43,7 @@ class RoundPolicy:
     dispatch_wait_s: float = 10.0
     deadline_retries: int = 2
     heartbeat_timeout_s: float = 10.0
-
+    eval_timeout_s: float | None = None
 
 
 @dataclass

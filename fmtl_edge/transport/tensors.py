@@ -1,6 +1,6 @@
 """Model states as safetensors files, written and read in a streaming way, and sent in chunks.
 
-Weights cross process boundaries as safetensors bytes (DESIGN.md §3), never pickle. The format is
+Weights cross process boundaries as safetensors bytes (docs/design.md §1), never pickle. The format is
 simple (https://huggingface.co/docs/safetensors): an 8-byte little-endian header length ``N``, ``N``
 bytes of JSON (``name → {dtype, shape, data_offsets}`` plus ``__metadata__``, padded with spaces to
 a multiple of 8) and the tensors' bytes back to back. This module writes that layout tensor by tensor

@@ -1,4 +1,4 @@
-"""Validation of every upload before it touches the aggregate (DESIGN.md §9).
+"""Validation of every upload before it touches the aggregate (docs/design.md §5).
 
 One function, :func:`validate_upload`, used by every upload path: a training update (its
 safetensors file and metadata) or an evaluation reply. It raises :class:`UpdateRejected` (a
@@ -197,6 +197,9 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
     if int(meta.peak_memory_bytes) < 0:
         raise UpdateRejected(f"peak_memory_bytes = {meta.peak_memory_bytes}: must be >= 0 (0 = unknown)")
     _figure("device_s", meta.device_s)
+    cpu_s = _figure("cpu_s", meta.cpu_s) if meta.HasField("cpu_s") else None
+    if not 0 <= int(meta.threads) <= 4096:
+        raise UpdateRejected(f"threads = {meta.threads}: must be in 0..4096 (0 = unknown)")
     for k in ("sample_passes", "lookahead_passes"):
         if int(getattr(meta, k)) < 0:
             raise UpdateRejected(f"{k} = {getattr(meta, k)}: must be >= 0")
@@ -231,4 +234,5 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
         device_s=float(meta.device_s), energy=energy, stopped_by=meta.stopped_by or None,
         peak_memory_bytes=int(meta.peak_memory_bytes) or None,
         sample_passes=int(meta.sample_passes), lookahead_passes=int(meta.lookahead_passes),
+        cpu_s=cpu_s, threads=int(meta.threads) or None,
     )

@@ -1,11 +1,13 @@
-"""``fmtl-server serve``: the gRPC service, the job's plan over the devices, persistence, results.
+"""``fmtl-server serve``: the gRPC service, the job's devices and store, and the method runner over them.
 
 One process: the gRPC server answers the agents on a thread pool while the main thread runs the job
-with :class:`fmtl_edge.coordinator.Coordinator` over a :class:`~fmtl_edge.transport.pool.RemoteClientPool`
-— the coordinator of ``fmtl-edge simulate``; only the pool differs. After each method the final
-per-task models are evaluated on the devices' test splits (each device returns loss and metric sums,
-the server adds them up: the simulation's union-of-clients evaluation) and the method's entry is
-stored; at the end ``results.json`` and the per-task models are written in the simulation's layout.
+with the method runner (:func:`fmtl_edge.runner.run_methods`) over a
+:class:`~fmtl_edge.transport.pool.RemoteClientPool` — the runner of ``fmtl-edge simulate``; only the
+pool and the checkpoint store (:class:`fmtl_server.store.MethodCheckpoints`) differ. After each
+method the final per-task models are evaluated on the devices' test splits (each device returns loss
+and metric sums, the server adds them up: the simulation's union-of-clients evaluation) and the
+method's entry is stored; at the end ``results.json`` and the per-task models are written in the
+simulation's layout, with this server's job, devices and counters under ``engine``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from fmtl_edge.config import ConfigError
-from fmtl_edge.coordinator import Coordinator, RoundCheckpoint, RoundFailed, RoundRecord
-from fmtl_edge.messages import Assignment
-from fmtl_edge.models import ModelSpec
-from fmtl_edge.partition import select_state
+from fmtl_edge.plan import RoundCheckpoint, RoundFailed, RoundRecord
+from fmtl_edge.results import results_document
+from fmtl_edge.runner import RetryPolicy, RunHooks, RunSettings, prepare_methods, run_methods
 from fmtl_edge.tasks import TaskSet
 from fmtl_edge.transport.convert import task_from_pb, task_signature
 from fmtl_edge.transport.pool import Device, PoolClosed, RegistrationRefused, RemoteClientPool, RoundPolicy
@@ -31,7 +32,7 @@ from fmtl_edge.transport.service import CoordinatorServicer, TLSConfig, start_se
 
 from fmtl_server.auth import TokenError, TokenFile
 from fmtl_server.config import JobConfig, ServerConfig
-from fmtl_server.store import StateMismatch, Store
+from fmtl_server.store import MethodCheckpoints, StateMismatch, Store
 
 log = logging.getLogger("fmtl_server")
 
@@ -63,9 +64,6 @@ class JobServer:
         self._lock = threading.Lock()
         self.phase = "starting"
         self.current: dict[str, Any] = {}
-        self._final_states: dict[str, dict] = {}
-        self._last_eval_clients: set[int] = set()
-        self._train = None
 
     def say(self, msg: str) -> None:
         self.echo(f"{time.strftime('%H:%M:%S')} [fmtl-server] {msg}")
@@ -194,7 +192,8 @@ class JobServer:
         self.store.put("methods", list(self.job.sim.methods))
         policy = RoundPolicy(deadline_s=self.job.round_deadline_s, min_updates=self.job.min_updates,
                              max_attempts=self.job.max_attempts, dispatch_wait_s=self.job.dispatch_wait_s,
-                             deadline_retries=self.job.deadline_retries, heartbeat_timeout_s=srv.heartbeat_timeout_s)
+                             deadline_retries=self.job.deadline_retries, heartbeat_timeout_s=srv.heartbeat_timeout_s,
+                             eval_timeout_s=self.job.eval_timeout_s)
         self.pool = RemoteClientPool(Path(srv.state_dir) / "work", policy, seed=self.job.sim.seed,
                                      max_update_bytes=srv.max_update_bytes, chunk_bytes=srv.chunk_bytes,
                                      validate_registration=self.validate_registration,
@@ -247,128 +246,85 @@ class JobServer:
             self.say(f"only {self.pool.online_count()} of {need} devices joined within {job.start_timeout_s} s")
             return 4
         self.say(f"{self.pool.online_count()} devices online: starting")
-        from fmtl_edge.simulation import build_methods, train_config
-
         spec = sim.model_spec(self.input_shape)
         n_clients = len(self.pool.client_ids)
         if sim.clients_per_round > n_clients:
             self.say(f"K={sim.clients_per_round} but only {n_clients} clients joined")
             return 4
-        methods = build_methods(sim, self.tasks, spec)
-        pooled = [m.name for m in methods if m.pooled_data]
-        if pooled:
-            self.say(f"{', '.join(pooled)}: a non-FL reference on pooled data runs in `fmtl-edge simulate` only; "
-                     "remove it from methods")
-            return 2
-        train = train_config(sim)
-        self._train = train
-        for seq, method in enumerate(methods):
-            if self.store.method_entry(method.name) is not None:
-                self.say(f"{method.name}: already finished")
-                continue
-            self._run_method(seq, method, spec, train)
-        self._write_results(methods, spec)
+        methods = prepare_methods(sim, self.tasks, spec, self.pool.eligible, pooled=False)
+        results = results_document(
+            dataset=sim.dataset, dataset_info=self._dataset_info, tasks=self.tasks,
+            clients=int(self.store.get("n_clients") or n_clients), config=sim.to_dict(), device=self._device_summary(),
+            engine={"name": "fmtl-server"},
+            # the simulation's injected --dropout does not apply: devices fail for real (history.refused)
+            dropout=None)
+        if not job.evaluate:
+            self.say("evaluation skipped ([job] evaluate = false): test losses are null")
+        results, models = self.train(methods, spec, results)
+        self._write_results(results, models, spec)
         return 0
 
-    def _run_method(self, seq: int, method, spec: ModelSpec, train) -> None:
+    def train(self, methods, spec, results: dict[str, Any]):
+        """Run ``methods`` over the devices with the method runner: this job's budgets,
+        ``min_updates``, evaluation and round retries, every round committed to the store, progress
+        in the log; returns the runner's ``(results, models)``."""
         sim, job = self.job.sim, self.job
+        hooks = RunHooks(on_method_start=self._on_method_start, on_round=self._on_round, on_round_end=self._on_round_end,
+                         on_evaluate=self._on_evaluate, on_method_end=self._on_method_end,
+                         on_method_resume=self._on_method_resume)
+        settings = RunSettings(time_budget_s=sim.time_budget_s, energy_budget_j=sim.energy_budget_j,
+                               min_updates=job.min_updates, evaluate=job.evaluate,
+                               retry=RetryPolicy(job.max_round_retries, self._retry_wait))
+        return run_methods(sim, methods, self.pool, spec, results, hooks=hooks, settings=settings,
+                           store=MethodCheckpoints(self.store, [m.name for m in methods]))
+
+    # -- the runner's hooks ---------------------------------------------------------------------------
+    def _on_method_start(self, method) -> None:
         self._set_phase(f"training {method.name}")
 
-        def on_round(rec: RoundRecord) -> None:
-            loss = sum(rec.train_loss.values())
-            rep = "" if sorted(rec.executed) == sorted(rec.clients) else f" (ran on {sorted(rec.executed)})"
-            missing = getattr(rec, "refused", None) or []
-            if missing:
-                rep += f", {len(missing)} slot(s) without update: " + "; ".join(m.get("message", "?") for m in missing)
-            energy = "—" if rec.energy_j is None else f"{rec.energy_j:.1f} J"
-            self.say(f"{method.name} {rec.job} round {rec.round + 1}: clients {rec.clients}{rep}, train loss {loss:.4f}, "
-                     f"{rec.samples} samples, device {rec.device_s:.2f} s, {energy}, wall {rec.wall_s:.2f} s")
+    def _on_method_resume(self, method, rounds_done: int, entry) -> None:
+        if entry is not None:
+            self.say(f"{method.name}: already finished")
+        else:
+            self.say(f"{method.name}: resuming after {rounds_done} completed rounds")
 
-        def on_round_end(ck: RoundCheckpoint) -> None:
-            names = [r[0] for r in self._job_rows(method.name)]
-            seq_j = names.index(ck.job.name) if ck.job.name in names else len(names)
-            t0 = time.perf_counter()
-            self.store.checkpoint(method.name, seq_j, ck)
-            ri = self.pool.round_info
-            fmt = lambda v: "—" if v is None else f"{v:.2f} s"  # noqa: E731
-            log.info(f"timing of {ck.job.name} round {ck.round + 1}: model file {fmt(ri.get('model_write_s'))}, "
-                     f"first update {fmt(ri.get('first_update_s'))}, last update {fmt(ri.get('last_update_s'))}, "
-                     f"validation {fmt(ri.get('validate_s'))} (sum), aggregation {fmt(ri.get('consumer_s'))}, "
-                     f"checkpoint {fmt(time.perf_counter() - t0)}")
-            self.current = {"method": method.name, "job": ck.job.name, "rounds_done": ck.round + 1, "rounds": ck.job.rounds}
+    def _on_round(self, method, rec: RoundRecord) -> None:
+        loss = sum(rec.train_loss.values())
+        rep = "" if sorted(rec.executed) == sorted(rec.clients) else f" (ran on {sorted(rec.executed)})"
+        if rec.refused:
+            rep += f", {len(rec.refused)} slot(s) without update: " + "; ".join(m.get("message", "?") for m in rec.refused)
+        energy = "—" if rec.energy_j is None else f"{rec.energy_j:.1f} J"
+        self.say(f"{method.name} {rec.job} round {rec.round + 1}: clients {rec.clients}{rep}, train loss {loss:.4f}, "
+                 f"{rec.samples} samples, device {rec.device_s:.2f} s, {energy}, wall {rec.wall_s:.2f} s")
 
-        failures = 0
-        while True:
-            coord = Coordinator(self.pool, spec, self.tasks, train, sim.clients_per_round, sim.seed,
-                                on_round=on_round, time_budget_s=sim.time_budget_s, energy_budget_j=sim.energy_budget_j,
-                                on_round_end=on_round_end, min_updates=job.min_updates)
-            done, resume = {}, None
-            for ck in self.store.load_checkpoints(method.name):
-                if ck.job_done:
-                    done[ck.job.name] = coord.outcome_from_checkpoint(ck)
-                else:
-                    resume = ck
-            if done or resume:
-                where = f"job {resume.job.name!r} after round {resume.round + 1}" if resume else "the next job"
-                self.say(f"{method.name}: resuming with {len(done)} finished jobs, at {where}")
-            try:
-                try:
-                    done = coord.run_method(method, done=done, resume=resume)
-                except (ValueError, ArithmeticError) as e:
-                    # an aggregation error (e.g. a float32 overflow) fails the round, never the server
-                    log.exception("aggregation error in %s", method.name)
-                    raise RoundFailed(getattr(e, "job", method.name), getattr(e, "round", -1), 0, job.min_updates,
-                                      f"aggregation error: {e}") from e
-                break
-            except RoundFailed as e:
-                failures += 1
-                self.store.event("round_failed", str(e))
-                if failures > job.max_round_retries:
-                    raise
-                self.say(f"{e}; retrying from the last checkpoint in {job.retry_wait_s:.0f} s "
-                         f"({failures}/{job.max_round_retries})")
-                if self.stop.wait(job.retry_wait_s):
-                    raise Stopped() from None
-        wall = sum(o.wall_s for o in done.values())
+    def _on_round_end(self, method, ck: RoundCheckpoint) -> None:
+        ri = self.pool.round_info
+        fmt = lambda v: "—" if v is None else f"{v:.2f} s"  # noqa: E731
+        log.info(f"timing of {ck.job.name} round {ck.round + 1}: model file {fmt(ri.get('model_write_s'))}, "
+                 f"first update {fmt(ri.get('first_update_s'))}, last update {fmt(ri.get('last_update_s'))}, "
+                 f"validation {fmt(ri.get('validate_s'))} (sum), aggregation {fmt(ri.get('consumer_s'))}")
+        self.current = {"method": method.name, "job": ck.job.name, "rounds_done": ck.round + 1, "rounds": ck.job.rounds}
+
+    def _retry_wait(self, failures: int, e: RoundFailed) -> None:
+        self.store.event("round_failed", str(e))
+        self.say(f"{e}; retrying from the last checkpoint in {self.job.retry_wait_s:.0f} s "
+                 f"({failures}/{self.job.max_round_retries})")
+        if self.stop.wait(self.job.retry_wait_s):
+            raise Stopped()
+
+    def _on_evaluate(self, method) -> None:
         self._set_phase(f"evaluating {method.name}")
-        evaluation = self._evaluate(method, done, coord)
-        from fmtl_edge.simulation import method_entry
 
-        entry = method_entry(method, done, evaluation, sim.rounds, wall)
-        records = [r for o in done.values() for r in o.history]
-        for h, r in zip(entry["history"], records):
-            h["executed_by"] = r.executed
-        entry["evaluated_clients"] = sorted(self._last_eval_clients)
-        self.store.save_method(method.name, seq, entry)
+    def _on_method_end(self, method, entry: dict[str, Any]) -> None:
         from fmtl_edge.report import loss_summary
 
+        ev = entry["evaluation"]
+        if ev["missing"]:
+            self.say(f"evaluation: clients {ev['missing']} did not answer; test losses are over clients {ev['clients']}")
         self.say(f"{method.name}: {loss_summary(entry)}, splits {entry['splits']}, device {entry['device_s']:.1f} s")
 
-    def _job_rows(self, method: str) -> list[tuple[str]]:
-        with self.store._lock:
-            return self.store.db.execute("SELECT job FROM jobs WHERE method = ? ORDER BY seq", (method,)).fetchall()
-
-    def _evaluate(self, method, done, coord: Coordinator) -> dict[str, Any]:
-        """Each final global model on every known device's test split, and each device's own model
-        where the method is personalised (:func:`fmtl_edge.evaluation.evaluate_method`)."""
-        from fmtl_edge.evaluation import evaluate_method
-        from fmtl_edge.simulation import final_states
-
-        clients = self.pool.client_ids if self.job.evaluate else []
-        if not self.job.evaluate:
-            self.say("evaluation skipped ([job] evaluate = false): test losses are null")
-        res = evaluate_method(method, done, coord, clients=clients,
-                              evaluate=lambda reqs: self.pool.evaluate(reqs, timeout_s=self.job.eval_timeout_s) if reqs else {})
-        self._last_eval_clients = set(res["clients"])
-        missing = sorted(set(clients) - self._last_eval_clients)
-        if self.job.evaluate and missing:
-            self.say(f"evaluation: clients {missing} did not answer; test losses are over clients {res['clients']}")
-        if method.global_model:
-            self._final_states[method.name] = final_states(method, done)
-        return res
-
     def _device_summary(self) -> dict[str, Any]:
-        """The simulation's ``device`` entry, summarised over the devices (details: ``deployment.devices``)."""
+        """The simulation's ``device`` entry, summarised over the devices (details: ``engine.devices``)."""
         infos = [d.info for d in self.pool.devices()]
 
         def join(key: str) -> str:
@@ -376,37 +332,17 @@ class JobServer:
 
         budgets = [int(i["memory_budget_bytes"]) for i in infos if i.get("memory_budget_bytes")]
         return {"profile": join("profile_name"), "profile_source": "agents", "device_class": join("device_class"),
-                "meter": join("meter"), "memory_budget_bytes": min(budgets) if budgets else None}
+                "meter": join("meter"), "memory_budget_bytes": min(budgets) if budgets else None,
+                "threads": "per agent (fmtl-edge join --threads)"}
 
-    def _write_results(self, methods, spec: ModelSpec) -> None:
+    def _write_results(self, results: dict[str, Any], models, spec) -> None:
         from fmtl_edge.report import write_outputs
-        from fmtl_edge.simulation import versions
 
-        sim = self.job.sim
-        results: dict[str, Any] = {
-            "dataset": sim.dataset, "dataset_info": self._dataset_info, "tasks": list(self.tasks.names),
-            "task_kinds": {t.name: t.kind for t in self.tasks},
-            "clients": int(self.store.get("n_clients") or len(self.pool.client_ids)),
-            "config": sim.to_dict(), "versions": versions(), "device": self._device_summary(), "methods": {},
-            # the simulation's injected --dropout does not apply: devices fail for real (history.refused)
-            "dropout": None,
-            "deployment": {"job": self.job.to_dict(), "server": {"listen": self.srv.listen, "tls": not self.srv.insecure,
-                                                                  "client_certificates": bool(self.srv.client_ca)},
-                           "devices": [d.to_status(time.monotonic(), self.srv.heartbeat_timeout_s) for d in self.pool.devices()],
-                           "counters": dict(self.pool.counters)},
-        }
-        models = {}
-        coord = Coordinator(self.pool, spec, self.tasks, self._train, sim.clients_per_round, sim.seed)
-        for m in methods:
-            results["methods"][m.name] = self.store.method_entry(m.name)
-            states = self._final_states.get(m.name)
-            if states is None and not m.global_model:
-                continue
-            if states is None:  # finished before a restart: rebuild from the checkpoints
-                done = {ck.job.name: coord.outcome_from_checkpoint(ck)
-                        for ck in self.store.load_checkpoints(m.name) if ck.job_done}
-                states = {t: select_state(done[j].state, [t]) for t, j in m.final_jobs(done).items()}
-            models[m.name] = states
+        results["engine"].update({
+            "job": self.job.to_dict(),
+            "server": {"listen": self.srv.listen, "tls": not self.srv.insecure, "client_certificates": bool(self.srv.client_ca)},
+            "devices": [d.to_status(time.monotonic(), self.srv.heartbeat_timeout_s) for d in self.pool.devices()],
+            "counters": dict(self.pool.counters)})
         out = write_outputs(self.srv.out, results, models, self.tasks, spec)
         self.store.put("results_path", str(out / "results.json"))
         self._set_phase("complete")

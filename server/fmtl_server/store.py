@@ -17,7 +17,6 @@ continue with the same result.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sqlite3
 import threading
@@ -27,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fmtl_edge.coordinator import EnergyTally, Job, RoundCheckpoint, RoundRecord
+from fmtl_edge.plan import EnergyTally, Job, RoundCheckpoint, RoundRecord
 from fmtl_edge.transport.pool import Device
 from fmtl_edge.transport.tensors import SafetensorsFile, TensorFileError, check_finite, file_sha256, write_state
 
@@ -171,7 +170,7 @@ class Store:
                                                 "job": ckpt.job.name, "round": str(ckpt.round)}, fsync=True)
         job_json = json.dumps(ckpt.job.to_dict())
         aff = json.dumps({str(r): np.asarray(m).tolist() for r, m in ckpt.affinity_per_round.items()})
-        hist = json.dumps([_rec_to_dict(r) for r in ckpt.history])
+        hist = json.dumps([r.to_dict() for r in ckpt.history])
         with self._lock:
             old = self.db.execute(f"SELECT {', '.join(_ROW)}, previous_json FROM jobs WHERE method = ? AND job = ?",
                                   (method, ckpt.job.name)).fetchone()
@@ -247,7 +246,7 @@ class Store:
                 job=job, round=int(rnd), state=state,
                 affinity_per_round={int(r): np.asarray(m, dtype=np.float64) for r, m in json.loads(aff).items()},
                 energy=EnergyTally.from_dict(json.loads(tally)),
-                history=[_rec_from_dict(d) for d in json.loads(hist)], wall_s=float(wall)))
+                history=[RoundRecord.from_dict(d) for d in json.loads(hist)], wall_s=float(wall)))
         return out
 
     def rollback(self) -> list[tuple[str, str, int]]:
@@ -268,6 +267,11 @@ class Store:
         for m, j, r in done:
             self.event("rollback", {"method": m, "job": j, "round": r})
         return done
+
+    def job_names(self, method: str) -> list[str]:
+        """The jobs of ``method`` with a checkpoint, in execution order."""
+        with self._lock:
+            return [r[0] for r in self.db.execute("SELECT job FROM jobs WHERE method = ? ORDER BY seq", (method,))]
 
     # -- methods -----------------------------------------------------------------------------------------
     def save_method(self, method: str, seq: int, entry: Mapping[str, Any]) -> None:
@@ -309,20 +313,42 @@ def _safe(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
 
 
-def _rec_to_dict(r: RoundRecord) -> dict[str, Any]:
-    """Every field of a round record, JSON-ready (so a resumed job's history keeps all of them)."""
-    return dataclasses.asdict(r)
-
-
-def _rec_from_dict(d: Mapping[str, Any]) -> RoundRecord:
-    """A :class:`RoundRecord` from :func:`_rec_to_dict` (fields it lacks, from older state, take their defaults)."""
-    known = {f.name for f in dataclasses.fields(RoundRecord)}
-    return RoundRecord(**{k: v for k, v in d.items() if k in known})
-
-
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     return str(o)
+
+
+class MethodCheckpoints:
+    """The method runner's checkpoint store (:class:`fmtl_edge.runner.CheckpointStore`) over a
+    :class:`Store`: job checkpoints per round, method entries when a method finishes. The clients'
+    own state stays on the devices, and a finished method's final models are rebuilt from its
+    jobs' last checkpoints.
+
+    Args:
+        store: the server's store.
+        methods: the job's method names in run order (a method's row keeps its position).
+    """
+
+    def __init__(self, store: Store, methods: list[str]):
+        self.store = store
+        self.methods = list(methods)
+
+    def finished(self, method: str):
+        entry = self.store.method_entry(method)
+        return None if entry is None else (entry, None)
+
+    def running(self, method: str):
+        return self.store.load_checkpoints(method), None
+
+    def curve(self, method: str) -> None:
+        return None
+
+    def save_round(self, method: str, ckpt: RoundCheckpoint, pool, curve=None) -> None:
+        names = self.store.job_names(method)
+        self.store.checkpoint(method, names.index(ckpt.job.name) if ckpt.job.name in names else len(names), ckpt)
+
+    def save_method(self, method: str, entry: Mapping[str, Any], models) -> None:
+        self.store.save_method(method, self.methods.index(method), entry)
