@@ -67,9 +67,9 @@ def test_file_factory_trains_every_method_and_its_models_reload(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     _write(tmp_path, "mynet.py", GOOD)
     out = tmp_path / "run"
-    methods = "mas-2,all-in-one,one-by-one,ditto,loop"
+    methods = "mas-2,all-in-one,one-by-one,ditto,loop,layered"
     rc = main(["simulate", *QUICK, "--model", "mynet.py:build", "--width", "6", "--methods", methods,
-               "--out", str(out)])
+               "--layers", "personal=heads.*", "--out", str(out)])
     assert rc == 0
     res = _results(out)
     assert res["config"]["model"] == f"{tmp_path / 'mynet.py'}:build"  # absolute: an export elsewhere finds it

@@ -96,11 +96,12 @@ def describe_families(input_shape, tasks, width: int = 16, depth: int = 1, head_
     from fmtl_edge.models import ModelSpec
 
     rows = []
-    names = [n for n in FAMILIES if n != "auto"] + ([normalise_reference(extra)] if extra else [])
+    names = [n for n in FAMILIES if n != "auto"] + ([extra] if extra else [])
     for name in names:
         row: dict[str, Any] = {"family": name, "description": FAMILIES[name][2] if name in FAMILIES else "your factory"}
+        spec = ModelSpec(tuple(input_shape), width, depth, normalise_reference(name), head_hidden)
         try:
-            row.update(describe_model(ModelSpec(tuple(input_shape), width, depth, name, head_hidden), tasks))
+            row.update(describe_model(spec, tasks))
         except ModelError as e:
             row["error"] = str(e)
         rows.append(row)
@@ -147,7 +148,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                         f"depth {args.depth}, head hidden {args.head_hidden}")
     for col, just in (("--model", "left"), ("backbone params", "right"), ("head params", "right"),
                       ("params", "right"), ("MB", "right"), ("MFLOPs / sample", "right")):
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, overflow="fold")
     skipped = []
     for r in rows:
         if "error" in r:
