@@ -195,7 +195,10 @@ def summary_tables(results: Mapping[str, Any]):
     methods = results["methods"]
     main = Table(title=f"fmtl-edge · {results['dataset']} · {len(tasks)} tasks · {results['clients']} clients")
     personal = any(m.get("personalised_total_test_loss") is not None for m in methods.values())
+    normalised = any(m.get("normalised_total_test_loss") is not None for m in methods.values())
     main.add_column("method", style="bold")
+    if normalised:
+        main.add_column("norm. loss", justify="right")
     main.add_column("total test loss", justify="right")
     if personal:
         main.add_column("pers. loss", justify="right")
@@ -209,7 +212,8 @@ def summary_tables(results: Mapping[str, Any]):
         if m["energy_j"] is not None and m["energy_estimated"]:
             energy += "*"
         label = name + ("†" if m.get("reference") else "")
-        cells = [_pm(m, "total_test_loss")]
+        cells = [_pm(m, "normalised_total_test_loss")] if normalised else []
+        cells.append(_pm(m, "total_test_loss"))
         if personal:
             cells.append(_pm(m, "personalised_total_test_loss"))
         main.add_row(label, *cells, _pm(m, "device_s", 1), _pm(m, "critical_path_s", 1), energy,
@@ -223,6 +227,8 @@ def summary_tables(results: Mapping[str, Any]):
         main.caption += (f"\nmean ± std over seeds {', '.join(map(str, seeds))} (std: ddof=1; partition of seed "
                          f"{results.get('partition_seed')}); per task and groups: seed {seeds[0]}")
     main.caption += "\ncrit. s: critical path (parallel: slowest client, ring: sum); R: rounds"
+    if normalised:
+        main.caption += "\nnorm. loss: Σ task loss / its chance loss (chance level = 1 per task)"
     if any(m.get("reference") for m in methods.values()):
         main.caption += "\n† non-FL reference (each client alone, or pooled data)"
     if personal:
@@ -246,13 +252,48 @@ def summary_tables(results: Mapping[str, Any]):
         cost.caption += (f"\nthreads: {threads.get('intra_op')} (usable cores {threads.get('usable_cores')}), "
                          f"OMP_WAIT_POLICY {threads.get('omp_wait_policy')}")
     per = _per_task_table("per task: test loss / metric", tasks, methods, "")
-    extra = [t for t in (merge_phase_table(results), decisions_text(results)) if t is not None]
+    extra = [t for t in (paired_table(results), merge_phase_table(results), decisions_text(results)) if t is not None]
     pers = {n: m for n, m in methods.items() if m.get("personalised_total_test_loss") is not None}
     if not pers:
         return (main, cost, *extra, per, splits_text(results))
     ptab = _per_task_table("per task, personalised (each client's own model): test loss / metric", tasks, pers,
                            "personalised_")
     return (main, cost, *extra, per, ptab, splits_text(results))
+
+
+def _diff(p: Mapping[str, Any] | None) -> str:
+    """``mean [lo, hi]`` of a paired difference (:func:`fmtl_edge.results.paired_differences`)."""
+    if not p:
+        return "—"
+    if p.get("ci95") is None:
+        return f"{p['mean']:+.3f}"
+    lo, hi = p["ci95"]
+    return f"{p['mean']:+.3f} ± {(hi - lo) / 2:.3f}"
+
+
+def paired_table(results: Mapping[str, Any]):
+    """``--paired-with``: each method's paired per-seed difference against the named method
+    (normalised and raw total test loss; mean and 95 % t-interval) and the verdict, or None."""
+    from rich.table import Table
+
+    from fmtl_edge.results import paired_verdict
+
+    rows = {n: m["paired"] for n, m in results["methods"].items() if m.get("paired")}
+    if not rows:
+        return None
+    base = next(iter(rows.values()))["with"]
+    n = next((p[k]["n"] for p in rows.values() for k in ("normalised_total_test_loss", "total_test_loss") if p.get(k)), 0)
+    tab = Table(title=f"paired vs {base}, {n} seeds: mean difference ± 95% t-interval")
+    for name, just in (("method", "left"), ("Δ norm. loss", "right"), ("Δ total loss", "right"), ("verdict", "left")):
+        tab.add_column(name, justify=just, style="bold" if name == "method" else None)
+    for name, p in rows.items():
+        key = "normalised_total_test_loss" if p.get("normalised_total_test_loss") else "total_test_loss"
+        tab.add_row(name, _diff(p.get("normalised_total_test_loss")), _diff(p.get("total_test_loss")),
+                    f"{paired_verdict(p.get(key))} than {base}" if paired_verdict(p.get(key)) in ("lower", "higher")
+                    else paired_verdict(p.get(key)))
+    tab.caption = (f"negative: lower test loss than {base}\nverdict (normalised figure): lower or higher when "
+                   "its interval\nexcludes 0, else not separated by these seeds")
+    return tab
 
 
 def merge_phase_table(results: Mapping[str, Any]):
