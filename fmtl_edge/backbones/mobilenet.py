@@ -5,10 +5,10 @@ Table 1/2): a 3×3 stride-2 stem of ``width`` channels, then six stages (expansi
 multiple of ``width``, first stride) ``(1, 1, 1)``, ``(t, 1.5, 2)``, ``(t, 2, 2)``, ``(t, 4, 2)``,
 ``(t, 6, 1)``, ``(t, 10, 2)`` of ``depth`` blocks each (at width 16 the channels are MobileNetV2's
 16, 24, 32, 64, 96, 160) and a 1×1 conv to ``20·width`` channels; ReLU6, linear bottlenecks,
-residual connections where shape allows. Heads: pooled (optionally with a hidden layer) for
-classification, binary and regression tasks; for dense tasks a
-:class:`~fmtl_edge.backbones.common.MirrorDecoder` with depthwise-separable blocks (five ×2
-upsamplings, one per stride-2 stage).
+residual connections where shape allows. Heads: pooled (optionally with a hidden layer; features
+scaled by √(32/C), see :func:`~fmtl_edge.backbones.common.task_heads`) for classification, binary and
+regression tasks; for dense tasks a :class:`~fmtl_edge.backbones.common.MirrorDecoder` with
+depthwise-separable conv-ReLU6 blocks (five ×2 upsamplings, one per stride-2 stage).
 
 At width 16, depth 1, expansion 6 the encoder has about 0.30 M parameters.
 """
@@ -91,8 +91,8 @@ class MobileNetBackbone(nn.Module):
 
 def _separable(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False), nn.BatchNorm2d(c_in), nn.ReLU6(inplace=True),
-        nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU6(inplace=True),
+        nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in), nn.ReLU6(inplace=True),
+        nn.Conv2d(c_in, c_out, 1), nn.ReLU6(inplace=True),
     )
 
 

@@ -4,9 +4,11 @@ He et al., "Deep Residual Learning for Image Recognition", CVPR 2016 (§3.3, the
 ResNet-18/34), sized for small inputs: a 3×3 stride-2 stem instead of the 7×7 stem and max-pool, and
 four stages of ``width``, ``2·width``, ``4·width``, ``8·width`` channels (stride 1, 2, 2, 2), each of
 ``depth`` blocks; He initialisation, and the last BatchNorm γ of each block's residual branch 0
-(Goyal et al., "Accurate, Large Minibatch SGD", 2017, §5.1). Heads: pooled (optionally with a hidden layer, ``head_hidden``) for classification,
-binary and regression tasks; for dense tasks a :class:`~fmtl_edge.backbones.common.MirrorDecoder`
-with conv-BatchNorm-ReLU blocks (four ×2 upsamplings, one per stride-2 stage).
+(Goyal et al., "Accurate, Large Minibatch SGD", 2017, §5.1). Heads: pooled (optionally with a
+hidden layer, ``head_hidden``; features scaled by √(32/C), see
+:func:`~fmtl_edge.backbones.common.task_heads`) for classification, binary and regression tasks; for
+dense tasks a :class:`~fmtl_edge.backbones.common.MirrorDecoder` with 3×3 conv-ReLU blocks (four ×2
+upsamplings, one per stride-2 stage).
 
 At width 16, depth 1 the encoder has about 0.31 M parameters (``fmtl-edge models`` lists the counts
 and FLOPs for an input shape and task set).
@@ -77,8 +79,8 @@ class ResNetBackbone(nn.Module):
         return self.stages(self.stem(x))
 
 
-def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+def _conv_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True))
 
 
 def resnet(input_shape: Sequence[int], tasks, *, width: int = 16, depth: int = 1, head_hidden: int = 0) -> Network:
@@ -93,5 +95,5 @@ def resnet(input_shape: Sequence[int], tasks, *, width: int = 16, depth: int = 1
     backbone = ResNetBackbone(int(input_shape[0]), width, depth)  # first: its init ignores the heads
     hw = tuple(int(s) for s in input_shape[1:])
     heads = task_heads(tasks, backbone.out_channels, head_hidden,
-                       lambda t: MirrorDecoder(backbone.level_channels, t.out_shape[0], hw, _conv_bn_relu))
+                       lambda t: MirrorDecoder(backbone.level_channels, t.out_shape[0], hw, _conv_relu))
     return Network(backbone, heads)
