@@ -14,7 +14,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 if TYPE_CHECKING:
     from fmtl_edge.models import ModelSpec
@@ -149,6 +149,8 @@ class SimulationConfig:
     selection: str = "uniform"
     #: ``--power-mode keep|max|auto``: each selected device's power mode (:mod:`fmtl_edge.selection`)
     power_mode: str = "keep"
+    #: ``--energy-candidates D``: ``energy`` selection takes its K among D clients drawn uniformly per round
+    energy_candidates: int | None = None
 
     def model_spec(self, input_shape) -> "ModelSpec":
         """The :class:`~fmtl_edge.models.ModelSpec` of this run for per-sample ``input_shape``
@@ -247,6 +249,12 @@ class SimulationConfig:
             raise ConfigError("--selection", f"{self.selection!r} is not one of {', '.join(POLICIES)}")
         if self.power_mode not in POWER_MODE_POLICIES:
             raise ConfigError("--power-mode", f"{self.power_mode!r} is not one of {', '.join(POWER_MODE_POLICIES)}")
+        if self.energy_candidates is not None:
+            if self.selection != "energy":
+                raise ConfigError("--energy-candidates", "applies to --selection energy")
+            if not self.energy_candidates >= self.clients_per_round:
+                raise ConfigError("--energy-candidates", f"must be at least K = {self.clients_per_round}, "
+                                  f"got {self.energy_candidates}")
         if self.fleet is not None:
             from fmtl_edge.fleet import Fleet
 
@@ -386,7 +394,8 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError("layers", "must be a table: [layers] personal = [\"heads.*\"], pretrained = [...]")
         return {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in value.items()}
-    if name in ("clients", "max_samples", "image_size", "task_groups", "classes_per_client", "partition_seed"):
+    if name in ("clients", "max_samples", "image_size", "task_groups", "classes_per_client", "partition_seed",
+                "energy_candidates"):
         kind = int
     elif name in ("alpha", "time_budget_s", "energy_budget_j"):
         kind = float
@@ -443,8 +452,9 @@ def read_toml(path: str | Path, flag: str = "--config") -> dict[str, Any]:
         raise ConfigError(flag, f"{p} is not valid TOML: {e}") from None
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
+def load_toml(path: str | Path, skip: Collection[str] = ()) -> dict[str, Any]:
     """Read a config file; keys may use ``-`` or ``_``; an optional ``[simulate]`` table is accepted.
+    Keys in ``skip`` (spelled with ``-``) are left out: another program's own keys (the Flower apps').
 
     Raises:
         ConfigError: missing file, bad TOML, unknown key or wrong type (naming the key).
@@ -459,13 +469,15 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
+        if key.replace("_", "-") in skip:
+            continue
         if name in opts:
             out[name] = value
             continue
         if name not in _FIELDS or name == "method_options":
             import difflib
 
-            known = sorted(k.replace("_", "-") for k in [*_FIELDS, *opts] if k != "method_options")
+            known = sorted([*(k.replace("_", "-") for k in [*_FIELDS, *opts] if k != "method_options"), *skip])
             near = difflib.get_close_matches(key.replace("_", "-"), known, n=1, cutoff=0.6)
             hint = f"did you mean {near[0]}? " if near else ""
             raise ConfigError(f"{p}: {key}", f"unknown key; {hint}known keys: {', '.join(known)}")
@@ -473,17 +485,19 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def build_config(overrides: Mapping[str, Any], config_file: str | Path | None = None) -> SimulationConfig:
+def build_config(overrides: Mapping[str, Any], config_file: str | Path | None = None,
+                 skip: Collection[str] = ()) -> SimulationConfig:
     """Defaults < dataset preset < TOML file < ``overrides`` (flags given on the command line).
 
-    ``overrides`` holds only values the user set (None means "not given").
+    ``overrides`` holds only values the user set (None means "not given"); ``skip``: keys of the
+    file that another program reads (:func:`load_toml`).
 
     Raises:
         ConfigError: as :func:`load_toml` and :meth:`SimulationConfig.validate`.
     """
     from fmtl_edge.methods import method_options
 
-    from_file = load_toml(config_file) if config_file else {}
+    from_file = load_toml(config_file, skip) if config_file else {}
     flags = {k: v for k, v in overrides.items() if v is not None}
     opts = method_options()
     # method options (flags or TOML keys named by a method's OPTIONS) go into method_options

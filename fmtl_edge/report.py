@@ -173,7 +173,7 @@ def splits_text(results: Mapping[str, Any]) -> str:
     """The methods' task groups, numbered, one group per line (fits 80 columns for short names)."""
     methods = results["methods"]
     w = max((len(n) for n in methods), default=6) + 2
-    lines = ["groups (the tasks trained together; numbered as in the groups column):"]
+    lines = ["groups (the tasks trained together, numbered):"]
     for name, m in methods.items():
         groups = m["splits"]
         if len(groups) > 1 and all(len(g) == 1 for g in groups):
@@ -198,7 +198,7 @@ def summary_tables(results: Mapping[str, Any]):
     normalised = any(m.get("normalised_total_test_loss") is not None for m in methods.values())
     main.add_column("method", style="bold")
     if normalised:
-        main.add_column("norm. loss", justify="right")
+        main.add_column("norm.", justify="right")
     main.add_column("total test loss", justify="right")
     if personal:
         main.add_column("pers. loss", justify="right")
@@ -206,7 +206,6 @@ def summary_tables(results: Mapping[str, Any]):
     main.add_column("crit. s", justify="right")
     main.add_column("energy J", justify="right")
     main.add_column("R", justify="right")
-    main.add_column("groups", justify="right")
     for name, m in methods.items():
         energy = _pm(m, "energy_j", 1)
         if m["energy_j"] is not None and m["energy_estimated"]:
@@ -216,8 +215,7 @@ def summary_tables(results: Mapping[str, Any]):
         cells.append(_pm(m, "total_test_loss"))
         if personal:
             cells.append(_pm(m, "personalised_total_test_loss"))
-        main.add_row(label, *cells, _pm(m, "device_s", 1), _pm(m, "critical_path_s", 1), energy,
-                     str(m["rounds"]), str(len(m["splits"])))
+        main.add_row(label, *cells, _pm(m, "device_s", 1), _pm(m, "critical_path_s", 1), energy, str(m["rounds"]))
     sources = sorted({m["energy_source"] for m in methods.values()})
     main.caption = "energy source: " + "; ".join(sources)
     if any(m["energy_j"] is not None and m["energy_estimated"] for m in methods.values()):
@@ -226,14 +224,14 @@ def summary_tables(results: Mapping[str, Any]):
     if len(seeds) > 1:
         main.caption += (f"\nmean ± std over seeds {', '.join(map(str, seeds))} (std: ddof=1; partition of seed "
                          f"{results.get('partition_seed')}); per task and groups: seed {seeds[0]}")
-    main.caption += "\ncrit. s: critical path (parallel: slowest client, ring: sum); R: rounds"
+    main.caption += "\ncrit. s: critical path (parallel round: slowest client; ring: the sum)\nR: rounds over all jobs"
     if normalised:
-        main.caption += "\nnorm. loss: Σ task loss / its chance loss (chance level = 1 per task)"
+        main.caption += "\nnorm.: Σ task loss / its chance loss (chance level = 1 per task)"
     if any(m.get("reference") for m in methods.values()):
         main.caption += "\n† non-FL reference (each client alone, or pooled data)"
     if personal:
         main.caption += "\npers. loss: each client's own model on its own test split (test-sample-weighted mean)"
-    cost = Table(title="cost independent of the machine's load")
+    cost = Table(title="cost: load-independent counts and CPU time")
     cost.add_column("method", style="bold")
     cost.add_column("sample-passes", justify="right")
     cost.add_column("lookahead", justify="right")
@@ -246,6 +244,7 @@ def summary_tables(results: Mapping[str, Any]):
     threads = (results.get("device") or {}).get("threads") or {}
     cost.caption = ("sample-passes: forward+backward per sample (lookahead: n_tasks x B each)\n"
                     "FLOPs: one counted training step's FLOPs per sample x sample-passes\n"
+
                     "CPU s: the client executions' process CPU seconds; CPU/dev: CPU s /\n"
                     "device s, far below the threads used = cores shared with other work")
     if threads:
