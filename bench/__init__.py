@@ -33,7 +33,8 @@ def _prefer_installed() -> bool:
         return not Path(sys.modules["fmtl_edge"].__file__).resolve().is_relative_to(ROOT)
     saved = list(sys.path)
     sys.path[:] = [p for p in sys.path if not _is_checkout(p)]
-    if importlib.util.find_spec("fmtl_edge") is None:
+    spec = importlib.util.find_spec("fmtl_edge")
+    if spec is None or spec.origin is None:  # none, or a bare folder (e.g. only a copied _kernels*.so)
         sys.path[:] = saved + [str(ROOT / "server")]
         return False
     return True

@@ -90,7 +90,6 @@ def _add_simulate(sub) -> None:
     g.add_argument("--eval-every", type=int, metavar="N", help="test-loss curves: evaluate every job's global "
                    "model on the union test set every N rounds and at the job's end (results: methods.<m>.curve; "
                    "not counted in device time; default 0: off)")
-    g.add_argument("--width", type=int, help="backbone width (default 16)")
     g.add_argument("--loss-weights", metavar="uniform|chance|TASK=W,...",
                    help="task weights of the objective Σ w_t·L_t: uniform (w = 1, default), chance (w_t = 1 / the "
                         "loss of the best constant predictor of t's training labels, from per-client label "
@@ -106,6 +105,19 @@ def _add_simulate(sub) -> None:
     g.add_argument("--paired-with", metavar="METHOD",
                    help="with --seeds: each method's per-seed differences against METHOD (normalised and raw total "
                         "test loss), their mean and 95%% t-interval (n-1 degrees of freedom), in results, table and plots")
+    g = p.add_argument_group("model (fmtl-edge models lists the built-ins with their size and FLOPs)")
+    g.add_argument("--model", metavar="FAMILY|MODULE:FUNCTION|FILE.py:FUNCTION",
+                   help="the network: auto (default: a small conv for images, an MLP for vectors), conv, mlp, "
+                   "resnet (BasicBlocks), mobilenet (inverted residuals), or your factory "
+                   "function(input_shape, tasks) returning a module with .backbone and .heads "
+                   "(an nn.ModuleDict, one head per task name); see README 'Your own network'")
+    g.add_argument("--width", type=int, help="backbone width: channels of the first stage, or the MLP's size "
+                   "(default 16)")
+    g.add_argument("--depth", type=int, help="blocks per stage of conv/resnet/mobilenet (MLP: hidden layers - 1; "
+                   "default 1)")
+    g.add_argument("--head-hidden", type=int, metavar="UNITS", help="a hidden layer of this many units in the "
+                   "built-in families' classification/binary/regression heads (default 0: linear heads)")
+    g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, help="run seed (default 0)")
     g.add_argument("--seeds", metavar="S,S,...", help="run every method once per training seed (e.g. 0,1,2: "
                    "model init, sampling, batch order); the data partition stays --seed's; results hold "
@@ -161,7 +173,7 @@ def _add_simulate(sub) -> None:
 _CONFIG_KEYS = (
     "dataset", "data_dir", "tasks", "clients", "max_samples", "image_size", "alpha", "classes_per_client", "methods", "rounds", "r0",
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
-    "affinity_divide_by_lr", "width", "seed", "seeds", "device", "meter", "time_budget_s",
+    "affinity_divide_by_lr", "width", "depth", "model", "head_hidden", "seed", "seeds", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
     "pretrained", "lease_wait_s", "dropout", "eval_every", "threads", "loss_weights", "paired_with", "partition_seed",
     "oracle_splits", "fleet", "selection", "power_mode", "energy_candidates",
@@ -476,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--plot", metavar="FILE.png", help="also draw loss vs device time, energy per method and "
                     "the task-affinity matrix (needs matplotlib)")
     rp.set_defaults(func=cmd_report)
-    for module in ("fmtl_edge.runtime.cli", "fmtl_edge.transport.cli", "fmtl_edge.deploy.cli"):
+    for module in ("fmtl_edge.backbones.cli", "fmtl_edge.runtime.cli", "fmtl_edge.transport.cli", "fmtl_edge.deploy.cli"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ImportError:

@@ -12,7 +12,10 @@ make both the union test loss of a global model and the personalised figures.
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Any, Mapping, Sequence
 
@@ -58,10 +61,68 @@ def build_model(spec: ModelSpec, tasks: TaskSet, state: Mapping[str, np.ndarray]
             t = torch.as_tensor(np.asarray(state[k]))
             if tuple(t.shape) != tuple(ref.shape):
                 raise ValueError(f"tensor {k!r}: shape {tuple(t.shape)} but the model has {tuple(ref.shape)}")
-            load[k] = t.to(ref.dtype)
-        model.load_state_dict(load)
+            load[k] = t
+        if _plain_state_loading(model):
+            # what load_state_dict does for modules without load hooks, at a fifth of its cost
+            # (bench/model_throughput.py): copy each tensor into the model's own, casting the dtype
+            with torch.no_grad():
+                for k, ref in own.items():
+                    ref.copy_(load[k])
+        else:
+            model.load_state_dict({k: v.to(own[k].dtype) for k, v in load.items()})
     return model.to(device)
 
+
+def _plain_state_loading(model: torch.nn.Module) -> bool:
+    """Whether loading a full state into ``model`` is a plain copy into its tensors: no module has
+    load-state hooks or its own ``_load_from_state_dict`` (BatchNorm's only adds a missing counter)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    plain = (torch.nn.Module._load_from_state_dict, _BatchNorm._load_from_state_dict)
+    for m in model.modules():
+        if getattr(m, "_load_state_dict_pre_hooks", None) or getattr(m, "_load_state_dict_post_hooks", None):
+            return False
+        if type(m)._load_from_state_dict not in plain:
+            return False
+    return True
+
+
+_reused = threading.local()
+_REUSED_PER_THREAD = 2
+
+
+def _job_model(spec: ModelSpec, job_tasks: TaskSet, proc, method_config: Mapping[str, Any],
+               device: str) -> MultiTaskModel:
+    """The procedure's model for a job (:meth:`~fmtl_edge.procedures.Procedure.model`), whose
+    state :func:`build_model` then overwrites entirely.
+
+    For the built-in families (:data:`fmtl_edge.backbones.FAMILIES`: no state outside their state
+    dict) the last two such models of this thread are kept and handed out again, every gradient
+    cleared, every parameter trainable and in training mode: building a model costs as much as a
+    few training steps of a small one (bench/model_throughput.py). A factory's model is built anew
+    each time (it may keep state that loading a state dict does not reset).
+    """
+    from fmtl_edge.backbones import FAMILIES
+
+    if spec.model not in FAMILIES:
+        return proc.model(spec, job_tasks, method_config)
+    import json
+
+    key = (spec, job_tasks, proc.name, json.dumps(method_config, sort_keys=True, default=str), str(device))
+    cache = getattr(_reused, "models", None)
+    if cache is None:
+        cache = _reused.models = OrderedDict()
+    model = cache.get(key)
+    if model is None:
+        model = cache[key] = proc.model(spec, job_tasks, method_config)
+        while len(cache) > _REUSED_PER_THREAD:
+            cache.popitem(last=False)
+        return model
+    cache.move_to_end(key)
+    for p in model.parameters():
+        p.grad = None
+        p.requires_grad_(True)
+    return model.train()
 
 
 def client_tasks(data: ClientData, job_tasks: Sequence[str]) -> list[str]:
@@ -152,7 +213,8 @@ def train_round(
     stored_all = state_store.load(key, assignment.round) if (state_store is not None and key) else None
     state, stored = overlay_personal(assignment.state, stored_all, assignment.personal)
     job_tasks = tasks.subset(assignment.tasks)
-    model = build_model(spec, job_tasks, state, cfg.device, proc.model(spec, job_tasks, assignment.method_config))
+    model = build_model(spec, job_tasks, state, cfg.device, _job_model(spec, job_tasks, proc, assignment.method_config,
+                                                                        cfg.device))
     freeze = make_freezer(assignment.frozen)
     freeze(model)
     rng = np.random.default_rng(derive_seed(assignment.seed, assignment.job, assignment.round, data.client_id))
@@ -199,16 +261,32 @@ def check_memory_budget(spec: ModelSpec, tasks: TaskSet, assignment: Assignment,
     Raises:
         fmtl_edge.runtime.BudgetExceeded: ``kind="memory"`` when over ``memory_budget_bytes``.
     """
-    from fmtl_edge.procedures import get_procedure
-    from fmtl_edge.runtime import check_memory, estimate_job_memory_bytes
+    import json
 
-    job_tasks = tasks.subset(assignment.tasks)
-    model = get_procedure(assignment.procedure).model(spec, job_tasks, assignment.method_config)
+    from fmtl_edge.runtime import check_memory
+
     optimizer = "sgd_momentum" if assignment.config.momentum > 0 else "sgd"
-    need = estimate_job_memory_bytes(model, spec.input_shape, assignment.config.batch_size, optimizer)
+    need = _memory_need(spec, tasks.subset(assignment.tasks), assignment.procedure,
+                        json.dumps(assignment.method_config, sort_keys=True, default=str),
+                        int(assignment.config.batch_size), optimizer)
     if memory_budget_bytes is not None:
         check_memory(need, memory_budget_bytes)
     return int(need)
+
+
+@functools.lru_cache(maxsize=64)
+def _memory_need(spec: ModelSpec, job_tasks: TaskSet, procedure: str, method_config_json: str, batch_size: int,
+                 optimizer: str) -> int:
+    """The estimate of :func:`check_memory_budget`, computed once per (model, tasks, procedure and its
+    settings, batch size, optimizer) in a process: it builds the model and traces a forward pass,
+    which would otherwise cost every execution about as much as building its model."""
+    import json
+
+    from fmtl_edge.procedures import get_procedure
+    from fmtl_edge.runtime import estimate_job_memory_bytes
+
+    model = get_procedure(procedure).model(spec, job_tasks, json.loads(method_config_json))
+    return int(estimate_job_memory_bytes(model, spec.input_shape, batch_size, optimizer))
 
 
 def execute(

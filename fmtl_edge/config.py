@@ -14,7 +14,10 @@ import dataclasses
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Mapping
+
+if TYPE_CHECKING:
+    from fmtl_edge.models import ModelSpec
 
 try:
     import tomllib
@@ -78,6 +81,13 @@ class SimulationConfig:
     #: pathological split (every client holds exactly this many classes) instead of Dirichlet
     classes_per_client: int | None = None
     width: int = 16
+    #: ``--depth``: blocks per stage of the conv families (MLP: hidden layers − 1)
+    depth: int = 1
+    #: ``--model``: a built-in family (auto, conv, mlp, resnet, mobilenet) or module:function /
+    #: path/to/file.py:function (:mod:`fmtl_edge.model_factory`)
+    model: str = "auto"
+    #: ``--head-hidden``: hidden units of the built-in families' pooled heads (0: linear heads)
+    head_hidden: int = 0
     time_budget_s: float | None = None
     energy_budget_j: float | None = None
     aggregator: str = "fedavg"
@@ -119,13 +129,6 @@ class SimulationConfig:
                            momentum=self.momentum, weight_decay=self.weight_decay, affinity_every=self.affinity_every,
                            affinity_divide_by_lr=self.affinity_divide_by_lr, device=self.device)
 
-    def model_spec(self, input_shape):
-        """The model architecture (:class:`~fmtl_edge.models.ModelSpec`) for per-sample inputs of
-        ``input_shape``."""
-        from fmtl_edge.models import ModelSpec
-
-        return ModelSpec(tuple(int(v) for v in input_shape), width=self.width)
-
     def resolved_sampling(self) -> str:
         """``--sampling``, or its default: ``per-group`` with ``--task-groups``, else ``uniform``."""
         if self.sampling is not None:
@@ -149,9 +152,26 @@ class SimulationConfig:
     #: ``--energy-candidates D``: ``energy`` selection takes its K among D clients drawn uniformly per round
     energy_candidates: int | None = None
 
+    def model_spec(self, input_shape) -> "ModelSpec":
+        """The :class:`~fmtl_edge.models.ModelSpec` of this run for per-sample ``input_shape``
+        (``--model`` with a file's path made absolute, ``--width``, ``--depth``, ``--head-hidden``).
+
+        Raises:
+            ValueError: an input shape that is neither ``(C, H, W)`` nor ``(D,)``.
+        """
+        from fmtl_edge.model_factory import normalise_reference
+        from fmtl_edge.models import ModelSpec
+
+        return ModelSpec(tuple(int(s) for s in input_shape), width=self.width, depth=self.depth,
+                         model=normalise_reference(self.model), head_hidden=self.head_hidden)
+
     def to_dict(self) -> dict[str, Any]:
-        """The config as results.json stores it (``data_dir`` absolute and resolved)."""
+        """The config as results.json stores it (``data_dir`` absolute and resolved; a ``model``
+        file's path absolute)."""
         d = dataclasses.asdict(self)
+        from fmtl_edge.model_factory import normalise_reference
+
+        d["model"] = normalise_reference(self.model)
         d["methods"] = list(self.methods)
         d["tasks"] = None if self.tasks is None else list(self.tasks)
         d["seeds"] = None if self.seeds is None else list(self.seeds)
@@ -173,6 +193,16 @@ class SimulationConfig:
         _positive_int(self, "batch_size")
         _positive_int(self, "affinity_every")
         _positive_int(self, "width")
+        _positive_int(self, "depth")
+        if isinstance(self.head_hidden, bool) or not isinstance(self.head_hidden, int) or self.head_hidden < 0:
+            raise ConfigError("--head-hidden", f"must be a whole number >= 0 (hidden units; 0: linear heads), "
+                              f"got {self.head_hidden!r}")
+        from fmtl_edge.model_factory import ModelError, check_reference
+
+        try:
+            check_reference(self.model)
+        except ModelError as e:
+            raise ConfigError("--model", str(e)) from None
         if self.clients is not None:
             _positive_int(self, "clients")
         if self.max_samples is not None:

@@ -1,19 +1,21 @@
 """Multi-task models: a shared backbone θ_s and one task head θ_i per task.
 
-``MultiTaskModel(backbone, heads)`` maps an input batch to ``{task name: head output}``. Parameter
+``MultiTaskModel(spec, tasks, seed)`` maps an input batch to ``{task name: head output}``. Parameter
 names are ``backbone.*`` (shared, scope ``common``) and ``heads.<task>.*`` (scope ``task:<task>``);
 :mod:`fmtl_edge.partition` turns these names into aggregation slices.
 
-The model family is chosen from the input shape: images ``(C, H, W)`` get a small conv backbone
-(two stride-2 stages, BatchNorm, ReLU) whose feature map feeds pooled linear heads (classification,
-binary, regression) or transposed-conv decoders (dense, output ``(C_out, H, W)``); vectors ``(D,)`` get
-an MLP backbone with linear heads. Every task of a dataset shares the same backbone architecture,
-as MAS requires (Zhuang et al., "MAS: Towards Resource-Efficient Federated Multiple-Task Learning",
-ICCV 2023, §3).
+The architecture is ``spec.model`` (``--model``): a built-in family (:mod:`fmtl_edge.backbones`:
+``auto`` = the small conv for images ``(C, H, W)`` or the MLP for vectors ``(D,)``; ``conv``,
+``mlp``, ``resnet``, ``mobilenet``) or the user's factory ``module:function`` /
+``path/to/file.py:function``; every one is built through the model API of
+:mod:`fmtl_edge.model_factory`, whose ``backbone`` and ``heads`` the model adopts. Every task of a
+dataset shares the same backbone architecture, as MAS requires (Zhuang et al., "MAS: Towards
+Resource-Efficient Federated Multiple-Task Learning", ICCV 2023, §3).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -21,22 +23,39 @@ import numpy as np
 import torch
 from torch import nn
 
+from fmtl_edge.model_factory import TaskInfo, build_network, validate_model
 from fmtl_edge.tasks import Task, TaskSet
+
+__all__ = ["ModelSpec", "MultiTaskModel", "TaskInfo", "validate_model", "StackedHead", "stacked_head_model",
+           "stack_head_state"]
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Architecture hyper-parameters (part of the run config; same for every task and method).
 
+    Hashable (a cache key of :mod:`fmtl_edge.flops`).
+
     Attributes:
         input_shape: per-sample input shape, ``(C, H, W)`` or ``(D,)``.
-        width: channels of the first conv stage (the second has ``2*width``) or the MLP hidden size.
-        depth: conv blocks per stage, or hidden layers of the MLP.
+        width: channels of the first conv stage (conv: the second has ``2*width``; resnet, mobilenet:
+            see :mod:`fmtl_edge.backbones`) or the MLP hidden size (``4*max(width, 8)``).
+        depth: conv blocks per stage (conv, resnet, mobilenet), or hidden layers − 1 of the MLP.
+        model: ``auto`` (default), a built-in family (``conv``, ``mlp``, ``resnet``, ``mobilenet``)
+            or a factory reference ``module:function`` / ``path/to/file.py:function``
+            (:mod:`fmtl_edge.model_factory`).
+        head_hidden: hidden units of the pooled heads of the built-in families (0: one linear layer).
+
+    Raises:
+        ValueError: a shape that is neither ``(C, H, W)`` nor ``(D,)``; width or depth < 1;
+            head_hidden < 0; an empty model reference.
     """
 
     input_shape: tuple[int, ...]
     width: int = 16
     depth: int = 1
+    model: str = "auto"
+    head_hidden: int = 0
 
     def __post_init__(self) -> None:
         if len(self.input_shape) not in (1, 3):
@@ -45,127 +64,33 @@ class ModelSpec:
             )
         if self.width < 1 or self.depth < 1:
             raise ValueError(f"model width and depth must be >= 1, got {self.width}, {self.depth}")
+        if self.head_hidden < 0:
+            raise ValueError(f"head_hidden must be >= 0 (0: linear heads), got {self.head_hidden}")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must be a family name or module:function, got {self.model!r}")
 
     @property
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
 
 
-def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
-
-
-class ConvBackbone(nn.Module):
-    """Shared conv encoder: ``(B, C, H, W)`` float32 → ``(B, 2·width, ceil(H/4), ceil(W/4))``."""
-
-    def __init__(self, in_channels: int, width: int = 16, depth: int = 1):
-        super().__init__()
-        layers: list[nn.Module] = [_conv_block(in_channels, width, 1)]
-        c = width
-        for stage, c_out in enumerate((width, 2 * width)):
-            layers.append(_conv_block(c, c_out, 2))
-            layers.extend(_conv_block(c_out, c_out, 1) for _ in range(depth - 1))
-            c = c_out
-        self.layers = nn.Sequential(*layers)
-        self.out_channels = c
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
-
-
-class MLPBackbone(nn.Module):
-    """Shared MLP encoder: ``(B, D)`` float32 → ``(B, width)``."""
-
-    def __init__(self, in_features: int, width: int = 64, depth: int = 2):
-        super().__init__()
-        layers: list[nn.Module] = []
-        d = in_features
-        for _ in range(depth):
-            layers += [nn.Linear(d, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
-            d = width
-        self.layers = nn.Sequential(*layers)
-        self.out_features = width
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
-
-
-class PooledHead(nn.Module):
-    """Global-average-pooled linear head: features ``(B, C, h, w)`` or ``(B, C)`` → ``(B, out_dim)``."""
-
-    def __init__(self, in_features: int, out_dim: int, hidden: int = 0):
-        super().__init__()
-        if hidden:
-            self.fc = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
-        else:
-            self.fc = nn.Linear(in_features, out_dim)
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        if f.dim() == 4:
-            f = f.mean(dim=(2, 3))
-        return self.fc(f)
-
-
-class DenseHead(nn.Module):
-    """Decoder for dense (image-to-image) tasks: ``(B, C, h, w)`` → ``(B, out_dim, H, W)``.
-
-    Two ×2 transposed-conv stages mirror :class:`ConvBackbone`'s two stride-2 stages; the output is
-    cropped to the input's ``(H, W)`` (odd sizes).
-    """
-
-    def __init__(self, in_channels: int, out_dim: int, out_hw: tuple[int, int], width: int = 16):
-        super().__init__()
-        self.out_hw = tuple(out_hw)
-        self.decode = nn.Sequential(
-            nn.ConvTranspose2d(in_channels, width, 4, stride=2, padding=1),
-            nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(width, width, 4, stride=2, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, out_dim, 3, padding=1),
-        )
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        y = self.decode(f)
-        h, w = self.out_hw
-        return y[..., :h, :w]
-
-
-def make_backbone(spec: ModelSpec) -> nn.Module:
-    """Backbone θ_s for a :class:`ModelSpec` (conv for images, MLP for vectors)."""
-    if spec.is_image:
-        return ConvBackbone(spec.input_shape[0], spec.width, spec.depth)
-    return MLPBackbone(spec.input_shape[0], max(spec.width, 8) * 4, spec.depth + 1)
-
-
-def make_head(task: Task, spec: ModelSpec, backbone: nn.Module) -> nn.Module:
-    """Task head θ_i for ``task`` on top of ``backbone``.
-
-    Raises:
-        ValueError: a dense task on a vector (non-image) input.
-    """
-    if task.kind == "dense":
-        if not spec.is_image:
-            raise ValueError(
-                f"task {task.name!r} is dense but the input {spec.input_shape} is not an image"
-            )
-        return DenseHead(backbone.out_channels, task.out_dim, spec.input_shape[1:], spec.width)
-    feats = backbone.out_channels if spec.is_image else backbone.out_features
-    return PooledHead(feats, task.out_dim)
-
-
 class MultiTaskModel(nn.Module):
     """Shared backbone θ_s plus one head per task: ``forward(x) -> {task: output}``.
+
+    Built by ``spec.model``'s factory (:func:`fmtl_edge.model_factory.build_network`); the model
+    adopts the factory's ``backbone`` and ``heads`` (heads in task order).
 
     Args:
         spec: architecture; identical for every task and method so weights transfer between jobs.
         tasks: the tasks this model has heads for (a single-task model is the one-task case).
         seed: if given, parameters are initialised from ``torch.manual_seed(seed)`` so that two
-            models built with the same seed and tasks are identical. The backbone is always built
-            first, so its initial weights do not depend on which heads follow.
+            models built with the same seed and tasks are identical (the global RNG is restored
+            afterwards). The built-in families build the backbone first, so its initial weights do
+            not depend on which heads follow.
+
+    Raises:
+        fmtl_edge.model_factory.ModelError: (a ValueError) the factory fails or breaks the contract,
+            e.g. a dense task on a vector input.
     """
 
     def __init__(self, spec: ModelSpec, tasks: TaskSet | Sequence[Task], seed: int | None = None):
@@ -177,13 +102,12 @@ class MultiTaskModel(nn.Module):
             gen_state = torch.random.get_rng_state()
             torch.manual_seed(seed)
         try:
-            self.backbone = make_backbone(spec)
-            self.heads = nn.ModuleDict()
-            for t in self.tasks:
-                self.heads[t.name] = make_head(t, spec, self.backbone)
+            backbone, heads = build_network(spec, self.tasks)
         finally:
             if gen_state is not None:
                 torch.random.set_rng_state(gen_state)
+        self.backbone = backbone
+        self.heads = heads
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -228,14 +152,17 @@ class StackedHead(nn.Module):
 
 def stacked_head_model(spec: ModelSpec, tasks: TaskSet | Sequence[Task], n_nodes: int) -> MultiTaskModel:
     """A :class:`MultiTaskModel` whose every head is a :class:`StackedHead` of ``n_nodes`` node heads
-    (names ``heads.<task>.nodes.<j>.*``, ``heads.<task>.mix.*``); the backbone is unchanged.
+    (names ``heads.<task>.nodes.<j>.*``, ``heads.<task>.mix.*``); the backbone is unchanged. Every
+    node head is a copy of the head ``spec.model``'s factory builds for the task (any family or
+    user factory); :func:`stack_head_state` gives the stacked model's initial state.
 
     Raises:
-        ValueError: ``n_nodes < 1``; a dense task on a vector input.
+        ValueError: ``n_nodes < 1``; the model cannot be built (a dense task on a vector input...).
     """
     model = MultiTaskModel(spec, tasks)
     for t in model.tasks:
-        model.heads[t.name] = StackedHead(lambda t=t: make_head(t, spec, model.backbone), n_nodes, t.out_dim)
+        head = model.heads[t.name]
+        model.heads[t.name] = StackedHead(lambda head=head: copy.deepcopy(head), n_nodes, t.out_dim)
     return model
 
 

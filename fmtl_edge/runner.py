@@ -142,10 +142,11 @@ def load_pretrained(path: str | None) -> dict[str, np.ndarray] | None:
 
 def prepare_methods(cfg, tasks, spec, eligible: Callable[[Sequence[str]], list[int]] | None = None,
                     pooled: bool = True) -> list[Method]:
-    """The methods of ``cfg.methods``, built and checked before anything trains: names and
-    settings, layer patterns and pre-trained tensors against the model, the first round of every
-    method's first jobs against the pool's clients (a task group with fewer clients than K), and
-    pooled-data references where the program has no pooled data.
+    """The methods of ``cfg.methods``, built and checked before anything trains: the ``--model``
+    factory (:func:`fmtl_edge.models.validate_model`), names and settings, layer patterns and
+    pre-trained tensors against the model, the first round of every method's first jobs against
+    the pool's clients (a task group with fewer clients than K), and pooled-data references where
+    the program has no pooled data.
 
     Args:
         eligible: the pool's ``tasks -> clients holding them`` (None: skip the sampling check).
@@ -154,11 +155,16 @@ def prepare_methods(cfg, tasks, spec, eligible: Callable[[Sequence[str]], list[i
     Raises:
         ConfigError, ValueError: the message names the flag (or key) and the fix.
     """
-    from fmtl_edge.models import MultiTaskModel
+    from fmtl_edge.model_factory import ModelError
+    from fmtl_edge.models import MultiTaskModel, validate_model
     from fmtl_edge.partition import state_to_numpy
     from fmtl_edge.seeding import derive_seed
     from fmtl_edge.strategy import RoundContext
 
+    try:
+        validate_model(spec, tasks)
+    except ModelError as e:  # a bad --model: one error naming the flag before anything trains
+        raise ConfigError("--model", str(e)) from None
     pretrained = load_pretrained(cfg.pretrained)
     names = list(cfg.methods)
     if cfg.oracle_splits:  # every mas-x gets its oracle check beside it
