@@ -172,8 +172,39 @@ def prepare_methods(cfg, tasks, spec, eligible: Callable[[Sequence[str]], list[i
             continue
         if eligible is not None:
             for job in m.next_jobs({}):
+                if job.measure_affinity:
+                    check_affinity_clients(m.name, job.tasks, eligible)
                 m.strategy(job).configure_train(RoundContext(job, 0, cfg.seed, cfg.clients_per_round, eligible))
     return methods
+
+
+def check_affinity_clients(method: str, tasks: Sequence[str], eligible: Callable[[Sequence[str]], list[int]]) -> None:
+    """Refuse a job that measures task affinity when no client holds labels for two or more of its
+    ``tasks``: the lookahead (MAS Eq. 3) measures how one task's step changes *another* task's loss
+    on the same client's batch, so a client with one task measures nothing, the merge phase ends
+    with no affinity and no split can be chosen.
+
+    Args:
+        eligible: ``tasks -> clients holding labels for any of them`` (asked one task at a time).
+
+    Raises:
+        ConfigError: names ``--methods``, why, and what runs instead (nothing is raised when the
+            pool knows no client yet).
+    """
+    if len(tasks) < 2:
+        return
+    held: dict[int, int] = {}
+    for t in tasks:
+        for c in eligible([t]):
+            held[int(c)] = held.get(int(c), 0) + 1
+    if held and max(held.values()) < 2:
+        raise ConfigError(
+            "--methods",
+            f"{method} measures task affinity by lookahead (MAS Eq. 3) on clients that hold labels for two or more "
+            f"of the merged tasks ({', '.join(tasks)}), but every client here holds one task only (--task-groups, "
+            "or npz client files with one y_<task> each): it would train its merge phase and find no affinity to "
+            "split by. Run layered (clients sampled per task group) or one-by-one instead, or give clients the "
+            "labels of several tasks")
 
 
 def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results: dict[str, Any], *,
