@@ -313,6 +313,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         hooks = RunHooks(on_method_start=start, on_round=on_round, on_method_end=end, on_method_resume=resumed)
     run_state = None
     resume_hint = "run the same command with --resume" + (f" --out {cfg.out}" if timestamped else "")
+    previous_term = _stop_on_sigterm()
     try:
         from fmtl_edge.run_state import RunState
 
@@ -339,19 +340,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             from fmtl_edge.report import link_latest
 
             link_latest(out)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated): the run state is kept either way
+        what, rc = ("terminated", 128 + 15) if isinstance(e, Terminated) else ("interrupted", 130)
         if run_state is None:
-            console.print("[red]interrupted: nothing was written[/]")
+            console.print(f"[red]{what}: nothing was written[/]")
         else:
-            console.print(f"[red]interrupted[/]: kept {run_state.summary()} in {run_state.dir}; "
+            console.print(f"[red]{what}[/]: kept {run_state.summary()} in {run_state.dir}; "
                           f"to continue, {resume_hint}")
-        return 130
+        return rc
     except (ConfigError, DataError, ValueError) as e:
         return _err("simulate", str(e))
     except RuntimeError as e:  # a round no client could run (budgets, busy device): no result written
         kept = "" if run_state is None else f"; the completed rounds are kept ({resume_hint} to continue)"
         print(f"fmtl-edge simulate: failed: {e}; no result was written{kept}", file=sys.stderr)
         return 1
+    finally:
+        _restore_sigterm(previous_term)
     if args.json:
         print((out / "results.json").read_text())
     else:
@@ -359,6 +363,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             Console().print(table)
         console.print(f"results: {out / 'results.json'}  models: {out / 'models'}")
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during ``simulate``: handled as Ctrl-C (the run state is kept for ``--resume``), but
+    named "terminated" and exiting 143."""
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the handler it replaced
+    (None when signals cannot be set here, e.g. outside the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _null():

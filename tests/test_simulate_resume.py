@@ -169,3 +169,35 @@ def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):
     assert _run(out, "--overwrite", "--methods", "all-in-one") == 0
     assert not state_dir(out).exists()
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["all-in-one"]
+
+
+def test_sigterm_says_terminated_and_keeps_the_run_state(tmp_path):
+    """Issue 22.5: SIGTERM (a service manager, `kill`) stops `simulate` as Ctrl-C does: one line saying
+    "terminated", what was kept and how to continue (--resume), exit 143; the run state stays."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *ARGS, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                run = _state(out).get("running")
+            except (FileNotFoundError, ValueError):
+                run = None
+            if run and run["method"] == "ditto" and run["jobs"]:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"no checkpoint of ditto appeared (rc {proc.poll()})")
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated" in err and "--resume" in err and "Traceback" not in err, err
+    kept = _state(out)
+    assert "all-in-one" in kept["finished"] and not (out / "results.json").exists()
