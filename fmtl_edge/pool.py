@@ -54,6 +54,13 @@ class ClientPool(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot evaluate")
 
+    def client_models(self, requests: Sequence[tuple[int, Assignment]]) -> dict[int, dict[str, tuple[dict[str, np.ndarray], list[str]]]]:
+        """Each client's own (personalised) model for the personalised evaluation ``requests``:
+        ``client → job → (state, tasks)`` (:func:`fmtl_edge.client.client_model`: the backbone and
+        the heads of the tasks it holds). Default: ``{}`` — the clients keep their models
+        (devices write theirs with ``fmtl-edge join --save-model DIR``; a Flower node keeps its own)."""
+        return {}
+
     def global_vector_buffer(self, n_params: int) -> np.ndarray | None:
         """Storage for the coordinator's flat float32 global vector of ``n_params`` values, or None
         for an ordinary array (the gRPC pool: a file-backed mapping it pages out of RAM while a

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fmtl_edge.config import ConfigError
-from fmtl_edge.export import save_task_model
+from fmtl_edge.export import save_client_model, save_task_model
 from fmtl_edge.models import ModelSpec
 from fmtl_edge.tasks import TaskSet
 
@@ -103,7 +103,10 @@ def _clean(o: Any) -> Any:
 def write_outputs(out: str | Path, results: Mapping[str, Any],
                   models: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
                   tasks: TaskSet, spec: ModelSpec, overwrite: bool = True) -> Path:
-    """Write ``results.json`` and ``models/<method>/<task>.safetensors`` atomically into ``out``.
+    """Write ``results.json``, ``models/<method>/<task>.safetensors`` and, for the personalised
+    methods whose client models the run holds (``models.clients``, :class:`fmtl_edge.runner.RunModels`),
+    ``models/<method>/clients/<id>.safetensors`` (:func:`fmtl_edge.export.save_client_model`)
+    atomically into ``out``.
 
     An earlier result in ``out`` is replaced only once the new one is complete (``overwrite=False``
     refuses it instead, see :func:`check_out_dir`).
@@ -115,6 +118,10 @@ def write_outputs(out: str | Path, results: Mapping[str, Any],
         for method, per_task in models.items():
             for task, state in per_task.items():
                 save_task_model(stage / "models" / method / f"{task}.safetensors", state, tasks[task], spec, method)
+        for method, own in (getattr(models, "clients", None) or {}).items():
+            for name, (job, state, names) in own.items():
+                save_client_model(stage / "models" / method / "clients" / f"{name}.safetensors", state,
+                                  [tasks[t] for t in names], spec, method, name, job)
         text = json.dumps(_clean(dict(results)), indent=2, default=_json_default)
         (stage / RESULTS).write_text(text + "\n")
         old = None

@@ -30,7 +30,7 @@ import numpy as np
 from fmtl_edge.config import ConfigError
 from fmtl_edge.coordinator import Coordinator
 from fmtl_edge.curves import CurveRecorder
-from fmtl_edge.evaluation import evaluate_method
+from fmtl_edge.evaluation import client_models, evaluate_method
 from fmtl_edge.methods import Method, make_method
 from fmtl_edge.plan import JobOutcome, RoundCheckpoint, RoundFailed, RoundRecord
 from fmtl_edge.pool import ClientPool
@@ -39,6 +39,19 @@ from fmtl_edge.results import compare_merge_phase, final_states, method_entry
 log = logging.getLogger(__name__)
 
 Models = dict[str, dict[str, np.ndarray]]
+#: ``name → (job, state, tasks)``: each client's own model (:func:`fmtl_edge.evaluation.client_models`)
+ClientModels = dict[str, tuple[str, dict[str, np.ndarray], list[str]]]
+
+
+class RunModels(dict):
+    """What :func:`run_methods` returns beside the results: ``models[method][task]`` is the final
+    global state of that task's model (backbone + its head), for every method with global models;
+    ``models.clients[method][name]`` is ``(job, state, tasks)`` of each client's own model, for the
+    personalised methods whose pool holds the clients' state (``simulate``; devices keep theirs)."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.clients: dict[str, ClientModels] = {}
 
 
 class CheckpointStore(Protocol):
@@ -61,7 +74,10 @@ class CheckpointStore(Protocol):
         """Commit a completed round (and the clients' state, :meth:`ClientPool.state_snapshot`)."""
 
     def save_method(self, method: str, entry: Mapping[str, Any], models: Models | None) -> None:
-        """Commit a finished method's entry and final models."""
+        """Commit a finished method's entry and final models. A store that keeps client models
+        (:class:`fmtl_edge.run_state.RunState`) also takes ``clients=`` (:data:`ClientModels`) and
+        gives them back with ``finished_clients(method)``; the runner passes them only when the
+        pool made some."""
 
 
 @dataclass
@@ -209,7 +225,7 @@ def check_affinity_clients(method: str, tasks: Sequence[str], eligible: Callable
 
 def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results: dict[str, Any], *,
                 pooled_pool: Callable[[], ClientPool] | None = None, store: CheckpointStore | None = None,
-                hooks: RunHooks | None = None, settings: RunSettings | None = None) -> tuple[dict[str, Any], Models]:
+                hooks: RunHooks | None = None, settings: RunSettings | None = None) -> tuple[dict[str, Any], RunModels]:
     """Run ``methods`` over ``pool`` and fill ``results["methods"]`` (see the module docstring).
 
     Args:
@@ -226,8 +242,10 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
         settings: budgets, ``min_updates``, evaluation, retries.
 
     Returns:
-        ``(results, models)``: ``models[method][task]`` is the final state of that task's model
-        (backbone + its head) for every method with global models.
+        ``(results, models)``: :class:`RunModels` — ``models[method][task]`` is the final state of
+        that task's model (backbone + its head) for every method with global models, and
+        ``models.clients[method]`` each client's own model of a personalised method (when the
+        pool holds the clients' state).
 
     Raises:
         RoundFailed: a round failed (and the retry policy gave up).
@@ -236,7 +254,7 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
     settings = settings or RunSettings()
     train = cfg.train_config()
     tasks = methods[0].tasks if methods else None
-    models: Models = {}
+    models = RunModels()
     pooled = None
     for method in methods:
         finished = store.finished(method.name) if store is not None else None
@@ -247,6 +265,10 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
                 final = final_states(method, _finished_jobs(store.running(method.name)[0], cfg, pool, spec, tasks, train))
             if final is not None:
                 models[method.name] = final
+            kept = getattr(store, "finished_clients", None)
+            own = kept(method.name) if kept is not None else None
+            if own:
+                models.clients[method.name] = own
             if hooks.on_method_resume:
                 hooks.on_method_resume(method, int(entry.get("rounds", 0)), entry)
             continue
@@ -282,8 +304,11 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
         results["methods"][method.name] = entry
         if method.global_model:
             models[method.name] = final_states(method, done)
+        own = client_models(method, done, coord)
+        if own:
+            models.clients[method.name] = own
         if store is not None:
-            store.save_method(method.name, entry, models.get(method.name))
+            store.save_method(method.name, entry, models.get(method.name), **({"clients": own} if own else {}))
         if hooks.on_method_end:
             hooks.on_method_end(method, entry)
     compare_merge_phase(results)

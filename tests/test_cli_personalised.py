@@ -33,7 +33,13 @@ def test_personalised_methods_end_to_end(tmp_path, capsys):
             assert e["per_task"][t]["personalised_test_loss"] == pytest.approx(mean, rel=1e-9)
     assert m["ditto"]["total_test_loss"] is not None and m["local"]["reference"] and m["centralized"]["reference"]
     assert m["local"]["client_executions"] == res["clients"] * 2  # every client, every round
-    assert not (out / "models" / "layered").exists() and (out / "models" / "ditto").is_dir()
+    # personal heads: no global task models, one own model per client (issue 22.1); ditto has both
+    assert not list((out / "models" / "layered").glob("*.safetensors"))
+    for name in ("layered", "ditto", "local"):
+        own = sorted(p.stem for p in (out / "models" / name / "clients").glob("*.safetensors"))
+        assert own == sorted(str(c) for c in range(res["clients"])), name
+    assert (out / "models" / "ditto" / "digit.safetensors").is_file()
+    assert not (out / "models" / "centralized" / "clients").exists()
     assert "personalised" in capsys.readouterr().out
 
 
