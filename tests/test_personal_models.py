@@ -7,6 +7,7 @@ run's personalised per-client figure."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import json
 import os
 from pathlib import Path
@@ -80,3 +81,72 @@ def test_har_client_onnx_models_reproduce_the_personalised_figures(tmp_path, cap
     head = next(k for k in a if k.startswith("heads."))
     assert not np.array_equal(a[head], b[head])
     assert all(np.array_equal(a[k], b[k]) for k in a if k.startswith("backbone."))  # the shared backbone
+
+
+def _client_run(tmp_path):
+    """A run folder with client models only (layered, personal heads) for clients 0 and 1, and a
+    global-only method (all-in-one), from seeded random weights."""
+    from conftest import make_toy_dataset
+
+    from fmtl_edge.export import save_client_model, save_task_model
+    from fmtl_edge.models import ModelSpec, MultiTaskModel
+    from fmtl_edge.partition import select_state
+
+    ds = make_toy_dataset()
+    spec = ModelSpec(ds.input_shape, width=4)
+    run = tmp_path / "run"
+    for c, names in ((0, ["cls", "bin"]), (1, ["bin"])):
+        m = MultiTaskModel(spec, ds.tasks.subset(names), seed=c)
+        save_client_model(run / "models" / "layered" / "clients" / f"{c}.safetensors",
+                          {k: v.detach().numpy() for k, v in m.state_dict().items()}, ds.tasks.subset(names), spec,
+                          "layered", c, "layered")
+    m = MultiTaskModel(spec, ds.tasks.subset(["cls"]), seed=5)
+    save_task_model(run / "models" / "all-in-one" / "cls.safetensors",
+                    select_state({k: v.detach().numpy() for k, v in m.state_dict().items()}, ["cls"]), ds.tasks["cls"],
+                    spec, "all-in-one")
+    (run / "results.json").write_text(json.dumps({"dataset": "toy", "tasks": list(ds.tasks.names),
+                                                  "methods": {"layered": {"splits": []}, "all-in-one": {"splits": []}}}))
+    return run, ds, spec
+
+
+def test_client_model_files_round_trip_and_refuse_a_state_that_does_not_fit(tmp_path):
+    from fmtl_edge.export import load_client_model, save_client_model
+
+    run, ds, spec = _client_run(tmp_path)
+    model, meta = load_client_model(run / "models" / "layered" / "clients" / "0.safetensors")
+    assert list(model.task_names) == ["cls", "bin"] and meta["client"] == "0" and meta["method"] == "layered"
+    with pytest.raises(ValueError, match="does not fit its tasks"):
+        save_client_model(tmp_path / "x.safetensors", {"backbone.w": np.zeros(2, np.float32)}, ds.tasks.subset(["cls"]),
+                          spec, "layered", 0)
+    with pytest.raises(ValueError, match="not an fmtl-edge client model"):
+        load_client_model(run / "models" / "all-in-one" / "cls.safetensors")
+
+
+def test_export_cli_names_the_clients_flag_and_exports_one_onnx_per_client(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    run, ds, _ = _client_run(tmp_path)
+    assert main(["export", str(run)]) == 0  # the listing names the client models
+    out, err = capsys.readouterr()
+    assert "layered" in out and "2 client models" in out and "--clients" in err
+    for args, match in ((["--method", "layered"], r"layered has a personalised model per client.*--clients all"),
+                        (["--method", "all-in-one", "--clients", "all"], r"--clients: all-in-one has no client models"),
+                        (["--clients", "7"], r"--clients: layered has no model of client 7 \(it has 0, 1\)"),
+                        (["--clients", "0;1"], r"--clients '0;1': expected all or a comma list")):
+        assert main(["export", str(run), "--onnx", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(match, err), err
+    assert main(["export", str(run), "--onnx", "--clients", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "client 1" in out and "client 0" not in out
+    f = run / "onnx" / "layered" / "clients" / "1.onnx"
+    from fmtl_edge.deploy.onnx_export import read_metadata
+
+    meta = read_metadata(f)
+    assert meta["client"] == "1" and json.loads(meta["tasks"]) == ["bin"]
+    assert float(meta["parity_max_abs_diff"]) <= 1e-4
+    # a single client model file (what `join --save-model` writes on a device)
+    src = run / "models" / "layered" / "clients" / "0.safetensors"
+    assert main(["export", str(src), "--onnx", "--out", str(tmp_path / "dev")]) == 0
+    assert "client 0 of layered, outputs cls, bin" in capsys.readouterr().out
+    assert (tmp_path / "dev" / "0.onnx").is_file()
