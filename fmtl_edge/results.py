@@ -5,7 +5,8 @@
 
 - :func:`results_document` — the top level: ``dataset``, ``dataset_info``, ``tasks``,
   ``task_kinds``, ``clients``, ``config``, ``versions`` (:func:`versions`), ``dropout``, ``device``,
-  ``engine`` (which program ran it, and that program's own details) and ``methods``;
+  ``engine`` (which program ran it, and that program's own details), ``chance`` (the test labels'
+  majority-class rates, where the program holds the data) and ``methods``;
 - :func:`method_entry` — one method's entry (``methods.<name>``): test losses (global and
   personalised), cost (device s, CPU s, critical path, energy with its source, sample-passes,
   FLOPs), splits, affinity, jobs, per-round history, the evaluation's coverage, the merge phase and
@@ -50,7 +51,8 @@ def versions() -> dict[str, Any]:
 
 
 def results_document(*, dataset: str, dataset_info: Mapping[str, Any], tasks, clients: int, config: Mapping[str, Any],
-                     device: Mapping[str, Any], engine: Mapping[str, Any], dropout: float | None) -> dict[str, Any]:
+                     device: Mapping[str, Any], engine: Mapping[str, Any], dropout: float | None,
+                     chance: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The top level of ``results.json`` before any method ran (``methods`` empty).
 
     Args:
@@ -62,10 +64,15 @@ def results_document(*, dataset: str, dataset_info: Mapping[str, Any], tasks, cl
         engine: ``{"name": "simulate" | "fmtl-server" | "flower", ...}`` and that program's own
             details (the server's job, devices and counters; Flower's nodes and messages).
         dropout: the simulated ``--dropout`` probability (None where devices fail for real).
+        chance: the test labels' majority-class rates per classification/binary task
+            (:func:`fmtl_edge.verdict.chance_levels`; a program that holds the data passes them, the
+            report warns about accuracies at that level); None (``null``: the server and Flower
+            do not hold the data).
     """
     return {"dataset": dataset, "dataset_info": dict(dataset_info), "tasks": list(tasks.names),
             "task_kinds": {t.name: t.kind for t in tasks}, "clients": int(clients), "config": dict(config),
-            "versions": versions(), "dropout": dropout, "device": dict(device), "engine": dict(engine), "methods": {}}
+            "versions": versions(), "dropout": dropout, "device": dict(device), "engine": dict(engine),
+            "chance": None if chance is None else {k: dict(v) for k, v in chance.items()}, "methods": {}}
 
 
 def final_states(method, done: Mapping[str, JobOutcome]) -> dict[str, dict[str, np.ndarray]]:
