@@ -60,6 +60,7 @@ def _add_simulate(sub) -> None:
                    help="pathological split instead of Dirichlet: every client holds exactly C classes "
                         "(digits: of the digit; utkface: of race), e.g. --clients 10 --classes-per-client 2")
     g = p.add_argument_group("federated training")
+    g.add_argument("--tasks", metavar="TASK,TASK,...", help="train only these tasks of the data set (default: all)")
     g.add_argument("--methods", help="comma list (default: mas-2,all-in-one,one-by-one)")
     g.add_argument("--rounds", type=int, help="R, rounds per task (preset: 30; paper: 100)")
     g.add_argument("--r0", type=int, help="R0, rounds of MAS's merged phase (default: R/3; mas-auto: its cap)")
@@ -90,6 +91,21 @@ def _add_simulate(sub) -> None:
                    "model on the union test set every N rounds and at the job's end (results: methods.<m>.curve; "
                    "not counted in device time; default 0: off)")
     g.add_argument("--width", type=int, help="backbone width (default 16)")
+    g.add_argument("--loss-weights", metavar="uniform|chance|TASK=W,...",
+                   help="task weights of the objective Σ w_t·L_t: uniform (w = 1, default), chance (w_t = 1 / the "
+                        "loss of the best constant predictor of t's training labels, from per-client label "
+                        "statistics), or given (e.g. age=1,gender=0.5); results also give each task's chance loss "
+                        "and the normalised total (chance level = 1 per task)")
+    g.add_argument("--partition-seed", type=int, metavar="S",
+                   help="seed of the data partition when it differs from --seed: run one seed of a --seeds study as "
+                        "its own resumable run, then combine the runs with `fmtl-edge report RUN RUN ...`")
+    g.add_argument("--oracle-splits", action="store_const", const=True,
+                   help="beside every mas-x, mas-oracle-x: the same merge, then every x-split trained from the merged "
+                        "weights; reports the rank of the affinity-chosen split by test loss (MAS Table 1's check; "
+                        "small n only)")
+    g.add_argument("--paired-with", metavar="METHOD",
+                   help="with --seeds: each method's per-seed differences against METHOD (normalised and raw total "
+                        "test loss), their mean and 95%% t-interval (n-1 degrees of freedom), in results, table and plots")
     g.add_argument("--seed", type=int, help="run seed (default 0)")
     g.add_argument("--seeds", metavar="S,S,...", help="run every method once per training seed (e.g. 0,1,2: "
                    "model init, sampling, batch order); the data partition stays --seed's; results hold "
@@ -109,6 +125,17 @@ def _add_simulate(sub) -> None:
                    help="intra-op threads of each client execution (default auto: one per 0.5 GFLOP of a training "
                         "batch, at most the usable cores; the OpenMP wait policy is passive unless you set "
                         "OMP_WAIT_POLICY), so device seconds measure the work even on shared cores")
+    g.add_argument("--fleet", metavar="FILE.toml|NAME",
+                   help="simulated devices (e.g. orin-mix: Orin Nano, Orin NX, AGX Orin x 8, their power modes): client "
+                        "k runs on device k mod N; device seconds and joules are the fleet model's for the counted "
+                        "sample-passes (labelled model:fleet: deterministic on a loaded machine)")
+    g.add_argument("--selection", choices=("uniform", "energy", "utility"),
+                   help="who trains in a round: uniform (default), energy (the K of least predicted joules whose "
+                        "budgets allow the round), utility (Oort: statistical utility x system cost)")
+    g.add_argument("--power-mode", choices=("keep", "max", "auto"),
+                   help="each selected device's power mode: keep (default), max, auto (the least J per sample that "
+                        "still meets the round's deadline = the slowest device at max); needs --fleet or devices "
+                        "that report their modes")
     g.add_argument("--time-budget-s", type=float, help="per-round time budget of a client execution (s)")
     g.add_argument("--energy-budget-j", type=float, help="per-round energy budget of a client execution (J)")
     g.add_argument("--out", help="output folder (default: a new runs/<UTC time>, with runs/latest pointing at it)")
@@ -128,11 +155,12 @@ def _add_simulate(sub) -> None:
 
 
 _CONFIG_KEYS = (
-    "dataset", "data_dir", "clients", "max_samples", "image_size", "alpha", "classes_per_client", "methods", "rounds", "r0",
+    "dataset", "data_dir", "tasks", "clients", "max_samples", "image_size", "alpha", "classes_per_client", "methods", "rounds", "r0",
     "clients_per_round", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "affinity_every",
     "affinity_divide_by_lr", "width", "seed", "seeds", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
-    "pretrained", "lease_wait_s", "dropout", "eval_every", "threads",
+    "pretrained", "lease_wait_s", "dropout", "eval_every", "threads", "loss_weights", "paired_with", "partition_seed",
+    "oracle_splits", "fleet", "selection", "power_mode",
 )
 
 
@@ -246,16 +274,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         with console.status(f"loading {cfg.dataset}…", spinner="dots") if not args.no_progress else _null():
             dataset = load_dataset(
-                cfg.dataset, data_dir=cfg.data_dir, n_clients=cfg.clients, seed=cfg.seed, alpha=cfg.alpha,
+                cfg.dataset, data_dir=cfg.data_dir, n_clients=cfg.clients, seed=cfg.data_seed, alpha=cfg.alpha,
                 image_size=cfg.image_size, max_samples=cfg.max_samples, task_groups=cfg.task_groups,
                 classes_per_client=cfg.classes_per_client,
             )
+        if cfg.tasks:
+            dataset = dataset.with_tasks(cfg.tasks)
         cfg.validate_against(len(dataset.tasks), dataset.n_clients)
         from fmtl_edge.runner import prepare_methods
         from fmtl_edge.simulation import dataset_eligible
 
         names = [m.name for m in prepare_methods(cfg, dataset.tasks, cfg.model_spec(dataset.input_shape),
                                                  dataset_eligible(dataset))]
+        if cfg.power_mode != "keep" and cfg.fleet is None:
+            raise ConfigError("--power-mode", f"{cfg.power_mode}: simulated clients have no power modes; give "
+                              "--fleet (e.g. orin-mix) to simulate devices that do")
         from fmtl_edge.runtime import load_profile
 
         load_profile(cfg.profile)
@@ -432,16 +465,35 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from fmtl_edge.report import summary_tables
 
-    p = Path(args.results)
-    if p.is_dir():
-        p = p / "results.json"
+    docs = []
+    for given in args.results:
+        p = Path(given)
+        if p.is_dir():
+            p = p / "results.json"
+        try:
+            docs.append(json.loads(p.read_text()))
+        except FileNotFoundError:
+            return _err("report", f"no results file at {p}; pass a results.json or the --out folder of a run")
+        except json.JSONDecodeError as e:
+            return _err("report", f"{p} is not an fmtl-edge results.json ({e})")
     try:
-        results = json.loads(p.read_text())
+        if len(docs) > 1:
+            from fmtl_edge.results import combine_runs
+
+            results = combine_runs(docs, args.paired_with)
+        elif args.paired_with:
+            return _err("report", "--paired-with: give the single-seed runs to combine (RUN RUN ...), or run "
+                        "simulate with --seeds and --paired-with")
+        else:
+            results = docs[0]
         tables = summary_tables(results)
-    except FileNotFoundError:
-        return _err("report", f"no results file at {p}; pass a results.json or the --out folder of a run")
-    except (json.JSONDecodeError, KeyError) as e:
-        return _err("report", f"{p} is not an fmtl-edge results.json ({e})")
+    except ValueError as e:
+        return _err("report", str(e))
+    except KeyError as e:
+        return _err("report", f"not an fmtl-edge results.json (no {e})")
+    if args.write:
+        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write).write_text(json.dumps(results, indent=2))
     for table in tables:
         Console().print(table)
     if args.plot:
@@ -472,7 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="print the summary table (and a figure) of a finished run",
                         description="Print the summary tables of a run's results.json; --plot draws a figure.",
                         epilog="example: fmtl-edge report runs/latest --plot runs/latest/summary.png")
-    rp.add_argument("results", help="results.json or the run's --out folder")
+    rp.add_argument("results", nargs="+", help="results.json or the run's --out folder; several single-seed runs "
+                    "of one study (simulate --seed S --partition-seed P) are combined as --seeds would (mean ± std)")
+    rp.add_argument("--paired-with", metavar="METHOD", help="with several runs: paired per-seed differences "
+                    "against METHOD, their mean and 95%% t-interval")
+    rp.add_argument("--write", metavar="FILE.json", help="also write the (combined) results document here")
     rp.add_argument("--plot", metavar="FILE.png", help="also draw loss vs device time, energy per method and "
                     "the task-affinity matrix (needs matplotlib)")
     rp.set_defaults(func=cmd_report)

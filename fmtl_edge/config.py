@@ -14,7 +14,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 try:
     import tomllib
@@ -48,6 +48,8 @@ class SimulationConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     methods: tuple[str, ...] = DEFAULT_METHODS
+    #: ``--tasks a,b``: train only these tasks of the data set (None: every task)
+    tasks: tuple[str, ...] | None = None
     rounds: int = 100
     r0: int = 35
     clients: int | None = None
@@ -63,6 +65,9 @@ class SimulationConfig:
     #: ``--seeds 0,1,2``: every method runs once per seed (the training seed: model init, client
     #: sampling, batch order, dropout); the data partition stays the one of ``seed``; None: one run
     seeds: tuple[int, ...] | None = None
+    #: ``--partition-seed S``: the data partition's seed when it differs from the training seed (one
+    #: seed of a ``--seeds`` study run as its own resumable run); None: ``seed``
+    partition_seed: int | None = None
     device: str = "cpu"
     out: str | None = None  # None: a new timestamped run folder runs/<UTC time>, runs/latest → it
     meter: str | None = None
@@ -101,6 +106,11 @@ class SimulationConfig:
             raise KeyError(f"no method declares the option {name!r}")
         return self.method_options.get(name, opts[name].default)
 
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data partition: ``partition_seed`` when set, else ``seed``."""
+        return int(self.seed if self.partition_seed is None else self.partition_seed)
+
     def train_config(self):
         """The clients' local-training settings (:class:`~fmtl_edge.messages.TrainConfig`)."""
         from fmtl_edge.messages import TrainConfig
@@ -124,11 +134,24 @@ class SimulationConfig:
     lease_wait_s: float = 600.0
     #: ``--threads N|auto``: intra-op threads of each client execution (:mod:`fmtl_edge.runtime.threads`)
     threads: str = "auto"
+    #: ``--loss-weights uniform|chance|TASK=W,...``: task weights of the objective (:mod:`fmtl_edge.loss_weights`)
+    loss_weights: str = "uniform"
+    #: ``--paired-with METHOD`` (with ``--seeds``): per-seed paired differences against METHOD, 95 % t-interval
+    paired_with: str | None = None
+    #: ``--oracle-splits``: beside every mas-x, mas-oracle-x trains every x-split from the merged weights
+    oracle_splits: bool = False
+    #: ``--fleet FILE.toml|NAME``: simulated devices (client k on device k mod N), modelled time and energy
+    fleet: str | None = None
+    #: ``--selection uniform|energy|utility``: who trains in a round (:mod:`fmtl_edge.selection`)
+    selection: str = "uniform"
+    #: ``--power-mode keep|max|auto``: each selected device's power mode (:mod:`fmtl_edge.selection`)
+    power_mode: str = "keep"
 
     def to_dict(self) -> dict[str, Any]:
         """The config as results.json stores it (``data_dir`` absolute and resolved)."""
         d = dataclasses.asdict(self)
         d["methods"] = list(self.methods)
+        d["tasks"] = None if self.tasks is None else list(self.tasks)
         d["seeds"] = None if self.seeds is None else list(self.seeds)
         if self.data_dir is not None:
             d["data_dir"] = str(Path(self.data_dir).expanduser().resolve())
@@ -185,6 +208,27 @@ class SimulationConfig:
         except ValueError as e:
             raise ConfigError("--threads", str(e).removeprefix("--threads: ")) from None
         self.threads = "auto" if n is None else str(n)
+        from fmtl_edge.loss_weights import parse_loss_weights
+
+        self.loss_weights = parse_loss_weights(self.loss_weights)
+        from fmtl_edge.selection import POLICIES, POWER_MODE_POLICIES
+
+        if self.selection not in POLICIES:
+            raise ConfigError("--selection", f"{self.selection!r} is not one of {', '.join(POLICIES)}")
+        if self.power_mode not in POWER_MODE_POLICIES:
+            raise ConfigError("--power-mode", f"{self.power_mode!r} is not one of {', '.join(POWER_MODE_POLICIES)}")
+        if self.fleet is not None:
+            from fmtl_edge.fleet import Fleet
+
+            Fleet.load(self.fleet)  # a bad file or name is refused here (ConfigError --fleet)
+        if self.oracle_splits and not any(re.fullmatch(r"mas-\d+", m) for m in self.methods):
+            raise ConfigError("--oracle-splits", "checks the split of a mas-x method: add one to --methods (e.g. mas-2)")
+        if self.paired_with is not None:
+            if self.paired_with not in self.methods:
+                raise ConfigError("--paired-with", f"{self.paired_with!r} is not one of --methods "
+                                  f"({', '.join(self.methods)}); name the method to compare against")
+            if not self.seeds or len(self.seeds) < 2:
+                raise ConfigError("--paired-with", "paired differences need several seeds: add --seeds (e.g. 0,1,2,3,4)")
         if not self.lease_wait_s >= 0:
             raise ConfigError("--lease-wait-s", f"must be >= 0 seconds (0: refuse at once if busy), got {self.lease_wait_s}")
         for name in ("time_budget_s", "energy_budget_j"):
@@ -296,11 +340,13 @@ def _coerce(name: str, value: Any) -> Any:
         if not out or len(set(out)) != len(out):
             raise ConfigError("seeds", f"name each seed once, at least one: got {value!r}")
         return out
-    if name == "methods":
+    if name in ("methods", "tasks"):
+        if value is None and name == "tasks":
+            return None
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError("methods", "must be a list of names or a comma-separated string")
+            raise ConfigError(name, "must be a list of names or a comma-separated string")
         return tuple(v.strip() for v in value)
     default = _FIELDS[name].default
     kind = type(default) if default is not None else None
@@ -310,11 +356,11 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError("layers", "must be a table: [layers] personal = [\"heads.*\"], pretrained = [...]")
         return {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in value.items()}
-    if name in ("clients", "max_samples", "image_size", "task_groups", "classes_per_client"):
+    if name in ("clients", "max_samples", "image_size", "task_groups", "classes_per_client", "partition_seed"):
         kind = int
     elif name in ("alpha", "time_budget_s", "energy_budget_j"):
         kind = float
-    elif name in ("data_dir", "meter", "profile", "sampling", "pretrained", "out"):
+    elif name in ("data_dir", "meter", "profile", "sampling", "pretrained", "out", "paired_with", "fleet"):
         kind = str
     if kind is bool:
         if not isinstance(value, bool):
@@ -367,8 +413,9 @@ def read_toml(path: str | Path, flag: str = "--config") -> dict[str, Any]:
         raise ConfigError(flag, f"{p} is not valid TOML: {e}") from None
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
+def load_toml(path: str | Path, skip: Collection[str] = ()) -> dict[str, Any]:
     """Read a config file; keys may use ``-`` or ``_``; an optional ``[simulate]`` table is accepted.
+    Keys in ``skip`` (spelled with ``-``) are left out: another program's own keys (the Flower apps').
 
     Raises:
         ConfigError: missing file, bad TOML, unknown key or wrong type (naming the key).
@@ -383,13 +430,15 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
+        if key.replace("_", "-") in skip:
+            continue
         if name in opts:
             out[name] = value
             continue
         if name not in _FIELDS or name == "method_options":
             import difflib
 
-            known = sorted(k.replace("_", "-") for k in [*_FIELDS, *opts] if k != "method_options")
+            known = sorted([*(k.replace("_", "-") for k in [*_FIELDS, *opts] if k != "method_options"), *skip])
             near = difflib.get_close_matches(key.replace("_", "-"), known, n=1, cutoff=0.6)
             hint = f"did you mean {near[0]}? " if near else ""
             raise ConfigError(f"{p}: {key}", f"unknown key; {hint}known keys: {', '.join(known)}")
@@ -397,17 +446,19 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def build_config(overrides: Mapping[str, Any], config_file: str | Path | None = None) -> SimulationConfig:
+def build_config(overrides: Mapping[str, Any], config_file: str | Path | None = None,
+                 skip: Collection[str] = ()) -> SimulationConfig:
     """Defaults < dataset preset < TOML file < ``overrides`` (flags given on the command line).
 
-    ``overrides`` holds only values the user set (None means "not given").
+    ``overrides`` holds only values the user set (None means "not given"); ``skip``: keys of the
+    file that another program reads (:func:`load_toml`).
 
     Raises:
         ConfigError: as :func:`load_toml` and :meth:`SimulationConfig.validate`.
     """
     from fmtl_edge.methods import method_options
 
-    from_file = load_toml(config_file) if config_file else {}
+    from_file = load_toml(config_file, skip) if config_file else {}
     flags = {k: v for k, v in overrides.items() if v is not None}
     opts = method_options()
     # method options (flags or TOML keys named by a method's OPTIONS) go into method_options
@@ -423,8 +474,9 @@ def build_config(overrides: Mapping[str, Any], config_file: str | Path | None = 
     if "rounds" in explicit and "r0" not in explicit:
         # R0 follows R (a third, as the presets and the paper's R0 ≈ 0.3–0.4·R) unless set.
         merged["r0"] = max(1, min(int(merged["rounds"]) - 1, round(int(merged["rounds"]) / 3)))
-    if "methods" in merged:
-        merged["methods"] = _coerce("methods", merged["methods"])
+    for key in ("methods", "tasks"):
+        if key in merged:
+            merged[key] = _coerce(key, merged[key])
     if "seeds" in merged:
         merged["seeds"] = _coerce("seeds", merged["seeds"])
     merged["method_options"] = chosen

@@ -47,7 +47,9 @@ from fmtl_edge.tasks import TaskSet
 class _RoundTotals:
     """What the coordinator tallies of one round's updates (losses, samples, cost, affinity, refusals)."""
 
-    def __init__(self, tasks: Sequence[str]):
+    def __init__(self, tasks: Sequence[str], record: Callable[[ClientUpdate], dict]):
+        self.record = record
+        self.per_client: list[dict] = []
         self.tally = EnergyTally()
         self.loss_num = {t: 0.0 for t in tasks}
         self.loss_den = {t: 0 for t in tasks}
@@ -60,10 +62,12 @@ class _RoundTotals:
 
     def refuse(self, upd: ClientUpdate) -> None:
         self.refused.append({"client_id": int(upd.client_id), **upd.error})
+        self.per_client.append(self.record(upd))
 
     def count(self, upd: ClientUpdate) -> bool:
         """Tally an update that trained; False when it used no sample (nothing to aggregate)."""
         self.executed.append(int(upd.client_id))
+        self.per_client.append(self.record(upd))
         self.device_times.append(float(upd.device_s))
         self.tally.add(upd.device_s, upd.energy, upd.sample_passes, upd.lookahead_passes, upd.cpu_s)
         if upd.n_samples <= 0:
@@ -105,6 +109,10 @@ class Coordinator:
         time_budget_s, energy_budget_j: per-round budgets sent with every assignment.
         on_round_end: optional ``(RoundCheckpoint) -> None`` called after every round (persistence).
         min_updates: fewest usable updates a round may aggregate; fewer raise :class:`RoundFailed`.
+        loss_weights: task → w_t of the clients' objective Σ_t w_t·L_t (None: every w_t = 1).
+        energy_policy: an :class:`~fmtl_edge.energy_policy.EnergyPolicy`: who trains (through the
+            strategy's ``RoundContext.select``) and each client's power mode, from the seed and the
+            finished rounds' per-client records (None: uniform sampling, devices as they are).
 
     Raises:
         ValueError: K < 1 or min_updates outside 1..K.
@@ -115,7 +123,8 @@ class Coordinator:
                  on_round: Callable[[RoundRecord], None] | None = None,
                  affinity_rounds: Sequence[int] | None = None,
                  time_budget_s: float | None = None, energy_budget_j: float | None = None,
-                 on_round_end: Callable[[RoundCheckpoint], None] | None = None, min_updates: int = 1):
+                 on_round_end: Callable[[RoundCheckpoint], None] | None = None, min_updates: int = 1,
+                 loss_weights: Mapping[str, float] | None = None, energy_policy=None):
         if clients_per_round < 1:
             raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}")
         if not 1 <= min_updates <= clients_per_round:
@@ -132,6 +141,13 @@ class Coordinator:
         self.energy_budget_j = energy_budget_j
         self.on_round_end = on_round_end
         self.min_updates = min_updates
+        #: task → w_t of the clients' objective (``--loss-weights``), sent with every assignment
+        self.loss_weights = dict(loss_weights or {})
+        #: the run's :class:`~fmtl_edge.energy_policy.EnergyPolicy` (selection, power modes), or None
+        self.energy_policy = energy_policy
+        #: the per-client records of the method's finished jobs (the energy policy's history)
+        self.prior_records: list = []
+        self._modes: dict[int, str | None] = {}
         #: prefix of the client-state keys (the method's name while :meth:`run_method` runs)
         self.namespace = ""
 
@@ -141,6 +157,29 @@ class Coordinator:
         job and method of a run (seeded by the run seed), so methods start from the same θ_s."""
         model = MultiTaskModel(self.spec, self.tasks.subset(tasks), seed=derive_seed(self.seed, "init"))
         return state_to_numpy(model.state_dict())
+
+    def client_record(self, upd: ClientUpdate) -> dict:
+        """One client execution as the round's ``per_client`` history keeps it (its device, power
+        mode, samples, sample-passes, seconds, joules, train loss: what the energy policy reads)."""
+        from fmtl_edge.selection import ClientRecord
+
+        device = self.energy_policy.device(upd.client_id) if self.energy_policy is not None else f"client-{upd.client_id}"
+        return ClientRecord.from_update(upd, device).to_dict()
+
+    def _selector(self, history: Sequence[RoundRecord]):
+        """``RoundContext.select`` of a round: the energy policy over the method's finished rounds,
+        or None (the strategy's uniform draw) when the policy is not selecting."""
+        policy = self.energy_policy
+        if policy is None or policy.selection == "uniform" and policy.fleet is None:
+            return None
+        from fmtl_edge.selection import ClientRecord
+
+        past = list(self.prior_records) + [ClientRecord.from_dict(d) for rec in history for d in rec.per_client]
+
+        def select(eligible: Sequence[int], k: int, seed_parts: Sequence[Any]) -> list[int]:
+            return policy.select(eligible, k, seed_parts, past).clients
+
+        return select
 
     def state_key(self, job: Job) -> str:
         """The client-state key of ``job``: ``<method>/<job>``."""
@@ -155,13 +194,15 @@ class Coordinator:
         return ParameterLayout.from_state(state, frozen=job.frozen, personal=job.personal, common=job.common)
 
     def assignment(self, job: Job, r: int, task: ClientTask, state: Mapping[str, np.ndarray], lr: float,
-                   layout: ParameterLayout) -> Assignment:
+                   layout: ParameterLayout, cid: int = -1) -> Assignment:
         """The assignment of one client in round ``r`` (what the strategy chose + the job's settings)."""
         return Assignment(job=job.name, round=r, tasks=tuple(job.tasks), state=state, lr=lr, config=self.train,
                           measure_affinity=job.measure_affinity, seed=self.seed, time_budget_s=self.time_budget_s,
                           energy_budget_j=self.energy_budget_j, procedure=task.procedure,
                           method_config=dict(task.method_config), state_key=self.state_key(job),
-                          personal=layout.names_in(PERSONAL), frozen=layout.names_in(FROZEN))
+                          personal=layout.names_in(PERSONAL), frozen=layout.names_in(FROZEN),
+                          loss_weights={t: self.loss_weights[t] for t in job.tasks if t in self.loss_weights},
+                          power_mode=self._modes.get(int(cid)))
 
     def run_job(self, job: Job, init_state: Mapping[str, np.ndarray] | None = None,
                 resume: RoundCheckpoint | None = None, strategy: Strategy | None = None) -> JobOutcome:
@@ -203,9 +244,12 @@ class Coordinator:
             history = list(resume.history)
         for r in range(start, job.rounds):
             t_round = time.perf_counter()
-            plan = strategy.configure_train(RoundContext(job, r, self.seed, self.k, self.pool.eligible))
+            plan = strategy.configure_train(RoundContext(job, r, self.seed, self.k, self.pool.eligible,
+                                                         self._selector(history)))
+            policy = self.energy_policy
+            self._modes = policy.power_modes([c for c, _ in plan]) if policy is not None else {}
             lr = job.lr(self.train.lr, r)
-            totals = _RoundTotals(job.tasks)
+            totals = _RoundTotals(job.tasks, self.client_record)
             sequential = strategy.is_sequential_round(r)
             if sequential:
                 global_vec = self._sequential_round(job, r, plan, lr, layout, state, global_vec, strategy, totals)
@@ -219,7 +263,8 @@ class Coordinator:
             rec = RoundRecord(job.name, r, [c for c, _ in plan], lr, totals.train_loss(), totals.samples,
                               totals.tally.device_s, totals.tally.total_j, time.perf_counter() - t_round,
                               totals.stopped, totals.executed, totals.refused, totals.tally.critical_path_s,
-                              totals.tally.sample_passes, totals.tally.lookahead_passes, totals.tally.cpu_s)
+                              totals.tally.sample_passes, totals.tally.lookahead_passes, totals.tally.cpu_s,
+                              totals.per_client)
             history.append(rec)
             if self.on_round:
                 self.on_round(rec)
@@ -233,8 +278,11 @@ class Coordinator:
     def _parallel_round(self, job, r, plan, lr, layout, state, global_vec, strategy, totals) -> np.ndarray:
         """Every client of ``plan`` starts from the round's global model; the strategy's aggregation
         combines the updates in place (the server holds the global vector, the accumulator and one
-        update: 3·P for FedAvg)."""
-        work = [(cid, self.assignment(job, r, task, state, lr, layout)) for cid, task in plan]
+        update: 3·P for FedAvg). A round whose plan is empty (every device's energy budget spent)
+        leaves the model as it is."""
+        if not plan:
+            return global_vec
+        work = [(cid, self.assignment(job, r, task, state, lr, layout, cid)) for cid, task in plan]
         agg = strategy.round_aggregation(r, layout.n_params, layout.table)
         scratch: list[np.ndarray] = []
         for upd in self.pool.execute_many(work):
@@ -261,7 +309,7 @@ class Coordinator:
         # a pool that can hand a failed slot to another device (the gRPC pool) must not here: the
         # node is the client, and the ring skips it instead (ClientPool.execute_in_turn)
         for cid, task in plan:
-            a = self.assignment(job, r, task, {**state, **layout.unflatten(global_vec)}, lr, layout)
+            a = self.assignment(job, r, task, {**state, **layout.unflatten(global_vec)}, lr, layout, cid)
             for upd in self.pool.execute_in_turn(cid, a):
                 if upd.error is not None:
                     totals.refuse(upd)
@@ -310,6 +358,11 @@ class Coordinator:
                 return done
             job = pending[0]
             strategy = method.strategy(job)
+            if self.energy_policy is not None:
+                from fmtl_edge.selection import ClientRecord
+
+                self.prior_records = [ClientRecord.from_dict(d) for o in done.values() for rec in o.history
+                                      for d in rec.per_client]
             if resume is not None:
                 if resume.job.name != job.name:
                     raise RuntimeError(

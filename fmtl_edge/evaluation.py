@@ -102,6 +102,17 @@ def _complete(tasks, per_task: dict[str, dict], finals: Mapping[str, str]) -> di
     return out
 
 
+def evaluate_finals(method, done: Mapping[str, JobOutcome], coord: Coordinator, finals: Mapping[str, str],
+                    clients: list[int] | None = None) -> dict[str, dict[str, Any]]:
+    """The global test figures of one set of final models (task → job) through the pool: task →
+    ``{"loss", "metric", "metric_name", "n"}`` (an oracle's candidate split)."""
+    reqs = _requests(method, done, coord, clients, personalised=False, finals=finals)
+    res = coord.pool.evaluate(reqs) if reqs else {}
+    total: dict[str, dict] = {}
+    for c in sorted(res):
+        add_sums(total, _final(res[c], finals))
+    return _complete(coord.tasks, finish_sums(coord.tasks, total), finals)
+
 
 def client_models(method, done: Mapping[str, JobOutcome], coord: Coordinator) -> dict[str, tuple[str, dict, list[str]]]:
     """The personalised ``method``'s client models, as the pool holds them (:meth:`ClientPool.client_models`;

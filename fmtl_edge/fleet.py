@@ -273,7 +273,7 @@ class Fleet:
         name = dev.default_mode.name if mode is None else mode
         device_s, energy_j = self.cost(client_id, name, sample_passes, model)
         return {"wall_s": device_s, "total_j": energy_j, "total_scope": "none", "estimated": True,
-                "source": f"{FLEET_SOURCE}:{self.name}:{dev.name}", "domains": [], "sample_hz": None,
+                "source": f"{FLEET_SOURCE}:{self.name}", "device": dev.name, "domains": [], "sample_hz": None,
                 "power_mode": name, "warnings": []}
 
     def to_dict(self) -> dict[str, Any]:

@@ -75,6 +75,8 @@ class Assignment:
             :mod:`fmtl_edge.runtime.power_modes`); None leaves the device as it is. A device switches
             only when its agent runs with ``--allow-power-mode``; its energy record names the mode
             actually used.
+        loss_weights: task → w_t of the local objective Σ_t w_t·L_t (``--loss-weights``,
+            :mod:`fmtl_edge.loss_weights`); a task it does not name weighs 1.
     """
 
     job: str
@@ -94,6 +96,11 @@ class Assignment:
     frozen: tuple[str, ...] = ()
     personalised: bool = False
     power_mode: str | None = None
+    loss_weights: dict[str, float] = field(default_factory=dict)
+
+    def weight(self, task: str) -> float:
+        """w_t of ``task`` in the local objective (1 when :attr:`loss_weights` does not name it)."""
+        return float(self.loss_weights.get(task, 1.0))
 
     def uploaded_names(self, names) -> list[str]:
         """The tensor names of ``names`` that an update may carry: all but personal and frozen."""

@@ -199,6 +199,9 @@ class RoundRecord:
     lookahead_passes: int = 0
     #: the round's process CPU seconds of its executions (None: a client did not report them)
     cpu_s: float | None = None
+    #: one record per client execution of the round (:meth:`fmtl_edge.selection.ClientRecord.to_dict`:
+    #: device, power mode, samples, sample-passes, seconds, joules, train loss), refusals included
+    per_client: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (checkpoints); :meth:`from_dict` reads it back."""

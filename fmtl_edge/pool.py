@@ -61,6 +61,17 @@ class ClientPool(ABC):
         (devices write theirs with ``fmtl-edge join --save-model DIR``; a Flower node keeps its own)."""
         return {}
 
+    def label_statistics(self, tasks) -> dict[int, dict[str, dict]] | None:
+        """Each client's training-label statistics (:func:`fmtl_edge.loss_weights.client_label_stats`:
+        sums the client computes over its own labels; no sample leaves it), for the chance losses
+        and ``--loss-weights chance``; None when the pool cannot tell (chance losses then unknown)."""
+        return None
+
+    def train_sizes(self) -> dict[int, int] | None:
+        """client → its training samples (the energy policy predicts a round's sample-passes from
+        them), or None when unknown."""
+        return None
+
     def global_vector_buffer(self, n_params: int) -> np.ndarray | None:
         """Storage for the coordinator's flat float32 global vector of ``n_params`` values, or None
         for an ordinary array (the gRPC pool: a file-backed mapping it pages out of RAM while a

@@ -180,7 +180,7 @@ def splits_text(results: Mapping[str, Any]) -> str:
     """The methods' task groups, numbered, one group per line (fits 80 columns for short names)."""
     methods = results["methods"]
     w = max((len(n) for n in methods), default=6) + 2
-    lines = ["groups (the tasks trained together; numbered as in the groups column):"]
+    lines = ["groups (the tasks trained together, numbered):"]
     for name, m in methods.items():
         groups = m["splits"]
         if len(groups) > 1 and all(len(g) == 1 for g in groups):
@@ -203,11 +203,12 @@ def _mark(text: str, best: bool):
 
 
 def summary_tables(results: Mapping[str, Any]):
-    """What ``simulate`` and ``report`` print, in order: the main table per method (total test
-    loss, personalised total where a method has one, device s, critical-path s, energy J, rounds,
-    number of groups) with the best (lowest) value of each figure column marked :data:`BEST`, the
-    verdict line and chance-level warnings (:mod:`fmtl_edge.verdict`), the load-independent cost
-    table, the merge-phase table and mas-auto's decisions where they apply, per task the global
+    """What ``simulate`` and ``report`` print, in order: the main table per method (normalised
+    total where the run has chance losses, total test loss, personalised total where a method has
+    one, device s, critical-path s, energy J, rounds) with the best (lowest) value of each figure
+    column marked :data:`BEST`, the verdict line and chance-level warnings (:mod:`fmtl_edge.verdict`),
+    the load-independent cost table, the paired comparison (``--paired-with``), the merge-phase
+    table and mas-auto's decisions where they apply, per task the global
     and (personalised methods) personalised test loss / metric, and the groups as text
     (:func:`splits_text`). Tables are :class:`fmtl_edge.tables.FitTable` s: at any console width
     (80 columns in a pipe or a log file) their columns split into parts, nothing is cut."""
@@ -217,12 +218,18 @@ def summary_tables(results: Mapping[str, Any]):
     tasks = results["tasks"]
     methods = results["methods"]
     personal = any(m.get("personalised_total_test_loss") is not None for m in methods.values())
-    cols = [Col("method", "left", "bold"), Col("total test loss")]
-    keys = ["total_test_loss"]
+    normalised = any(m.get("normalised_total_test_loss") is not None for m in methods.values())
+    cols = [Col("method", "left", "bold")]
+    keys = []
+    if normalised:
+        cols.append(Col("norm."))
+        keys.append("normalised_total_test_loss")
+    cols.append(Col("total test loss"))
+    keys.append("total_test_loss")
     if personal:
         cols.append(Col("pers. loss"))
         keys.append("personalised_total_test_loss")
-    cols += [Col("device s"), Col("crit. s"), Col("energy J"), Col("R"), Col("groups")]
+    cols += [Col("device s"), Col("crit. s"), Col("energy J"), Col("R")]
     keys += ["device_s", "critical_path_s", "energy_j"]
     best = {k: best_methods(methods, k) for k in keys}
     digits = {"device_s": 1, "critical_path_s": 1, "energy_j": 1}
@@ -236,8 +243,10 @@ def summary_tables(results: Mapping[str, Any]):
                     f"{results.get('partition_seed')}); per task and groups: seed {seeds[0]}")
     caption += (f"\n{BEST} lowest of its column" + (" (references † not ranked)" if any(
         m.get("reference") for m in methods.values()) else "") +
-                "\ncrit. s: critical path (parallel: slowest client, ring: sum)"
+                "\ncrit. s: critical path (parallel round: slowest client; ring: the sum)"
                 "\nR: rounds summed over all jobs (merge, each group, each task alone)")
+    if normalised:
+        caption += "\nnorm.: Σ task loss / its chance loss (chance level = 1 per task)"
     if any(m.get("reference") for m in methods.values()):
         caption += "\n† non-FL reference (each client alone, or pooled data)"
     if personal:
@@ -251,10 +260,10 @@ def summary_tables(results: Mapping[str, Any]):
             if k == "energy_j" and m["energy_j"] is not None and m["energy_estimated"]:
                 text += "*"
             cells.append(_mark(text, name in best[k]))
-        main.add_row(name + ("†" if m.get("reference") else ""), *cells, str(m["rounds"]), str(len(m["splits"])))
+        main.add_row(name + ("†" if m.get("reference") else ""), *cells, str(m["rounds"]))
     cost_keys = ("sample_passes", "flops_estimate", "cpu_s")
     cbest = {k: best_methods(methods, k) for k in cost_keys}
-    cost = FitTable("cost independent of the machine's load",
+    cost = FitTable("cost: load-independent counts and CPU time",
                     [Col("method", "left", "bold"), Col("sample-passes"), Col("lookahead"), Col("FLOPs (est.)"),
                      Col("CPU s"), Col("CPU/dev")],
                     caption=("sample-passes: forward+backward per sample (lookahead: n_tasks x B each)\n"
@@ -272,7 +281,7 @@ def summary_tables(results: Mapping[str, Any]):
                          f"OMP_WAIT_POLICY {threads.get('omp_wait_policy')}")
     said = "\n".join(x for x in [verdict_line(results), *chance_warnings(results)] if x)
     per = _per_task_table("per task: test loss / metric", tasks, methods, "")
-    extra = [t for t in (merge_phase_table(results), decisions_text(results)) if t is not None]
+    extra = [t for t in (paired_table(results), merge_phase_table(results), decisions_text(results)) if t is not None]
     pers = {n: m for n, m in methods.items() if m.get("personalised_total_test_loss") is not None}
     head = (main, said) if said else (main,)
     if not pers:
@@ -280,6 +289,39 @@ def summary_tables(results: Mapping[str, Any]):
     ptab = _per_task_table("per task, personalised (each client's own model): test loss / metric", tasks, pers,
                            "personalised_")
     return (*head, cost, *extra, per, ptab, splits_text(results))
+
+
+def _diff(p: Mapping[str, Any] | None) -> str:
+    """``mean [lo, hi]`` of a paired difference (:func:`fmtl_edge.results.paired_differences`)."""
+    if not p:
+        return "—"
+    if p.get("ci95") is None:
+        return f"{p['mean']:+.3f}"
+    lo, hi = p["ci95"]
+    return f"{p['mean']:+.3f} ± {(hi - lo) / 2:.3f}"
+
+
+def paired_table(results: Mapping[str, Any]):
+    """``--paired-with``: each method's paired per-seed difference against the named method
+    (normalised and raw total test loss; mean and 95 % t-interval) and the verdict, or None."""
+    from fmtl_edge.results import paired_verdict
+    from fmtl_edge.tables import Col, FitTable
+
+    rows = {n: m["paired"] for n, m in results["methods"].items() if m.get("paired")}
+    if not rows:
+        return None
+    base = next(iter(rows.values()))["with"]
+    n = next((p[k]["n"] for p in rows.values() for k in ("normalised_total_test_loss", "total_test_loss") if p.get(k)), 0)
+    tab = FitTable(f"paired vs {base}, {n} seeds: mean difference ± 95% t-interval",
+                   [Col("method", "left", "bold"), Col("Δ norm. loss"), Col("Δ total loss"), Col("verdict", "left")],
+                   caption=(f"negative: lower test loss than {base}\nverdict (normalised figure): lower or higher when "
+                            "its interval\nexcludes 0, else not separated by these seeds"))
+    for name, p in rows.items():
+        key = "normalised_total_test_loss" if p.get("normalised_total_test_loss") else "total_test_loss"
+        tab.add_row(name, _diff(p.get("normalised_total_test_loss")), _diff(p.get("total_test_loss")),
+                    f"{paired_verdict(p.get(key))} than {base}" if paired_verdict(p.get(key)) in ("lower", "higher")
+                    else paired_verdict(p.get(key)))
+    return tab
 
 
 def merge_phase_table(results: Mapping[str, Any]):

@@ -5,8 +5,9 @@
 
 - :func:`results_document` — the top level: ``dataset``, ``dataset_info``, ``tasks``,
   ``task_kinds``, ``clients``, ``config``, ``versions`` (:func:`versions`), ``dropout``, ``device``,
-  ``engine`` (which program ran it, and that program's own details), ``chance`` (the test labels'
-  majority-class rates, where the program holds the data) and ``methods``;
+  ``engine`` (which program ran it, and that program's own details), ``chance_loss`` and
+  ``loss_weights`` (per task, :mod:`fmtl_edge.loss_weights`), ``chance_accuracy`` (the test
+  labels' majority-class rates, where the program holds the data) and ``methods``;
 - :func:`method_entry` — one method's entry (``methods.<name>``): test losses (global and
   personalised), cost (device s, CPU s, critical path, energy with its source, sample-passes,
   FLOPs), splits, affinity, jobs, per-round history, the evaluation's coverage, the merge phase and
@@ -28,7 +29,8 @@ from fmtl_edge.partition import select_state
 from fmtl_edge.plan import EnergyTally, JobOutcome
 
 #: the per-method figures :func:`combine_seeds` gives ``mean`` and ``std`` of
-SEED_FIGURES = ("total_test_loss", "personalised_total_test_loss", "device_s", "cpu_s", "energy_j", "sample_passes",
+SEED_FIGURES = ("total_test_loss", "normalised_total_test_loss", "personalised_total_test_loss",
+                "personalised_normalised_total_test_loss", "device_s", "cpu_s", "energy_j", "sample_passes",
                 "flops_estimate", "critical_path_s")
 
 
@@ -52,7 +54,7 @@ def versions() -> dict[str, Any]:
 
 def results_document(*, dataset: str, dataset_info: Mapping[str, Any], tasks, clients: int, config: Mapping[str, Any],
                      device: Mapping[str, Any], engine: Mapping[str, Any], dropout: float | None,
-                     chance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     chance_accuracy: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The top level of ``results.json`` before any method ran (``methods`` empty).
 
     Args:
@@ -64,15 +66,17 @@ def results_document(*, dataset: str, dataset_info: Mapping[str, Any], tasks, cl
         engine: ``{"name": "simulate" | "fmtl-server" | "flower", ...}`` and that program's own
             details (the server's job, devices and counters; Flower's nodes and messages).
         dropout: the simulated ``--dropout`` probability (None where devices fail for real).
-        chance: the test labels' majority-class rates per classification/binary task
-            (:func:`fmtl_edge.verdict.chance_levels`; a program that holds the data passes them, the
+        chance_accuracy: the test labels' majority-class rates per classification/binary task
+            (:func:`fmtl_edge.verdict.chance_accuracies`; a program that holds the data passes them, the
             report warns about accuracies at that level); None (``null``: the server and Flower
             do not hold the data).
     """
     return {"dataset": dataset, "dataset_info": dict(dataset_info), "tasks": list(tasks.names),
             "task_kinds": {t.name: t.kind for t in tasks}, "clients": int(clients), "config": dict(config),
             "versions": versions(), "dropout": dropout, "device": dict(device), "engine": dict(engine),
-            "chance": None if chance is None else {k: dict(v) for k, v in chance.items()}, "methods": {}}
+            "chance_loss": {}, "loss_weights": {},
+            "chance_accuracy": None if chance_accuracy is None else {k: dict(v) for k, v in chance_accuracy.items()},
+            "methods": {}}
 
 
 def final_states(method, done: Mapping[str, JobOutcome]) -> dict[str, dict[str, np.ndarray]]:
@@ -97,7 +101,7 @@ def evaluation_coverage(evaluation: Mapping[str, Any], asked: Sequence[int]) -> 
 
 def method_entry(method, done: dict[str, JobOutcome], evaluation: dict[str, Any], rounds_per_task: int, wall_s: float,
                  spec=None, batch_size: int = 32, curve: list[dict[str, Any]] | None = None,
-                 asked: Sequence[int] = ()) -> dict[str, Any]:
+                 asked: Sequence[int] = (), chance: Mapping[str, float | None] | None = None) -> dict[str, Any]:
     """One method's ``results.json`` entry (``methods.<name>``) from its finished jobs and the test
     evaluation of its final models.
 
@@ -117,7 +121,13 @@ def method_entry(method, done: dict[str, JobOutcome], evaluation: dict[str, Any]
             from one counted step; None without ``spec`` or when the count fails).
         curve: the ``--eval-every`` points (:class:`fmtl_edge.curves.CurveRecorder`), or None.
         asked: the clients the evaluation was sent to (for ``evaluation.complete``).
+        chance: task → chance loss (:mod:`fmtl_edge.loss_weights`): each ``per_task`` row's
+            ``chance_loss`` and the ``normalised_total_test_loss`` = Σ_t L_t / chance_t (and its
+            personalised twin); None where unknown.
     """
+    from fmtl_edge.loss_weights import normalised_total
+
+    chance = dict(chance or {})
     tally = EnergyTally()
     for o in done.values():
         tally.merge(o.energy)
@@ -131,7 +141,8 @@ def method_entry(method, done: dict[str, JobOutcome], evaluation: dict[str, Any]
         p = (pers or {}).get("per_task", {}).get(t) if pers else None
         ref = g or p
         row = {"test_loss": g["loss"] if g else None, "metric_name": ref["metric_name"] if ref else None,
-               "metric": g["metric"] if g else None, "test_samples": g["n"] if g else (p["n"] if p else 0)}
+               "metric": g["metric"] if g else None, "test_samples": g["n"] if g else (p["n"] if p else 0),
+               "chance_loss": chance.get(t)}
         if p is not None:
             row["personalised_test_loss"] = p["loss"]
             row["personalised_metric"] = p["metric"]
@@ -139,6 +150,9 @@ def method_entry(method, done: dict[str, JobOutcome], evaluation: dict[str, Any]
     out: dict[str, Any] = {
         "total_test_loss": float(sum(v["loss"] for v in glob.values())) if glob else None,
         "personalised_total_test_loss": float(sum(v["loss"] for v in pers["per_task"].values())) if pers else None,
+        "normalised_total_test_loss": normalised_total({t: v["loss"] for t, v in glob.items()}, chance) if glob else None,
+        "personalised_normalised_total_test_loss": (
+            normalised_total({t: v["loss"] for t, v in pers["per_task"].items()}, chance) if pers else None),
         "evaluation": evaluation_coverage(evaluation, asked),
         "reference": bool(method.reference),
         "per_task": per_task,
@@ -178,12 +192,15 @@ def method_entry(method, done: dict[str, JobOutcome], evaluation: dict[str, Any]
             {"job": r.job, "round": r.round, "clients": r.clients, "executed_by": list(r.executed), "lr": r.lr,
              "train_loss": r.train_loss, "samples": r.samples, "device_s": r.device_s, "cpu_s": r.cpu_s,
              "critical_path_s": r.critical_path_s, "energy_j": r.energy_j, "sample_passes": r.sample_passes,
-             "lookahead_passes": r.lookahead_passes, "wall_s": r.wall_s, "refused": list(r.refused)}
+             "lookahead_passes": r.lookahead_passes, "wall_s": r.wall_s, "refused": list(r.refused),
+             "per_client": list(r.per_client)}
             for o in done.values() for r in o.history
         ],
         "final_jobs": dict(method.final_jobs(done)),
         "merge_phase": merge_phase(done),
         "decision": method.decision(done),
+        "oracle": None,
+        "energy": None,
     })
     if curve is not None:
         from fmtl_edge.report import method_curve
@@ -256,8 +273,52 @@ def seed_stats(values: list[float | None]) -> tuple[float | None, float | None]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+#: the figures :func:`paired_differences` compares (normalised first: the one that compares methods)
+PAIRED_FIGURES = ("normalised_total_test_loss", "total_test_loss")
+
+
+def paired_differences(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, Any] | None:
+    """Paired per-seed differences ``a_s − b_s`` with their mean and 95 % t-interval.
+
+    The seeds pair the runs (same partition, same initial weights, same client draws per seed), so
+    the interval is Student's t over the n differences with n − 1 degrees of freedom:
+    mean ± t_{0.975, n−1} · sd / √n (``scipy.stats.t``).
+
+    Returns:
+        ``{"diffs", "n", "mean", "sd", "ci95": [lo, hi], "t", "p"}`` (``p`` two-sided, of mean = 0;
+        ``ci95``, ``t`` and ``p`` None for n < 2 or zero spread), or None when a figure is missing.
+    """
+    if not a or len(a) != len(b) or any(v is None for v in (*a, *b)):
+        return None
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = len(d)
+    out: dict[str, Any] = {"diffs": d.tolist(), "n": n, "mean": float(d.mean()), "sd": None, "ci95": None,
+                           "t": None, "p": None}
+    if n < 2:
+        return out
+    from scipy import stats
+
+    sd = float(d.std(ddof=1))
+    out["sd"] = sd
+    if sd == 0.0:
+        return out
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / np.sqrt(n)
+    t = float(d.mean() / (sd / np.sqrt(n)))
+    out.update(ci95=[float(d.mean() - half), float(d.mean() + half)], t=t, p=float(2 * stats.t.sf(abs(t), n - 1)))
+    return out
+
+
+def paired_verdict(p: Mapping[str, Any] | None) -> str:
+    """``lower`` / ``higher`` when the 95 % interval of a paired difference excludes 0, else
+    ``not separated`` (``—`` without one)."""
+    if not p or p.get("ci95") is None:
+        return "—" if not p or p.get("sd") != 0.0 else ("equal" if p["mean"] == 0 else ("lower" if p["mean"] < 0 else "higher"))
+    lo, hi = p["ci95"]
+    return "lower" if hi < 0 else "higher" if lo > 0 else "not separated"
+
+
 def combine_seeds(runs: Sequence[Mapping[str, Any]], seeds: Sequence[int], partition_seed: int,
-                  config: Mapping[str, Any]) -> dict[str, Any]:
+                  config: Mapping[str, Any], paired_with: str | None = None) -> dict[str, Any]:
     """One results document from the documents of the same run under several training seeds.
 
     Returns:
@@ -265,6 +326,9 @@ def combine_seeds(runs: Sequence[Mapping[str, Any]], seeds: Sequence[int], parti
         mean over seeds, plus ``seeds`` (seed → that seed's full entry), ``mean`` and ``std``
         (``ddof=1``); ``per_task``, ``history``, ``splits`` and the rest are the first seed's. At
         the top: ``seeds``, ``partition_seed`` and ``config`` (the run's, with its seed list).
+        With ``paired_with`` (``--paired-with METHOD``), every other method's entry gets ``paired``:
+        ``{"with": METHOD, <figure>: paired_differences(method, METHOD)}`` for each of
+        :data:`PAIRED_FIGURES` (negative = lower loss than METHOD).
     """
     results = dict(runs[0])
     results["seeds"] = list(seeds)
@@ -282,5 +346,50 @@ def combine_seeds(runs: Sequence[Mapping[str, Any]], seeds: Sequence[int], parti
             if k in entry:
                 entry[k] = mean
         methods[name] = entry
+    if paired_with is not None:
+        if paired_with not in methods:
+            raise ValueError(f"--paired-with {paired_with}: not one of the methods run ({', '.join(methods)})")
+        base = methods[paired_with]["seeds"]
+        for name, entry in methods.items():
+            if name == paired_with:
+                continue
+            entry["paired"] = {"with": paired_with, **{
+                k: paired_differences([entry["seeds"][str(s)].get(k) for s in seeds], [base[str(s)].get(k) for s in seeds])
+                for k in PAIRED_FIGURES}}
+    results["paired_with"] = paired_with
     results["methods"] = methods
     return results
+
+
+#: config keys that may differ between the runs :func:`combine_runs` puts together
+_PER_SEED_KEYS = ("seed", "seeds", "out", "paired_with", "partition_seed")
+
+
+def combine_runs(docs: Sequence[Mapping[str, Any]], paired_with: str | None = None) -> dict[str, Any]:
+    """One ``--seeds`` document from single-seed runs of one study (each its own resumable run:
+    ``simulate --seed S --partition-seed P``), as :func:`combine_seeds` makes it.
+
+    Raises:
+        ValueError: a document is already a multi-seed one, two runs share a seed, their data
+            partitions differ, or their settings differ beyond the seed (the key is named).
+    """
+    if len(docs) < 2:
+        raise ValueError("give at least two runs to combine")
+    first = docs[0]["config"]
+    part = lambda c: c["seed"] if c.get("partition_seed") is None else c["partition_seed"]  # noqa: E731
+    for d in docs:
+        c = d["config"]
+        if d.get("seeds") and len(d["seeds"]) > 1:
+            raise ValueError("a run of several seeds cannot be combined again; give single-seed runs")
+        diff = sorted(k for k in set(c) | set(first) if k not in _PER_SEED_KEYS and c.get(k) != first.get(k))
+        if diff:
+            raise ValueError(f"the runs differ in {diff[0]!r} ({first.get(diff[0])!r} vs {c.get(diff[0])!r}): "
+                             "only the seed may differ")
+        if part(c) != part(first):
+            raise ValueError(f"the runs' data partitions differ (partition seeds {part(first)} and {part(c)}): "
+                             "run each seed with the same --partition-seed")
+    seeds = [int(d["config"]["seed"]) for d in docs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"two runs share a seed ({seeds}); give each seed once")
+    config = {**first, "seeds": seeds, "paired_with": paired_with}
+    return combine_seeds(docs, seeds, int(part(first)), config, paired_with)

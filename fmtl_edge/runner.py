@@ -21,6 +21,7 @@ pooled-data references where the pool has no pooled data).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -126,6 +127,8 @@ class RunSettings:
         min_updates: fewest usable updates a round may aggregate.
         evaluate: evaluate the final models (False: test losses are null).
         retry: retry failed rounds (None: a failed round ends the run).
+        fleet: the simulated :class:`~fmtl_edge.fleet.Fleet` the pool prices executions with
+            (``--fleet``), for the energy policy's predictions and budgets; None: the devices' own.
     """
 
     time_budget_s: float | None = None
@@ -133,6 +136,7 @@ class RunSettings:
     min_updates: int = 1
     evaluate: bool = True
     retry: RetryPolicy | None = None
+    fleet: Any = None
 
 
 def load_pretrained(path: str | None) -> dict[str, np.ndarray] | None:
@@ -172,7 +176,10 @@ def prepare_methods(cfg, tasks, spec, eligible: Callable[[Sequence[str]], list[i
     from fmtl_edge.strategy import RoundContext
 
     pretrained = load_pretrained(cfg.pretrained)
-    methods = [make_method(m, tasks, cfg, pretrained=pretrained) for m in cfg.methods]
+    names = list(cfg.methods)
+    if cfg.oracle_splits:  # every mas-x gets its oracle check beside it
+        names += [f"mas-oracle-{m[4:]}" for m in cfg.methods if re.fullmatch(r"mas-\d+", m)]
+    methods = [make_method(m, tasks, cfg, pretrained=pretrained) for m in names]
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"--methods lists a method twice: {cfg.methods}")
@@ -254,6 +261,10 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
     settings = settings or RunSettings()
     train = cfg.train_config()
     tasks = methods[0].tasks if methods else None
+    chance, weights = task_scales(cfg, pool, tasks)
+    results["chance_loss"], results["loss_weights"] = chance, weights
+    policy = energy_policy(cfg, pool, settings.fleet, spec)
+    results["energy_policy"] = policy.describe()
     models = RunModels()
     pooled = None
     for method in methods:
@@ -283,7 +294,8 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
             method_pool, spec, tasks, train, min(cfg.clients_per_round, len(method_pool.client_ids)), cfg.seed,
             on_round=(lambda rec, m=method: hooks.on_round(m, rec)) if hooks.on_round else None,
             time_budget_s=settings.time_budget_s, energy_budget_j=settings.energy_budget_j,
-            min_updates=min(settings.min_updates, cfg.clients_per_round))
+            min_updates=min(settings.min_updates, cfg.clients_per_round), loss_weights=weights,
+            energy_policy=policy)
         curve = None
         if cfg.eval_every and method.global_model:
             curve = CurveRecorder(cfg.eval_every, store.curve(method.name) if store is not None else None)
@@ -296,7 +308,14 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
         asked = None if settings.evaluate else []
         evaluation = evaluate_method(method, done, coord, clients=asked)
         entry = method_entry(method, done, evaluation, cfg.rounds, wall, spec, train.batch_size,
-                             curve=None if curve is None else curve.points, asked=evaluation["asked"])
+                             curve=None if curve is None else curve.points, asked=evaluation["asked"], chance=chance)
+        from fmtl_edge.selection import ClientRecord
+
+        entry["energy"] = policy.audit([ClientRecord.from_dict(d) for o in done.values() for rec in o.history
+                                        for d in rec.per_client])
+        candidates = method.candidate_models(done) if settings.evaluate else {}
+        if candidates:
+            entry["oracle"] = method.oracle(done, _candidate_losses(method, done, coord, candidates, chance))
         if not entry["evaluation"]["complete"]:
             log.warning("%s: the evaluation reached %d of %d clients (missing %s): its test losses cover only those",
                         method.name, len(entry["evaluation"]["clients"]), len(evaluation["asked"]),
@@ -313,6 +332,64 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
             hooks.on_method_end(method, entry)
     compare_merge_phase(results)
     return results, models
+
+
+def _candidate_losses(method: Method, done, coord: Coordinator, candidates: Mapping[str, Mapping[str, str]],
+                      chance: Mapping[str, float | None]) -> dict[str, dict[str, Any]]:
+    """Each candidate set of final models evaluated: label → ``{"total_test_loss",
+    "normalised_total_test_loss", "per_task"}``."""
+    from fmtl_edge.evaluation import evaluate_finals
+    from fmtl_edge.loss_weights import normalised_total
+
+    out = {}
+    for label, finals in candidates.items():
+        per = {t: float(v["loss"]) for t, v in evaluate_finals(method, done, coord, finals).items()}
+        out[label] = {"total_test_loss": float(sum(per.values())), "normalised_total_test_loss": normalised_total(per, chance),
+                      "per_task": per}
+    return out
+
+
+def energy_policy(cfg, pool: ClientPool, fleet, spec):
+    """The run's :class:`~fmtl_edge.energy_policy.EnergyPolicy` from ``--selection``,
+    ``--power-mode`` and the fleet (or the pool's devices).
+
+    Raises:
+        ConfigError: a power-mode policy where no device's modes are known.
+    """
+    from fmtl_edge.energy_policy import EnergyPolicy
+
+    try:
+        return EnergyPolicy(cfg.selection, cfg.power_mode, fleet, train_sizes=pool.train_sizes(),
+                            local_epochs=cfg.local_epochs, model=model_key(spec))
+    except ValueError as e:
+        flag = "--power-mode" if "power-mode" in str(e) else "--selection"
+        raise ConfigError(flag, str(e).split(": ", 1)[-1]) from None
+
+
+def model_key(spec) -> str:
+    """The energy profiles' key of a model architecture (J per sample-pass depend on it)."""
+    return "/".join(str(v) for v in (getattr(spec, "model", "auto"), "x".join(map(str, spec.input_shape)),
+                                     f"w{spec.width}"))
+
+
+def task_scales(cfg, pool: ClientPool, tasks) -> tuple[dict[str, float | None], dict[str, float]]:
+    """``(chance loss per task, the objective's task weights)`` of a run: the chance losses from the
+    clients' combined label statistics (:mod:`fmtl_edge.loss_weights`; None each where the pool
+    cannot provide them), the weights from ``--loss-weights``.
+
+    Raises:
+        ConfigError: ``--loss-weights`` that cannot be served (names the task and the fix).
+    """
+    from fmtl_edge.loss_weights import chance_losses, combine_label_stats, resolve_loss_weights
+
+    if tasks is None:
+        return {}, {}
+    stats = pool.label_statistics(tasks)
+    chance = chance_losses(tasks, combine_label_stats(stats.values()) if stats else None)
+    if stats is None and cfg.loss_weights == "chance":
+        raise ConfigError("--loss-weights", f"chance needs the clients' label statistics, which "
+                          f"{type(pool).__name__} does not provide; give the weights with TASK=W,...")
+    return chance, resolve_loss_weights(cfg.loss_weights, tasks, chance)
 
 
 def _finished_jobs(ckpts: Sequence[RoundCheckpoint], cfg, pool, spec, tasks, train) -> dict[str, JobOutcome]:

@@ -71,6 +71,20 @@ class ClientRecord:
     samples: int = 0
     train_loss: float | None = None
     mode: str | None = None
+    source: str = ""
+    estimated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (a round's ``per_client`` history); :meth:`from_dict` reads it back."""
+        return {"client_id": self.client_id, "job": self.job, "round": self.round, "device": self.device,
+                "sample_passes": self.sample_passes, "device_s": self.device_s, "energy_j": self.energy_j,
+                "samples": self.samples, "train_loss": self.train_loss, "mode": self.mode, "source": self.source,
+                "estimated": self.estimated}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ClientRecord":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def from_update(cls, update: Any, device: str) -> "ClientRecord":
@@ -83,7 +97,8 @@ class ClientRecord:
                    sample_passes=int(getattr(update, "sample_passes", 0) or 0), device_s=float(update.device_s or 0.0),
                    energy_j=None if energy.get("total_j") is None else float(energy["total_j"]),
                    samples=int(update.n_samples or 0), train_loss=None if (refused or not losses) else sum(losses),
-                   mode=energy.get("power_mode"))
+                   mode=energy.get("power_mode"), source=str(energy.get("source") or ""),
+                   estimated=bool(energy.get("estimated", False)))
 
 
 # ---- budgets -----------------------------------------------------------------------------------
@@ -198,7 +213,7 @@ class Selection:
 
 
 def _rng(seed_parts: Sequence[Any], *salt: Any) -> np.random.Generator:
-    from fmtl_edge.client import derive_seed
+    from fmtl_edge.seeding import derive_seed
 
     return np.random.default_rng(derive_seed(*seed_parts, *salt))
 

@@ -40,12 +40,15 @@ class InProcessClientPool(ClientPool):
             reason makes that execution fail (a refusal) as a lost device would.
         threads: the executions' :class:`~fmtl_edge.runtime.threads.ThreadPolicy` (None: torch's
             threads as they are).
+        fleet: a :class:`~fmtl_edge.fleet.Fleet` (``--fleet``): each execution's device seconds and
+            joules are its device's modelled cost (:meth:`priced`), deterministic on a loaded machine.
+        fleet_model: the fleet's ``[model_rates]`` key of the run's model (None: its default rate).
     """
 
     def __init__(self, dataset: FederatedDataset, spec: ModelSpec, meter=None,
                  lease_factory: Callable[[int], Any] | None = None,
                  memory_budget_bytes: int | None = None, faults: Callable[[int, Assignment], str | None] | None = None,
-                 threads=None):
+                 threads=None, fleet=None, fleet_model: str | None = None):
         self.dataset = dataset
         self.spec = spec
         self.meter = meter
@@ -53,6 +56,8 @@ class InProcessClientPool(ClientPool):
         self.memory_budget_bytes = memory_budget_bytes
         self.faults = faults
         self.threads = threads
+        self.fleet = fleet
+        self.fleet_model = fleet_model
         self._by_id = {c.client_id: c for c in dataset.clients}
         self._states: dict[int, MemoryStateStore] = {}
 
@@ -62,6 +67,14 @@ class InProcessClientPool(ClientPool):
 
     def eligible(self, tasks: Sequence[str]) -> list[int]:
         return [c for c in self.client_ids if any(t in self._by_id[c].y_train for t in tasks)]
+
+    def train_sizes(self) -> dict[int, int]:
+        return {cid: c.n_train for cid, c in self._by_id.items()}
+
+    def label_statistics(self, tasks) -> dict[int, dict[str, dict]]:
+        from fmtl_edge.loss_weights import client_label_stats
+
+        return {cid: client_label_stats(c.y_train, tasks) for cid, c in self._by_id.items()}
 
     def state_store(self, client_id: int) -> MemoryStateStore:
         """Client ``client_id``'s own state (created empty on first use)."""
@@ -85,11 +98,27 @@ class InProcessClientPool(ClientPool):
                 continue
             lease = self.lease_factory(cid) if self.lease_factory else None
             try:
-                yield execute(self._by_id[cid], self.spec, self.dataset.tasks, a, self.meter, lease,
+                upd = execute(self._by_id[cid], self.spec, self.dataset.tasks, a, self.meter, lease,
                               self.memory_budget_bytes, self.state_store(cid), self.threads)
             except (BudgetExceeded, DeviceBusy) as e:
                 # A refusal is a structured answer, not a crash: the round goes on without this client.
                 yield refusal(cid, a, e.to_dict())
+                continue
+            yield self.priced(cid, a, upd)
+
+    def priced(self, cid: int, a: Assignment, upd: ClientUpdate) -> ClientUpdate:
+        """With a ``--fleet``: the execution's device seconds and joules from the fleet model of
+        client ``cid``'s device in the assignment's power mode (its counted sample-passes; energy
+        record ``model:fleet``, ``estimated``), this machine's own measurement kept under
+        ``energy["host"]``; without a fleet the update as measured."""
+        if self.fleet is None:
+            return upd
+        rec = self.fleet.energy_record(cid, a.power_mode, upd.sample_passes, self.fleet_model)
+        rec["host"] = {"device_s": upd.device_s, "total_j": upd.energy.get("total_j"),
+                       "source": upd.energy.get("source"), "estimated": upd.energy.get("estimated")}
+        upd.energy = rec
+        upd.device_s = float(rec["wall_s"])
+        return upd
 
     def evaluate(self, requests: Sequence[tuple[int, Assignment]]) -> dict[int, dict[str, dict]]:
         out: dict[int, dict[str, dict]] = {}

@@ -21,7 +21,7 @@ from fmtl_edge.data.base import FederatedDataset
 from fmtl_edge.results import combine_seeds, results_document
 from fmtl_edge.runner import RunHooks, RunSettings, prepare_methods, run_methods
 from fmtl_edge.simulated_pool import InProcessClientPool, dropout_faults
-from fmtl_edge.verdict import chance_levels
+from fmtl_edge.verdict import chance_accuracies
 
 if TYPE_CHECKING:
     from fmtl_edge.run_state import RunState
@@ -87,21 +87,28 @@ def run_simulation(cfg: SimulationConfig, dataset: FederatedDataset, *, hooks: R
     meter, lease, profile = make_runtime(cfg)
     warm_up()
     threads = ThreadPolicy.parse(cfg.threads)
+    fleet = None
+    if cfg.fleet is not None:
+        from fmtl_edge.fleet import Fleet
+
+        fleet = Fleet.load(cfg.fleet)
     pool = InProcessClientPool(dataset, spec, meter, lease, profile.memory_budget_bytes,
-                               faults=dropout_faults(cfg.seed, cfg.dropout), threads=threads)
+                               faults=dropout_faults(cfg.seed, cfg.dropout), threads=threads, fleet=fleet)
     results = results_document(
         dataset=dataset.name, dataset_info=dataset.info, tasks=dataset.tasks, clients=dataset.n_clients,
         config=cfg.to_dict(), dropout=cfg.dropout, engine={"name": "simulate"},
-        chance=chance_levels(dataset.tasks, dataset.clients),
+        chance_accuracy=chance_accuracies(dataset.tasks, dataset.clients),
         device={"profile": profile.name, "profile_source": profile.source, "device_class": profile.device_class,
                 "meter": type(meter).__name__, "memory_budget_bytes": profile.memory_budget_bytes,
                 "threads": threads.describe()})
     settings = RunSettings(
         time_budget_s=cfg.time_budget_s if cfg.time_budget_s is not None else profile.round_time_s,
-        energy_budget_j=cfg.energy_budget_j if cfg.energy_budget_j is not None else profile.round_energy_j)
+        energy_budget_j=cfg.energy_budget_j if cfg.energy_budget_j is not None else profile.round_energy_j,
+        fleet=fleet)
     return run_methods(cfg, methods, pool, spec, results, store=run_state, hooks=hooks, settings=settings,
                        pooled_pool=lambda: InProcessClientPool(dataset.pooled(), spec, meter, lease,
-                                                               profile.memory_budget_bytes, threads=threads))
+                                                               profile.memory_budget_bytes, threads=threads,
+                                                               fleet=fleet))
 
 
 def run_seeds(cfg: SimulationConfig, dataset: FederatedDataset, hooks: RunHooks | None = None):
@@ -116,5 +123,6 @@ def run_seeds(cfg: SimulationConfig, dataset: FederatedDataset, hooks: RunHooks 
     runs = []
     for s in seeds:
         log.info("seed %d (%d of %d)", s, len(runs) + 1, len(seeds))
-        runs.append(run_simulation(dataclasses.replace(cfg, seed=int(s), seeds=None), dataset, hooks=hooks))
-    return combine_seeds([r for r, _ in runs], seeds, cfg.seed, cfg.to_dict()), runs[0][1]
+        runs.append(run_simulation(dataclasses.replace(cfg, seed=int(s), seeds=None, partition_seed=cfg.data_seed),
+                                   dataset, hooks=hooks))
+    return combine_seeds([r for r, _ in runs], seeds, cfg.data_seed, cfg.to_dict(), cfg.paired_with), runs[0][1]

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from fmtl_edge.aggregation import Accumulator, coordinate_median, trimmed_mean
+from fmtl_edge.seeding import derive_seed
 
 AGGREGATORS = ("fedavg", "median", "trimmed-mean")
 
@@ -46,6 +47,9 @@ class RoundContext:
         seed: the run seed (sampling uses ``derive_seed(seed, job, round[, task])``).
         clients_per_round: K.
         eligible: ``tasks -> client ids`` holding labels for at least one of ``tasks``, sorted.
+        select: ``(eligible, k, seed_parts) -> clients``: the run's energy policy
+            (:meth:`fmtl_edge.energy_policy.EnergyPolicy.select`; may return fewer than K when
+            budgets allow fewer), or None for the uniform draw.
     """
 
     job: Any
@@ -53,6 +57,7 @@ class RoundContext:
     seed: int
     clients_per_round: int
     eligible: Callable[[Sequence[str]], list[int]]
+    select: Callable[[Sequence[int], int, Sequence[Any]], list[int]] | None = None
 
 
 class Aggregation(ABC):
@@ -223,19 +228,20 @@ class Strategy(ABC):
 
 def sample_uniform(ctx: RoundContext, tasks: Sequence[str], k: int, salt: Sequence[Any] = ()) -> list[int]:
     """K clients drawn without replacement from those holding any of ``tasks``, seeded by
-    ``(seed, job, round, *salt)``, sorted.
+    ``(seed, job, round, *salt)``, sorted; with an energy policy (``ctx.select``) its choice among
+    them instead (fewer when the devices' budgets allow fewer).
 
     Raises:
         ValueError: fewer eligible clients than K (names the fix).
     """
-    from fmtl_edge.seeding import derive_seed
-
     eligible = ctx.eligible(tasks)
     if len(eligible) < k:
         raise ValueError(
             f"job {ctx.job.name!r}: {len(eligible)} clients hold tasks {list(tasks)} but "
             f"clients_per_round is {k}; lower --clients-per-round"
         )
+    if ctx.select is not None:
+        return sorted(int(c) for c in ctx.select(eligible, k, (ctx.seed, ctx.job.name, ctx.round, *salt)))
     rng = np.random.default_rng(derive_seed(ctx.seed, ctx.job.name, ctx.round, *salt))
     return sorted(int(c) for c in rng.choice(eligible, size=k, replace=False))
 
@@ -285,7 +291,7 @@ class FedAvgStrategy(Strategy):
                         "--clients-per-round or give the group more clients (--task-groups, --clients)"
                     )
                 chosen_set.update(sample_uniform(
-                    RoundContext(ctx.job, ctx.round, ctx.seed, ctx.clients_per_round, lambda _t, g=group: g),
+                    RoundContext(ctx.job, ctx.round, ctx.seed, ctx.clients_per_round, lambda _t, g=group: g, ctx.select),
                     (t,), ctx.clients_per_round, salt=(t,)))
             chosen = sorted(chosen_set)
         return [(c, self.task) for c in chosen]

@@ -2,11 +2,13 @@
 
 - :func:`best_methods` — the methods with the lowest value of a figure (loss, device s, energy...),
   non-FL references left out of the ranking (they are bounds, not competitors);
-- :func:`verdict_line` — which method is best on loss and which on cost, and whether the spread
-  separates it from the next one: with ``--seeds`` a Welch t-test over the per-seed figures
-  (``scipy.stats.ttest_ind(equal_var=False)``, separated when p < :data:`ALPHA`); with one seed
-  it says that one seed cannot tell them apart;
-- :func:`chance_levels` (from the data) and :func:`chance_warnings` (from the results): a
+- :func:`verdict_line` — which method is best on loss (the normalised total where the run has the
+  chance losses, :mod:`fmtl_edge.loss_weights`: the figure that compares methods across tasks;
+  else the raw total) and on cost, and whether the spread separates it from the next one: with
+  ``--seeds`` the paired per-seed differences and their 95 % t-interval
+  (:func:`fmtl_edge.results.paired_differences`: the seeds pair the runs), separated when the
+  interval excludes 0; with one seed it says that one seed cannot tell them apart;
+- :func:`chance_accuracies` (from the data) and :func:`chance_warnings` (from the results): a
   classification or binary task whose accuracy is within :data:`CHANCE_MARGIN` of predicting the
   most frequent class (of the union test set for a global model; of each client's own test split
   for personalised models) learnt nothing a class prior would not give.
@@ -19,18 +21,17 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-#: a t-test p-value below this separates two methods
-ALPHA = 0.05
 #: accuracy at most this much above the majority-class rate is at chance level
 CHANCE_MARGIN = 0.01
 
-#: the figures ranked (all lower-is-better) and how the verdict names them
-LOSSES = (("total_test_loss", "total test loss"), ("personalised_total_test_loss", "personalised loss"))
-COSTS = (("device_s", "device s"), ("energy_j", "J"))
+#: the losses the verdict ranks: (normalised key, raw key, how the verdict names it); the
+#: normalised one when the run has it
+LOSSES = (("normalised_total_test_loss", "total_test_loss", "loss"),
+          ("personalised_normalised_total_test_loss", "personalised_total_test_loss", "personalised loss"))
 
 
 def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def ranked(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
@@ -49,23 +50,22 @@ def best_methods(methods: Mapping[str, Mapping[str, Any]], key: str) -> set[str]
     return {n for n, v in have.items() if v == low}
 
 
-def _per_seed(m: Mapping[str, Any], key: str) -> list[float]:
-    return [float(e[key]) for e in (m.get("seeds") or {}).values() if _finite(e.get(key))]
+def separation(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> tuple[str, dict[str, Any] | None]:
+    """Whether the per-seed figures ``key`` of entries ``a`` and ``b`` (``--seeds``: their ``seeds``)
+    are separated: ``(verdict, paired)`` with ``paired`` = :func:`fmtl_edge.results.paired_differences`
+    of ``a − b`` over their common seeds and ``verdict`` = :func:`fmtl_edge.results.paired_verdict`
+    (``lower`` / ``higher`` when the 95 % interval excludes 0, ``not separated``, ``equal``);
+    ``("one seed", None)`` without two common seeds."""
+    from fmtl_edge.results import paired_differences, paired_verdict
 
-
-def separation(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> tuple[str, float | None]:
-    """Whether the per-seed figures ``key`` of entries ``a`` and ``b`` are separated by their spread:
-    ``("separated" | "not separated" | "no spread", p)`` by Welch's t-test over the seeds
-    (``("one seed", None)`` without several seeds)."""
-    xa, xb = _per_seed(a, key), _per_seed(b, key)
-    if len(xa) < 2 or len(xb) < 2:
+    sa, sb = a.get("seeds") or {}, b.get("seeds") or {}
+    common = [s for s in sa if s in sb]
+    if len(common) < 2:
         return "one seed", None
-    if np.std(xa) == 0 and np.std(xb) == 0:
-        return ("no spread", None) if np.mean(xa) != np.mean(xb) else ("not separated", 1.0)
-    from scipy.stats import ttest_ind
-
-    p = float(ttest_ind(xa, xb, equal_var=False).pvalue)
-    return ("separated" if p < ALPHA else "not separated"), p
+    p = paired_differences([sa[s].get(key) for s in common], [sb[s].get(key) for s in common])
+    if p is None:
+        return "one seed", None
+    return paired_verdict(p), p
 
 
 def _value(m: Mapping[str, Any], key: str, digits: int, seeds: bool) -> str:
@@ -87,22 +87,35 @@ def _compare(methods, key: str, label: str, digits: int, seeds: bool, unit: str 
     text += f" (next {nxt} {_value(have[nxt], key, digits, seeds)}{unit}"
     if seeds:
         how, p = separation(have[best], have[nxt], key)
-        text += {"separated": f", separated by the spread: Welch p = {p:.2g}",
-                 "not separated": f", not separated by the spread: Welch p = {p:.2g}" if p is not None else "",
-                 "no spread": ", no spread over seeds"}.get(how, "")
+        if p is not None and p.get("ci95") is not None:
+            lo, hi = p["ci95"]
+            diff = f"paired difference {p['mean']:+.{digits}f} ± {(hi - lo) / 2:.{digits}f}{unit}"
+            text += (f", {diff}: separated" if how in ("lower", "higher") else f", {diff}: not separated by these seeds")
+        elif how == "equal":
+            text += ", equal on every seed"
+        elif p is not None:
+            text += f", paired difference {p['mean']:+.{digits}f}{unit} on every seed"
     return text + ")"
 
 
 def verdict_line(results: Mapping[str, Any]) -> str | None:
-    """One line: the lowest loss (global, and personalised where a method has it) and the least
-    device time and energy among the competing methods, each with the next method and whether the
-    spread over ``--seeds`` separates them; with one seed, that it cannot. None when fewer than two
-    methods ran."""
+    """One line: the lowest loss (normalised total where the run has it, else raw; personalised too
+    where a method has it) and the least device time and energy among the competing methods,
+    each with the next method and, with ``--seeds``, whether the paired per-seed differences
+    separate them; with one seed, that it cannot. None when fewer than two methods ran."""
     methods = results["methods"]
-    if len(ranked(methods)) < 2:
+    comp = ranked(methods)
+    if len(comp) < 2:
         return None
     seeds = len(results.get("seeds") or ()) > 1
-    parts = [p for key, label in LOSSES if (p := _compare(methods, key, f"lowest {label}:", 3, seeds))]
+    parts = []
+    for norm, raw, label in LOSSES:
+        if any(_finite(m.get(norm)) for m in comp.values()):
+            p = _compare(methods, norm, f"lowest normalised {label}:", 3, seeds)
+        else:
+            p = _compare(methods, raw, f"lowest total {label}:" if label == "loss" else f"lowest {label}:", 3, seeds)
+        if p:
+            parts.append(p)
     cheap = _compare(methods, "device_s", "least device time:", 1, seeds, " s")
     if cheap:
         parts.append(cheap)
@@ -111,11 +124,11 @@ def verdict_line(results: Mapping[str, Any]) -> str | None:
         parts.append(_compare(methods, "energy_j", "least energy:", 1, seeds, " J"))
     if not parts:
         return None
-    tail = "" if seeds else "; one seed cannot tell them apart (--seeds 0,1,2: mean ± std and a t-test)"
+    tail = "" if seeds else "; one seed cannot tell them apart (--seeds 0,1,2: mean ± std, paired differences)"
     return "verdict: " + "; ".join(parts) + tail
 
 
-def chance_levels(tasks: Iterable, clients: Iterable) -> dict[str, dict[str, Any]]:
+def chance_accuracies(tasks: Iterable, clients: Iterable) -> dict[str, dict[str, Any]]:
     """The majority-class rates of the test labels of each classification or binary task.
 
     Args:
@@ -154,8 +167,8 @@ def chance_levels(tasks: Iterable, clients: Iterable) -> dict[str, dict[str, Any
 
 def chance_warnings(results: Mapping[str, Any]) -> list[str]:
     """One line per (method, task, global | personalised) accuracy within :data:`CHANCE_MARGIN` of
-    its majority-class rate (``results["chance"]``, written by ``simulate``; none without it)."""
-    chance = results.get("chance") or {}
+    its majority-class rate (``results["chance_accuracy"]``, written by ``simulate``; none without it)."""
+    chance = results.get("chance_accuracy") or {}
     lines = []
     for name, m in results["methods"].items():
         for t, c in chance.items():

@@ -114,7 +114,7 @@ def test_best_partition_matches_reference(S, data):
     assert got == search._dp_python(subset_scores(S), n, k, at_most=False)
     # unique optimum -> same groups as the exhaustive reference
     sd = self_affinity(S)
-    scores = sorted((sum(group_score(sd, tuple(b)) for b in part) for part in search._set_partitions(n, k)),
+    scores = sorted((sum(group_score(sd, tuple(b)) for b in part) for part in search.set_partitions(n, k)),
                     reverse=True)
     if len(scores) == 1 or scores[0] - scores[1] > 1e-7:
         assert got.groups == ref.groups

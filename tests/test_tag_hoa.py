@@ -13,7 +13,8 @@ from fmtl_edge.coordinator import Coordinator
 from fmtl_edge.pool import ClientPool
 from fmtl_edge.messages import ClientUpdate, TrainConfig
 from fmtl_edge.methods import HOA, TAG, make_method
-from fmtl_edge.methods.hoa import group_loss, select_groups, set_partitions
+from fmtl_edge.affinity.search import set_partitions
+from fmtl_edge.methods.hoa import group_loss, select_groups
 from fmtl_edge.models import ModelSpec
 from fmtl_edge.results import method_entry
 from fmtl_edge.tasks import Task, TaskSet
@@ -119,16 +120,16 @@ def test_group_loss_is_the_mean_over_the_pairs_by_hand():
 
 
 def test_select_groups_is_the_exact_minimum_by_hand():
-    assert sorted(map(tuple, map(lambda p: tuple(map(tuple, p)), set_partitions(range(4), 2)))) == sorted([
+    assert sorted(map(tuple, map(lambda p: tuple(map(tuple, p)), set_partitions(4, 2)))) == sorted([
         ((0,), (1, 2, 3)), ((0, 1, 2), (3,)), ((0, 1, 3), (2,)), ((0, 2, 3), (1,)),
         ((0, 1), (2, 3)), ((0, 2), (1, 3)), ((0, 3), (1, 2))])
-    assert sum(1 for _ in set_partitions(range(5), 3)) == 25  # Stirling S(5, 3)
+    assert sum(1 for _ in set_partitions(5, 3)) == 25  # Stirling S(5, 3)
     # by hand, x = 2: {0,1}+{2,3} = 2.0 + 4.0 = 6.0 is the minimum
     hand = {((0, 1), (2, 3)): 2.0 + 4.0, ((0, 2), (1, 3)): 4.7 + 4.9, ((0, 3), (1, 2)): 4.1 + 5.3}
     groups, cost = select_groups(4, 2, SOLO, PAIR)
     assert groups == ((0, 1), (2, 3)) and cost == pytest.approx(6.0)
     assert cost < min(v for k, v in hand.items() if k != groups)
-    for p in set_partitions(range(4), 2):
+    for p in set_partitions(4, 2):
         assert sum(group_loss(g, SOLO, PAIR) for g in p) >= cost - 1e-12
 
 

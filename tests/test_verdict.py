@@ -13,7 +13,7 @@ import pytest
 
 from conftest import make_toy_dataset
 from fmtl_edge.report import BEST, summary_tables
-from fmtl_edge.verdict import best_methods, chance_levels, chance_warnings, separation, verdict_line
+from fmtl_edge.verdict import best_methods, chance_accuracies, chance_warnings, separation, verdict_line
 
 TASKS = ["a", "b"]
 
@@ -65,12 +65,16 @@ def test_the_best_of_each_column_is_marked_and_references_are_not_ranked():
 def test_one_seed_verdict_names_best_on_loss_and_cost_and_says_it_cannot_separate_them():
     res = _results(**{"mas-2": _entry(0.9, 20.0, 300.0), "all-in-one": _entry(1.1, 10.0, 150.0)})
     line = verdict_line(res)
-    assert line.startswith("verdict: lowest total test loss: mas-2 0.900 (next all-in-one 1.100)")
+    assert line.startswith("verdict: lowest total loss: mas-2 0.900 (next all-in-one 1.100)")
     assert "least device time: all-in-one 10.0 s (next mas-2 20.0 s)" in line
     assert "one seed cannot tell them apart" in line
     assert "least energy" not in line  # the same method as device time
     assert line in " ".join(_render(res, width=400).split("\n"))
     assert verdict_line(_results(only=_entry(1.0, 1.0, 1.0))) is None  # nothing to compare
+    # with chance losses the verdict ranks the normalised total (the figure that compares methods)
+    res["methods"]["mas-2"]["normalised_total_test_loss"] = 0.95
+    res["methods"]["all-in-one"]["normalised_total_test_loss"] = 0.80
+    assert verdict_line(res).startswith("verdict: lowest normalised loss: all-in-one 0.800 (next mas-2 0.950)")
 
 
 def _seeded(entry, losses, devices):
@@ -82,24 +86,27 @@ def _seeded(entry, losses, devices):
     return e
 
 
-def test_with_seeds_the_verdict_says_whether_the_spread_separates_them():
-    a = _seeded(_entry(1, 1, 1), [0.90, 0.91, 0.89], [10.0, 30.0, 20.0])
-    b = _seeded(_entry(1, 1, 1), [1.20, 1.21, 1.19], [12.0, 28.0, 25.0])
+def test_with_seeds_the_verdict_says_whether_the_paired_differences_separate_them():
+    # the seeds pair the runs: a loss lower on every seed by about 0.3 is separated although the
+    # seeds' spread (0.1) is large; device time alternates and is not
+    a = _seeded(_entry(1, 1, 1), [0.90, 1.00, 0.80], [10.0, 30.0, 20.0])
+    b = _seeded(_entry(1, 1, 1), [1.20, 1.31, 1.09], [12.0, 28.0, 25.0])
     res = _results(**{"mas-2": a, "all-in-one": b})
     res["seeds"] = [0, 1, 2]
     how, p = separation(a, b, "total_test_loss")
-    assert how == "separated" and p < 0.05
+    assert how == "lower" and p["ci95"][1] < 0 and p["n"] == 3
     how, p = separation(a, b, "device_s")
-    assert how == "not separated" and p > 0.05
+    assert how == "not separated" and p["ci95"][0] < 0 < p["ci95"][1]
     line = verdict_line(res)
-    assert "lowest total test loss: mas-2 0.900 ± 0.010 (next all-in-one 1.200 ± 0.010, separated by the spread" in line
-    assert "least device time: mas-2 20.0 ± 10.0 s (next all-in-one 21.7 ± 8.5 s, not separated by the spread" in line
-    assert "one seed" not in line
+    assert "lowest total loss: mas-2 0.900 ± 0.100 (next all-in-one 1.200 ± 0.110, paired difference -0.300 ± " in line
+    assert ": separated)" in line
+    assert "least device time: mas-2 20.0 ± 10.0 s (next all-in-one 21.7 ± 8.5 s, paired difference -1.7 ± " in line
+    assert "s: not separated by these seeds)" in line and "one seed" not in line
 
 
-def test_chance_levels_are_the_majority_class_rates_of_the_test_labels():
+def test_chance_accuracies_are_the_majority_class_rates_of_the_test_labels():
     ds = make_toy_dataset(n_clients=3)
-    got = chance_levels(ds.tasks, ds.clients)
+    got = chance_accuracies(ds.tasks, ds.clients)
     assert set(got) == {"cls", "bin"}  # classification and binary only
     for t in ("cls", "bin"):
         ys = [np.rint(np.asarray(c.y_test[t], dtype=float)).astype(int) for c in ds.clients]
@@ -114,7 +121,7 @@ def test_chance_levels_are_the_majority_class_rates_of_the_test_labels():
 def test_accuracy_at_the_majority_class_rate_is_warned_in_the_summary():
     res = _results(**{"mas-2": _entry(0.9, 20.0, 300.0, metric=0.905),
                       "ditto": _entry(1.1, 10.0, 150.0, metric=0.95, pers=0.8, pmetric=0.97)})
-    res["chance"] = {"a": {"majority_rate": 0.9, "client_majority_rate": 0.965, "test_samples": 100},
+    res["chance_accuracy"] = {"a": {"majority_rate": 0.9, "client_majority_rate": 0.965, "test_samples": 100},
                      "b": {"majority_rate": 0.5, "client_majority_rate": 0.6, "test_samples": 100}}
     lines = chance_warnings(res)
     assert lines == [
@@ -124,11 +131,11 @@ def test_accuracy_at_the_majority_class_rate_is_warned_in_the_summary():
         "each client's own test split scores 0.965"]
     text = " ".join(_render(res, width=400).split("\n"))
     assert lines[0] in text and lines[1] in text
-    res["chance"] = None  # fmtl-server / Flower: no data, no warning
+    res["chance_accuracy"] = None  # fmtl-server / Flower: no data, no warning
     assert chance_warnings(res) == []
 
 
-def test_simulate_records_the_chance_levels_and_prints_the_verdict(tmp_path, capsys):
+def test_simulate_records_the_chance_accuracies_and_prints_the_verdict(tmp_path, capsys):
     from fmtl_edge.cli import main
 
     rc = main(["simulate", "--methods", "all-in-one,one-by-one", "--rounds", "1", "--max-samples", "200",
@@ -136,6 +143,6 @@ def test_simulate_records_the_chance_levels_and_prints_the_verdict(tmp_path, cap
     assert rc == 0
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert set(res["chance"]) == {"digit", "parity", "ge5"}
-    assert 0.5 <= res["chance"]["parity"]["majority_rate"] <= res["chance"]["parity"]["client_majority_rate"] <= 1
-    assert "verdict: lowest total test loss:" in out and "one seed cannot tell them apart" in " ".join(out.split())
+    assert set(res["chance_accuracy"]) == {"digit", "parity", "ge5"}
+    assert 0.5 <= res["chance_accuracy"]["parity"]["majority_rate"] <= res["chance_accuracy"]["parity"]["client_majority_rate"] <= 1
+    assert "verdict: lowest normalised loss:" in out and "one seed cannot tell them apart" in " ".join(out.split())

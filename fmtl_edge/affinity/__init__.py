@@ -21,6 +21,7 @@ from fmtl_edge.affinity.search import (
     best_partition_reference,
     group_score,
     self_affinity,
+    set_partitions,
     subset_scores,
     tag_groups,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "group_score",
     "lookahead_affinity",
     "self_affinity",
+    "set_partitions",
     "subset_scores",
     "tag_groups",
 ]

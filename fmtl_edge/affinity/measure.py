@@ -35,6 +35,7 @@ def lookahead_affinity(
     weight_decay: float = 0.0,
     tasks: Sequence[str] | None = None,
     divide_by_lr: bool = False,
+    weights: Mapping[str, float] | None = None,
 ) -> np.ndarray:
     """One lookahead measurement of the ``n × n`` task-affinity matrix on one batch (Eq. 3).
 
@@ -49,6 +50,9 @@ def lookahead_affinity(
         weight_decay: ``wd`` added to the lookahead gradient.
         tasks: task order of rows/columns (default: the model's).
         divide_by_lr: TAG's normalisation, ``S / η`` (off by default; docs/design.md §2).
+        weights: task → w_i of the objective (``--loss-weights``): task i's lookahead step follows
+            ∇(w_i·L_i), the step its share of the training objective takes; S compares raw losses
+            (a ratio, the same on any scale). None: every w_i = 1.
 
     Returns:
         ``(n, n)`` float64, ``S[i, j]`` = effect of task i's lookahead step on task j's loss. A task
@@ -61,7 +65,9 @@ def lookahead_affinity(
     base = {j: float(base_losses[j].detach()) for j in names}
     S = np.zeros((len(names), len(names)), dtype=np.float64)
     for i, ti in enumerate(names):
-        grads = torch.autograd.grad(base_losses[ti], params, retain_graph=True, allow_unused=True)
+        w = 1.0 if weights is None else float(weights.get(ti, 1.0))
+        objective = base_losses[ti] if w == 1.0 else w * base_losses[ti]
+        grads = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
         with torch.no_grad():
             stepped = {
                 n: p - lr * ((g if g is not None else torch.zeros_like(p)) + weight_decay * p)

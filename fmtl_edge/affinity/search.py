@@ -316,8 +316,9 @@ def _dp_python(f: np.ndarray, n: int, k: int, at_most: bool) -> Partition:
     return Partition(tup, float(vals[kk]))
 
 
-def _set_partitions(n: int, k: int) -> Iterator[list[list[int]]]:
-    """All partitions of range(n) into exactly k non-empty blocks (restricted growth strings)."""
+def set_partitions(n: int, k: int) -> Iterator[list[list[int]]]:
+    """All partitions of ``range(n)`` into exactly ``k`` non-empty blocks (restricted growth strings),
+    each block sorted, blocks ordered by their first element; Stirling(n, k) of them."""
     blocks: list[list[int]] = []
 
     def rec(i: int) -> Iterator[list[list[int]]]:
@@ -359,7 +360,7 @@ def best_partition_reference(S: Any, n_splits: int) -> Partition:
         return v
 
     best: tuple[float, tuple[tuple[int, ...], ...]] | None = None
-    for part in _set_partitions(n, k):
+    for part in set_partitions(n, k):
         groups = tuple(tuple(b) for b in part)
         sc = sum(score(g) for g in groups)
         if best is None or sc > best[0]:

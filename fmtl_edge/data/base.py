@@ -117,6 +117,21 @@ class FederatedDataset:
         return FederatedDataset(self.name, self.tasks, pooled, self.input_shape,
                                 {**self.info, "pooled": {"from_clients": self.n_clients, "groups": len(pooled)}})
 
+    def with_tasks(self, names) -> "FederatedDataset":
+        """The same clients with only the tasks ``names`` (in the data set's order; ``--tasks``).
+
+        Raises:
+            DataError: a name the data set does not have (lists its tasks).
+        """
+        unknown = [n for n in names if n not in self.tasks]
+        if unknown:
+            raise DataError(f"--tasks: {self.name} has no task {unknown[0]!r} (its tasks: {', '.join(self.tasks.names)})")
+        keep = [t for t in self.tasks.names if t in set(names)]
+        clients = [ClientData(c.client_id, c.x_train, {t: c.y_train[t] for t in keep if t in c.y_train},
+                              c.x_test, {t: c.y_test[t] for t in keep if t in c.y_test}) for c in self.clients]
+        return FederatedDataset(self.name, self.tasks.subset(keep), clients, self.input_shape,
+                                {**self.info, "tasks": keep})
+
     def validate(self) -> None:
         if not self.clients:
             raise DataError(f"dataset {self.name!r} has no clients")

@@ -16,10 +16,13 @@ Client state (personal layers, Ditto's p_k, a ring node's head) is kept in Flowe
 (``state-dir``: :class:`~fmtl_edge.client_state.FolderStateStore` under
 ``<state-dir>/client-<id>``, checksummed); it is never put in a reply.
 
-Node config: ``partition-id`` (the client id: set by the simulation engine, or
-``flower-supernode --node-config "partition-id=3 state-dir=/var/lib/fmtl"``), optional
-``state-dir``, ``lease`` (the device id of the lease, default ``local``; ``none`` runs without one)
-and ``profile`` (a device profile file or class, default the detected one).
+Node config (``flower-supernode --node-config``: space-separated ``key=value`` pairs whose values
+are TOML, so strings are quoted: ``--node-config 'partition-id=3 state-dir="/var/lib/fmtl"
+lease="gpu0"'``): ``partition-id`` (the node's identity: set by the simulation engine; the
+ServerApp maps the run's clients to nodes by it and names the client in every message), optional
+``state-dir``, ``cache-dir`` (the data cache, :func:`fmtl_edge.flower.data.cache_dir`), ``lease``
+(the device id of the lease, default ``local``; ``none`` runs without one) and ``profile`` (a
+device profile file or class, default the detected one).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from fmtl_edge.client_state import KEEP_VERSIONS, ClientStateStore, FolderStateS
 from fmtl_edge.flower import require_flwr
 
 from . import codec
-from .data import LocalData, client_info, local_data, simulation_config, split_run_config
+from .data import LocalData, cache_dir, client_info, local_data, simulation_config, split_run_config
 
 require_flwr()
 
@@ -118,18 +121,36 @@ def _runtime(profile: str | None, meter: str | None, lease_wait_s: float):
     return m, prof
 
 
-class _Node:
-    """What one ClientApp call needs, from its Context: config, own data, runtime, state store."""
+def partition_id(context: Context) -> int:
+    """The node's ``partition-id`` (its node config).
 
-    def __init__(self, context: Context, overrides: Mapping | None = None):
+    Raises:
+        ValueError: the node config has none (the message gives the flag to set it).
+    """
+    node_config = dict(context.node_config)
+    if "partition-id" not in node_config:
+        raise ValueError("this Flower node has no partition-id in its node config (flower-supernode "
+                         "--node-config 'partition-id=<n>')")
+    return int(node_config["partition-id"])
+
+
+class _Node:
+    """What one ClientApp call needs, from its Context: config, own data, runtime, state store.
+
+    Args:
+        client_id: the client this node serves in the run (the message's ``"fmtl.client"``
+            record); None: the node's ``partition-id``.
+    """
+
+    def __init__(self, context: Context, overrides: Mapping | None = None, client_id: int | None = None):
         run_config = {**dict(context.run_config), **dict(overrides or {})}
         node_config = dict(context.node_config)
         self.cfg = _config(tuple(sorted(run_config.items())))
         _, self.app = split_run_config(run_config)
-        if "partition-id" not in node_config:
-            raise ValueError("this Flower node has no partition-id in its node config (flower-supernode "
-                             "--node-config \"partition-id=<client id>\")")
-        self.data: LocalData = local_data(self.cfg, self.app, int(node_config["partition-id"]))
+        self.partition_id = partition_id(context)
+        cid = self.partition_id if client_id is None else int(client_id)
+        cache = cache_dir(node_config) if self.app["data-cache"] else None
+        self.data: LocalData = local_data(self.cfg, self.app, cid, cache)
         self.meter, self.profile = _runtime(node_config.get("profile", self.cfg.profile), self.cfg.meter,
                                             float(self.cfg.lease_wait_s))
         self.lease_id = str(node_config.get("lease", self.app["lease"]))
@@ -175,10 +196,15 @@ def make_client_app(run_config: Mapping | None = None) -> ClientApp:
 
     @capp.query()
     def query(msg: Message, context: Context) -> Message:
-        """Reply with this node's client description (and, when asked, the data set's and device's)."""
-        node = _Node(context, over)
+        """``identify``: reply with the node's ``partition-id`` only (no data loaded). Otherwise
+        reply with the description of the client the message names (and, when asked, the data
+        set's and device's)."""
         q = msg.content.config_records.get("fmtl.query") or {}
-        info = client_info(node.data, node.profile, node.meter, with_dataset=bool(q.get("with_dataset", False)))
+        if q.get("identify", False):
+            return Message(codec.encode_info({"partition_id": partition_id(context)}), reply_to=msg)
+        node = _Node(context, over, codec.client_of(msg.content))
+        info = client_info(node.data, node.profile, node.meter, with_dataset=bool(q.get("with_dataset", False)),
+                           partition_id=node.partition_id)
         return Message(codec.encode_info(info), reply_to=msg)
 
     @capp.train()
@@ -189,7 +215,7 @@ def make_client_app(run_config: Mapping | None = None) -> ClientApp:
         from fmtl_edge.pool import refusal
         from fmtl_edge.runtime import BudgetExceeded, DeviceBusy
 
-        node = _Node(context, over)
+        node = _Node(context, over, codec.client_of(msg.content))
         a, spec = codec.decode_assignment(msg.content)
         a = node.tighten(a)
         d = node.data
@@ -205,7 +231,7 @@ def make_client_app(run_config: Mapping | None = None) -> ClientApp:
         """Reply with the test sums of the assignment's model (global, or the client's own)."""
         from fmtl_edge.client import evaluate_assignment
 
-        node = _Node(context, over)
+        node = _Node(context, over, codec.client_of(msg.content))
         a, spec = codec.decode_assignment(msg.content)
         sums = evaluate_assignment(node.data.client, spec, node.data.tasks, a, node.store)
         return Message(codec.encode_eval(sums), reply_to=msg)
@@ -217,4 +243,4 @@ def make_client_app(run_config: Mapping | None = None) -> ClientApp:
 app = make_client_app()
 
 
-__all__ = ["ContextStateStore", "app", "make_client_app"]
+__all__ = ["ContextStateStore", "app", "make_client_app", "partition_id"]

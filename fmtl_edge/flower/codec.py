@@ -13,6 +13,11 @@ A Flower :class:`~flwr.app.Message` carries a :class:`~flwr.app.RecordDict`; fmt
   :class:`~fmtl_edge.messages.ClientUpdate` (affinity as nested lists of float64: JSON keeps every
   bit of a double), the evaluation sums, or a client's description (its tasks and sample counts).
 
+- ``"fmtl.client"``: a :class:`~flwr.app.ConfigRecord` ``{"client_id": k}``: the client the
+  receiving node serves in this run (the ServerApp maps the run's clients to nodes, see
+  :func:`fmtl_edge.flower.pool.choose_nodes`); absent in the first ``query`` (``identify``), which
+  asks a node only for its ``partition-id``.
+
 Flower message types used: ``train`` (one client execution), ``evaluate`` (test sums of a global or
 personalised model) and ``query`` (the client's description, sent once at the start).
 """
@@ -32,6 +37,7 @@ ASSIGNMENT = "fmtl.assignment"
 UPDATE = "fmtl.update"
 EVAL = "fmtl.eval"
 INFO = "fmtl.info"
+CLIENT = "fmtl.client"
 
 
 def _json_record(obj: Any):
@@ -97,17 +103,43 @@ def assignment_to_dict(a: Assignment, spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def encode_assignment(a: Assignment, spec: ModelSpec, state_record=None):
+def client_record(client_id: int):
+    """The ``"fmtl.client"`` record: the client the receiving node serves in this run."""
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({"client_id": int(client_id)})
+
+
+def client_of(content) -> int | None:
+    """The client id of a message's ``"fmtl.client"`` record (None: the message names none).
+
+    Raises:
+        ValueError: the record holds no integer ``client_id``.
+    """
+    rec = content.config_records.get(CLIENT)
+    if rec is None:
+        return None
+    try:
+        return int(rec["client_id"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"malformed {CLIENT!r} record {dict(rec)!r}") from None
+
+
+def encode_assignment(a: Assignment, spec: ModelSpec, state_record=None, client_id: int | None = None):
     """The :class:`~flwr.app.RecordDict` of a ``train`` or ``evaluate`` message.
 
     Args:
         state_record: an ArrayRecord of ``a.state`` already made (one per round, shared by the
             round's messages); None makes it here.
+        client_id: the client the receiving node serves (the ``"fmtl.client"`` record); None: none.
     """
     from flwr.app import RecordDict
 
-    return RecordDict({STATE: state_record if state_record is not None else state_to_record(a.state),
-                       ASSIGNMENT: _json_record(assignment_to_dict(a, spec))})
+    recs = {STATE: state_record if state_record is not None else state_to_record(a.state),
+            ASSIGNMENT: _json_record(assignment_to_dict(a, spec))}
+    if client_id is not None:
+        recs[CLIENT] = client_record(client_id)
+    return RecordDict(recs)
 
 
 def decode_assignment(content) -> tuple[Assignment, ModelSpec]:

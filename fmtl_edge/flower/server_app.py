@@ -5,9 +5,11 @@ context)``:
 
 1. builds the :class:`~fmtl_edge.config.SimulationConfig` from the run config
    (:func:`fmtl_edge.flower.data.simulation_config`: the keys of ``simulate``'s TOML file);
-2. waits for the nodes (``clients`` of them when the run config sets it) and asks each for its
-   client's description (a ``query`` message): the ServerApp learns the tasks, input shape and
-   which tasks each client holds labels for — it never loads client data;
+2. waits for the nodes (``nodes`` of them, else ``clients``; with neither set, until their count
+   settles) and takes those connected then, asks each for its ``partition-id``, chooses which serve the run's ``clients``
+   (:func:`~fmtl_edge.flower.pool.choose_nodes`: all, or a sample seeded by the run seed) and asks
+   those for their client's description (a ``query`` message): the ServerApp learns the tasks,
+   input shape and which tasks each client holds labels for — it never loads client data;
 3. runs the methods with fmtl-edge's method runner (:func:`fmtl_edge.runner.run_methods`, the
    code ``simulate`` and ``fmtl-server`` run: strategies, streaming aggregation kernels, MAS
    affinity averaging and exact split search, evaluation) over
@@ -35,9 +37,10 @@ from fmtl_edge.plan import RoundRecord
 from fmtl_edge.results import results_document
 from fmtl_edge.runner import RunHooks, RunSettings, prepare_methods, run_methods
 from fmtl_edge.tasks import TaskSet
+from fmtl_edge.transport.validation import Limits
 
 from .data import split_run_config, simulation_config, task_from_dict
-from .pool import FlowerGridPool, query_nodes, wait_for_nodes
+from .pool import FlowerGridPool, choose_nodes, identify_nodes, query_nodes, wait_for_nodes
 
 require_flwr()
 
@@ -70,19 +73,27 @@ def serve(grid, run_config: Mapping[str, Any], write: bool = True) -> tuple[dict
     cfg = simulation_config(run_config)
     _, app = split_run_config(run_config)
     t0 = time.perf_counter()
-    nodes = wait_for_nodes(grid, cfg.clients, float(app["nodes-wait-s"]))
-    infos = query_nodes(grid, nodes, float(app["round-timeout-s"]))
-    first = infos[nodes[0]]
+    timeout = float(app["round-timeout-s"])
+    wait_n = int(app["nodes"]) or cfg.clients
+    nodes = wait_for_nodes(grid, wait_n, float(app["nodes-wait-s"]))
+    partitions = identify_nodes(grid, nodes, timeout)
+    chosen = choose_nodes(partitions, cfg.clients, cfg.seed)
+    infos = query_nodes(grid, chosen, timeout)
+    first = next(i for i in infos.values() if "dataset" in i)
     tasks = TaskSet([task_from_dict(t) for t in first["task_specs"]])
     for node, info in infos.items():
         if [t["name"] for t in info["task_specs"]] != list(tasks.names) or info["input_shape"] != first["input_shape"]:
             raise RuntimeError(f"Flower node {node} holds a different data set (tasks {[t['name'] for t in info['task_specs']]}, "
-                               f"input {info['input_shape']}) than node {nodes[0]}")
+                               f"input {info['input_shape']}) than node {chosen[0]}")
     ids = sorted(int(i["client_id"]) for i in infos.values())
-    log.info("%d Flower nodes serve clients %s of %s (%d clients)", len(nodes), _ranges(ids), first["dataset"],
-             first["n_clients"])
+    log.info("%d of %d Flower nodes serve clients %s of %s (%d clients; partition-ids %s)", len(chosen), len(nodes),
+             _ranges(ids), first["dataset"], first["n_clients"], _ranges(sorted(partitions[n] for n in chosen.values())))
     spec = cfg.model_spec(first["input_shape"])
-    pool = FlowerGridPool(grid, infos, spec, timeout_s=float(app["round-timeout-s"]))
+    limits = Limits(max_update_norm_ratio=float(app["max-update-norm-ratio"]),
+                    max_client_samples=int(app["max-client-samples"]) or None,
+                    task_kinds={t.name: t.kind for t in tasks})
+    pool = FlowerGridPool(grid, infos, spec, timeout_s=timeout, limits=limits,
+                          identify_timeout_s=min(timeout, float(app["nodes-wait-s"])))
     cfg.validate_against(len(tasks), len(pool.client_ids))
     methods = prepare_methods(cfg, tasks, spec, pool.eligible, pooled=False)
     results = results_document(dataset=first["dataset"], dataset_info=first.get("dataset_info", {}), tasks=tasks,
@@ -108,9 +119,11 @@ def serve(grid, run_config: Mapping[str, Any], write: bool = True) -> tuple[dict
             store = RunState.create(out, cfg, overwrite=bool(app["overwrite"]))
     results, models = run_methods(cfg, methods, pool, spec, results, store=store, hooks=RunHooks(on_round=on_round),
                                   settings=RunSettings(time_budget_s=cfg.time_budget_s, energy_budget_j=cfg.energy_budget_j))
-    results["engine"].update({"flwr": flwr.__version__, "nodes": len(nodes), "messages": pool.messages_sent,
-                              "array_bytes_sent": pool.bytes_sent, "wall_s": time.perf_counter() - t0,
-                              "driver_peak_rss_bytes": peak_rss_bytes()})
+    results["engine"].update({"flwr": flwr.__version__, "nodes": len(nodes),
+                              "client_partition_ids": {str(c): partitions[n] for c, n in sorted(chosen.items())},
+                              "clients_remapped": [list(r) for r in pool.remapped],
+                              "messages": pool.messages_sent, "array_bytes_sent": pool.bytes_sent,
+                              "wall_s": time.perf_counter() - t0, "driver_peak_rss_bytes": peak_rss_bytes()})
     if write:
         from fmtl_edge.report import link_latest, write_outputs
 
@@ -144,9 +157,16 @@ def make_server_app(run_config: Mapping[str, Any] | None = None, sink: dict | No
 
     @sapp.main()
     def main(grid: Grid, context: Context) -> None:
-        """Run the methods of the run config over the grid's nodes; write the results."""
+        """Run the methods of the run config over the grid's nodes; write the results. Any
+        failure is logged and raised again: Flower then marks the run ``finished:failed``
+        (``flwr ls``), since ``flwr run`` itself exits 0 whatever the ServerApp did."""
         _log_to_stderr()
-        results, models, out = serve(grid, {**dict(context.run_config), **over}, write=write)
+        try:
+            results, models, out = serve(grid, {**dict(context.run_config), **over}, write=write)
+        except BaseException as e:
+            log.error("the fmtl-edge ServerApp failed: %s: %s (the run is finished:failed, see flwr ls)",
+                      type(e).__name__, e)
+            raise
         if sink is not None:
             sink.update(results=results, models=models, out=out)
 

@@ -24,6 +24,7 @@ from fmtl_edge.methods.local import Local
 from fmtl_edge.methods.loop import Loop
 from fmtl_edge.methods.mas import MAS
 from fmtl_edge.methods.mas_auto import MASAuto
+from fmtl_edge.methods.mas_oracle import MASOracle
 from fmtl_edge.methods.one_by_one import OneByOne
 from fmtl_edge.methods.tag import TAG
 from fmtl_edge.tasks import TaskSet
@@ -32,6 +33,7 @@ from fmtl_edge.tasks import TaskSet
 METHODS: dict[str, type[Method]] = {
     "mas": MAS,
     "mas-auto": MASAuto,
+    "mas-oracle": MASOracle,
     "all-in-one": AllInOne,
     "one-by-one": OneByOne,
     "fedprox": FedProx,

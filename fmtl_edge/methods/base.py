@@ -176,6 +176,17 @@ class Method(ABC):
         mas-auto's R0 and x), or None (default) for a method that chooses nothing."""
         return None
 
+    def candidate_models(self, done: Mapping[str, JobOutcome]) -> dict[str, dict[str, str]]:
+        """Named alternative sets of final models (label → task → job), evaluated beside the final
+        ones for :meth:`oracle` (mas-oracle's every split); default: none."""
+        return {}
+
+    def oracle(self, done: Mapping[str, JobOutcome], losses: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+        """What the candidates' test losses (label → ``{"total_test_loss",
+        "normalised_total_test_loss", "per_task"}``) say of the method's choice (its entry's
+        ``oracle``); default None."""
+        return None
+
     def planned_rounds(self) -> int:
         """Total rounds of the plan (for progress bars); exact for every method here."""
         return self.rounds

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+from fmtl_edge.affinity.search import set_partitions
 from fmtl_edge.plan import Job, JobOutcome
 from fmtl_edge.methods.base import Method, Option, option
 from fmtl_edge.tasks import TaskSet
@@ -58,40 +59,17 @@ def group_loss(group: Sequence[int], solo: Mapping[int, float], pair: Mapping[tu
     return total
 
 
-def set_partitions(items: Sequence[int], k: int) -> Iterator[list[list[int]]]:
-    """All partitions of ``items`` into exactly ``k`` non-empty blocks (each block in item order;
-    blocks ordered by their first item)."""
-    items = list(items)
-    n = len(items)
-    if k < 1 or k > n:
-        return
-    if k == 1:
-        yield [items]
-        return
-    if k == n:
-        yield [[x] for x in items]
-        return
-    first, rest = items[0], items[1:]
-    # first alone
-    for p in set_partitions(rest, k - 1):
-        yield [[first], *p]
-    # first joins a block of a k-partition of the rest
-    for p in set_partitions(rest, k):
-        for b in range(len(p)):
-            yield sorted([([first, *blk] if i == b else blk) for i, blk in enumerate(p)], key=lambda s: s[0])
-
-
 def select_groups(n: int, x: int, solo: Mapping[int, float],
                   pair: Mapping[tuple[int, int], Mapping[int, float]]) -> tuple[tuple[tuple[int, ...], ...], float]:
     """The exact minimum of Σ_G :func:`group_loss` over the partitions of ``range(n)`` into ``x``
-    groups; the first minimum in :func:`set_partitions` order on ties.
+    groups; the first minimum in :func:`~fmtl_edge.affinity.search.set_partitions` order on ties.
 
     Returns:
         (groups as sorted tuples ordered by first task, the approximated total loss).
     """
     best: tuple[float, list[list[int]]] | None = None
     cache: dict[tuple[int, ...], float] = {}
-    for p in set_partitions(range(n), x):
+    for p in set_partitions(n, x):
         cost = 0.0
         for blk in p:
             key = tuple(blk)

@@ -34,7 +34,7 @@ import torch
 
 from fmtl_edge.models import MultiTaskModel
 from fmtl_edge.procedures.base import LocalContext, LocalResult, Procedure, register
-from fmtl_edge.procedures.sgd import batches, budget_hit
+from fmtl_edge.procedures.sgd import batches, budget_hit, weighted_sum
 
 #: step → (part trained, its lr key)
 STEPS = {1: ("heads", "lr_head"), 2: ("backbone", "lr_backbone"), 3: ("all", "lr_all")}
@@ -100,7 +100,7 @@ def run_step(ctx: LocalContext, model: MultiTaskModel, part: str, names, *, epoc
                 y = y_all[n][it].to(device)
                 losses[n] = ctx.tasks[n].loss(outs[n], y.float() if y.is_floating_point() else y)
             opt.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
+            weighted_sum(losses, {n: a.weight(n) for n in names}).backward()
             opt.step()
             for n in names:
                 sums[n] += float(losses[n].detach()) * len(idx)

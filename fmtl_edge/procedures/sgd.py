@@ -9,7 +9,7 @@ penalty through ``extra_loss``).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -71,6 +71,7 @@ def local_sgd(
     a = ctx.assignment
     cfg = a.config
     names = list(ctx.tasks.names)
+    weights = {n: a.weight(n) for n in names}
     device = torch.device(cfg.device)
     model.train()
     ctx.freeze(model)
@@ -99,10 +100,10 @@ def local_sgd(
             losses = {n: ctx.tasks[n].loss(outs[n], ys[n]) for n in names}
             if measure_affinity and len(names) > 1 and step % cfg.affinity_every == 0:
                 aff_sum += lookahead_affinity(model, x, ys, losses, lr, cfg.weight_decay, names,
-                                              cfg.affinity_divide_by_lr)
+                                              cfg.affinity_divide_by_lr, weights)
                 aff_steps += 1
                 look_passes += len(names) * len(idx)
-            total = sum(losses.values()) if combine is None else combine(losses)
+            total = weighted_sum(losses, weights) if combine is None else combine(losses)
             if extra_loss is not None:
                 total = total + extra_loss()
             opt.zero_grad(set_to_none=True)
@@ -130,6 +131,13 @@ def local_sgd(
         sample_passes=int(seen + look_passes),
         lookahead_passes=int(look_passes),
     )
+
+
+def weighted_sum(losses: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """Σ_t w_t·L_t, the multi-task objective (MAS Eq. 2; weights from ``--loss-weights``,
+    :mod:`fmtl_edge.loss_weights`); a task of weight 1 adds its loss as it is (bit-equal to the
+    unweighted sum)."""
+    return sum(losses[n] if weights.get(n, 1.0) == 1.0 else weights[n] * losses[n] for n in losses)
 
 
 def l2_pull(model: torch.nn.Module, anchor: dict[str, torch.Tensor], weight: float) -> Callable[[], torch.Tensor]:

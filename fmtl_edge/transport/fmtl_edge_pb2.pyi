@@ -120,7 +120,7 @@ class HeartbeatReply(_message.Message):
     CANCEL_WORK_IDS_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     cancel_work_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ok: _Optional[bool] = ..., cancel_work_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, ok: bool = ..., cancel_work_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PullWorkRequest(_message.Message):
     __slots__ = ("session_id", "wait_s")
@@ -148,7 +148,7 @@ class TrainSettings(_message.Message):
     affinity_every: int
     affinity_divide_by_lr: bool
     device: str
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., base_lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., affinity_every: _Optional[int] = ..., affinity_divide_by_lr: _Optional[bool] = ..., device: _Optional[str] = ...) -> None: ...
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., base_lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., affinity_every: _Optional[int] = ..., affinity_divide_by_lr: bool = ..., device: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("input_shape", "width", "depth")
@@ -204,7 +204,7 @@ class Work(_message.Message):
     personal: _containers.RepeatedScalarFieldContainer[str]
     frozen: _containers.RepeatedScalarFieldContainer[str]
     personalised: bool
-    def __init__(self, work_id: _Optional[str] = ..., kind: _Optional[str] = ..., job: _Optional[str] = ..., round: _Optional[int] = ..., tasks: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., config: _Optional[_Union[TrainSettings, _Mapping]] = ..., measure_affinity: _Optional[bool] = ..., seed: _Optional[int] = ..., time_budget_s: _Optional[float] = ..., energy_budget_j: _Optional[float] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., model_bytes: _Optional[int] = ..., model_sha256: _Optional[str] = ..., deadline_s: _Optional[float] = ..., procedure: _Optional[str] = ..., method_config_json: _Optional[str] = ..., state_key: _Optional[str] = ..., personal: _Optional[_Iterable[str]] = ..., frozen: _Optional[_Iterable[str]] = ..., personalised: _Optional[bool] = ...) -> None: ...
+    def __init__(self, work_id: _Optional[str] = ..., kind: _Optional[str] = ..., job: _Optional[str] = ..., round: _Optional[int] = ..., tasks: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., config: _Optional[_Union[TrainSettings, _Mapping]] = ..., measure_affinity: bool = ..., seed: _Optional[int] = ..., time_budget_s: _Optional[float] = ..., energy_budget_j: _Optional[float] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., model_bytes: _Optional[int] = ..., model_sha256: _Optional[str] = ..., deadline_s: _Optional[float] = ..., procedure: _Optional[str] = ..., method_config_json: _Optional[str] = ..., state_key: _Optional[str] = ..., personal: _Optional[_Iterable[str]] = ..., frozen: _Optional[_Iterable[str]] = ..., personalised: bool = ...) -> None: ...
 
 class PullWorkReply(_message.Message):
     __slots__ = ("has_work", "work", "reregister", "message")
@@ -216,7 +216,7 @@ class PullWorkReply(_message.Message):
     work: Work
     reregister: bool
     message: str
-    def __init__(self, has_work: _Optional[bool] = ..., work: _Optional[_Union[Work, _Mapping]] = ..., reregister: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    def __init__(self, has_work: bool = ..., work: _Optional[_Union[Work, _Mapping]] = ..., reregister: bool = ..., message: _Optional[str] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("session_id", "work_id", "offset")
@@ -324,7 +324,7 @@ class UploadReply(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, accepted: bool = ..., reason: _Optional[str] = ...) -> None: ...
 
 class FailureReport(_message.Message):
     __slots__ = ("session_id", "work_id", "kind", "reason")
@@ -344,7 +344,7 @@ class Ack(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     message: str
-    def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    def __init__(self, ok: bool = ..., message: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

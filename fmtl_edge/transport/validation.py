@@ -66,41 +66,188 @@ def _figure(name: str, v: float, fix: str = "") -> float:
     return v
 
 
+def check_figure(name: str, v: float, fix: str = "") -> float:
+    """``v`` as a float when it is finite and ``>= 0``.
+
+    Raises:
+        UpdateRejected: NaN, Inf or negative (the message names ``name`` and adds ``fix``).
+    """
+    return _figure(name, v, fix)
+
+
+def _sq_sum(blocks) -> float:
+    """Σ x² in float64 over an iterable of float arrays."""
+    s = 0.0
+    for b in blocks:
+        b = np.asarray(b).astype(np.float64).reshape(-1)
+        s += float(b @ b)
+    return s
+
+
+def _distance(pairs) -> float:
+    """L2 distance of ``(name, update block, global block)`` pairs, with the NaN/Inf check.
+
+    Raises:
+        UpdateRejected: an update block holds NaN or Inf.
+    """
+    s = 0.0
+    for n, u, w in pairs:
+        # one float32 pass (difference and dot); a NaN/Inf in u makes the dot non-finite, and only
+        # then is the block looked at again (an overflowing square is redone in float64)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled just below
+            d = (u.astype(np.float32, copy=False) - w.astype(np.float32, copy=False)).reshape(-1)
+            v = float(np.dot(d, d))
+        if not math.isfinite(v):
+            if not np.isfinite(u).all():
+                raise UpdateRejected(f"tensor {n!r} holds NaN or Inf")
+            d64 = d.astype(np.float64)
+            v = float(d64 @ d64)
+        s += v
+    return math.sqrt(s)
+
+
 def model_norm(model) -> float:
     """L2 norm (float64) of the float tensors of a :class:`~fmtl_edge.transport.model_files.ModelFile`,
     computed once from the file in blocks and kept on it."""
     if getattr(model, "l2_norm", None) is None:
         f = SafetensorsFile(model.path)
-        s = 0.0
-        for n in f.names:
-            if np.issubdtype(f.entries[n][0], np.floating):
-                for b in f.read_blocks(n):
-                    b = b.astype(np.float64)
-                    s += float(b @ b)
-        model.l2_norm = math.sqrt(s)
+        model.l2_norm = math.sqrt(sum(_sq_sum(f.read_blocks(n)) for n in f.names
+                                      if np.issubdtype(f.entries[n][0], np.floating)))
     return model.l2_norm
 
 
 def _scan(f: SafetensorsFile, model) -> float:
     """NaN/Inf check and L2 distance to the global model, one pass over both files in blocks."""
     g = SafetensorsFile(model.path)
-    s = 0.0
-    for n in f.names:
-        if not np.issubdtype(f.entries[n][0], np.floating):
-            continue
-        for u, w in zip(f.read_blocks(n), g.read_blocks(n)):
-            # one float32 pass (difference and dot); a NaN/Inf in u makes the dot non-finite, and only
-            # then is the block looked at again (an overflowing square is redone in float64)
-            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled just below
-                d = (u.astype(np.float32, copy=False) - w.astype(np.float32, copy=False)).reshape(-1)
-                v = float(np.dot(d, d))
-            if not math.isfinite(v):
-                if not np.isfinite(u).all():
-                    raise UpdateRejected(f"tensor {n!r} holds NaN or Inf")
-                d64 = d.astype(np.float64)
-                v = float(d64 @ d64)
-            s += v
-    return math.sqrt(s)
+    return _distance((n, u, w) for n in f.names if np.issubdtype(f.entries[n][0], np.floating)
+                     for u, w in zip(f.read_blocks(n), g.read_blocks(n)))
+
+
+def state_norm(state: Mapping[str, np.ndarray]) -> float:
+    """L2 norm (float64) of the float tensors of an in-memory state (``name → np.ndarray``)."""
+    return math.sqrt(_sq_sum(v for v in state.values() if np.issubdtype(np.asarray(v).dtype, np.floating)))
+
+
+def state_distance(update: Mapping[str, np.ndarray], global_state: Mapping[str, np.ndarray]) -> float:
+    """L2 distance (float64) between the float tensors of ``update`` and the same tensors of
+    ``global_state`` (in-memory ``name → np.ndarray``; the names of ``update`` must be in it).
+
+    Raises:
+        UpdateRejected: a tensor of ``update`` holds NaN or Inf.
+    """
+    return _distance((n, np.asarray(u), np.asarray(global_state[n])) for n, u in update.items()
+                     if np.issubdtype(np.asarray(u).dtype, np.floating))
+
+
+def check_norm_bound(dist: float, global_norm: float, limits: Limits,
+                     setting: str = "[job] max_update_norm_ratio") -> None:
+    """The norm bound of norm-bounded FedAvg: ``dist ≤ max_update_norm_ratio · max(global_norm, 1)``
+    (``setting``: where the user raises the ratio, for the message).
+
+    Raises:
+        UpdateRejected: the update moved further (the message gives both figures and the setting).
+    """
+    bound = limits.max_update_norm_ratio * max(global_norm, 1.0)
+    if dist > bound:
+        raise UpdateRejected(f"update norm bound: the update is {dist:.3g} away from the global model (L2), above "
+                             f"{bound:.3g} = max_update_norm_ratio {limits.max_update_norm_ratio:g} x max(|global| "
+                             f"{global_norm:.3g}, 1); raise {setting} if honest updates move that far")
+
+
+def check_samples(n: int, registered: int | None, client_id: int, limits: Limits) -> int:
+    """An update's weight: ``n`` within ``0..registered`` (the training samples known for the
+    client; None: unknown), capped at ``limits.max_client_samples`` when set.
+
+    Raises:
+        UpdateRejected: ``n`` outside the range.
+    """
+    n = int(n)
+    if n < 0 or (registered is not None and n > registered):
+        raise UpdateRejected(f"n_samples {n} is outside 0..{registered} (the training samples registered for "
+                             f"client {client_id})")
+    if limits.max_client_samples is not None:
+        n = min(n, int(limits.max_client_samples))
+    return n
+
+
+def check_train_losses(loss: Mapping[str, float], held, tasks, n: int) -> tuple[str, ...]:
+    """The tasks an update trained (``tasks``' order): its train losses must be for tasks the
+    client holds (``held``), and finite and ``>= 0`` when it used samples (``n > 0``).
+
+    Raises:
+        UpdateRejected: no loss, a loss for another task, or a bad figure.
+    """
+    held = list(held)
+    if not loss or not set(loss) <= set(held):
+        raise UpdateRejected(f"train losses are for tasks {sorted(loss)}; this client trains {held} of the work's "
+                             f"{list(tasks)} (the tasks it registered labels for)")
+    if n > 0:
+        for k, v in loss.items():
+            _figure(f"train_loss[{k!r}]", v)
+    return tuple(t for t in tasks if t in loss)
+
+
+def check_resources(device_s: float, peak_memory_bytes: int, affinity_steps: int, sample_passes: int,
+                    lookahead_passes: int, cpu_s: float | None = None, threads: int | None = 0) -> float | None:
+    """An update's resource figures: seconds (device, CPU) finite and ``>= 0``, counts ``>= 0``,
+    threads in ``0..4096`` and the lookahead passes within the sample passes (peak memory, threads
+    0 = unknown; ``cpu_s`` None = unknown). Returns ``cpu_s`` as a float (or None).
+
+    Raises:
+        UpdateRejected: the first bad figure, named.
+    """
+    if int(affinity_steps) < 0:
+        raise UpdateRejected(f"affinity_steps = {affinity_steps}: must be >= 0")
+    if int(peak_memory_bytes) < 0:
+        raise UpdateRejected(f"peak_memory_bytes = {peak_memory_bytes}: must be >= 0 (0 = unknown)")
+    _figure("device_s", device_s)
+    cpu = _figure("cpu_s", cpu_s) if cpu_s is not None else None
+    if not 0 <= int(threads or 0) <= 4096:
+        raise UpdateRejected(f"threads = {threads}: must be in 0..4096 (0 = unknown)")
+    for k, v in (("sample_passes", sample_passes), ("lookahead_passes", lookahead_passes)):
+        if int(v) < 0:
+            raise UpdateRejected(f"{k} = {v}: must be >= 0")
+    if int(lookahead_passes) > int(sample_passes):
+        raise UpdateRejected(f"lookahead_passes = {lookahead_passes} is above sample_passes = "
+                             f"{sample_passes} (which includes it)")
+    return cpu
+
+
+def check_energy(energy: Mapping) -> None:
+    """The meter's figures: every float finite, every number whose key carries a unit
+    (``_j``, ``_s``, ``_w``, ``_bytes``...) ``>= 0``.
+
+    Raises:
+        UpdateRejected: not an object, or a bad figure (named).
+    """
+    if not isinstance(energy, Mapping):
+        raise UpdateRejected("energy_json is not an object")
+    for k, v in energy.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UpdateRejected(f"energy_json[{k!r}] = {v!r}: must be finite")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and str(k).endswith(_UNITS) and v < 0:
+            raise UpdateRejected(f"energy_json[{k!r}] = {v!r}: must be >= 0")
+
+
+def check_eval_sums(task: str, n: int, loss_sum: float, metric_sum: float, n_test: int | None,
+                    limits: Limits) -> dict:
+    """One task's evaluation sums: ``0 ≤ n ≤ n_test`` (the test samples known for the client;
+    None: unknown), ``loss_sum ≥ 0`` and ``0 ≤ metric_sum`` (``≤ n`` for accuracy tasks, by
+    ``limits.task_kinds``). Returns ``{"loss_sum", "metric_sum", "n"}``.
+
+    Raises:
+        UpdateRejected: a figure outside its range (named).
+    """
+    n = int(n)
+    if n < 0 or (n_test is not None and n > n_test):
+        raise UpdateRejected(f"evaluation of task {task!r}: n {n} is outside 0..{n_test} (the test samples "
+                             "registered for this client)")
+    loss = _figure(f"evaluation of task {task!r}: loss_sum", loss_sum)
+    metric = float(metric_sum)
+    top = n if limits.task_kinds.get(task) in _ACCURACY else math.inf
+    if not (math.isfinite(metric) and 0 <= metric <= top):
+        raise UpdateRejected(f"evaluation of task {task!r}: metric_sum {metric!r} is outside 0..{top} for n = {n}")
+    return {"loss_sum": loss, "metric_sum": metric, "n": n}
 
 
 def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=None):
@@ -134,16 +281,7 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
             if t not in meta.eval:
                 raise UpdateRejected(f"evaluation lacks task {t!r}")
             e = meta.eval[t]
-            n = int(e.n)
-            if n < 0 or (n_test is not None and n > n_test):
-                raise UpdateRejected(f"evaluation of task {t!r}: n {n} is outside 0..{n_test} (the test samples "
-                                     "registered for this client)")
-            loss = _figure(f"evaluation of task {t!r}: loss_sum", e.loss_sum)
-            metric = float(e.metric_sum)
-            top = n if lim.task_kinds.get(t) in _ACCURACY else math.inf
-            if not (math.isfinite(metric) and 0 <= metric <= top):
-                raise UpdateRejected(f"evaluation of task {t!r}: metric_sum {metric!r} is outside 0..{top} for n = {n}")
-            sums[t] = {"loss_sum": loss, "metric_sum": metric, "n": n}
+            sums[t] = check_eval_sums(t, e.n, e.loss_sum, e.metric_sum, n_test, lim)
         return {"client_id": item.client_id, "job": a.job, "sums": sums}
     if path is None:
         raise UpdateRejected("the update carries no model")
@@ -168,21 +306,10 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
         if gdt != dt:
             raise UpdateRejected(f"tensor {n!r} has dtype {gdt}, the model has {dt}")
     # resource figures first (cheap), then the scan of the tensors
-    n = int(meta.n_samples)
     registered = d.n_train if d is not None and d.n_train else None
-    if n < 0 or (registered is not None and n > registered):
-        raise UpdateRejected(f"n_samples {n} is outside 0..{registered} (the training samples registered for "
-                             f"client {item.client_id})")
-    if lim.max_client_samples is not None:
-        n = min(n, int(lim.max_client_samples))
+    n = check_samples(meta.n_samples, registered, item.client_id, lim)
     loss = {k: float(v) for k, v in meta.train_loss.items()}
-    if not loss or not set(loss) <= set(held):
-        raise UpdateRejected(f"train losses are for tasks {sorted(loss)}; this client trains {held} of the work's "
-                             f"{list(a.tasks)} (the tasks it registered labels for)")
-    trained = tuple(t for t in a.tasks if t in loss)
-    if n > 0:
-        for k, v in loss.items():
-            _figure(f"train_loss[{k!r}]", v)
+    trained = check_train_losses(loss, held, a.tasks, n)
     aff = None
     if meta.affinity_n:
         k = int(meta.affinity_n)
@@ -192,20 +319,9 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
         aff = np.asarray(meta.affinity, dtype=np.float64).reshape(k, k)
         if not np.isfinite(aff).all():
             raise UpdateRejected("the affinity matrix holds NaN or Inf")
-    if int(meta.affinity_steps) < 0:
-        raise UpdateRejected(f"affinity_steps = {meta.affinity_steps}: must be >= 0")
-    if int(meta.peak_memory_bytes) < 0:
-        raise UpdateRejected(f"peak_memory_bytes = {meta.peak_memory_bytes}: must be >= 0 (0 = unknown)")
-    _figure("device_s", meta.device_s)
-    cpu_s = _figure("cpu_s", meta.cpu_s) if meta.HasField("cpu_s") else None
-    if not 0 <= int(meta.threads) <= 4096:
-        raise UpdateRejected(f"threads = {meta.threads}: must be in 0..4096 (0 = unknown)")
-    for k in ("sample_passes", "lookahead_passes"):
-        if int(getattr(meta, k)) < 0:
-            raise UpdateRejected(f"{k} = {getattr(meta, k)}: must be >= 0")
-    if int(meta.lookahead_passes) > int(meta.sample_passes):
-        raise UpdateRejected(f"lookahead_passes = {meta.lookahead_passes} is above sample_passes = "
-                             f"{meta.sample_passes} (which includes it)")
+    cpu_s = check_resources(meta.device_s, meta.peak_memory_bytes, meta.affinity_steps, meta.sample_passes,
+                            meta.lookahead_passes, cpu_s=meta.cpu_s if meta.HasField("cpu_s") else None,
+                            threads=meta.threads)
     if len(meta.energy_json) > lim.max_energy_json_bytes:
         raise UpdateRejected(f"energy_json is {len(meta.energy_json)} bytes, above {lim.max_energy_json_bytes}")
     try:
@@ -214,19 +330,9 @@ def validate_upload(item, meta, path: Path | None, limits: Limits | int, device=
         raise UpdateRejected("energy_json is not JSON") from None
     if not isinstance(energy, dict):
         raise UpdateRejected("energy_json is not an object")
-    for k, v in energy.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            raise UpdateRejected(f"energy_json[{k!r}] = {v!r}: must be finite")
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and str(k).endswith(_UNITS) and v < 0:
-            raise UpdateRejected(f"energy_json[{k!r}] = {v!r}: must be >= 0")
+    check_energy(energy)
     energy["total_j"] = _figure("energy_j", meta.energy_j, " (leave it unset when unknown)") if meta.HasField("energy_j") else None
-    dist = _scan(f, item.model)
-    g = model_norm(item.model)
-    bound = lim.max_update_norm_ratio * max(g, 1.0)
-    if dist > bound:
-        raise UpdateRejected(f"update norm bound: the update is {dist:.3g} away from the global model (L2), above "
-                             f"{bound:.3g} = max_update_norm_ratio {lim.max_update_norm_ratio:g} x max(|global| "
-                             f"{g:.3g}, 1); raise [job] max_update_norm_ratio if honest updates move that far")
+    check_norm_bound(_scan(f, item.model), model_norm(item.model), lim)
     f.release()
     return ClientUpdate(
         client_id=item.client_id, job=a.job, round=int(a.round), tasks=trained, state=MappedState(path, f),
