@@ -132,6 +132,10 @@ def _add_simulate(sub) -> None:
     g.add_argument("--selection", choices=("uniform", "energy", "utility"),
                    help="who trains in a round: uniform (default), energy (the K of least predicted joules whose "
                         "budgets allow the round), utility (Oort: statistical utility x system cost)")
+    g.add_argument("--energy-candidates", type=int, metavar="D",
+                   help="--selection energy takes its K clients among D drawn uniformly each round (seeded; e.g. 2K), "
+                        "so every client keeps a chance to train; default: among all (greedy: the same cheapest "
+                        "clients every round)")
     g.add_argument("--power-mode", choices=("keep", "max", "auto"),
                    help="each selected device's power mode: keep (default), max, auto (the least J per sample that "
                         "still meets the round's deadline = the slowest device at max); needs --fleet or devices "
@@ -160,7 +164,7 @@ _CONFIG_KEYS = (
     "affinity_divide_by_lr", "width", "seed", "seeds", "device", "meter", "time_budget_s",
     "energy_budget_j", "out", "profile", "aggregator", "trim_fraction", "sampling", "task_groups", "layers",
     "pretrained", "lease_wait_s", "dropout", "eval_every", "threads", "loss_weights", "paired_with", "partition_seed",
-    "oracle_splits", "fleet", "selection", "power_mode",
+    "oracle_splits", "fleet", "selection", "power_mode", "energy_candidates",
 )
 
 

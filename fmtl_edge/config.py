@@ -146,6 +146,8 @@ class SimulationConfig:
     selection: str = "uniform"
     #: ``--power-mode keep|max|auto``: each selected device's power mode (:mod:`fmtl_edge.selection`)
     power_mode: str = "keep"
+    #: ``--energy-candidates D``: ``energy`` selection takes its K among D clients drawn uniformly per round
+    energy_candidates: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The config as results.json stores it (``data_dir`` absolute and resolved)."""
@@ -217,6 +219,12 @@ class SimulationConfig:
             raise ConfigError("--selection", f"{self.selection!r} is not one of {', '.join(POLICIES)}")
         if self.power_mode not in POWER_MODE_POLICIES:
             raise ConfigError("--power-mode", f"{self.power_mode!r} is not one of {', '.join(POWER_MODE_POLICIES)}")
+        if self.energy_candidates is not None:
+            if self.selection != "energy":
+                raise ConfigError("--energy-candidates", "applies to --selection energy")
+            if not self.energy_candidates >= self.clients_per_round:
+                raise ConfigError("--energy-candidates", f"must be at least K = {self.clients_per_round}, "
+                                  f"got {self.energy_candidates}")
         if self.fleet is not None:
             from fmtl_edge.fleet import Fleet
 
@@ -356,7 +364,8 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError("layers", "must be a table: [layers] personal = [\"heads.*\"], pretrained = [...]")
         return {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in value.items()}
-    if name in ("clients", "max_samples", "image_size", "task_groups", "classes_per_client", "partition_seed"):
+    if name in ("clients", "max_samples", "image_size", "task_groups", "classes_per_client", "partition_seed",
+                "energy_candidates"):
         kind = int
     elif name in ("alpha", "time_budget_s", "energy_budget_j"):
         kind = float

@@ -38,6 +38,8 @@ class EnergyPolicy:
             ``samples × local epochs``).
         local_epochs: E.
         model: the model key of the profiles (the architecture the run trains).
+        candidates: ``--energy-candidates`` (``energy`` selection among a seeded uniform draw of
+            this many clients; None: among every eligible client).
 
     Raises:
         ValueError: an unknown policy; ``max``/``auto`` power modes with neither a fleet nor
@@ -47,7 +49,8 @@ class EnergyPolicy:
     def __init__(self, selection: str = "uniform", power_mode: str = "keep", fleet=None,
                  device_of: Callable[[int], str] | None = None,
                  modes_of: Callable[[str], DeviceModes | None] | None = None,
-                 train_sizes: Mapping[int, int] | None = None, local_epochs: int = 1, model: str = ""):
+                 train_sizes: Mapping[int, int] | None = None, local_epochs: int = 1, model: str = "",
+                 candidates: int | None = None):
         if selection not in POLICIES:
             raise ValueError(f"--selection: {selection!r} is not one of {', '.join(POLICIES)}")
         if power_mode not in POWER_MODE_POLICIES:
@@ -63,6 +66,7 @@ class EnergyPolicy:
         self.train_sizes = {int(c): int(n) for c, n in (train_sizes or {}).items()}
         self.local_epochs = int(local_epochs)
         self.model = model
+        self.candidates = candidates
         self.profiles = EnergyProfiles()
 
     @property
@@ -126,7 +130,8 @@ class EnergyPolicy:
             return None if got is None else got[0]
 
         return select_clients(self.selection, eligible, k, seed_parts, predict_energy=predict, budget=ledger,
-                              device_of=self.device, history=history, predict_time=predict_time)
+                              device_of=self.device, history=history, predict_time=predict_time,
+                              candidates=self.candidates)
 
     def power_modes(self, clients: Sequence[int]) -> dict[int, str | None]:
         """client → the power mode it trains in this round (None: the device as it is)."""
@@ -179,5 +184,5 @@ class EnergyPolicy:
 
     def describe(self) -> dict[str, Any]:
         """``results.json``'s ``energy_policy``."""
-        return {"selection": self.selection, "power_mode": self.power_mode,
+        return {"selection": self.selection, "power_mode": self.power_mode, "energy_candidates": self.candidates,
                 "fleet": None if self.fleet is None else self.fleet.to_dict()}

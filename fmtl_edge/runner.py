@@ -360,7 +360,7 @@ def energy_policy(cfg, pool: ClientPool, fleet, spec):
 
     try:
         return EnergyPolicy(cfg.selection, cfg.power_mode, fleet, train_sizes=pool.train_sizes(),
-                            local_epochs=cfg.local_epochs, model=model_key(spec))
+                            local_epochs=cfg.local_epochs, model=model_key(spec), candidates=cfg.energy_candidates)
     except ValueError as e:
         flag = "--power-mode" if "power-mode" in str(e) else "--selection"
         raise ConfigError(flag, str(e).split(": ", 1)[-1]) from None

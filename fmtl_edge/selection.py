@@ -232,7 +232,8 @@ def select_clients(policy: str, eligible: Sequence[int], k: int, seed_parts: Seq
                    history: Sequence[ClientRecord] = (),
                    predict_time: Callable[[int], float | None] | None = None,
                    unknown: str = "explore",
-                   utility: UtilityConfig = UtilityConfig()) -> Selection:
+                   utility: UtilityConfig = UtilityConfig(),
+                   candidates: int | None = None) -> Selection:
     """The round's clients under ``policy`` (see the module docstring).
 
     Args:
@@ -247,6 +248,11 @@ def select_clients(policy: str, eligible: Sequence[int], k: int, seed_parts: Seq
         predict_time: client → predicted device seconds (``utility``; default: its last time).
         unknown: ``explore`` or ``mean`` (clients without a prediction under ``energy``).
         utility: :class:`UtilityConfig`.
+        candidates: ``energy`` only: draw this many candidates uniformly (seeded) first and take
+            the K of least predicted joules among them (``--energy-candidates``: every client keeps
+            a chance to train each round, so the federation's data stays covered); None: every
+            eligible client is a candidate (the greedy choice, which keeps picking the same cheapest
+            clients).
 
     Returns:
         A :class:`Selection`; fewer than K clients when the budgets allow fewer.
@@ -292,6 +298,8 @@ def select_clients(policy: str, eligible: Sequence[int], k: int, seed_parts: Seq
     elif policy == "energy":
         rng = _rng(seed_parts, "energy")
         tiebreak = dict(zip(eligible, rng.random(len(eligible))))
+        if candidates is not None and candidates < len(eligible):
+            eligible = uniform_draw(eligible, max(int(candidates), k), (*seed_parts, "candidates"))
         known = [p for p in pred.values() if p is not None]
         mean = float(np.mean(known)) if known else 0.0
         if unknown == "explore":

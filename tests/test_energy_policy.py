@@ -122,3 +122,15 @@ def test_power_modes_need_known_devices(tmp_path, capsys):
     assert main([*BASE, "--methods", "all-in-one", "--power-mode", "auto", "--out", str(out)]) == 2
     assert "--power-mode" in capsys.readouterr().err and not out.exists()
     assert not list(tmp_path.glob(".*.resume"))  # refused before anything was written
+
+
+def test_energy_candidates_keep_the_federation_covered(tmp_path):
+    greedy = _run(tmp_path, "g", "--methods", "all-in-one", "--fleet", "orin-mix", "--selection", "energy")
+    drawn = _run(tmp_path, "d", "--methods", "all-in-one", "--fleet", "orin-mix", "--selection", "energy",
+                 "--energy-candidates", "6")
+
+    def seen(res):
+        return {c for h in res["methods"]["all-in-one"]["history"] for c in h["clients"]}
+
+    assert len(seen(drawn)) > len(seen(greedy))
+    assert drawn["energy_policy"]["energy_candidates"] == 6
