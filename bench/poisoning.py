@@ -8,10 +8,14 @@ sign-flip "model replacement"; finite values, so only the norm bound or a robust
 it). Cases, measured one after the other in the same run:
 
 - ``clean``: no attacker, FedAvg (the reference);
-- ``fedavg``: attacker, FedAvg with the norm bound disabled (``max_update_norm_ratio = 1e30``);
-- ``bounded``: attacker, FedAvg with the norm bound at ``--ratio`` (default 10, the server's default);
-- ``bounded-tight``: attacker, FedAvg with the norm bound at ``--tight-ratio`` (default 0.5);
-- ``median``: attacker, ``aggregator = "median"`` (norm bound at the default 10).
+- ``fedavg``: attacker, FedAvg with both norm bounds off (``max_update_norm_ratio = 1e30``,
+  ``max_update_norm_multiple = 0``);
+- ``bounded``: attacker, FedAvg with the server's default bounds: the static one at ``--ratio``
+  (default 10 x |global|) and the round's relative one at ``--multiple`` (default 4 x the round's
+  median update distance);
+- ``bounded-tight``: attacker, FedAvg with the static bound at ``--tight-ratio`` (default 0.5) and
+  the relative one off;
+- ``median``: attacker, ``aggregator = "median"`` (default bounds).
 
 Printed per case (from results.json): final total test loss, the rounds in which the attacker's
 update was refused (``history[].refused``), the server's rejected-update counter, the sum of
@@ -41,17 +45,18 @@ CASES = ("clean", "fedavg", "bounded", "bounded-tight", "median")
 
 
 
-def case_settings(case: str, ratio: float, tight: float) -> tuple[bool, str, float]:
-    """(attacker present, aggregator, max_update_norm_ratio) of a case."""
-    return {"clean": (False, "fedavg", ratio), "fedavg": (True, "fedavg", 1e30), "bounded": (True, "fedavg", ratio),
-            "bounded-tight": (True, "fedavg", tight), "median": (True, "median", ratio)}[case]
+def case_settings(case: str, ratio: float, tight: float, multiple: float) -> tuple[bool, str, float, float]:
+    """(attacker present, aggregator, max_update_norm_ratio, max_update_norm_multiple) of a case."""
+    return {"clean": (False, "fedavg", ratio, multiple), "fedavg": (True, "fedavg", 1e30, 0.0),
+            "bounded": (True, "fedavg", ratio, multiple), "bounded-tight": (True, "fedavg", tight, 0.0),
+            "median": (True, "median", ratio, multiple)}[case]
 
 
 def run_case(case: str, work: Path, args) -> dict:
     from fmtl_edge.transport.service import free_port
     from fmtl_server.auth import add_token
 
-    attacked, aggregator, ratio = case_settings(case, args.ratio, args.tight_ratio)
+    attacked, aggregator, ratio, multiple = case_settings(case, args.ratio, args.tight_ratio, args.multiple)
     work.mkdir(parents=True, exist_ok=True)
     tokens = {c: add_token(work / "tokens.txt", f"dev-{c}") for c in range(K)}
     (work / "job.toml").write_text(f"""
@@ -67,6 +72,7 @@ width = {args.width}
 seed = {args.seed}
 aggregator = "{aggregator}"
 max_update_norm_ratio = {ratio:g}
+max_update_norm_multiple = {multiple:g}
 dispatch_wait_s = 0.5
 max_attempts = 1
 max_round_retries = 1
@@ -111,6 +117,7 @@ heartbeat_timeout_s = 120
     steps = [float(v) for v in re.findall(r"poison x\S+: \|trained - global\| \S+ = (\S+) x",
                                           (work / f"agent{args.attacker}.log").read_text(errors="replace"))]
     row = {"case": case, "attacked": attacked, "aggregator": aggregator, "max_update_norm_ratio": ratio,
+           "max_update_norm_multiple": multiple,
            "attacker_honest_step": [min(steps), max(steps)] if steps else None, "wall_s": wall, "server_rc": rc}
     res_path = work / "out" / "results.json"
     if rc != 0 or not res_path.is_file():
@@ -129,7 +136,7 @@ heartbeat_timeout_s = 120
     refused_rounds = [i + 1 for i, h in enumerate(hist)
                       if any(int(r.get("client_id", -1)) == args.attacker for r in h.get("refused", []))]
     row.update(total_test_loss=m["total_test_loss"], test_loss=m.get("test_loss"), refused_rounds=refused_rounds,
-               updates_rejected=res["deployment"]["counters"].get("updates_rejected", 0),
+               updates_rejected=res["engine"]["counters"].get("updates_rejected", 0),
                device_s=sum(float(h.get("device_s") or 0.0) for h in hist), rounds=len(hist), failed=None)
     return row
 
@@ -140,6 +147,8 @@ def main() -> int:
     ap.add_argument("--scale", type=float, default=-10.0, help="SCALE of the attacker's poison fault (default -10)")
     ap.add_argument("--ratio", type=float, default=10.0, help="max_update_norm_ratio of the 'bounded' case (default 10)")
     ap.add_argument("--tight-ratio", type=float, default=0.5, help="max_update_norm_ratio of 'bounded-tight' (default 0.5)")
+    ap.add_argument("--multiple", type=float, default=4.0,
+                    help="max_update_norm_multiple of 'bounded', 'clean' and 'median' (default 4, the server's default)")
     ap.add_argument("--max-samples", type=int, default=800, help="digits samples over all 8 clients (default 800)")
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -163,13 +172,13 @@ def main() -> int:
         what = f"FAILED after {r['rounds']} rounds: {r['failed']}" if r["failed"] else f"total test loss {r['total_test_loss']:.4f}"
         print(f"  {c}: {what} ({r['wall_s']:.0f} s)", flush=True)
     print()
-    print("| case | attacker | aggregator | norm ratio | final total test loss | attacker refused in rounds "
-          "| updates rejected | device s | attacker honest step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| case | attacker | aggregator | norm ratio | norm multiple | final total test loss "
+          "| attacker refused in rounds | updates rejected | device s | attacker honest step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r["attacker_honest_step"]
         print(f"| {r['case']} | {'poison x%g' % args.scale if r['attacked'] else '—'} | {r['aggregator']} "
-              f"| {r['max_update_norm_ratio']:g} "
+              f"| {r['max_update_norm_ratio']:g} | {r['max_update_norm_multiple']:g} "
               f"| {'job failed after %d rounds (see above)' % r['rounds'] if r['failed'] else '%.4f' % r['total_test_loss']} "
               f"| {', '.join(map(str, r['refused_rounds'])) or 'none'} ({len(r['refused_rounds'])}/{r['rounds']}) "
               f"| {r['updates_rejected']} | {r['device_s']:.1f} "

@@ -69,6 +69,46 @@ def client_label_stats(y_train: Mapping[str, np.ndarray], tasks: TaskSet) -> dic
     return out
 
 
+def check_label_stats(stats: Any, tasks: TaskSet, n_train: int, shapes: Mapping[str, int] | None = None) -> None:
+    """Check a device's claimed label statistics before they enter anyone's chance losses: known
+    tasks of the right kind, whole non-negative counts with one per class, ``n`` within the
+    training samples the device registered (dense: × its values per sample, ``shapes``), finite
+    sums with ``sumsq ≥ 0`` and a variance ≥ 0.
+
+    Raises:
+        ValueError: the first problem, named (the coordinator refuses the registration).
+    """
+    if not isinstance(stats, Mapping):
+        raise ValueError("label statistics must be a JSON object task -> statistics")
+    for name, s in stats.items():
+        if name not in tasks:
+            raise ValueError(f"label statistics name an unknown task {name!r}")
+        t = tasks[name]
+        if not isinstance(s, Mapping) or s.get("kind") != t.kind:
+            raise ValueError(f"label statistics of {name!r}: kind {s.get('kind') if isinstance(s, Mapping) else s!r} "
+                             f"but the task is {t.kind}")
+        n = s.get("n")
+        per = int((shapes or {}).get(name, 1)) if t.kind == "dense" else 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= int(n_train) * per:
+            raise ValueError(f"label statistics of {name!r}: n = {n!r} is not a whole number in 0..{int(n_train) * per}")
+        if t.kind == "classification":
+            c = s.get("counts")
+            if (not isinstance(c, list) or len(c) != t.out_dim or any(isinstance(v, bool) or not isinstance(v, int)
+                                                                      or v < 0 for v in c) or sum(c) != n):
+                raise ValueError(f"label statistics of {name!r}: counts must be {t.out_dim} whole numbers >= 0 "
+                                 f"summing to n = {n}")
+        elif t.kind == "binary":
+            p = s.get("positives")
+            if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= n:
+                raise ValueError(f"label statistics of {name!r}: positives must be a whole number in 0..n")
+        else:
+            total, sq = s.get("sum"), s.get("sumsq")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (total, sq)) \
+                    or sq < 0 or (n and sq / n - (total / n) ** 2 < -1e-6 * max(1.0, sq / n)):
+                raise ValueError(f"label statistics of {name!r}: sum and sumsq must be finite with sumsq >= 0 "
+                                 "and a variance >= 0")
+
+
 def combine_label_stats(per_client: Iterable[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
     """The sums of several clients' :func:`client_label_stats` (the union of their training labels).
 

@@ -72,6 +72,16 @@ class ClientPool(ABC):
         them), or None when unknown."""
         return None
 
+    def device_name(self, client_id: int) -> str:
+        """The device client ``client_id`` trains on (energy profiles and budgets are per device);
+        default ``client-<id>``: one device per client."""
+        return f"client-{int(client_id)}"
+
+    def device_modes(self, device: str):
+        """The power modes ``device`` reports and may switch to
+        (:class:`~fmtl_edge.selection.DeviceModes`), or None (unknown, or switching not allowed)."""
+        return None
+
     def global_vector_buffer(self, n_params: int) -> np.ndarray | None:
         """Storage for the coordinator's flat float32 global vector of ``n_params`` values, or None
         for an ordinary array (the gRPC pool: a file-backed mapping it pages out of RAM while a

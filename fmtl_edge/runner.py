@@ -359,7 +359,8 @@ def energy_policy(cfg, pool: ClientPool, fleet, spec):
     from fmtl_edge.energy_policy import EnergyPolicy
 
     try:
-        return EnergyPolicy(cfg.selection, cfg.power_mode, fleet, train_sizes=pool.train_sizes(),
+        return EnergyPolicy(cfg.selection, cfg.power_mode, fleet, device_of=pool.device_name,
+                            modes_of=pool.device_modes if fleet is None else None, train_sizes=pool.train_sizes(),
                             local_epochs=cfg.local_epochs, model=model_key(spec), candidates=cfg.energy_candidates)
     except ValueError as e:
         flag = "--power-mode" if "power-mode" in str(e) else "--selection"

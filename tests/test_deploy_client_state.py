@@ -58,21 +58,21 @@ RECORDING_SERVER = """
 import os, shutil, sys
 from pathlib import Path
 
-from fmtl_edge.transport.uploads import UploadsMixin
+from fmtl_edge.transport.uploads import Uploads
 
 rec = Path(os.environ["FMTL_TEST_UPLOADS"])
 rec.mkdir(parents=True, exist_ok=True)
-_finish = UploadsMixin.finish_upload
+_finish = Uploads.finish
 
 
-def finish_upload(self, item, meta, path):
+def finish(self, item, meta, path):
     if path is not None:
         a = item.slot.assignment
         shutil.copyfile(path, rec / f"{a.job}-r{a.round}-c{item.client_id}-{item.work_id}-{os.getpid()}.safetensors")
     return _finish(self, item, meta, path)
 
 
-UploadsMixin.finish_upload = finish_upload
+Uploads.finish = finish
 
 from fmtl_server.cli import main
 

@@ -3,8 +3,10 @@
 The fault's upload is ``global + SCALE * (trained - global)``. One honest round of digits training
 (the job's default settings, as ``bench/poisoning.py`` runs them) moves the model about 0.17 x
 |global|, so SCALE -10 lands about 1.7 x |global| away: *inside* the default bound
-(``max_update_norm_ratio`` 10). The bound only refuses it when tightened (0.5, the bench's
-``bounded-tight`` case) or for a far larger SCALE; these tests pin both facts.
+(``max_update_norm_ratio`` 10). That static bound only refuses it when tightened (0.5, the bench's
+``bounded-tight`` case) or for a far larger SCALE; these tests pin both facts. The round's relative
+bound (issue 22: ``max_update_norm_multiple`` 4 x the round's median distance) refuses it, and no
+honest update.
 """
 
 from __future__ import annotations
@@ -105,3 +107,23 @@ def test_norm_bound_on_a_realistic_poisoned_update(tmp_path, honest_round):
     big = -2 * 10 / step
     with pytest.raises(UpdateRejected, match="norm bound"):
         _validate(tmp_path, g, poison_state(g, honest, big), tasks)
+
+
+def test_the_rounds_relative_bound_refuses_a_realistic_poisoned_update_and_no_honest_one(honest_round):
+    """Issue 22: the default bound calibrated by the round's honest updates (max_update_norm_multiple 4 x
+    the round's median distance x the data share) refuses SCALE -10, which the static bound lets in."""
+    from fmtl_edge.transport.validation import norm_outliers
+
+    g, _, ds = honest_round
+    spec = ModelSpec(tuple(ds.input_shape), width=8)
+    tc = SimulationConfig(dataset="digits").train_config()
+    a = Assignment("all", 0, ds.tasks.names, {k: v.copy() for k, v in g.items()}, tc.lr, tc)
+    norms, weights = {}, {}
+    for c in ds.clients:  # the bench's round: every client of the 8
+        s = {k: np.asarray(v) for k, v in train_round(c, spec, ds.tasks, a).state.items()}
+        if c.client_id == 7:
+            s = poison_state(g, s, POISON_SCALE)
+        norms[c.client_id] = _rel(g, s)
+        weights[c.client_id] = c.n_train
+    assert list(norm_outliers(norms, 4.0, weights)) == [7]
+    assert norms[7] < 10.0  # inside the static bound (max_update_norm_ratio 10 x |global|)

@@ -61,11 +61,12 @@ def svc(tmp_path):
 class Raw:
     """A device that registers, beats and pulls, then uploads whatever the test crafts."""
 
-    def __init__(self, target, cid, token="good", n_train=N_TRAIN, beat=True):
+    def __init__(self, target, cid, token="good", n_train=N_TRAIN, beat=True, n_test=N_TEST):
         self.ch = channel(target, insecure=True)
         self.stub = pb_grpc.CoordinatorStub(self.ch)
         self.md = bearer(token)
         self.cid = cid
+        self.n_test = n_test
         self.reg = self.stub.Register(self.request(n_train), timeout=10, metadata=self.md)
         self.sid = self.reg.session_id
         self.stop = threading.Event()
@@ -76,7 +77,7 @@ class Raw:
         return pb.RegisterRequest(device=pb.DeviceInfo(hostname="raw"), data=pb.DataInfo(
             dataset="toy", client_id=self.cid, n_clients=6, input_shape=[1, 8, 8],
             tasks=[pb.TaskSpec(name=t, kind="binary", out_dim=1, target_std=1, train_samples=n_train,
-                               test_samples=N_TEST) for t in ("a", "b")]))
+                               test_samples=getattr(self, "n_test", N_TEST)) for t in ("a", "b")]))
 
     def _beat(self):
         while not self.stop.wait(0.2):
@@ -191,7 +192,7 @@ def test_two_streams_for_one_work_item_write_separate_files_and_the_accepted_one
     try:
         t, box = run_round(pool, k=2)
         works = [d.pull() for d in devs]
-        index = [pool._items[w.work_id].slot.index for w in works]
+        index = [pool.work.get(w.work_id).slot.index for w in works]
         first, racer = (0, 1) if index[0] == 0 else (1, 0)
         w = works[racer]
         state, names = devs[racer].model(w, tmp_path)
@@ -222,6 +223,47 @@ def test_two_streams_for_one_work_item_write_separate_files_and_the_accepted_one
     finally:
         for d in devs:
             d.close()
+
+
+def test_a_late_duplicate_upload_is_refused_as_late_when_its_round_model_is_gone(svc, tmp_path, monkeypatch, caplog):
+    """Issue 22: two streams for one work; the slower one's validation reads the round model after the
+    round ended and deleted it: refused as late, without a traceback, not counted against the device."""
+    import logging
+
+    from fmtl_edge.transport import uploads
+
+    caplog.set_level(logging.INFO)
+    pool, _, target = svc()
+    dev = Raw(target, 0)
+    try:
+        t, box = run_round(pool)
+        w = dev.pull()
+        state, names = dev.model(w, tmp_path)
+        data = update_bytes(shifted(state, 0.1), names, tmp_path)
+        real = uploads.validate_upload
+        first = threading.Event()
+
+        def slow_first(*a, **kw):
+            if not first.is_set():  # this stream is validated slowly: the other one wins, the round ends
+                first.set()
+                t.join(15)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(uploads, "validate_upload", slow_first)
+        replies = {}
+        late = threading.Thread(target=lambda: replies.setdefault("late", dev.upload(w, data)))
+        late.start()
+        assert first.wait(10)
+        replies["first"] = dev.upload(w, data)
+        late.join(20)
+        assert replies["first"].accepted, replies["first"].reason
+        assert "out" in box, box.get("error")
+        r = replies["late"]
+        assert not r.accepted and "too late" in r.reason and "could not validate" not in r.reason, r.reason
+        assert "Traceback" not in caplog.text and "FileNotFoundError" not in caplog.text
+        assert pool.counters["updates_rejected"] == 0 and _state_of(pool, 0)["rejected"] == 0
+    finally:
+        dev.close()
 
 
 # -- faults 3-5: values, sample counts, energy ---------------------------------------------------------
@@ -484,3 +526,167 @@ def test_idle_upload_streams_are_limited_per_device_and_closed_at_the_first_chun
         dev.close()
         pool.close()
         server.stop(0)
+
+
+# -- issue 22: idle upload streams from many tokens ----------------------------------------------------
+
+
+def test_idle_upload_streams_from_many_tokens_do_not_starve_honest_heartbeats_or_uploads(tmp_path):
+    """32 devices x 2 idle upload streams against 64 workers: the server keeps workers for heartbeats
+    and at most ``max_idle_streams`` idle uploads, so an honest device beats, downloads and uploads."""
+    n_bad = 32
+    tokens = dict(TOKENS, **{f"bad{i}": Identity(f"bad{i}", "device") for i in range(n_bad)})
+    pool = RemoteClientPool(tmp_path / "w", RoundPolicy(heartbeat_timeout_s=3.0, dispatch_wait_s=0.5, max_attempts=1),
+                            seed=5, model_info={"input_shape": [1, 8, 8], "width": 4})
+    servicer = CoordinatorServicer(pool, tokens.get, heartbeat_interval_s=0.2, upload_first_chunk_s=20.0)
+    server, port = start_server(servicer, "127.0.0.1:0", None, max_workers=64)
+    target = f"127.0.0.1:{port}"
+    release = threading.Event()
+    dev = Raw(target, 0)
+    chans = []
+    try:
+        t, box = run_round(pool)
+        w = dev.pull()
+
+        def nothing():
+            release.wait(30)  # opened, never sends a message
+            return
+            yield
+
+        streams = []
+        for i in range(n_bad):
+            ch = channel(target, insecure=True)
+            chans.append(ch)
+            stub = pb_grpc.CoordinatorStub(ch)
+            streams += [stub.UploadUpdate.future(nothing(), timeout=30, metadata=bearer(f"bad{i}")) for _ in range(2)]
+        time.sleep(1.5)  # every idle stream is open, or refused
+        for _ in range(5):  # heartbeats are answered at once, whatever the idle streams do
+            t0 = time.monotonic()
+            r = dev.stub.Heartbeat(pb.HeartbeatRequest(session_id=dev.sid, state="downloading", work_id=w.work_id),
+                                   timeout=2, metadata=dev.md)
+            assert r.ok and time.monotonic() - t0 < 1.5
+        state, names = dev.model(w, tmp_path)  # the honest device still downloads and uploads
+        reply = dev.upload(w, update_bytes(shifted(state, 0.1), names, tmp_path))
+        assert reply.accepted, reply.reason
+        t.join(15)
+        assert "out" in box, box.get("error")
+        refused = [s for s in streams if s.done() and s.exception() is not None
+                   and s.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert len(refused) >= 2 * n_bad - servicer.max_idle_streams - 1, len(refused)
+        assert any("max_idle_streams" in s.exception().details() for s in refused)
+    finally:
+        release.set()
+        dev.close()
+        for ch in chans:
+            ch.close()
+        pool.close()
+        server.stop(0)
+
+
+# -- issue 22: sample counts and the round's relative norm bound ----------------------------------------
+
+MORE = dict(TOKENS, **{f"t{c}": Identity(f"dev{c}", "device") for c in range(2, 6)})
+
+
+def _token(c):
+    return {0: "good", 1: "good1"}.get(c, f"t{c}")
+
+
+def _round_of(pool, target, tmp_path, shifts, n_train=None, n_samples=None):
+    """One K = len(shifts) round: device c uploads the model shifted by ``shifts[c]`` with
+    ``n_samples[c]``; returns the coordinator's outcome (or error) and the replies."""
+    n_train, n_samples = n_train or {}, n_samples or {}
+    devs = [Raw(target, c, token=_token(c), n_train=n_train.get(c, N_TRAIN)) for c in range(len(shifts))]
+    try:
+        t, box = run_round(pool, k=len(shifts))
+        replies = {}
+        for d in devs:
+            w = d.pull()
+            state, names = d.model(w, tmp_path)
+            replies[d.cid] = d.upload(w, update_bytes(shifted(state, shifts[d.cid]), names, tmp_path, f"u{d.cid}"),
+                                      n_samples=n_samples.get(d.cid, N_TRAIN))
+        t.join(20)
+        return box, replies, state
+    finally:
+        for d in devs:
+            d.close()
+
+
+def test_an_inflated_training_sample_count_gets_a_bounded_fedavg_weight(svc, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    pool, _, target = svc(tokens=MORE)
+    box, replies, _ = _round_of(pool, target, tmp_path, [0.1, 0.1, 0.1], n_train={2: 1000 * N_TRAIN},
+                                n_samples={2: 1000 * N_TRAIN})
+    assert all(r.accepted for r in replies.values()), replies
+    # 10 (max_samples_ratio) x the low median of the registered counts (50, 50, 50000) = 500
+    assert box["out"].history[0].samples == 2 * N_TRAIN + 10 * N_TRAIN
+    assert "FedAvg weight is capped at 500 samples" in caplog.text
+
+
+def test_test_sample_counts_are_bounded_at_registration_and_in_evaluation_replies(svc, tmp_path):
+    pool, _, target = svc(tokens=MORE)
+    pool.task_kinds = {"a": "binary", "b": "binary"}
+    # a device that registers first with a huge test count is accepted (nothing to compare yet) ...
+    big = Raw(target, 2, token="t2", n_test=10**6)
+    honest = [Raw(target, 0), Raw(target, 1, token="good1")]
+    none = Raw(target, 3, token="t3", n_test=0)
+    try:
+        # ... a later one is refused
+        with pytest.raises(grpc.RpcError) as e:
+            Raw(target, 4, token="t4", n_test=10**6)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "test_samples" in e.value.details()
+        state = {k: np.asarray(v) for k, v in _global_state().items()}
+        a = Assignment(job="all", round=0, tasks=("a", "b"), state=state, lr=0.0, config=TrainConfig(), seed=0)
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("out", pool.evaluate([(2, a), (3, a), (0, a)], timeout_s=5)))
+        t.start()
+        claims = {big: 10**5, none: 10, honest[0]: N_TEST}
+        replies = {}
+        for dev, n in claims.items():
+            w = dev.pull()
+            s = {"loss_sum": 0.0, "metric_sum": 0.0, "n": n}
+            replies[dev.cid] = dev.upload(w, b"", eval={"a": s, "b": s})
+        t.join(15)
+        # the first device's n is bounded by the others' counts: 10 x the low median (20) = 200
+        assert not replies[2].accepted and "max_samples_ratio" in replies[2].reason, replies[2].reason
+        # a device that registered no test samples may not claim any
+        assert not replies[3].accepted and "outside 0..0" in replies[3].reason, replies[3].reason
+        assert replies[0].accepted and set(box["out"]) == {0}
+    finally:
+        for d in (big, none, *honest):
+            d.close()
+
+
+def test_an_update_far_beyond_the_rounds_median_distance_is_refused(svc, tmp_path):
+    """The round's relative bound: poison x-10 of an honest step stays inside the static bound
+    (10 x |global|) but is 10 x the round's median distance."""
+    pool, _, target = svc(tokens=MORE)
+    box, replies, state = _round_of(pool, target, tmp_path, [0.1, 0.12, 0.08, -1.0])
+    assert all(r.accepted for r in replies.values())  # each inside the static bound when it arrived
+    rec = box["out"].history[0]
+    assert sorted(rec.executed) == [0, 1, 2]
+    (ref,) = rec.refused
+    assert ref["client_id"] == 3 and "max_update_norm_multiple" in ref["message"]
+    assert pool.counters["updates_rejected"] == 1 and _state_of(pool, 3)["rejected"] == 1
+    assert pool.status()["refusals"]["dev3"]["by_rpc"] == {"UploadUpdate": 1}
+    for k, v in box["out"].state.items():  # the honest mean, equal weights
+        if np.issubdtype(v.dtype, np.floating):
+            np.testing.assert_allclose(v, state[k] + np.float32(0.1), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_the_relative_norm_bound_needs_three_updates_and_can_be_turned_off():
+    from fmtl_edge.transport.validation import norm_outliers
+
+    assert norm_outliers({0: 1.0, 1: 10.0}, 4.0) == {}  # two updates: neither can be told honest
+    out = norm_outliers({0: 1.0, 1: 1.2, 2: 0.9, 3: 10.0}, 4.0)
+    assert list(out) == [3] and "10" in out[3] and "median distance 1.1" in out[3]
+    assert norm_outliers({0: 1.0, 1: 1.2, 2: 0.9, 3: 10.0}, 0) == {}
+    assert norm_outliers({0: 1.0, 1: 1.2, 2: 0.9, 3: 10.0}, 12.0) == {}
+    # a client with more data moves farther: its bound grows with its share of the round's median weight ...
+    w = {0: 100, 1: 120, 2: 90, 3: 300}
+    assert norm_outliers({0: 1.0, 1: 1.2, 2: 0.9, 3: 10.0}, 4.0, w) == {}
+    # ... up to 4 x (a weight is already capped by max_samples_ratio)
+    out = norm_outliers({0: 1.0, 1: 1.2, 2: 0.9, 3: 30.0}, 4.0, {**w, 3: 10_000})
+    assert list(out) == [3] and "data share 4" in out[3]

@@ -405,11 +405,14 @@ def client_info(data: LocalData, profile=None, meter=None, with_dataset: bool = 
     ``partition-id``, the tasks it holds labels for, its sample counts, the data set's tasks and
     input shape; with ``with_dataset`` also the data set's name, client count and provenance, and
     the node's device profile and meter."""
+    from fmtl_edge.loss_weights import client_label_stats
+
     c = data.client
     out: dict[str, Any] = {"client_id": int(c.client_id), "partition_id": partition_id,
                            "tasks": list(c.task_names), "n_train": c.n_train,
                            "n_test": c.n_test, "input_shape": list(data.input_shape),
-                           "task_specs": [task_to_dict(t) for t in data.tasks], "n_clients": data.n_clients}
+                           "task_specs": [task_to_dict(t) for t in data.tasks], "n_clients": data.n_clients,
+                           "label_stats": client_label_stats(c.y_train, data.tasks)}
     if with_dataset:
         out["dataset"] = data.name
         out["dataset_info"] = data.info

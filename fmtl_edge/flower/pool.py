@@ -211,6 +211,7 @@ class FlowerGridPool(ClientPool):
         self._tasks: dict[int, set[str]] = {int(i["client_id"]): set(i["tasks"]) for i in infos.values()}
         self._n_train: dict[int, int | None] = {int(i["client_id"]): i.get("n_train") for i in infos.values()}
         self._n_test: dict[int, int | None] = {int(i["client_id"]): i.get("n_test") for i in infos.values()}
+        self._label_stats: dict[int, Any] = {int(i["client_id"]): i.get("label_stats") for i in infos.values()}
         self._by_partition: dict[int, int] = {int(i["partition_id"]): int(i["client_id"]) for i in infos.values()
                                               if i.get("partition_id") is not None}
         self._seen_nodes: set[int] = {int(n) for n in infos}
@@ -227,6 +228,28 @@ class FlowerGridPool(ClientPool):
     def node_of(self, client_id: int) -> int:
         """The Flower node id serving ``client_id``."""
         return self._node[int(client_id)]
+
+    def train_sizes(self) -> dict[int, int] | None:
+        if any(v is None for v in self._n_train.values()):
+            return None
+        return {c: int(n) for c, n in self._n_train.items()}
+
+    def label_statistics(self, tasks) -> dict[int, dict[str, dict]] | None:
+        """The clients' label statistics from their ``query`` replies, each checked
+        (:func:`fmtl_edge.loss_weights.check_label_stats`; a node's claims are not trusted)."""
+        from fmtl_edge.loss_weights import check_label_stats
+
+        out = {}
+        for c, stats in self._label_stats.items():
+            if stats is None or self._n_train.get(c) is None:
+                return None
+            check_label_stats(stats, tasks, int(self._n_train[c]), self._dense_values(tasks))
+            out[c] = {t: s for t, s in stats.items() if t in tasks.names}
+        return out
+
+    def _dense_values(self, tasks) -> dict[str, int]:
+        shape = tuple(self.spec.input_shape)
+        return {t.name: int(np.prod(shape[1:])) * t.out_dim for t in tasks if t.kind == "dense"}
 
     def eligible(self, tasks: Sequence[str]) -> list[int]:
         return [c for c in self.client_ids if self._tasks[c] & set(tasks)]

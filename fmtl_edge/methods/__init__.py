@@ -65,12 +65,15 @@ def method_options() -> dict[str, Option]:
     return out
 
 
-def methods_help(width: int = 100) -> str:
-    """The ``--methods`` section of ``simulate --help``, from each method's ``summary``."""
+def methods_help(width: int = 100, pooled: bool = True) -> str:
+    """The ``--methods`` section of ``simulate --help``, from each method's ``summary``
+    (``pooled=False``: without the references on pooled data, for ``fmtl-server serve --help``)."""
     import textwrap
 
     lines = []
     for cls in METHODS.values():
+        if cls.pooled_data and not pooled:
+            continue
         wrapped = textwrap.wrap(cls.summary, width - 15) or [""]
         lines.append(f"  {cls.name:<12} {wrapped[0]}")
         lines += [" " * 15 + w for w in wrapped[1:]]

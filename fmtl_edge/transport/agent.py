@@ -53,6 +53,7 @@ from fmtl_edge.transport.tensors import (
 
 EXIT_AUTH = 3
 EXIT_REFUSED = 2
+EXIT_TLS = 2  # a TLS setting that cannot work with this server (the log names the fix)
 FAULTS = ("nan", "shape", "delay", "echo", "poison")
 POISON_SCALE = -10.0  # default SCALE of the ``poison[:SCALE]`` fault
 
@@ -258,15 +259,18 @@ class Agent:
             self.log("--allow-power-mode: this device has no nvpmodel power modes; it trains as it is")
 
     def register_request(self) -> pb.RegisterRequest:
-        p, ds, c, spec = self.profile, self.dataset, self.client, self.opts.data
         import json
 
+        from fmtl_edge.loss_weights import client_label_stats
+
+        p, ds, c, spec = self.profile, self.dataset, self.client, self.opts.data
         data = pb.DataInfo(
             dataset=ds.name, client_id=c.client_id, n_clients=ds.n_clients, seed=spec.seed,
             alpha=spec.alpha or 0.0, max_samples=spec.max_samples or 0, image_size=spec.image_size or 0,
             input_shape=[int(s) for s in ds.input_shape],
             tasks=[task_to_pb(t, c.n_train, c.n_test) for t in ds.tasks],
             info_json=json.dumps(ds.info, default=str),
+            label_stats_json=json.dumps(client_label_stats(c.y_train, ds.tasks)),
         )
         dev = pb.DeviceInfo(
             hostname=socket.gethostname(), agent_version=__version__, profile_name=p.name,
@@ -275,6 +279,12 @@ class Agent:
             meter=f"{self.meter.backend}:{self.meter.source}" if hasattr(self.meter, "backend") else str(self.meter.source),
             torch_device=self.opts.device or "", pid=os.getpid(),
         )
+        modes = self.power.modes() if self.power is not None and self.power.available else []
+        if modes:
+            now = self.power.current()
+            dev.power_modes.extend(m.name for m in modes)
+            dev.power_mode = now.name if now is not None else ""
+            dev.power_mode_allowed = bool(self.opts.allow_power_mode)
         return pb.RegisterRequest(device=dev, data=data)
 
     # -- power modes ----------------------------------------------------------------------------------
@@ -358,10 +368,12 @@ class Agent:
         backoff = o.min_backoff_s
         lost_since = None
         last_note = 0.0
+        waiting = None  # why the server went away, when it said so (job complete, stopping): no error to log
         while not self.stop.is_set():
             ch = channel(o.server, insecure=o.insecure, ca=o.ca, cert=o.cert, key=o.key, server_name=o.server_name)
             hb_stop = threading.Event()
             hb = None
+            closed = False
             try:
                 stub = pb_grpc.CoordinatorStub(ch)
                 req = self.register_request()
@@ -374,13 +386,21 @@ class Agent:
                 self.session_lost.clear()
                 chunk = int(reg.chunk_bytes or DEFAULT_CHUNK_BYTES)
                 self.chunk_bytes = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, chunk))
+                waiting = None
                 self.log(f"registered with {o.server} ({reg.message}; session {reg.session_id[:8]})")
                 hb = threading.Thread(target=self._heartbeat, args=(stub, reg.session_id, reg.heartbeat_interval_s or 2.0,
                                                                   hb_stop), daemon=True, name="fmtl-heartbeat")
                 hb.start()
                 while not self.stop.is_set() and not self.session_lost.is_set():
+                    t_poll = time.monotonic()
                     r = stub.PullWork(pb.PullWorkRequest(session_id=reg.session_id, wait_s=o.poll_wait_s),
                                       timeout=o.poll_wait_s + 15, metadata=md)
+                    if r.job_complete or r.closing:
+                        waiting = "its next job" if r.job_complete else "it to come back"
+                        self.log(f"{'the job is complete' if r.job_complete else 'the server is stopping'}: "
+                                 f"{r.message or o.server}; waiting for {waiting}")
+                        closed = True
+                        break
                     if r.reregister:
                         self.log("the server does not know this session (restarted?): registering again")
                         break
@@ -390,6 +410,8 @@ class Agent:
                         if o.max_works is not None and self.works_done >= o.max_works:
                             self.log(f"done {self.works_done} work items: exiting (--max-works)")
                             return 0
+                    elif time.monotonic() - t_poll < min(1.0, o.poll_wait_s / 2):
+                        self.stop.wait(1.0)  # answered at once (a busy server): do not poll in a tight loop
             except grpc.RpcError as e:
                 code = e.code()
                 if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
@@ -398,6 +420,10 @@ class Agent:
                 if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
                     self.log(f"registration refused: {e.details()}")
                     return EXIT_REFUSED
+                mistake = tls_mistake(e.details() or "", o) if code == grpc.StatusCode.UNAVAILABLE else None
+                if mistake:
+                    self.log(f"cannot connect to {o.server}: {mistake}")
+                    return EXIT_TLS
                 delay = backoff * (0.5 + random.random())  # jitter: two refused agents do not retry in step
                 now = time.monotonic()
                 if code == grpc.StatusCode.ALREADY_EXISTS:
@@ -405,7 +431,9 @@ class Agent:
                     self.stop.wait(delay)
                     backoff = min(o.max_backoff_s, backoff * 2)
                     continue
-                if lost_since is None or now - last_note > 30:
+                if waiting is not None:
+                    pass  # the server said it was going away: waiting for it is not an error
+                elif lost_since is None or now - last_note > 30:
                     since = "" if lost_since is None else f" for {now - lost_since:.0f} s"
                     self.log(f"no connection to {o.server}{since} ({code.name}: {e.details()}); "
                              f"retrying with backoff up to {o.max_backoff_s:.0f} s")
@@ -419,6 +447,9 @@ class Agent:
                     hb.join(timeout=5)
                 ch.close()
                 self.state, self.work_id = "idle", ""
+            if closed:  # give the server time to go (or the next job time to start) before registering again
+                backoff = o.max_backoff_s
+                self.stop.wait(backoff * (0.5 + random.random()))
         return 0
 
     def _heartbeat(self, stub, session_id: str, interval_s: float, stop: threading.Event) -> None:
@@ -450,15 +481,19 @@ class Agent:
         try:
             self.state = "downloading"
             t0 = time.perf_counter()
-            sink = ChunkSink(path, int(w.model_bytes), None, w.model_sha256 or None)
-            try:
-                for ch in stub.DownloadModel(pb.DownloadRequest(session_id=session_id, work_id=w.work_id), metadata=md,
-                                             timeout=transfer_timeout_s(int(w.model_bytes))):
-                    sink.write(int(ch.offset), ch.data)
-                sink.finish()
-            except BaseException:
-                sink.abort()
-                raise
+
+            def download():
+                sink = ChunkSink(path, int(w.model_bytes), None, w.model_sha256 or None)
+                try:
+                    for ch in stub.DownloadModel(pb.DownloadRequest(session_id=session_id, work_id=w.work_id),
+                                                 metadata=md, timeout=transfer_timeout_s(int(w.model_bytes))):
+                        sink.write(int(ch.offset), ch.data)
+                    sink.finish()
+                except BaseException:
+                    sink.abort()
+                    raise
+
+            self._when_not_busy(download, w.work_id, f"{what}: download")
             dl_s = time.perf_counter() - t0
             self.log(f"{what}: model {w.model_bytes / 1e6:.1f} MB downloaded in {dl_s:.2f} s")
             model_file = SafetensorsFile(path)
@@ -500,7 +535,9 @@ class Agent:
                 for off, data, total in iter_chunks(upath, self.chunk_bytes):
                     yield pb.UploadMessage(chunk=pb.Chunk(offset=off, data=data, total_bytes=total))
 
-            reply = stub.UploadUpdate(messages(), metadata=md, timeout=transfer_timeout_s(int(meta.total_bytes)))
+            reply = self._when_not_busy(
+                lambda: stub.UploadUpdate(messages(), metadata=md, timeout=transfer_timeout_s(int(meta.total_bytes))),
+                w.work_id, f"{what}: upload")
             up_s = time.perf_counter() - t1
             if reply.accepted:
                 self.log(f"{what}: update accepted ({meta.total_bytes / 1e6:.1f} MB in {up_s:.2f} s, "
@@ -521,6 +558,23 @@ class Agent:
                 except FileNotFoundError:
                     pass
             self.state, self.work_id = "idle", ""
+
+    def _when_not_busy(self, call: Callable[[], Any], work_id: str, what: str, tries: int = 6) -> Any:
+        """``call()``, tried again with jittered backoff (0.5 s doubling to 8 s) while the server answers
+        ``RESOURCE_EXHAUSTED`` (its workers or idle-stream places are taken) and the work is not
+        cancelled; any other error, or the last refusal, is raised."""
+        import grpc
+
+        for attempt in range(tries):
+            try:
+                return call()
+            except grpc.RpcError as e:
+                if (e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == tries - 1
+                        or work_id in self.cancelled or self.stop.is_set()):
+                    raise
+                wait = min(8.0, 0.5 * 2 ** attempt) * (0.5 + random.random())
+                self.log(f"{what}: the server is busy ({e.details()}); trying again in {wait:.1f} s")
+                self.stop.wait(wait)
 
     def _train(self, w: pb.Work, model_file: SafetensorsFile, upath: Path) -> pb.UpdateMeta:
         from fmtl_edge.client import execute
@@ -643,6 +697,65 @@ class Agent:
             return None
         self.log(f"personalised model of {method} ({', '.join(tasks)}) written to {path}")
         return path
+
+
+def tls_mistake(details: str, opts: AgentOptions, probe: Callable[[str], bool | None] | None = None) -> str | None:
+    """The TLS setting that cannot work with the server, and its fix, from an ``UNAVAILABLE`` error's
+    details (the handshake failure gRPC reports); None when the error is not one (a server that is
+    down or restarting: keep retrying).
+
+    Recognised: the server's certificate is not trusted (no ``--ca`` for a self-signed server, or
+    the wrong one), names another host (``--server-name``), the server speaks plaintext while the
+    agent uses TLS, and ``--insecure`` against a TLS server (gRPC then says only "Socket closed":
+    ``probe(target)`` — default :func:`speaks_tls` — confirms it with a TLS handshake).
+    """
+    d = details or ""
+    host = opts.server.rpartition(":")[0].strip("[]") or opts.server
+    if "CERTIFICATE_VERIFY_FAILED" in d:
+        why = d.split("CERTIFICATE_VERIFY_FAILED", 1)[1].strip(": ").split(":")[0].strip() or "unknown issuer"
+        if opts.ca:
+            return (f"the server's TLS certificate does not verify against --ca {opts.ca} ({why}): pass the "
+                    "server's own certificate (when self-signed) or the CA that signed it")
+        return (f"the server's TLS certificate is not trusted ({why}): pass the server's certificate (when "
+                "self-signed) or its CA with --ca FILE")
+    if "Hostname Verification" in d or "No match found for server name" in d:
+        return (f"the server's TLS certificate does not name {opts.server_name or host!r}: pass --server-name NAME "
+                "with a name it holds, or connect to the server by that name")
+    if "WRONG_VERSION_NUMBER" in d and not opts.insecure:
+        return ("the server does not speak TLS (it runs with --insecure): join with --insecure as well (trusted "
+                "networks only), or start the server with --tls-cert/--tls-key")
+    if opts.insecure and ("Socket closed" in d or "Connection reset" in d):
+        if (probe or speaks_tls)(opts.server):
+            return ("the server speaks TLS and this agent runs with --insecure (plaintext): drop --insecure and pass "
+                    "the server's certificate or CA with --ca FILE")
+    return None
+
+
+def speaks_tls(target: str, timeout_s: float = 3.0) -> bool | None:
+    """Whether ``HOST:PORT`` completes a TLS handshake (the certificate is not checked); None when it
+    cannot be reached."""
+    import socket as _socket
+    import ssl
+
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    if host.startswith("dns:"):
+        host = host.split("/")[-1]
+    try:
+        port_n = int(port)
+    except ValueError:
+        return None
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with _socket.create_connection((host, port_n), timeout=timeout_s) as sock:
+            with ctx.wrap_socket(sock, server_hostname=host or None):
+                return True
+    except ssl.SSLError:
+        return False
+    except OSError:
+        return None
 
 
 def transfer_timeout_s(nbytes: int, min_rate_bytes_s: float = 100e3) -> float:

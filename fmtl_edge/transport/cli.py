@@ -76,6 +76,9 @@ def register(sub) -> None:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    # gRPC core logs every failed TLS handshake on its own; the agent says what failed and how to fix
+    # it (set GRPC_VERBOSITY=INFO to see gRPC's lines again)
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from fmtl_edge.data.base import DataError
     from fmtl_edge.transport.agent import Agent, AgentOptions, DataSpec
 

@@ -58,8 +58,10 @@ def work_to_pb(work_id: str, kind: str, a: Assignment, model: Mapping[str, Any],
         w.time_budget_s = float(a.time_budget_s)
     if a.energy_budget_j is not None:
         w.energy_budget_j = float(a.energy_budget_j)
-    if a.power_mode and "power_mode" in w.DESCRIPTOR.fields_by_name:  # once the protocol carries it
+    if a.power_mode:
         w.power_mode = a.power_mode
+    for t, v in a.loss_weights.items():
+        w.loss_weights[t] = float(v)
     return w
 
 
@@ -78,12 +80,16 @@ def assignment_from_pb(w: pb.Work, state: dict[str, np.ndarray], device: str | N
         raise ValueError(f"work {w.work_id}: method_config_json is not JSON ({e})") from None
     if not isinstance(method_config, dict):
         raise ValueError(f"work {w.work_id}: method_config_json is not a JSON object")
+    weights = {str(t): float(v) for t, v in w.loss_weights.items()}
+    bad = [t for t, v in weights.items() if not (finite(v) and v >= 0) or t not in w.tasks]
+    if bad:
+        raise ValueError(f"work {w.work_id}: loss weight of {bad[0]!r} is not a finite number >= 0 of one of its tasks")
     return Assignment(job=w.job, round=int(w.round), tasks=tuple(w.tasks), state=state, lr=float(w.lr),
                       config=train_config_from_pb(w.config, device), measure_affinity=bool(w.measure_affinity),
                       seed=int(w.seed), time_budget_s=_min(tb, time_budget_s), energy_budget_j=_min(eb, energy_budget_j),
                       procedure=w.procedure or "sgd", method_config=method_config, state_key=w.state_key,
                       personal=tuple(w.personal), frozen=tuple(w.frozen), personalised=bool(w.personalised),
-                      power_mode=str(getattr(w, "power_mode", "") or "") or None)
+                      power_mode=w.power_mode or None, loss_weights=weights)
 
 
 def _min(a: float | None, b: float | None) -> float | None:

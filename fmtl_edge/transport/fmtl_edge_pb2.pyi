@@ -29,7 +29,7 @@ class TaskSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., out_dim: _Optional[int] = ..., target_mean: _Optional[float] = ..., target_std: _Optional[float] = ..., units: _Optional[str] = ..., description: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ...) -> None: ...
 
 class DataInfo(_message.Message):
-    __slots__ = ("dataset", "client_id", "n_clients", "seed", "alpha", "max_samples", "image_size", "input_shape", "tasks", "info_json")
+    __slots__ = ("dataset", "client_id", "n_clients", "seed", "alpha", "max_samples", "image_size", "input_shape", "tasks", "info_json", "label_stats_json")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     N_CLIENTS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class DataInfo(_message.Message):
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     INFO_JSON_FIELD_NUMBER: _ClassVar[int]
+    LABEL_STATS_JSON_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     client_id: int
     n_clients: int
@@ -50,10 +51,11 @@ class DataInfo(_message.Message):
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     tasks: _containers.RepeatedCompositeFieldContainer[TaskSpec]
     info_json: str
-    def __init__(self, dataset: _Optional[str] = ..., client_id: _Optional[int] = ..., n_clients: _Optional[int] = ..., seed: _Optional[int] = ..., alpha: _Optional[float] = ..., max_samples: _Optional[int] = ..., image_size: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., tasks: _Optional[_Iterable[_Union[TaskSpec, _Mapping]]] = ..., info_json: _Optional[str] = ...) -> None: ...
+    label_stats_json: str
+    def __init__(self, dataset: _Optional[str] = ..., client_id: _Optional[int] = ..., n_clients: _Optional[int] = ..., seed: _Optional[int] = ..., alpha: _Optional[float] = ..., max_samples: _Optional[int] = ..., image_size: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., tasks: _Optional[_Iterable[_Union[TaskSpec, _Mapping]]] = ..., info_json: _Optional[str] = ..., label_stats_json: _Optional[str] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("hostname", "agent_version", "profile_name", "device_class", "memory_budget_bytes", "round_time_s", "round_energy_j", "meter", "torch_device", "pid")
+    __slots__ = ("hostname", "agent_version", "profile_name", "device_class", "memory_budget_bytes", "round_time_s", "round_energy_j", "meter", "torch_device", "pid", "power_modes", "power_mode", "power_mode_allowed")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROFILE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +66,9 @@ class DeviceInfo(_message.Message):
     METER_FIELD_NUMBER: _ClassVar[int]
     TORCH_DEVICE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    POWER_MODES_FIELD_NUMBER: _ClassVar[int]
+    POWER_MODE_FIELD_NUMBER: _ClassVar[int]
+    POWER_MODE_ALLOWED_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     agent_version: str
     profile_name: str
@@ -74,7 +79,10 @@ class DeviceInfo(_message.Message):
     meter: str
     torch_device: str
     pid: int
-    def __init__(self, hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., profile_name: _Optional[str] = ..., device_class: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., round_time_s: _Optional[float] = ..., round_energy_j: _Optional[float] = ..., meter: _Optional[str] = ..., torch_device: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    power_modes: _containers.RepeatedScalarFieldContainer[str]
+    power_mode: str
+    power_mode_allowed: bool
+    def __init__(self, hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., profile_name: _Optional[str] = ..., device_class: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., round_time_s: _Optional[float] = ..., round_energy_j: _Optional[float] = ..., meter: _Optional[str] = ..., torch_device: _Optional[str] = ..., pid: _Optional[int] = ..., power_modes: _Optional[_Iterable[str]] = ..., power_mode: _Optional[str] = ..., power_mode_allowed: bool = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("device", "data", "resume_session_id")
@@ -151,17 +159,30 @@ class TrainSettings(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., base_lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., affinity_every: _Optional[int] = ..., affinity_divide_by_lr: bool = ..., device: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("input_shape", "width", "depth")
+    __slots__ = ("input_shape", "width", "depth", "model", "head_hidden", "signature")
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     width: int
     depth: int
-    def __init__(self, input_shape: _Optional[_Iterable[int]] = ..., width: _Optional[int] = ..., depth: _Optional[int] = ...) -> None: ...
+    model: str
+    head_hidden: int
+    signature: str
+    def __init__(self, input_shape: _Optional[_Iterable[int]] = ..., width: _Optional[int] = ..., depth: _Optional[int] = ..., model: _Optional[str] = ..., head_hidden: _Optional[int] = ..., signature: _Optional[str] = ...) -> None: ...
 
 class Work(_message.Message):
-    __slots__ = ("work_id", "kind", "job", "round", "tasks", "lr", "config", "measure_affinity", "seed", "time_budget_s", "energy_budget_j", "model", "model_bytes", "model_sha256", "deadline_s", "procedure", "method_config_json", "state_key", "personal", "frozen", "personalised")
+    __slots__ = ("work_id", "kind", "job", "round", "tasks", "lr", "config", "measure_affinity", "seed", "time_budget_s", "energy_budget_j", "model", "model_bytes", "model_sha256", "deadline_s", "procedure", "method_config_json", "state_key", "personal", "frozen", "personalised", "power_mode", "loss_weights")
+    class LossWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     WORK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +204,8 @@ class Work(_message.Message):
     PERSONAL_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     PERSONALISED_FIELD_NUMBER: _ClassVar[int]
+    POWER_MODE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     work_id: str
     kind: str
     job: str
@@ -204,19 +227,25 @@ class Work(_message.Message):
     personal: _containers.RepeatedScalarFieldContainer[str]
     frozen: _containers.RepeatedScalarFieldContainer[str]
     personalised: bool
-    def __init__(self, work_id: _Optional[str] = ..., kind: _Optional[str] = ..., job: _Optional[str] = ..., round: _Optional[int] = ..., tasks: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., config: _Optional[_Union[TrainSettings, _Mapping]] = ..., measure_affinity: bool = ..., seed: _Optional[int] = ..., time_budget_s: _Optional[float] = ..., energy_budget_j: _Optional[float] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., model_bytes: _Optional[int] = ..., model_sha256: _Optional[str] = ..., deadline_s: _Optional[float] = ..., procedure: _Optional[str] = ..., method_config_json: _Optional[str] = ..., state_key: _Optional[str] = ..., personal: _Optional[_Iterable[str]] = ..., frozen: _Optional[_Iterable[str]] = ..., personalised: bool = ...) -> None: ...
+    power_mode: str
+    loss_weights: _containers.ScalarMap[str, float]
+    def __init__(self, work_id: _Optional[str] = ..., kind: _Optional[str] = ..., job: _Optional[str] = ..., round: _Optional[int] = ..., tasks: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., config: _Optional[_Union[TrainSettings, _Mapping]] = ..., measure_affinity: bool = ..., seed: _Optional[int] = ..., time_budget_s: _Optional[float] = ..., energy_budget_j: _Optional[float] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., model_bytes: _Optional[int] = ..., model_sha256: _Optional[str] = ..., deadline_s: _Optional[float] = ..., procedure: _Optional[str] = ..., method_config_json: _Optional[str] = ..., state_key: _Optional[str] = ..., personal: _Optional[_Iterable[str]] = ..., frozen: _Optional[_Iterable[str]] = ..., personalised: bool = ..., power_mode: _Optional[str] = ..., loss_weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PullWorkReply(_message.Message):
-    __slots__ = ("has_work", "work", "reregister", "message")
+    __slots__ = ("has_work", "work", "reregister", "message", "job_complete", "closing")
     HAS_WORK_FIELD_NUMBER: _ClassVar[int]
     WORK_FIELD_NUMBER: _ClassVar[int]
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    JOB_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    CLOSING_FIELD_NUMBER: _ClassVar[int]
     has_work: bool
     work: Work
     reregister: bool
     message: str
-    def __init__(self, has_work: bool = ..., work: _Optional[_Union[Work, _Mapping]] = ..., reregister: bool = ..., message: _Optional[str] = ...) -> None: ...
+    job_complete: bool
+    closing: bool
+    def __init__(self, has_work: bool = ..., work: _Optional[_Union[Work, _Mapping]] = ..., reregister: bool = ..., message: _Optional[str] = ..., job_complete: bool = ..., closing: bool = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("session_id", "work_id", "offset")

@@ -1,17 +1,19 @@
 """Model files of the remote pool: the round's global model written for downloads, the global
-vector's paged-out storage, and returning freed heap to the OS."""
+vector's paged-out storage, and returning freed heap to the OS (``malloc_trim``)."""
 
 from __future__ import annotations
 
 import logging
 import mmap
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from fmtl_edge.plan import RoundFailed
 from fmtl_edge.transport.tensors import write_state
 
 log = logging.getLogger("fmtl_edge.transport.pool")
@@ -21,7 +23,7 @@ _malloc_trim: Any = None
 
 def _page_out(state: Mapping[str, Any]) -> None:
     """Drop from RAM the pages of the shared file mappings behind ``state``'s arrays (the global vector
-    from :meth:`RemoteClientPool.global_vector_buffer`); their contents stay in the file. Arrays in
+    from :meth:`ModelFiles.global_vector_buffer`); their contents stay in the file. Arrays in
     ordinary memory are left alone."""
     seen: set[int] = set()
     for v in state.values():
@@ -63,6 +65,27 @@ def release_free_heap() -> None:
         _malloc_trim(0)
 
 
+class WriteFailed(RoundFailed):
+    """A file a round needs could not be written (a full disk, ``ENOSPC``; a quota; an I/O error): the
+    round fails (the runner's retry policy tries it again from the last checkpoint), never the server.
+
+    Args:
+        job, round_idx: the round.
+        what: what could not be written ("the round model", "the checkpoint").
+        err: the ``OSError`` (or ``sqlite3`` error) raised.
+        where: the folder it went to.
+    """
+
+    def __init__(self, job: str, round_idx: int, what: str, err: BaseException, where: str | Path | None = None):
+        super().__init__(job, round_idx, 0, 0)
+        self.err = err
+        why = getattr(err, "strerror", None) or str(err)
+        no = getattr(err, "errno", None)
+        place = f" in {where}" if where is not None else ""
+        self.args = (f"job {job!r} round {round_idx}: could not write {what}{place}: {why}"
+                     + (f" [Errno {no}]" if no else "") + "; free disk space there",)
+
+
 @dataclass
 class ModelFile:
     path: Path
@@ -73,21 +96,46 @@ class ModelFile:
 
 
 
-class ModelFilesMixin:
-    """The pool's model files (part of :class:`~fmtl_edge.transport.pool.RemoteClientPool`)."""
+class ModelFiles:
+    """The round models the devices download and the coordinator's paged-out global vector.
 
-    work_dir: Path
+    Args:
+        work_dir: the pool's work folder: round models go to ``models/`` (emptied here), the global
+            vector's scratch file to ``scratch/``.
+    """
 
-    def write_model(self, state: Mapping[str, np.ndarray], tag: str) -> ModelFile:
-        """The round's global model as a safetensors file for downloads."""
-        path = self.work_dir / "models" / f"{tag}-{secrets.token_hex(4)}.safetensors"
+    def __init__(self, work_dir: Path):
+        self.work_dir = Path(work_dir)
+        self.models_dir = self.work_dir / "models"
+        shutil.rmtree(self.models_dir, ignore_errors=True)
+        self.models_dir.mkdir(parents=True)
+
+    def write(self, state: Mapping[str, np.ndarray], tag: str) -> ModelFile:
+        """The round's global model as a safetensors file for downloads.
+
+        Raises:
+            OSError: the file cannot be written (a full disk: ``ENOSPC``); nothing is left behind.
+        """
+        path = self.models_dir / f"{tag}-{secrets.token_hex(4)}.safetensors"
         size, sha = write_state(path, state, {"format": "fmtl-edge/global/1", "tag": tag}, fsync=False)
         spec = [(k, np.asarray(v).dtype.name, tuple(np.asarray(v).shape)) for k, v in state.items()]
         return ModelFile(path, size, sha, spec)
 
+    def remove(self, files) -> None:
+        """Delete the model files ``files`` (each once; missing ones are skipped)."""
+        for f in {id(m): m for m in files}.values():
+            try:
+                f.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def page_out(self, state: Mapping[str, Any]) -> None:
+        """Drop from RAM the pages of the global vector behind ``state`` (see :func:`_page_out`)."""
+        _page_out(state)
+
     def global_vector_buffer(self, n: int) -> np.ndarray:
         """The coordinator's global model vector (``n`` float32): a shared mapping of an unlinked scratch
-        file in the work directory, so that :meth:`execute_many` can drop its pages from the server's
+        file in the work directory, so that the scheduler can drop its pages from the server's
         RAM while the round's updates are transferred and aggregated (they come back, from the page
         cache or the file, when the aggregate is written into it). Without this the server holds the
         global vector, the accumulator and one mapped update at once: three model sizes."""
@@ -104,4 +152,3 @@ class ModelFilesMixin:
         except OSError:  # pragma: no cover - platforms that cannot unlink a mapped file
             pass
         return np.frombuffer(mm, dtype=np.float32, count=n)
-

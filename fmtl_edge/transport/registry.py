@@ -1,19 +1,23 @@
-"""Registry and liveness of the remote pool: devices, sessions, heartbeats, long polls."""
+"""Registry and liveness of the remote pool: devices, sessions, heartbeats, long polls, and a token's
+binding to the client it serves."""
 
 from __future__ import annotations
 
 import logging
 import secrets
+import statistics
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
-import numpy as np
+from fmtl_edge.transport.validation import samples_bound
+from fmtl_edge.transport.work import WorkBook, WorkItem
 
 if TYPE_CHECKING:
-    from fmtl_edge.transport.scheduler import WorkItem
+    from fmtl_edge.transport.scheduler import RoundPolicy
+    from fmtl_edge.transport.status import PoolCounters
 
 log = logging.getLogger("fmtl_edge.transport.pool")
 
@@ -77,11 +81,42 @@ class Device:
 
 
 
-class RegistryMixin:
-    """Devices and their sessions (part of :class:`~fmtl_edge.transport.pool.RemoteClientPool`)."""
+class Registry:
+    """The known devices and their sessions.
 
-    # -- registry ---------------------------------------------------------------------------------
-    def load_registry(self, devices: Sequence[Device]) -> None:
+    Args:
+        cv: the pool's condition (guards devices, work items and slots; notified on every change).
+        policy: the pool's :class:`~fmtl_edge.transport.scheduler.RoundPolicy` (``heartbeat_timeout_s``).
+        work: the pool's :class:`~fmtl_edge.transport.work.WorkBook` (a lost session fails its items).
+        counters: the pool's :class:`~fmtl_edge.transport.status.PoolCounters` (refused registrations).
+        validate_registration: ``(Device) -> None`` raising :class:`RegistrationRefused` (the server
+            checks the data partition and task definitions against its job).
+        on_device_change: ``(Device) -> None`` after a registration or a finished execution (persistence).
+        max_samples_ratio: a registration announcing more test samples than this × the low median of
+            the other devices' is refused, and one announcing more training samples is warned that its
+            FedAvg weight is capped there (None or 0: no bound;
+            :func:`~fmtl_edge.transport.validation.samples_bound`).
+    """
+
+    def __init__(self, cv: threading.Condition, policy: "RoundPolicy", work: WorkBook, counters: "PoolCounters",
+                 validate_registration: Callable[[Device], None] | None = None,
+                 on_device_change: Callable[[Device], None] | None = None,
+                 max_samples_ratio: float | None = None):
+        self._cv = cv
+        self.policy = policy
+        self.work = work
+        self.counters = counters
+        self.validate_registration = validate_registration
+        self.on_device_change = on_device_change
+        self.max_samples_ratio = max_samples_ratio
+        self._devices: dict[int, Device] = {}
+        self._sessions: dict[str, int] = {}
+        self.closed = False
+        self.closing_reason = ""
+        self.job_complete = False
+
+    # -- the devices --------------------------------------------------------------------------------
+    def load(self, devices: Sequence[Device]) -> None:
         """Known devices from persistence (offline until they register again)."""
         with self._cv:
             for d in devices:
@@ -104,10 +139,40 @@ class RegistryMixin:
         with self._cv:
             return [self._devices[c] for c in sorted(self._devices)]
 
+    def device_status(self) -> list[dict[str, Any]]:
+        """Every device's :meth:`Device.to_status`, by client id."""
+        now = time.monotonic()
+        with self._cv:
+            return [self._devices[c].to_status(now, self.policy.heartbeat_timeout_s) for c in sorted(self._devices)]
+
+    def median_samples(self, exclude: int | None = None) -> tuple[int | None, int | None]:
+        """The low medians of the training- and test-sample counts registered by the known devices
+        (counts > 0; ``exclude``: leave that client out); None where no device registered one. The
+        low median is one device's own count, so with two devices it is the smaller one. *(lock
+        held or not)*"""
+        with self._cv:
+            devs = [d for c, d in self._devices.items() if c != exclude]
+            train = [d.n_train for d in devs if d.n_train > 0]
+            test = [d.n_test for d in devs if d.n_test > 0]
+        return (statistics.median_low(train) if train else None, statistics.median_low(test) if test else None)
+
+    def get(self, client_id: int) -> Device | None:
+        """*(lock held)*"""
+        return self._devices.get(client_id)
+
+    def candidates(self, now: float, exclude: set[int], tasks: Sequence[str]) -> list[int]:
+        """Online idle devices not in ``exclude`` that hold every task of ``tasks``, sorted. *(lock held)*"""
+        return sorted(c for c, d in self._devices.items()
+                      if c not in exclude and self.ready(d, now) and all(d.tasks.get(t, 0) > 0 for t in tasks))
+
     def online_count(self) -> int:
         now = time.monotonic()
         with self._cv:
             return sum(d.online(now, self.policy.heartbeat_timeout_s) for d in self._devices.values())
+
+    def ready(self, d: Device, now: float) -> bool:
+        """Online and without work. *(lock held)*"""
+        return d.online(now, self.policy.heartbeat_timeout_s) and d.idle()
 
     def wait_for_devices(self, n: int, timeout_s: float | None, stop: threading.Event | None = None,
                          clients: Sequence[int] | None = None) -> bool:
@@ -116,7 +181,7 @@ class RegistryMixin:
         with self._cv:
             while True:
                 now = time.monotonic()
-                self._reap(now)
+                self.reap(now)
                 on = [c for c, d in self._devices.items() if d.online(now, self.policy.heartbeat_timeout_s)]
                 if clients is not None:
                     if set(clients) <= set(on):
@@ -127,6 +192,7 @@ class RegistryMixin:
                     return False
                 self._cv.wait(0.2 if end is None else max(0.01, min(0.2, end - now)))
 
+    # -- registration ---------------------------------------------------------------------------------
     def register(self, name: str, client_id: int, tasks: Mapping[str, int], n_train: int, n_test: int,
                  data: Mapping[str, Any], info: Mapping[str, Any], allowed_clients: Collection[int] | None = None,
                  resume_session_id: str | None = None) -> Device:
@@ -141,25 +207,39 @@ class RegistryMixin:
                 client of the same token is online, the client is bound to another device, or the
                 token's ``clients=`` list lacks it); the client is connected already
                 (``ALREADY_EXISTS``: a second agent with the same token and client); the training
-                sample count differs from the registered one; or ``validate_registration`` refuses.
+                sample count differs from the registered one; ``validate_registration`` refuses; or
+                the pool is closed (``UNAVAILABLE``, not counted as a refusal).
         """
+        if self.closed:  # the job is over or the server stops: not a refusal of this device
+            raise RegistrationRefused("UNAVAILABLE", self.closing_reason or "the server is stopping")
         try:
             return self._register(name, client_id, tasks, n_train, n_test, data, info, allowed_clients,
                                   resume_session_id)
         except RegistrationRefused as e:
-            with self._cv:
-                self.counters["registrations_refused"] = self.counters.get("registrations_refused", 0) + 1
-                self.count_refusal(name, "Register", str(e))
+            self.counters.add("registrations_refused")
+            self.counters.count_refusal(name, "Register", str(e))
             raise
 
     def _register(self, name, client_id, tasks, n_train, n_test, data, info, allowed_clients, resume_session_id):
         cand = Device(int(client_id), name, {str(k): int(v) for k, v in tasks.items()}, int(n_train), int(n_test),
                       dict(data), dict(info))
+        bad = {t: v for t, v in cand.tasks.items() if v < 0}
+        if bad or cand.n_test < 0:
+            raise RegistrationRefused("INVALID_ARGUMENT", f"negative sample counts: train {bad or cand.tasks}, test "
+                                      f"{cand.n_test}")
+        train_median, test_median = self.median_samples(exclude=cand.client_id)
+        test_cap = samples_bound(test_median, self.max_samples_ratio)
+        if test_cap is not None and cand.n_test > test_cap:
+            raise RegistrationRefused(
+                "FAILED_PRECONDITION",
+                f"test_samples {cand.n_test} is more than {test_cap} = max_samples_ratio {self.max_samples_ratio:g} x "
+                f"the median test-sample count of the job's other devices ({test_median}); join with the job's "
+                "partition (the same --data as the other devices)")
         if self.validate_registration is not None:
             self.validate_registration(cand)
         now = time.monotonic()
         with self._cv:
-            self._reap(now)
+            self.reap(now)
             old = self._devices.get(cand.client_id)
             timeout = self.policy.heartbeat_timeout_s
             if allowed_clients is not None and cand.client_id not in allowed_clients:
@@ -217,10 +297,16 @@ class RegistryMixin:
             self._sessions[cand.session_id] = cand.client_id
             self._cv.notify_all()
         log.info("device %s registered as client %d (session %s)", name, client_id, cand.session_id[:8])
-        self._changed(cand)
+        weight_cap = samples_bound(train_median, self.max_samples_ratio)
+        if weight_cap is not None and cand.n_train > weight_cap:
+            log.warning("device %s (client %d) announces %d training samples, more than max_samples_ratio %g x the "
+                        "median of the other devices (%d): its FedAvg weight is capped at %d samples", name, client_id,
+                        cand.n_train, self.max_samples_ratio, train_median, weight_cap)
+        self.changed(cand)
         return cand
 
-    def _changed(self, d: Device) -> None:
+    def changed(self, d: Device) -> None:
+        """Persist ``d`` (``on_device_change``); a failure is logged, never raised. *(lock not held)*"""
         if self.on_device_change is not None:
             try:
                 self.on_device_change(d)
@@ -233,10 +319,11 @@ class RegistryMixin:
         d.session_id = None
         d.state = "offline"
         for item in ([d.current] if d.current else []) + list(d.queue):
-            self._fail_item(item, reason)
+            self.work.fail(item, reason)
         d.current = None
         d.queue.clear()
 
+    # -- sessions ---------------------------------------------------------------------------------------
     def session(self, session_id: str, name: str | None = None) -> Device | None:
         """The device of a live session (touching its liveness), or None when unknown/expired."""
         now = time.monotonic()
@@ -265,7 +352,7 @@ class RegistryMixin:
                 d.state = state if (d.current is not None or state == "idle") else "idle"
             cancel = []
             if work_id:
-                item = self._items.get(work_id)
+                item = self.work.get(work_id)
                 if item is None or item.status not in ("queued", "running") or item.client_id != d.client_id:
                     cancel.append(work_id)
             self._cv.notify_all()
@@ -282,7 +369,7 @@ class RegistryMixin:
                 if d.current is not None:
                     # a device pulls only when it has nothing running: what it held is abandoned
                     if d.current.status == "running":
-                        self._fail_item(d.current, "the device asked for new work without returning this one")
+                        self.work.fail(d.current, "the device asked for new work without returning this one")
                     d.current = None
                     d.state = "idle"
                 if d.queue:
@@ -303,44 +390,59 @@ class RegistryMixin:
             d = self.session(session_id, name)
             if d is None:
                 return None
-            item = self._items.get(work_id)
+            item = self.work.get(work_id)
             if item is None or item is not d.current or item.status != "running":
                 return None
             return item
 
-    def why_not(self, work_id: str) -> str:
-        """Why work ``work_id`` takes no upload (for the device's log)."""
-        with self._cv:
-            item = self._items.get(work_id)
-            if item is None:
-                return f"unknown work {work_id!r} (the server restarted?)"
-            if item.status == "cancelled":
-                return f"update arrived too late: {item.reason}"
-            if item.status == "failed":
-                return f"work {work_id} was given up: {item.reason}"
-            if item.status == "done":
-                return f"work {work_id} was already answered"
-            return f"work {work_id} is not this session's"
-
     def report_failure(self, session_id: str, name: str, work_id: str, kind: str, reason: str) -> bool:
         with self._cv:
             d = self.session(session_id, name)
-            item = self._items.get(work_id)
+            item = self.work.get(work_id)
             if d is None or item is None or item.client_id != d.client_id:
                 return False
             d.failures += 1
             log.warning("client %d could not run %s (%s): %s", d.client_id, work_id, kind, reason)
-            self._fail_item(item, f"{kind}: {reason}")
+            self.work.fail(item, f"{kind}: {reason}")
             if d.current is item:
                 d.current = None
                 d.state = "idle"
             self._cv.notify_all()
             return True
 
-    # -- liveness and item bookkeeping (lock held) ---------------------------------------------------
-    def _reap(self, now: float) -> None:
+    # -- the scheduler's and the uploads' side (lock held) -----------------------------------------------
+    def enqueue(self, d: Device, item: WorkItem) -> None:
+        """Queue ``item`` for ``d`` (its next pull takes it). *(lock held)*"""
+        d.queue.append(item)
+        d.state = "assigned"
+
+    def unqueue(self, item: WorkItem) -> None:
+        """Take a cancelled ``item`` out of its device's queue. *(lock held)*"""
+        d = self._devices.get(item.client_id)
+        if d is not None and item in d.queue:
+            d.queue.remove(item)
+
+    def release(self, item: WorkItem) -> Device | None:
+        """``item``'s device (None: unknown), idle again if ``item`` was what it ran. *(lock held)*"""
+        d = self._devices.get(item.client_id)
+        if d is not None and d.current is item:
+            d.current = None
+            d.state = "idle"
+        return d
+
+    def reap(self, now: float) -> None:
+        """Devices silent past the heartbeat timeout go offline; their work fails. *(lock held)*"""
         for d in self._devices.values():
             if d.session_id is not None and not d.online(now, self.policy.heartbeat_timeout_s):
                 log.warning("client %d (%s) went silent: offline", d.client_id, d.name)
                 self._drop_session(d, "the device went silent (no heartbeat)")
 
+    def close(self, reason: str = "the server is stopping", job_complete: bool = False) -> None:
+        """The pool is closing: long polls and waits return, registrations are refused
+        (``UNAVAILABLE``); ``reason`` and ``job_complete`` are what the devices are told."""
+        with self._cv:
+            if not self.closed:  # the first reason stands (a completed job, then the server's shutdown)
+                self.closed = True
+                self.closing_reason = reason
+                self.job_complete = job_complete
+            self._cv.notify_all()

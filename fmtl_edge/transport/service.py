@@ -28,6 +28,8 @@ from fmtl_edge.transport.tensors import MAX_CHUNK_BYTES, ChunkSink, TensorFileEr
 
 log = logging.getLogger("fmtl_edge.transport.service")
 
+#: an idle upload stream (no data yet) this old may be closed to make room for a new upload
+IDLE_GRACE_S = 1.0
 #: message size limit on both sides: a 4 MiB chunk plus its envelope
 MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (1 << 20)
 GRPC_OPTIONS = [
@@ -54,17 +56,31 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     """Answers the device agents on behalf of a :class:`RemoteClientPool`.
 
+    Every call runs on a worker of the gRPC server's thread pool, and model streams and long polls
+    hold theirs for long. So that heartbeats (and the other short calls) are answered whatever the
+    transfers do, :func:`start_server` keeps ``reserve_workers`` of its ``max_workers`` for them
+    (:meth:`set_workers`): past the rest, a long poll answers at once and a model stream is refused
+    (``RESOURCE_EXHAUSTED``, the agent retries). Besides, a device holds at most
+    ``max_streams_per_device`` model streams, and the server keeps at most ``max_idle_streams``
+    upload streams that have not yet sent data: a new upload closes the oldest one idle for
+    ``IDLE_GRACE_S`` or more (an honest upload sends its data at once), else it is refused.
+
     Args:
         pool: the pool the coordinator runs rounds on.
         authenticate: ``token -> Identity | None``.
         heartbeat_interval_s: what devices are told to use.
         status: ``() -> dict`` for ``GetStatus`` (defaults to the pool's status).
+        upload_first_chunk_s, upload_idle_s, max_call_s: an upload's metadata and first chunk must each
+            come within ``upload_first_chunk_s`` seconds, later chunks within ``upload_idle_s``, the
+            whole call within ``max_call_s``.
+        max_streams_per_device: model streams (downloads and uploads) open at once per device.
+        max_idle_streams: upload streams waiting for their first data at once, over all devices.
     """
 
     def __init__(self, pool: RemoteClientPool, authenticate: Callable[[str], Identity | None],
                  heartbeat_interval_s: float = 2.0, status: Callable[[], dict[str, Any]] | None = None,
                  upload_first_chunk_s: float = 30.0, upload_idle_s: float = 60.0, max_call_s: float = 3600.0,
-                 max_streams_per_device: int = 2):
+                 max_streams_per_device: int = 2, max_idle_streams: int = 8):
         self.pool = pool
         self.authenticate = authenticate
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -74,27 +90,90 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.upload_idle_s = float(upload_idle_s)
         self.max_call_s = float(max_call_s)
         self.max_streams_per_device = int(max_streams_per_device)
+        self.max_idle_streams = int(max_idle_streams)
+        self.max_workers: int | None = None      # set by start_server (set_workers)
+        self.max_held: int | None = None         # workers that streams and long polls may hold (None: no bound)
         self._streams: dict[str, int] = {}
+        self._held = 0                           # model streams and long polls in progress
+        self._idle: dict[object, tuple[float, Any, str]] = {}  # upload streams without data yet: opened, call, device
         self._streams_lock = threading.Lock()
         self._watchdog = _Watchdog()
 
+    def set_workers(self, max_workers: int, reserve_workers: int | None = None) -> None:
+        """The server's thread pool has ``max_workers`` workers; keep ``reserve_workers`` (default
+        ``max(2, max_workers // 8)``) of them free of streams and long polls, for heartbeats."""
+        reserve = max(2, max_workers // 8) if reserve_workers is None else int(reserve_workers)
+        self.max_workers = int(max_workers)
+        self.max_held = max(1, int(max_workers) - reserve)
+
     # -- stream limits -----------------------------------------------------------------------------------
-    def _open_stream(self, who: Identity, rpc: str, context) -> None:
-        """Count a model stream of ``who``; abort RESOURCE_EXHAUSTED beyond ``max_streams_per_device``."""
+    def _open_stream(self, who: Identity, rpc: str, context, idle_key: object | None = None) -> None:
+        """Count a model stream of ``who``; abort RESOURCE_EXHAUSTED beyond ``max_streams_per_device``
+        or the workers kept for short calls. An upload (``idle_key`` given) counts as idle until
+        :meth:`_active`; when ``max_idle_streams`` are idle, the oldest one idle for at least
+        ``IDLE_GRACE_S`` is closed to make room (an honest upload sends its data at once), else
+        this one is refused."""
+        victim = None
         with self._streams_lock:
             n = self._streams.get(who.name, 0)
-            if n < self.max_streams_per_device:
+            now = time.monotonic()
+            if n >= self.max_streams_per_device:
+                reason = (f"device {who.name!r} already has {n} model streams open (max_streams_per_device = "
+                          f"{self.max_streams_per_device}); finish or cancel them first")
+            elif self.max_held is not None and self._held >= self.max_held:
+                reason = (f"the server is busy: {self._held} model streams and long polls hold its workers "
+                          f"({self.max_workers - self.max_held} of max_workers = {self.max_workers} are kept for "
+                          "heartbeats); retry shortly")
+            elif (idle_key is not None and len(self._idle) >= self.max_idle_streams
+                  and (not self._idle or now - next(iter(self._idle.values()))[0] < IDLE_GRACE_S)):
+                reason = (f"the server has {len(self._idle)} upload streams that have sent no data yet "
+                          f"(max_idle_streams = {self.max_idle_streams}); retry shortly")
+            else:
+                if idle_key is not None and len(self._idle) >= self.max_idle_streams:
+                    vkey = next(iter(self._idle))
+                    victim = (vkey, *self._idle.pop(vkey))
                 self._streams[who.name] = n + 1
-                return
-        reason = (f"device {who.name!r} already has {n} model streams open (max_streams_per_device = "
-                  f"{self.max_streams_per_device}); finish or cancel them first")
+                self._held += 1
+                if idle_key is not None:
+                    self._idle[idle_key] = (now, context, who.name)
+                reason = None
+        if victim is not None:
+            vkey, opened, vctx, vname = victim
+            why = (f"idle upload stream closed after {time.monotonic() - opened:.1f} s without data: "
+                   f"max_idle_streams = {self.max_idle_streams} streams were idle and another upload needed a place")
+            log.warning("refused UploadUpdate from %s: %s", vname, why)
+            self.pool.stats.count_refusal(vname, "UploadUpdate", why)
+            self._watchdog.cut(vkey, vctx)
+        if reason is None:
+            return
         log.warning("refused %s from %s: %s", rpc, who.name, reason)
-        self.pool.count_refusal(who.name, rpc, reason)
+        self.pool.stats.count_refusal(who.name, rpc, reason)
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
 
-    def _close_stream(self, who: Identity) -> None:
+    def _active(self, idle_key: object) -> None:
+        """An upload stream sent data (or needs none): it no longer counts as idle."""
         with self._streams_lock:
+            self._idle.pop(idle_key, None)
+
+    def _close_stream(self, who: Identity, idle_key: object | None = None) -> None:
+        with self._streams_lock:
+            if idle_key is not None:
+                self._idle.pop(idle_key, None)
             self._streams[who.name] = max(0, self._streams.get(who.name, 1) - 1)
+            self._held = max(0, self._held - 1)
+
+    def _hold_poll(self) -> bool:
+        """Count a long poll; False when the workers kept for short calls would be needed (the poll
+        then answers at once)."""
+        with self._streams_lock:
+            if self.max_held is not None and self._held >= self.max_held:
+                return False
+            self._held += 1
+            return True
+
+    def _release_poll(self) -> None:
+        with self._streams_lock:
+            self._held = max(0, self._held - 1)
 
     def _arm(self, key: object, context, who: Identity, wait_s: float, started: float, why: str) -> None:
         """Cancel the call unless it makes progress within ``wait_s`` (and ends within ``max_call_s``)."""
@@ -104,7 +183,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
         def expire(why=why):
             log.warning("refused UploadUpdate from %s: %s; stream closed", who.name, why)
-            self.pool.count_refusal(who.name, "UploadUpdate", why)
+            self.pool.stats.count_refusal(who.name, "UploadUpdate", why)
 
         self._watchdog.arm(key, end, context, expire)
 
@@ -123,16 +202,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if broken:
                 log.warning("refused %s from %s: %s; every token is refused until it is fixed", rpc,
                             context.peer(), broken)
-                self.pool.count_refusal("(no valid token)", rpc, broken)
+                self.pool.stats.count_refusal("(no valid token)", rpc, broken)
                 context.abort(grpc.StatusCode.UNAUTHENTICATED,
                               "the server cannot check tokens now (its tokens file is unusable); ask its operator")
             log.warning("refused %s from %s: %s bearer token", rpc, context.peer(),
                         "invalid" if token else "missing")
-            self.pool.count_refusal("(no valid token)", rpc, f"{'invalid' if token else 'missing'} bearer token")
+            self.pool.stats.count_refusal("(no valid token)", rpc, f"{'invalid' if token else 'missing'} bearer token")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required (fmtl-edge join --token)")
         if admin and ident.role != "admin":
             log.warning("refused %s from %s (%s): admin role needed", rpc, context.peer(), ident.name)
-            self.pool.count_refusal(ident.name, rpc, "admin role needed")
+            self.pool.stats.count_refusal(ident.name, rpc, "admin role needed")
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "this call needs an admin token")
         return ident
 
@@ -144,11 +223,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         n_train = max(tasks.values(), default=0)
         n_test = max((int(t.test_samples) for t in data.tasks), default=0)
         try:
-            d = self.pool.register(who.name, int(data.client_id), tasks, n_train, n_test, message_to_dict(data),
+            d = self.pool.registry.register(who.name, int(data.client_id), tasks, n_train, n_test, message_to_dict(data),
                                    message_to_dict(request.device), allowed_clients=who.clients,
                                    resume_session_id=request.resume_session_id or None)
         except RegistrationRefused as e:
-            log.warning("refused Register from %s (client %d): %s", who.name, data.client_id, e)
+            (log.info if e.code == "UNAVAILABLE" else log.warning)(
+                "refused Register from %s (client %d): %s", who.name, data.client_id, e)
             context.abort(getattr(grpc.StatusCode, e.code), str(e))
         return pb.RegisterReply(session_id=d.session_id, server_id=self.pool.server_id,
                                 heartbeat_interval_s=self.heartbeat_interval_s,
@@ -158,7 +238,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         who = self._who(context, "Heartbeat")
-        ok, cancel = self.pool.heartbeat(request.session_id, who.name, request.state, request.work_id)
+        ok, cancel = self.pool.registry.heartbeat(request.session_id, who.name, request.state, request.work_id)
         return pb.HeartbeatReply(ok=ok, cancel_work_ids=cancel)
 
     def PullWork(self, request: pb.PullWorkRequest, context) -> pb.PullWorkReply:
@@ -168,10 +248,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, max(0.0, remaining - 1.0))
-        item = self.pool.pull(request.session_id, who.name, wait)
+        held = self._hold_poll()
+        try:
+            item = self.pool.registry.pull(request.session_id, who.name, wait if held else 0.0)
+        finally:
+            if held:
+                self._release_poll()
         if item == "reregister":
             return pb.PullWorkReply(reregister=True, message="unknown session: register again")
         if item is None:
+            reg = self.pool.registry
+            if reg.closed:  # the job is over or the server stops: the device is told, not left to guess
+                return pb.PullWorkReply(has_work=False, closing=True, job_complete=reg.job_complete,
+                                        message=reg.closing_reason)
             return pb.PullWorkReply(has_work=False)
         a = item.slot.assignment
         return pb.PullWorkReply(has_work=True, work=work_to_pb(item.work_id, item.kind, a, self.pool.model_info,
@@ -180,7 +269,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def DownloadModel(self, request: pb.DownloadRequest, context):
         who = self._who(context, "DownloadModel")
-        item = self.pool.item_for(request.session_id, who.name, request.work_id)
+        item = self.pool.registry.item_for(request.session_id, who.name, request.work_id)
         if item is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no running work {request.work_id!r} for this session (cancelled?)")
         self._open_stream(who, "DownloadModel", context)
@@ -200,13 +289,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         later chunks within ``upload_idle_s``, the whole call within ``max_call_s``, or the server
         cancels the call (counted as a refusal)."""
         who = self._who(context, "UploadUpdate")
-        self._open_stream(who, "UploadUpdate", context)
         key = object()
+        self._open_stream(who, "UploadUpdate", context, idle_key=key)
         try:
             return self._upload(who, request_iterator, context, key)
         finally:
             self._watchdog.disarm(key)
-            self._close_stream(who)
+            self._close_stream(who, key)
 
     def _upload(self, who: Identity, request_iterator, context, key: object) -> pb.UploadReply:
         started = time.monotonic()
@@ -217,16 +306,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if first is None or first.WhichOneof("body") != "meta":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of an upload must be its metadata")
         meta = first.meta
-        item = self.pool.item_for(meta.session_id, who.name, meta.work_id)
+        item = self.pool.registry.item_for(meta.session_id, who.name, meta.work_id)
         if item is None:  # answering ends the call; the chunks are not read
-            return pb.UploadReply(accepted=False, reason=self.pool.why_not(meta.work_id))
+            return pb.UploadReply(accepted=False, reason=self.pool.work.why_not(meta.work_id))
         path = None
+        if item.kind != "train" or int(meta.total_bytes) <= 0:
+            self._active(key)  # no data to wait for
         if item.kind == "train":
-            path = self.pool.incoming_path(item.work_id)
+            path = self.pool.uploads.path(item.work_id)
             try:
                 sink = ChunkSink(path, int(meta.total_bytes), self.pool.max_update_bytes, meta.sha256 or None)
             except TensorFileError as e:
-                return pb.UploadReply(accepted=False, reason=self.pool.reject_upload(item, str(e)))
+                return pb.UploadReply(accepted=False, reason=self.pool.uploads.reject(item, str(e)))
             try:
                 if int(meta.total_bytes) > 0:
                     self._arm(key, context, who, first_s, started,
@@ -235,6 +326,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     if msg.WhichOneof("body") != "chunk":
                         raise TensorFileError("metadata sent twice in one upload")
                     sink.write(int(msg.chunk.offset), msg.chunk.data)
+                    self._active(key)
                     self._arm(key, context, who, self.upload_idle_s, started,
                               f"no data for {self.upload_idle_s:g} s (upload_idle_s)")
                 if self._watchdog.expired(key):
@@ -246,19 +338,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 sink.finish()
             except TensorFileError as e:
                 sink.abort()
-                return pb.UploadReply(accepted=False, reason=self.pool.reject_upload(item, str(e)))
+                return pb.UploadReply(accepted=False, reason=self.pool.uploads.reject(item, str(e)))
             except BaseException:
                 sink.abort()  # the stream broke or was cancelled: the heartbeat timeout frees the slot
                 if self._watchdog.expired(key):
                     return pb.UploadReply(accepted=False, reason="the server closed this upload stream (too slow)")
                 raise
             release_free_heap()  # this stream's freed chunk buffers, before the update can be aggregated
-        ok, reason = self.pool.finish_upload(item, meta, path)
+        ok, reason = self.pool.uploads.finish(item, meta, path)
         return pb.UploadReply(accepted=ok, reason=reason)
 
     def ReportFailure(self, request: pb.FailureReport, context) -> pb.Ack:
         who = self._who(context, "ReportFailure")
-        ok = self.pool.report_failure(request.session_id, who.name, request.work_id, request.kind, request.reason)
+        ok = self.pool.registry.report_failure(request.session_id, who.name, request.work_id, request.kind, request.reason)
         return pb.Ack(ok=ok, message="" if ok else "unknown work or session")
 
     def GetStatus(self, request: pb.StatusRequest, context) -> pb.StatusReply:
@@ -287,6 +379,13 @@ class _Watchdog:
         with self._cv:
             self._armed.pop(key, None)
             self._expired.pop(key, None)
+
+    def cut(self, key: object, context) -> None:
+        """Cancel the call of ``key`` now (it was armed or not); :meth:`expired` then says so."""
+        with self._cv:
+            self._armed.pop(key, None)
+            self._expired[key] = "cancelled"
+        context.cancel()
 
     def expired(self, key: object) -> str | None:
         """Why the call of ``key`` was cancelled (None: it was not)."""
@@ -326,7 +425,9 @@ class TLSConfig:
 
 
 def start_server(servicer: CoordinatorServicer, listen: str, tls: TLSConfig | None, max_workers: int = 64) -> tuple[grpc.Server, int]:
-    """Start the gRPC server on ``listen`` (``HOST:PORT``; port 0 picks one). ``tls=None`` is plaintext.
+    """Start the gRPC server on ``listen`` (``HOST:PORT``; port 0 picks one) with ``max_workers``
+    threads, some kept for short calls (:meth:`CoordinatorServicer.set_workers`). ``tls=None`` is
+    plaintext.
 
     Returns:
         (server, bound port)
@@ -337,6 +438,8 @@ def start_server(servicer: CoordinatorServicer, listen: str, tls: TLSConfig | No
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fmtl-rpc"),
                          options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    if isinstance(servicer, CoordinatorServicer):
+        servicer.set_workers(max_workers)
     try:
         port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
     except RuntimeError as e:

@@ -59,7 +59,8 @@ def parse_tokens(text: str, where: str = "tokens file") -> dict[str, tuple[str, 
 
 
 def add_token(path: str | Path, name: str, role: str = "device") -> str:
-    """Append a fresh token for ``name`` to the tokens file (created 0600) and return it.
+    """Append a fresh token for ``name`` to the tokens file (made or left 0600: owner read/write only)
+    and return it.
 
     Raises:
         TokenError: bad name or role, or ``name`` already has a token.
@@ -77,6 +78,7 @@ def add_token(path: str | Path, name: str, role: str = "device") -> str:
         token = secrets.token_urlsafe(32)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file made with looser permissions is tightened too
     with os.fdopen(fd, "a") as f:
         f.write(f"{name} {role} {hash_token(token)}\n")
     return token

@@ -13,7 +13,7 @@ EXIT_USAGE = 2
 
 SERVE_HELP = """\
 Run a federated multi-task job over devices that join with `fmtl-edge join`: the same methods and
-plans as `fmtl-edge simulate` (mas-<x>, all-in-one, one-by-one, fedprox), with K devices per round,
+plans as `fmtl-edge simulate` (listed below), with K devices per round,
 updates aggregated as they arrive (streaming, about three model sizes of memory), rounds ending at K
 updates or at the deadline, failed devices replaced. State (plan position, rounds, affinities,
 device registry) goes to SQLite and model checkpoints to safetensors files in --state-dir at every
@@ -44,9 +44,27 @@ examples:
 """
 
 
+_METHODS_EPILOG = "(the methods)"
+
+
+class _ServeHelp(argparse.RawDescriptionHelpFormatter):
+    """``serve --help`` with the methods it accepts, from :data:`fmtl_edge.methods.METHODS` (read only
+    when the help is printed: importing the methods imports torch)."""
+
+    def add_text(self, text):
+        if text is _METHODS_EPILOG:
+            from fmtl_edge.methods import METHODS, methods_help
+
+            pooled = ", ".join(c.name for c in METHODS.values() if c.pooled_data)
+            text = ("methods ([job] methods = [...]; the same as fmtl-edge simulate's, with their options as [job] "
+                    "keys):\n" + methods_help(pooled=False)
+                    + (f"\n  ({pooled}: a reference on pooled data, fmtl-edge simulate only)" if pooled else ""))
+        super().add_text(text)
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run a job over devices that join", description=SERVE_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=_METHODS_EPILOG, formatter_class=_ServeHelp)
     p.add_argument("--config", required=True, help="job.toml ([job] and [server] tables)")
     p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:50051)")
     p.add_argument("--state-dir", help="job state folder (SQLite + checkpoints; default fmtl-state)")

@@ -24,6 +24,10 @@ from fmtl_edge.config import ConfigError, SimulationConfig, build_config, read_t
 JOB_KEYS = {
     "max_update_norm_ratio": "update norm bound: an update farther (L2) from the global model than this x max(|global|, 1) "
                              "is refused (default 10)",
+    "max_update_norm_multiple": "round-relative norm bound: an update farther from the global model than this x the "
+                                "round's median distance is refused, in rounds of 3 or more updates (default 4; 0: off)",
+    "max_samples_ratio": "a client's FedAvg weight (and evaluation n) is capped at this x the low median of the "
+                         "sample counts the devices registered (default 10; 0: no cap)",
     "max_client_samples": "cap on one update's aggregation weight, in samples (default: none)",
     "name": "job name (results, status)",
     "tasks": "the tasks to train (default: every task of the dataset)",
@@ -44,10 +48,14 @@ _DEVICE_SIDE = {"meter": "a device setting: fmtl-edge join --meter or the device
                 "dropout": "the simulation's fault injector (fmtl-edge simulate --dropout); devices fail for real here",
                 "eval_every": "simulation only for now (fmtl-edge simulate --eval-every); fmtl-server evaluates at the end",
                 "classes_per_client": "simulation only (fmtl-edge simulate --classes-per-client); a device's data is "
-                                      "what fmtl-edge join holds"}
+                                      "what fmtl-edge join holds",
+                "fleet": "simulation only (fmtl-edge simulate --fleet): here the devices are real and metered",
+                "threads": "a device setting: fmtl-edge join --threads",
+                "partition_seed": "a simulation setting (one seed of a study run on its own); give devices the "
+                                  "partition with fmtl-edge join --data ...,seed=S"}
 SERVER_KEYS = ("listen", "state_dir", "out", "tokens", "tls_cert", "tls_key", "client_ca", "insecure",
                "heartbeat_interval_s", "heartbeat_timeout_s", "chunk_mib", "max_update_mib", "max_workers",
-               "upload_first_chunk_s", "upload_idle_s", "max_call_s", "max_streams_per_device")
+               "upload_first_chunk_s", "upload_idle_s", "max_call_s", "max_streams_per_device", "max_idle_streams")
 _SERVER_PATHS = ("state_dir", "out", "tokens", "tls_cert", "tls_key", "client_ca")
 
 
@@ -70,6 +78,8 @@ class JobConfig:
     retry_wait_s: float = 5.0
     max_round_retries: int = 20
     max_update_norm_ratio: float = 10.0
+    max_update_norm_multiple: float = 4.0
+    max_samples_ratio: float = 10.0
     max_client_samples: int | None = None
     table: dict[str, Any] = field(default_factory=dict)
 
@@ -108,9 +118,10 @@ class ServerConfig:
     upload_idle_s: float = 60.0            # later chunks within this of the previous one
     max_call_s: float = 3600.0             # an upload stream ends within this
     max_streams_per_device: int = 2        # model download/upload streams open at once per device
+    max_idle_streams: int = 8              # upload streams without data yet, over all devices
 
     def validate(self) -> None:
-        for k in ("upload_first_chunk_s", "upload_idle_s", "max_call_s", "max_streams_per_device"):
+        for k in ("upload_first_chunk_s", "upload_idle_s", "max_call_s", "max_streams_per_device", "max_idle_streams"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"[server] {k}", f"must be a number > 0, got {v!r}")
@@ -136,6 +147,16 @@ class ServerConfig:
     @property
     def max_update_bytes(self) -> int:
         return int(self.max_update_mib * (1 << 20))
+
+
+def _unknown(where: str, key: str, known) -> ConfigError:
+    """An unknown key of the job file, with the nearest known one (``difflib``, as
+    :mod:`fmtl_edge.config` does for ``simulate``) instead of every key."""
+    import difflib
+
+    near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    return ConfigError(f"{where} {key}", f"unknown key; {hint}docs/deployment.md §2 lists the {where} keys")
 
 
 def _num(name: str, v: Any, kind: type, lo: float | None = None, allow_none: bool = False):
@@ -165,8 +186,7 @@ def parse_job(table: Mapping[str, Any], name: str = "job") -> JobConfig:
         if k in JOB_KEYS:
             continue
         if k not in sim_fields:
-            known = sorted(JOB_KEYS) + sorted(sim_fields - set(_DEVICE_SIDE))
-            raise ConfigError(f"[job] {k}", f"unknown key; known keys: {', '.join(known)}")
+            raise _unknown("[job]", k, set(JOB_KEYS) | (sim_fields - set(_DEVICE_SIDE)))
         if isinstance(v, int) and not isinstance(v, bool) and k in ("lr", "momentum", "weight_decay", "alpha",
                                                                       "time_budget_s", "energy_budget_j"):
             v = float(v)
@@ -185,7 +205,8 @@ def parse_job(table: Mapping[str, Any], name: str = "job") -> JobConfig:
                                  ("deadline_retries", int, 0, False), ("wait_for_devices", int, 1, True),
                                  ("start_timeout_s", float, 0.0, True), ("eval_timeout_s", float, 1.0, False),
                                  ("retry_wait_s", float, 0.0, False), ("max_round_retries", int, 0, False),
-                                 ("max_update_norm_ratio", float, 1e-6, False), ("max_client_samples", int, 1, True)):
+                                 ("max_update_norm_ratio", float, 1e-6, False), ("max_client_samples", int, 1, True),
+                                 ("max_update_norm_multiple", float, 0.0, False), ("max_samples_ratio", float, 0.0, False)):
         if k in table:
             setattr(job, k, _num(k, table[k], kind, lo, none_ok))
     if "evaluate" in table:
@@ -211,16 +232,20 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
         p = Path(path)
         raw = read_toml(p)
         base = p.resolve().parent
-    unknown = set(raw) - {"job", "server"}
+    unknown = sorted(set(raw) - {"job", "server"})
     if unknown:
-        raise ConfigError("--config", f"unknown tables {sorted(unknown)}; a job file has [job] and [server]")
+        import difflib
+
+        near = difflib.get_close_matches(unknown[0], ["job", "server"], n=1, cutoff=0.5)
+        raise ConfigError("--config", f"unknown table [{unknown[0]}]" + (f"; did you mean [{near[0]}]?" if near else "")
+                          + "; a job file has [job] and [server]")
     if "job" not in raw:
         raise ConfigError("--config", "no [job] table (dataset, methods, rounds, clients_per_round, ...)")
     job = parse_job(raw["job"], Path(path).stem if path else "job")
     srv_table = {k.replace("-", "_"): v for k, v in raw.get("server", {}).items()}
-    bad = set(srv_table) - set(SERVER_KEYS)
+    bad = sorted(set(srv_table) - set(SERVER_KEYS))
     if bad:
-        raise ConfigError("[server]", f"unknown keys {sorted(bad)}; known: {', '.join(SERVER_KEYS)}")
+        raise _unknown("[server]", bad[0], SERVER_KEYS)
     for k in _SERVER_PATHS:
         if isinstance(srv_table.get(k), str) and srv_table[k]:
             srv_table[k] = str(base / srv_table[k])

@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fmtl_edge.config import ConfigError
 from fmtl_edge.plan import RoundCheckpoint, RoundFailed, RoundRecord
@@ -32,6 +35,7 @@ from fmtl_edge.transport.service import CoordinatorServicer, TLSConfig, start_se
 
 from fmtl_server.auth import TokenError, TokenFile
 from fmtl_server.config import JobConfig, ServerConfig
+from fmtl_server.progress import Progress
 from fmtl_server.store import MethodCheckpoints, StateMismatch, Store
 
 log = logging.getLogger("fmtl_server")
@@ -64,6 +68,9 @@ class JobServer:
         self._lock = threading.Lock()
         self.phase = "starting"
         self.current: dict[str, Any] = {}
+        self.progress: Progress | None = None
+        self._method = ""          # the method training now
+        self._job_seen = ("", "")   # (method, job) of the last round started
 
     def say(self, msg: str) -> None:
         self.echo(f"{time.strftime('%H:%M:%S')} [fmtl-server] {msg}")
@@ -82,7 +89,7 @@ class JobServer:
             if jk == "clients" and job_v is None:
                 continue  # the dataset's default partition: the device reports it, checked across devices below
             if jk == "seed":
-                dev_v, job_v = int(data.get("seed", 0)), int(sim.seed)
+                dev_v, job_v = int(data.get("seed", 0)), int(sim.data_seed)
             if (dev_v or None) != (job_v or None) and not (isinstance(dev_v, (int, float)) and isinstance(job_v, (int, float))
                                                            and float(dev_v) == float(job_v)):
                 key = jk.replace("_", "-") if jk != "clients" else "clients"
@@ -95,6 +102,14 @@ class JobServer:
         except ValueError as e:
             raise RegistrationRefused("INVALID_ARGUMENT", f"bad task definition: {e}") from None
         shape = tuple(int(s) for s in data.get("input_shape", []))
+        if data.get("label_stats_json"):
+            from fmtl_edge.loss_weights import check_label_stats
+
+            dense = {t.name: int(np.prod(shape[1:])) * t.out_dim for t in tasks if t.kind == "dense"}
+            try:
+                check_label_stats(json.loads(data["label_stats_json"]), TaskSet(tasks), d.n_train, dense)
+            except (ValueError, json.JSONDecodeError) as e:
+                raise RegistrationRefused("INVALID_ARGUMENT", f"bad label statistics: {e}") from None
         sig = task_signature(tasks, shape)
         with self._lock:
             if self._signature is None:
@@ -171,7 +186,18 @@ class JobServer:
 
     def _set_phase(self, phase: str) -> None:
         self.phase = phase
-        self.store.put("phase", phase)
+        self._record("phase", phase)
+
+    def _record(self, key: str, value: Any, event: bool = False) -> None:
+        """A meta value (or an event) in the store; a full disk is logged, never raised (the round's
+        own writes say what failed)."""
+        try:
+            if event:
+                self.store.event(key, value)
+            else:
+                self.store.put(key, value)
+        except (sqlite3.Error, OSError) as e:
+            log.warning("could not record %s in the job state: %s", key, e)
 
     # -- serve --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -199,13 +225,17 @@ class JobServer:
                                      validate_registration=self.validate_registration,
                                      on_device_change=self.store.save_device,
                                      max_update_norm_ratio=self.job.max_update_norm_ratio,
-                                     max_client_samples=self.job.max_client_samples)
+                                     max_client_samples=self.job.max_client_samples,
+                                     on_round_start=self._on_round_start,
+                                     max_samples_ratio=self.job.max_samples_ratio or None,
+                                     max_update_norm_multiple=self.job.max_update_norm_multiple or None)
         self.pool.load_registry(self.store.devices())
         self._restore_tasks()
         self.servicer = CoordinatorServicer(self.pool, tokens, srv.heartbeat_interval_s, status=self.status,
                                             upload_first_chunk_s=srv.upload_first_chunk_s, upload_idle_s=srv.upload_idle_s,
                                             max_call_s=srv.max_call_s,
-                                            max_streams_per_device=int(srv.max_streams_per_device))
+                                            max_streams_per_device=int(srv.max_streams_per_device),
+                                            max_idle_streams=int(srv.max_idle_streams))
         tls = None if srv.insecure else TLSConfig(srv.tls_cert, srv.tls_key, srv.client_ca)
         self.server, self.port = start_server(self.servicer, srv.listen, tls, srv.max_workers)
         if srv.insecure:
@@ -262,6 +292,8 @@ class JobServer:
             self.say("evaluation skipped ([job] evaluate = false): test losses are null")
         results, models = self.train(methods, spec, results)
         self._write_results(results, models, spec)
+        # the agents' next poll says so (not a lost connection); the server stops after this
+        self.pool.close(f"job {job.name!r} is complete ({self.store.get('results_path')})", job_complete=True)
         return 0
 
     def train(self, methods, spec, results: dict[str, Any]):
@@ -269,6 +301,7 @@ class JobServer:
         ``min_updates``, evaluation and round retries, every round committed to the store, progress
         in the log; returns the runner's ``(results, models)``."""
         sim, job = self.job.sim, self.job
+        self.progress = Progress(sum(m.planned_rounds() for m in methods))
         hooks = RunHooks(on_method_start=self._on_method_start, on_round=self._on_round, on_round_end=self._on_round_end,
                          on_evaluate=self._on_evaluate, on_method_end=self._on_method_end,
                          on_method_resume=self._on_method_resume)
@@ -280,9 +313,12 @@ class JobServer:
 
     # -- the runner's hooks ---------------------------------------------------------------------------
     def _on_method_start(self, method) -> None:
-        self._set_phase(f"training {method.name}")
+        self._method = method.name
+        self._set_phase(f"training {method.name}" + (f": {self.progress.text()}" if self.progress else ""))
 
     def _on_method_resume(self, method, rounds_done: int, entry) -> None:
+        if self.progress is not None:
+            self.progress.resumed(method.name, rounds_done)
         if entry is not None:
             self.say(f"{method.name}: already finished")
         else:
@@ -294,8 +330,35 @@ class JobServer:
         if rec.refused:
             rep += f", {len(rec.refused)} slot(s) without update: " + "; ".join(m.get("message", "?") for m in rec.refused)
         energy = "—" if rec.energy_j is None else f"{rec.energy_j:.1f} J"
+        overall = "" if self.progress is None else f"; overall {self.progress.text(pending=1)}"
         self.say(f"{method.name} {rec.job} round {rec.round + 1}: clients {rec.clients}{rep}, train loss {loss:.4f}, "
-                 f"{rec.samples} samples, device {rec.device_s:.2f} s, {energy}, wall {rec.wall_s:.2f} s")
+                 f"{rec.samples} samples, device {rec.device_s:.2f} s, {energy}, wall {rec.wall_s:.2f} s{overall}")
+
+    def _on_round_start(self, job: str, rnd: int, tasks, clients) -> None:
+        """The pool starts a round: name a job's tasks when it starts (a MAS split: its group)."""
+        if (self._method, job) == self._job_seen:
+            return
+        self._job_seen = (self._method, job)
+        when = "starts" if rnd == 0 else f"resumes at round {rnd + 1}"
+        self.say(f"{self._method} {job} {when}: tasks {', '.join(tasks)}")
+
+    def _learn_energy(self, ck: RoundCheckpoint) -> None:
+        """The devices' energy profiles (J and s per sample-pass per device, power mode and model,
+        metered apart from estimated), grown by the round's executions and kept in the store: they
+        survive restarts and ``fmtl-server status`` shows them."""
+        from fmtl_edge.energy_profile import EnergyProfiles
+        from fmtl_edge.runner import model_key
+
+        if not ck.history:
+            return
+        raw = self.store.get("energy_profiles")
+        profiles = EnergyProfiles.from_dict(raw) if raw else EnergyProfiles()
+        model = model_key(self.job.sim.model_spec(self.input_shape))
+        for c in ck.history[-1].per_client:
+            if c.get("sample_passes"):
+                profiles.observe(c["device"], c.get("mode"), model, int(c["sample_passes"]), float(c["device_s"]),
+                                 c.get("energy_j"), str(c.get("source") or ""), bool(c.get("estimated")))
+        self._record("energy_profiles", profiles.to_dict())
 
     def _on_round_end(self, method, ck: RoundCheckpoint) -> None:
         ri = self.pool.round_info
@@ -304,11 +367,18 @@ class JobServer:
                  f"first update {fmt(ri.get('first_update_s'))}, last update {fmt(ri.get('last_update_s'))}, "
                  f"validation {fmt(ri.get('validate_s'))} (sum), aggregation {fmt(ri.get('consumer_s'))}")
         self.current = {"method": method.name, "job": ck.job.name, "rounds_done": ck.round + 1, "rounds": ck.job.rounds}
+        self._learn_energy(ck)
+        if self.progress is not None:  # the round is committed: it counts
+            self.progress.round_done(method.name)
+            self._record("progress", self.progress.as_dict())
+            self._set_phase(f"training {method.name}: {self.progress.text()}")
 
     def _retry_wait(self, failures: int, e: RoundFailed) -> None:
-        self.store.event("round_failed", str(e))
-        self.say(f"{e}; retrying from the last checkpoint in {self.job.retry_wait_s:.0f} s "
+        self._record("round_failed", str(e), event=True)
+        retry = (f"retrying from the last checkpoint in {self.job.retry_wait_s:.0f} s "
                  f"({failures}/{self.job.max_round_retries})")
+        self._set_phase(f"round failed: {e}; {retry}")
+        self.say(f"{e}; {retry}")
         if self.stop.wait(self.job.retry_wait_s):
             raise Stopped()
 
@@ -366,7 +436,7 @@ def serve(srv: ServerConfig, job: JobConfig) -> int:
         js.say(f"signal {signum}: stopping (state is kept; run the same command to resume)")
         js.stop.set()
         if js.pool is not None:
-            js.pool.close()
+            js.pool.close(f"the server is stopping (signal {signum}); it resumes the job when started again")
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

@@ -26,7 +26,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from fmtl_edge.energy_profile import EnergyProfiles
 from fmtl_edge.plan import EnergyTally, Job, RoundCheckpoint, RoundRecord
+from fmtl_edge.transport.model_files import WriteFailed
 from fmtl_edge.transport.pool import Device
 from fmtl_edge.transport.tensors import SafetensorsFile, TensorFileError, check_finite, file_sha256, write_state
 
@@ -305,8 +307,16 @@ class Store:
                  "failures": d.failures, "last_energy_j": d.last_energy_j, "last_device_s": d.last_device_s,
                  "last_job": d.last_job, "last_seen_unix_s": d.last_seen_wall, "train_samples": d.n_train,
                  "hostname": d.info.get("hostname"), "meter": d.info.get("meter")} for d in self.devices()]
+        with self._lock:
+            fails = self.db.execute("SELECT COUNT(*), MAX(id) FROM events WHERE kind = 'round_failed'").fetchone()
+            last = (self.db.execute("SELECT t_unix_s, detail FROM events WHERE id = ?", (fails[1],)).fetchone()
+                    if fails[1] is not None else None)
         return {"job": self.get("job_name"), "phase": self.get("phase", "unknown"), "methods_planned": self.get("methods", []),
-                "methods_done": out_methods, "jobs": out_jobs, "devices": devs, "results": self.get("results_path")}
+                "methods_done": out_methods, "jobs": out_jobs, "devices": devs, "results": self.get("results_path"),
+                "progress": self.get("progress"), "round_failures": int(fails[0]),
+                "last_round_failure": None if last is None else {"t_unix_s": last[0], "detail": last[1]},
+                "energy_profiles": EnergyProfiles.from_dict(self.get("energy_profiles")).summary()
+                if self.get("energy_profiles") else []}
 
 
 def _safe(s: str) -> str:
@@ -347,8 +357,17 @@ class MethodCheckpoints:
         return None
 
     def save_round(self, method: str, ckpt: RoundCheckpoint, pool, curve=None) -> None:
-        names = self.store.job_names(method)
-        self.store.checkpoint(method, names.index(ckpt.job.name) if ckpt.job.name in names else len(names), ckpt)
+        """Commit the round (:meth:`Store.checkpoint`).
+
+        Raises:
+            WriteFailed: the checkpoint or its row cannot be written (a full disk): the round fails and
+                the runner's retry policy runs it again from the last committed checkpoint.
+        """
+        try:
+            names = self.store.job_names(method)
+            self.store.checkpoint(method, names.index(ckpt.job.name) if ckpt.job.name in names else len(names), ckpt)
+        except (OSError, sqlite3.OperationalError) as e:
+            raise WriteFailed(ckpt.job.name, ckpt.round, "the checkpoint", e, self.store.dir / "checkpoints") from None
 
     def save_method(self, method: str, entry: Mapping[str, Any], models) -> None:
         self.store.save_method(method, self.methods.index(method), entry)
