@@ -300,7 +300,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from fmtl_edge.runner import prepare_methods
         from fmtl_edge.simulation import dataset_eligible
 
-        prepare_methods(cfg, dataset.tasks, cfg.model_spec(dataset.input_shape), dataset_eligible(dataset))
+        names = [m.name for m in prepare_methods(cfg, dataset.tasks, cfg.model_spec(dataset.input_shape),
+                                                 dataset_eligible(dataset))]
         if cfg.power_mode != "keep" and cfg.fleet is None:
             raise ConfigError("--power-mode", f"{cfg.power_mode}: simulated clients have no power modes; give "
                               "--fleet (e.g. orin-mix) to simulate devices that do")
@@ -336,32 +337,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         console.print(f"resuming {cfg.out}: {resume_state.summary()}")
     progress = None
     if not args.no_progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+        progress = make_progress(console, names)
         bars: dict[str, int] = {}
 
         def start(method):
             bars[method.name] = progress.add_task(method.name, total=method.planned_rounds(), info="")
 
         def on_round(method, rec):
-            loss = sum(rec.train_loss.values())
-            progress.update(bars[method.name], advance=1,
-                            info=f"{rec.job} r{rec.round + 1} train loss {loss:.3f}")
+            progress.update(bars[method.name], advance=1, info=round_info(rec))
 
         def end(method, entry):
-            progress.update(bars[method.name], info=loss_summary(entry, 3))
+            progress.update(bars[method.name], info=short_loss(entry))
 
         def resumed(method, rounds_done, entry):
             if method.name not in bars:
                 start(method)
             progress.update(bars[method.name], completed=rounds_done,
-                            info=(loss_summary(entry, 3) + " (before)") if entry else "resumed")
+                            info=(short_loss(entry) + " (before)") if entry else "resumed")
 
         hooks = RunHooks(on_method_start=start, on_round=on_round, on_method_end=end, on_method_resume=resumed)
     run_state = None
     resume_hint = "run the same command with --resume" + (f" --out {cfg.out}" if timestamped else "")
+    previous_term = _stop_on_sigterm()
     try:
         from fmtl_edge.run_state import RunState
 
@@ -388,19 +385,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             from fmtl_edge.report import link_latest
 
             link_latest(out)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated): the run state is kept either way
+        what, rc = ("terminated", 128 + 15) if isinstance(e, Terminated) else ("interrupted", 130)
         if run_state is None:
-            console.print("[red]interrupted: nothing was written[/]")
+            console.print(f"[red]{what}: nothing was written[/]")
         else:
-            console.print(f"[red]interrupted[/]: kept {run_state.summary()} in {run_state.dir}; "
+            console.print(f"[red]{what}[/]: kept {run_state.summary()} in {run_state.dir}; "
                           f"to continue, {resume_hint}")
-        return 130
+        return rc
     except (ConfigError, DataError, ValueError) as e:
         return _err("simulate", str(e))
     except RuntimeError as e:  # a round no client could run (budgets, busy device): no result written
         kept = "" if run_state is None else f"; the completed rounds are kept ({resume_hint} to continue)"
         print(f"fmtl-edge simulate: failed: {e}; no result was written{kept}", file=sys.stderr)
         return 1
+    finally:
+        _restore_sigterm(previous_term)
     if args.json:
         print((out / "results.json").read_text())
     else:
@@ -408,6 +408,66 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             Console().print(table)
         console.print(f"results: {out / 'results.json'}  models: {out / 'models'}")
     return 0
+
+
+#: width of the progress bars: fixed, so the bar stays readable at 80 columns (the info column
+#: takes what is left and wraps, it is never cut)
+BAR_WIDTH = 20
+
+
+def make_progress(console, names=()):
+    """The progress display of ``simulate``: per method its name (as wide as the longest of
+    ``names``), a :data:`BAR_WIDTH` bar, rounds done/planned, a short info text (job, round, train
+    loss; at the end the test loss) and the elapsed time. At 80 columns the bar keeps its width and
+    the info wraps rather than the bar shrinking to nothing."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Column
+
+    width = max([len(n) for n in names] + [10])
+    return Progress(TextColumn("{task.description}", table_column=Column(min_width=width, no_wrap=True)),
+                    BarColumn(bar_width=BAR_WIDTH), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}", table_column=Column(ratio=1, overflow="fold")),
+                    TimeElapsedColumn(), console=console, expand=True)
+
+
+def round_info(rec) -> str:
+    """A progress bar's info after a round: ``merge r3 loss 1.234`` (train loss, Σ over tasks)."""
+    return f"{rec.job} r{rec.round + 1} loss {sum(rec.train_loss.values()):.3f}"
+
+
+def short_loss(entry) -> str:
+    """A progress bar's info at a method's end: ``test 0.253`` / ``pers. 0.198`` (total test losses)."""
+    parts = [f"{label} {entry[k]:.3f}" for k, label in (("total_test_loss", "test"),
+                                                         ("personalised_total_test_loss", "pers."))
+             if entry.get(k) is not None]
+    return ", ".join(parts) or "no test loss"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during ``simulate``: handled as Ctrl-C (the run state is kept for ``--resume``), but
+    named "terminated" and exiting 143."""
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the handler it replaced
+    (None when signals cannot be set here, e.g. outside the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _null():

@@ -408,15 +408,40 @@ def evaluate_assignment(data: ClientData, spec: ModelSpec, tasks: TaskSet, assig
     """
     from fmtl_edge.procedures import get_procedure
 
-    state: Mapping[str, np.ndarray] = assignment.state
-    if assignment.personalised:
-        stored_all = state_store.load(assignment.state_key, 1 << 30) if (state_store is not None and assignment.state_key) else None
-        state, stored = overlay_personal(state, stored_all, assignment.personal)
-        state = get_procedure(assignment.procedure).personal_state(state, stored)
+    state = own_model_state(assignment, state_store) if assignment.personalised else assignment.state
     job_tasks = tasks.subset(assignment.tasks)
     model = build_model(spec, job_tasks, state, assignment.config.device,
                         get_procedure(assignment.procedure).model(spec, job_tasks, assignment.method_config))
     return evaluate_sums(model, data, assignment.tasks)
+
+
+def own_model_state(assignment: Assignment, state_store: ClientStateStore | None) -> Mapping[str, np.ndarray]:
+    """The state of a client's own model of ``assignment``'s job — what its personalised evaluation
+    runs: the job's final global state with the client's personal layers overlaid (newest stored
+    version), then the procedure's :meth:`~fmtl_edge.procedures.Procedure.personal_state` (Ditto:
+    p_k). Every tensor of the job's model (all of the job's heads); a client never trained keeps the
+    global tensors."""
+    from fmtl_edge.procedures import get_procedure
+
+    stored_all = state_store.load(assignment.state_key, 1 << 30) if (state_store is not None and assignment.state_key) else None
+    state, stored = overlay_personal(assignment.state, stored_all, assignment.personal)
+    return get_procedure(assignment.procedure).personal_state(state, stored)
+
+
+def client_model(data: ClientData, assignment: Assignment,
+                 state_store: ClientStateStore | None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """A client's personalised model as it is deployed on that client: :func:`own_model_state` with
+    the heads of the job's tasks the client holds labels for (train or test) and the backbone.
+
+    Returns:
+        ``(state, tasks)``: name → array (the :class:`~fmtl_edge.models.MultiTaskModel` names of
+        those tasks' model), and those tasks in job order (the ones its personalised figures cover).
+    """
+    from fmtl_edge.partition import select_state
+
+    mine = [t for t in assignment.tasks if t in data.y_train or t in data.y_test]
+    state = own_model_state(assignment, state_store)
+    return {k: np.asarray(v) for k, v in select_state(state, mine).items()}, mine
 
 
 def add_sums(total: dict[str, dict[str, float]], sums: Mapping[str, Mapping[str, float]]) -> None:

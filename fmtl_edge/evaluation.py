@@ -21,7 +21,7 @@ from fmtl_edge.client import add_sums, finish_sums
 from fmtl_edge.coordinator import Coordinator
 from fmtl_edge.plan import JobOutcome
 from fmtl_edge.messages import Assignment
-from fmtl_edge.partition import PERSONAL
+from fmtl_edge.partition import PERSONAL, select_state
 
 
 def _requests(method, done: Mapping[str, JobOutcome], coord: Coordinator, clients: list[int] | None,
@@ -112,3 +112,22 @@ def evaluate_finals(method, done: Mapping[str, JobOutcome], coord: Coordinator, 
     for c in sorted(res):
         add_sums(total, _final(res[c], finals))
     return _complete(coord.tasks, finish_sums(coord.tasks, total), finals)
+
+
+def client_models(method, done: Mapping[str, JobOutcome], coord: Coordinator) -> dict[str, tuple[str, dict, list[str]]]:
+    """The personalised ``method``'s client models, as the pool holds them (:meth:`ClientPool.client_models`;
+    ``{}`` where the clients keep their own): ``name → (job, state, tasks)`` with ``name`` the
+    client id, or ``<id>-<job>`` when the method's tasks take their own models from several jobs.
+    The models are the ones its personalised evaluation ran (the same requests)."""
+    if not method.personalised:
+        return {}
+    own = method.personalised_jobs(done)
+    res = coord.pool.client_models(_requests(method, done, coord, None, personalised=True, finals=own))
+    several = len(set(own.values())) > 1
+    out = {}
+    for c in sorted(res):
+        for job, (state, tasks) in res[c].items():
+            tasks = [t for t in tasks if own.get(t) == job]
+            if tasks:
+                out[f"{c}-{job}" if several else str(c)] = (job, select_state(state, tasks), tasks)
+    return out

@@ -1,16 +1,21 @@
 """Figures of a run's ``results.json`` (``fmtl-edge report RUN --plot FILE.png``).
 
-Panels (each when the results have what it needs; every axis has a ``label`` naming it, for tests):
+Panels (each only when the results have something to draw in it, so no panel is empty; every axis
+has a ``label`` naming it, for tests); a method has one colour in every panel:
 
 - ``scatter-device``: total test loss against device time per method (MAS Fig. 5's trade-off;
-  lower-left is better), marker *area* proportional to the method's energy (J; an ``x`` marker when
-  unknown), ± 1 std error bars on both axes when the results come from ``--seeds`` (std ddof=1);
+  lower-left is better): the global total (``o``) and, for personalised methods, the personalised
+  total (``s``, "<method> (pers.)"; layered with personal layers and local have only this one);
+  marker *area* proportional to the method's energy (J; an ``x`` marker when unknown), ± 1 std
+  error bars on both axes when the results come from ``--seeds`` (std ddof=1); the methods are
+  named in a legend inside the axes (no labels beside the points to overlap or leave the axes);
 - ``scatter-passes``: the same against sample-passes (training forward+backward per sample,
   lookahead included), which does not depend on the machine's load as device time does;
 - ``energy``: energy per method (hatched when estimated);
 - ``affinity:<method>``: the averaged task-affinity matrix S[i, j] of each method that measured one
   (at most :data:`MAX_HEATMAPS`), tasks reordered so each chosen group is a contiguous block,
-  outlined, with the values written in the cells (×10^k, :func:`cell_scale`, when small);
+  outlined, with the values written in the cells (×10^k, :func:`cell_scale`, when small) and the
+  colour bar in the same units as the cells;
 - ``curves``: total test loss against rounds per task from ``--eval-every`` points
   (:func:`fmtl_edge.report.method_curve`; with ``--seeds``, the mean over seeds ± 1 std band).
 
@@ -86,35 +91,69 @@ def cell_scale(lim: float) -> int:
     return int(math.ceil(-math.log10(lim)))
 
 
-def _scatter(ax, results, names, xkey: str, xlabel: str) -> None:
+#: the loss each scatter point shows: (results key, marker, legend suffix); personalised where a method has it
+LOSS_KINDS = (("total_test_loss", "o", ""), ("personalised_total_test_loss", "s", " (pers.)"))
+#: marker area (points²) of every legend entry: the legend names methods, the plot's areas show energy
+LEGEND_MARKER_AREA = 40.0
+
+
+def method_colours(names: Sequence[str]) -> dict[str, Any]:
+    """One colour per method (matplotlib's tab10 cycle in run order), the same in every panel."""
+    plt = _plt()
+    cycle = plt.get_cmap("tab10").colors
+    return {n: cycle[i % len(cycle)] for i, n in enumerate(names)}
+
+
+def scatter_points(results: Mapping[str, Any], xkey: str) -> list[dict[str, Any]]:
+    """The points of a scatter panel: per method its global total test loss (``o``) and, where it
+    has one, its personalised total (``s``, labelled ``<method> (pers.)``) against ``xkey``; a
+    method without either (or without ``xkey``) has none."""
+    out = []
+    for n, m in results["methods"].items():
+        x = m.get(xkey)
+        if x is None:
+            continue
+        for key, marker, suffix in LOSS_KINDS:
+            y = m.get(key)
+            if y is not None and math.isfinite(y):
+                out.append({"method": n, "x": float(x), "y": float(y), "key": key, "marker": marker, "label": n + suffix})
+    return out
+
+
+def _scatter(ax, results, names, xkey: str, xlabel: str, colours) -> None:
     methods = results["methods"]
     seeds = _multi_seed(results)
-    areas = marker_areas([methods[n].get("energy_j") for n in names])
-    for n, area in zip(names, areas):
-        m = methods[n]
-        x, y = m.get(xkey), m.get("total_test_loss")
-        if x is None or y is None:
-            continue
+    areas = dict(zip(names, marker_areas([methods[n].get("energy_j") for n in names])))
+    points = scatter_points(results, xkey)
+    for p in points:
+        n, m = p["method"], methods[p["method"]]
         unknown = m.get("energy_j") is None
-        ax.scatter([x], [y], s=area, marker="x" if unknown else "o", alpha=0.7, label=n)
+        coll = ax.scatter([p["x"]], [p["y"]], s=areas[n], marker="x" if unknown else p["marker"], alpha=0.7,
+                          color=colours[n], label=p["label"] + (" (energy unknown)" if unknown else ""))
+        coll.set_gid(p["key"])
         if seeds:
-            ax.errorbar([x], [y], xerr=_std(m, xkey) or 0.0, yerr=_std(m, "total_test_loss") or 0.0, fmt="none",
+            ax.errorbar([p["x"]], [p["y"]], xerr=_std(m, xkey) or 0.0, yerr=_std(m, p["key"]) or 0.0, fmt="none",
                         ecolor="0.3", capsize=3, lw=1)
-        ax.annotate(n, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.margins(0.12)  # the largest markers stay inside the axes
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("total test loss (Σ over tasks)")
+    pers = any(p["key"] != "total_test_loss" for p in points)
+    ax.set_ylabel("total test loss (Σ over tasks)" + ("; squares: personalised" if pers else ""))
     title = "marker area ∝ energy"
     if seeds:
         title += f"; ± 1 std over {len(results['seeds'])} seeds"
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+    leg = ax.legend(fontsize=7, loc="best", framealpha=0.8)  # names inside the axes, never on top of each other
+    for h in leg.legend_handles:
+        if hasattr(h, "set_sizes"):
+            h.set_sizes([LEGEND_MARKER_AREA])
 
 
-def _energy(ax, results, names) -> None:
+def _energy(ax, results, names, colours) -> None:
     methods = results["methods"]
     energy = [methods[n]["energy_j"] or 0.0 for n in names]
     estimated = [bool(methods[n]["energy_estimated"]) for n in names]
-    bars = ax.bar(names, energy)
+    bars = ax.bar(names, energy, color=[colours[n] for n in names])
     for b, est, n in zip(bars, estimated, names):
         if est:
             b.set_hatch("//")
@@ -127,7 +166,8 @@ def _energy(ax, results, names) -> None:
     src = "; ".join(sorted({methods[n]["energy_source"] for n in names}))
     ax.set_title("energy per method" + (" (hatched: estimated)" if any(estimated) else ""), fontsize=9)
     ax.set_xlabel(src, fontsize=8)
-    ax.tick_params(axis="x", rotation=20)
+    plt = _plt()
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
 
 
 def _heatmap(fig, ax, tasks, name, m) -> None:
@@ -139,13 +179,14 @@ def _heatmap(fig, ax, tasks, name, m) -> None:
     S = S[np.ix_(order, order)]
     labels = [tasks[i] for i in order]
     lim = float(np.abs(S).max()) or 1.0
-    im = ax.imshow(S, cmap="RdBu", vmin=-lim, vmax=lim)
     n = len(order)
     k = cell_scale(lim)
+    shown = S * 10 ** k  # cells and colour bar in the same units
+    im = ax.imshow(shown, cmap="RdBu", vmin=-lim * 10 ** k, vmax=lim * 10 ** k)
     for i in range(n):
         for j in range(n):
             v = S[i, j]
-            ax.text(j, i, f"{v * 10 ** k:.2f}", ha="center", va="center", fontsize=7 if n <= 6 else 5,
+            ax.text(j, i, f"{shown[i, j]:.2f}", ha="center", va="center", fontsize=7 if n <= 6 else 5,
                     color="white" if abs(v) > 0.6 * lim else "black", gid="value")
     for start, size in blocks:
         ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, lw=2.2, ec="black",
@@ -156,7 +197,9 @@ def _heatmap(fig, ax, tasks, name, m) -> None:
     ax.set_ylabel("task i (lookahead step)")
     unit = f"; values ×1e{k}" if k else ""
     ax.set_title(f"affinity S[i, j], {name} (outlined: its groups; diagonal: Eq. 4{unit})", fontsize=9)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar.set_label(f"S[i, j] ×1e{k}" if k else "S[i, j]")
+    bar.ax.set_label("colourbar")
 
 
 def seed_curves(m: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
@@ -166,7 +209,7 @@ def seed_curves(m: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
     return [c for c in curves if c]
 
 
-def _curves(ax, results, names) -> None:
+def _curves(ax, results, names, colours) -> None:
     import numpy as np
 
     methods = results["methods"]
@@ -177,10 +220,11 @@ def _curves(ax, results, names) -> None:
         pos = sorted(set.intersection(*[{p["position"] for p in c} for c in curves]))
         vals = np.array([[next(p["total_test_loss"] for p in c if p["position"] == q) for q in pos] for c in curves])
         mean = vals.mean(axis=0)
-        (line,) = ax.plot(pos, mean, marker=".", label=n)
+        (line,) = ax.plot(pos, mean, marker=".", label=n, color=colours[n])
         if len(curves) > 1:
             std = vals.std(axis=0, ddof=1)
             ax.fill_between(pos, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("rounds per task (merge rounds included)")
     ax.set_ylabel("total test loss (Σ over tasks)")
     ax.set_title("test loss during training (--eval-every)", fontsize=9)
@@ -198,15 +242,21 @@ def build_figure(results: Mapping[str, Any]):
     plt = _plt()
     methods = results["methods"]
     names = list(methods)
+    colours = method_colours(names)
     tasks = list(results["tasks"])
-    panels = ["scatter-device"]
-    if any(methods[n].get("sample_passes") for n in names):
+    panels = []  # each panel only when it has something to draw
+    if scatter_points(results, "device_s"):
+        panels.append("scatter-device")
+    if any(methods[n].get("sample_passes") for n in names) and scatter_points(results, "sample_passes"):
         panels.append("scatter-passes")
-    panels.append("energy")
+    if any(methods[n].get("energy_j") is not None for n in names):
+        panels.append("energy")
     heat = [n for n in names if methods[n].get("affinity") is not None][:MAX_HEATMAPS]
     panels += [f"affinity:{n}" for n in heat]
     if any(seed_curves(methods[n]) for n in names):
         panels.append("curves")
+    if not panels:
+        raise ValueError("the results hold no test loss, energy, affinity or curve to plot")
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 4.8 * nrows), squeeze=False)
@@ -214,18 +264,18 @@ def build_figure(results: Mapping[str, Any]):
     for ax, panel in zip(flat, panels):
         ax.set_label(panel)
         if panel == "scatter-device":
-            _scatter(ax, results, names, "device_s", "device time (s, sum over client executions)")
+            _scatter(ax, results, names, "device_s", "device time (s, sum over client executions)", colours)
         elif panel == "scatter-passes":
-            _scatter(ax, results, names, "sample_passes", "sample-passes (forward+backward per sample)")
+            _scatter(ax, results, names, "sample_passes", "sample-passes (forward+backward per sample)", colours)
         elif panel == "energy":
-            _energy(ax, results, names)
+            _energy(ax, results, names, colours)
         elif panel.startswith("affinity:"):
             n = panel.split(":", 1)[1]
             _heatmap(fig, ax, tasks, n, methods[n])
         elif panel == "curves":
-            _curves(ax, results, names)
+            _curves(ax, results, names, colours)
     for ax in flat[len(panels):]:
-        ax.set_visible(False)
+        fig.delaxes(ax)  # no empty panel
     fig.suptitle(f"fmtl-edge · {results['dataset']} · {len(tasks)} tasks · {results['clients']} clients")
     fig.tight_layout()
     return fig

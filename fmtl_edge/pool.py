@@ -54,6 +54,13 @@ class ClientPool(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot evaluate")
 
+    def client_models(self, requests: Sequence[tuple[int, Assignment]]) -> dict[int, dict[str, tuple[dict[str, np.ndarray], list[str]]]]:
+        """Each client's own (personalised) model for the personalised evaluation ``requests``:
+        ``client → job → (state, tasks)`` (:func:`fmtl_edge.client.client_model`: the backbone and
+        the heads of the tasks it holds). Default: ``{}`` — the clients keep their models
+        (devices write theirs with ``fmtl-edge join --save-model DIR``; a Flower node keeps its own)."""
+        return {}
+
     def label_statistics(self, tasks) -> dict[int, dict[str, dict]] | None:
         """Each client's training-label statistics (:func:`fmtl_edge.loss_weights.client_label_stats`:
         sums the client computes over its own labels; no sample leaves it), for the chance losses

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fmtl_edge.config import ConfigError
-from fmtl_edge.export import save_task_model
+from fmtl_edge.export import save_client_model, save_task_model
 from fmtl_edge.models import ModelSpec
 from fmtl_edge.tasks import TaskSet
 
@@ -103,7 +103,10 @@ def _clean(o: Any) -> Any:
 def write_outputs(out: str | Path, results: Mapping[str, Any],
                   models: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
                   tasks: TaskSet, spec: ModelSpec, overwrite: bool = True) -> Path:
-    """Write ``results.json`` and ``models/<method>/<task>.safetensors`` atomically into ``out``.
+    """Write ``results.json``, ``models/<method>/<task>.safetensors`` and, for the personalised
+    methods whose client models the run holds (``models.clients``, :class:`fmtl_edge.runner.RunModels`),
+    ``models/<method>/clients/<id>.safetensors`` (:func:`fmtl_edge.export.save_client_model`)
+    atomically into ``out``.
 
     An earlier result in ``out`` is replaced only once the new one is complete (``overwrite=False``
     refuses it instead, see :func:`check_out_dir`).
@@ -115,6 +118,10 @@ def write_outputs(out: str | Path, results: Mapping[str, Any],
         for method, per_task in models.items():
             for task, state in per_task.items():
                 save_task_model(stage / "models" / method / f"{task}.safetensors", state, tasks[task], spec, method)
+        for method, own in (getattr(models, "clients", None) or {}).items():
+            for name, (job, state, names) in own.items():
+                save_client_model(stage / "models" / method / "clients" / f"{name}.safetensors", state,
+                                  [tasks[t] for t in names], spec, method, name, job)
         text = json.dumps(_clean(dict(results)), indent=2, default=_json_default)
         (stage / RESULTS).write_text(text + "\n")
         old = None
@@ -184,80 +191,104 @@ def splits_text(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: the mark of the lowest value of a column among the FL methods (:func:`fmtl_edge.verdict.best_methods`)
+BEST = "✓"
+
+
+def _mark(text: str, best: bool):
+    """A cell: ``text``, with :data:`BEST` and bold when it is the column's best."""
+    from rich.text import Text
+
+    return Text(f"{text} {BEST}", style="bold green") if best else text
+
+
 def summary_tables(results: Mapping[str, Any]):
-    """Per method (total test loss, personalised total where a method has one, device s, critical-path s, energy J,
-    rounds, number of groups), per task (global test loss and metric under each method), where a
-    method is personalised per task its personalised figures, as rich Tables, then the groups as
-    text (:func:`splits_text`); readable at 80 columns."""
-    from rich.table import Table
+    """What ``simulate`` and ``report`` print, in order: the main table per method (normalised
+    total where the run has chance losses, total test loss, personalised total where a method has
+    one, device s, critical-path s, energy J, rounds) with the best (lowest) value of each figure
+    column marked :data:`BEST`, the verdict line and chance-level warnings (:mod:`fmtl_edge.verdict`),
+    the load-independent cost table, the paired comparison (``--paired-with``), the merge-phase
+    table and mas-auto's decisions where they apply, per task the global
+    and (personalised methods) personalised test loss / metric, and the groups as text
+    (:func:`splits_text`). Tables are :class:`fmtl_edge.tables.FitTable` s: at any console width
+    (80 columns in a pipe or a log file) their columns split into parts, nothing is cut."""
+    from fmtl_edge.tables import Col, FitTable
+    from fmtl_edge.verdict import best_methods, chance_warnings, verdict_line
 
     tasks = results["tasks"]
     methods = results["methods"]
-    main = Table(title=f"fmtl-edge · {results['dataset']} · {len(tasks)} tasks · {results['clients']} clients")
     personal = any(m.get("personalised_total_test_loss") is not None for m in methods.values())
     normalised = any(m.get("normalised_total_test_loss") is not None for m in methods.values())
-    main.add_column("method", style="bold")
+    cols = [Col("method", "left", "bold")]
+    keys = []
     if normalised:
-        main.add_column("norm.", justify="right")
-    main.add_column("total test loss", justify="right")
+        cols.append(Col("norm."))
+        keys.append("normalised_total_test_loss")
+    cols.append(Col("total test loss"))
+    keys.append("total_test_loss")
     if personal:
-        main.add_column("pers. loss", justify="right")
-    main.add_column("device s", justify="right")
-    main.add_column("crit. s", justify="right")
-    main.add_column("energy J", justify="right")
-    main.add_column("R", justify="right")
-    for name, m in methods.items():
-        energy = _pm(m, "energy_j", 1)
-        if m["energy_j"] is not None and m["energy_estimated"]:
-            energy += "*"
-        label = name + ("†" if m.get("reference") else "")
-        cells = [_pm(m, "normalised_total_test_loss")] if normalised else []
-        cells.append(_pm(m, "total_test_loss"))
-        if personal:
-            cells.append(_pm(m, "personalised_total_test_loss"))
-        main.add_row(label, *cells, _pm(m, "device_s", 1), _pm(m, "critical_path_s", 1), energy, str(m["rounds"]))
+        cols.append(Col("pers. loss"))
+        keys.append("personalised_total_test_loss")
+    cols += [Col("device s"), Col("crit. s"), Col("energy J"), Col("R")]
+    keys += ["device_s", "critical_path_s", "energy_j"]
+    best = {k: best_methods(methods, k) for k in keys}
+    digits = {"device_s": 1, "critical_path_s": 1, "energy_j": 1}
     sources = sorted({m["energy_source"] for m in methods.values()})
-    main.caption = "energy source: " + "; ".join(sources)
+    caption = "energy source: " + "; ".join(sources)
     if any(m["energy_j"] is not None and m["energy_estimated"] for m in methods.values()):
-        main.caption += " (* estimated)"
+        caption += " (* estimated)"
     seeds = results.get("seeds") or []
     if len(seeds) > 1:
-        main.caption += (f"\nmean ± std over seeds {', '.join(map(str, seeds))} (std: ddof=1; partition of seed "
-                         f"{results.get('partition_seed')}); per task and groups: seed {seeds[0]}")
-    main.caption += "\ncrit. s: critical path (parallel round: slowest client; ring: the sum)\nR: rounds over all jobs"
+        caption += (f"\nmean ± std over seeds {', '.join(map(str, seeds))} (std: ddof=1; partition of seed "
+                    f"{results.get('partition_seed')}); per task and groups: seed {seeds[0]}")
+    caption += (f"\n{BEST} lowest of its column" + (" (references † not ranked)" if any(
+        m.get("reference") for m in methods.values()) else "") +
+                "\ncrit. s: critical path (parallel round: slowest client; ring: the sum)"
+                "\nR: rounds summed over all jobs (merge, each group, each task alone)")
     if normalised:
-        main.caption += "\nnorm.: Σ task loss / its chance loss (chance level = 1 per task)"
+        caption += "\nnorm.: Σ task loss / its chance loss (chance level = 1 per task)"
     if any(m.get("reference") for m in methods.values()):
-        main.caption += "\n† non-FL reference (each client alone, or pooled data)"
+        caption += "\n† non-FL reference (each client alone, or pooled data)"
     if personal:
-        main.caption += "\npers. loss: each client's own model on its own test split (test-sample-weighted mean)"
-    cost = Table(title="cost: load-independent counts and CPU time")
-    cost.add_column("method", style="bold")
-    cost.add_column("sample-passes", justify="right")
-    cost.add_column("lookahead", justify="right")
-    cost.add_column("FLOPs (est.)", justify="right")
-    cost.add_column("CPU s", justify="right")
-    cost.add_column("CPU/dev", justify="right")
+        caption += "\npers. loss: each client's own model on its own test split (test-sample-weighted mean)"
+    main = FitTable(f"fmtl-edge · {results['dataset']} · {len(tasks)} tasks · {results['clients']} clients", cols,
+                    caption=caption)
     for name, m in methods.items():
-        cost.add_row(name, _pm(m, "sample_passes", fmt=_count), _count(m.get("lookahead_passes")),
-                     _pm(m, "flops_estimate", fmt=_count), _pm(m, "cpu_s", 1), _cpu_ratio(m))
+        cells = []
+        for k in keys:
+            text = _pm(m, k, digits.get(k, 3))
+            if k == "energy_j" and m["energy_j"] is not None and m["energy_estimated"]:
+                text += "*"
+            cells.append(_mark(text, name in best[k]))
+        main.add_row(name + ("†" if m.get("reference") else ""), *cells, str(m["rounds"]))
+    cost_keys = ("sample_passes", "flops_estimate", "cpu_s")
+    cbest = {k: best_methods(methods, k) for k in cost_keys}
+    cost = FitTable("cost: load-independent counts and CPU time",
+                    [Col("method", "left", "bold"), Col("sample-passes"), Col("lookahead"), Col("FLOPs (est.)"),
+                     Col("CPU s"), Col("CPU/dev")],
+                    caption=("sample-passes: forward+backward per sample (lookahead: n_tasks x B each)\n"
+                             "FLOPs: one counted training step's FLOPs per sample x sample-passes\n"
+                             "CPU s: the client executions' process CPU seconds; CPU/dev: CPU s /\n"
+                             "device s, far below the threads used = cores shared with other work"))
+    for name, m in methods.items():
+        cost.add_row(name, _mark(_pm(m, "sample_passes", fmt=_count), name in cbest["sample_passes"]),
+                     _count(m.get("lookahead_passes")),
+                     _mark(_pm(m, "flops_estimate", fmt=_count), name in cbest["flops_estimate"]),
+                     _mark(_pm(m, "cpu_s", 1), name in cbest["cpu_s"]), _cpu_ratio(m))
     threads = (results.get("device") or {}).get("threads") or {}
-    cost.caption = ("sample-passes: forward+backward per sample (lookahead: n_tasks x B each)\n"
-                    "FLOPs: one counted training step's FLOPs per sample x sample-passes\n"
-
-                    "CPU s: the client executions' process CPU seconds; CPU/dev: CPU s /\n"
-                    "device s, far below the threads used = cores shared with other work")
     if threads:
         cost.caption += (f"\nthreads: {threads.get('intra_op')} (usable cores {threads.get('usable_cores')}), "
                          f"OMP_WAIT_POLICY {threads.get('omp_wait_policy')}")
+    said = "\n".join(x for x in [verdict_line(results), *chance_warnings(results)] if x)
     per = _per_task_table("per task: test loss / metric", tasks, methods, "")
     extra = [t for t in (paired_table(results), merge_phase_table(results), decisions_text(results)) if t is not None]
     pers = {n: m for n, m in methods.items() if m.get("personalised_total_test_loss") is not None}
+    head = (main, said) if said else (main,)
     if not pers:
-        return (main, cost, *extra, per, splits_text(results))
+        return (*head, cost, *extra, per, splits_text(results))
     ptab = _per_task_table("per task, personalised (each client's own model): test loss / metric", tasks, pers,
                            "personalised_")
-    return (main, cost, *extra, per, ptab, splits_text(results))
+    return (*head, cost, *extra, per, ptab, splits_text(results))
 
 
 def _diff(p: Mapping[str, Any] | None) -> str:
@@ -273,25 +304,23 @@ def _diff(p: Mapping[str, Any] | None) -> str:
 def paired_table(results: Mapping[str, Any]):
     """``--paired-with``: each method's paired per-seed difference against the named method
     (normalised and raw total test loss; mean and 95 % t-interval) and the verdict, or None."""
-    from rich.table import Table
-
     from fmtl_edge.results import paired_verdict
+    from fmtl_edge.tables import Col, FitTable
 
     rows = {n: m["paired"] for n, m in results["methods"].items() if m.get("paired")}
     if not rows:
         return None
     base = next(iter(rows.values()))["with"]
     n = next((p[k]["n"] for p in rows.values() for k in ("normalised_total_test_loss", "total_test_loss") if p.get(k)), 0)
-    tab = Table(title=f"paired vs {base}, {n} seeds: mean difference ± 95% t-interval")
-    for name, just in (("method", "left"), ("Δ norm. loss", "right"), ("Δ total loss", "right"), ("verdict", "left")):
-        tab.add_column(name, justify=just, style="bold" if name == "method" else None)
+    tab = FitTable(f"paired vs {base}, {n} seeds: mean difference ± 95% t-interval",
+                   [Col("method", "left", "bold"), Col("Δ norm. loss"), Col("Δ total loss"), Col("verdict", "left")],
+                   caption=(f"negative: lower test loss than {base}\nverdict (normalised figure): lower or higher when "
+                            "its interval\nexcludes 0, else not separated by these seeds"))
     for name, p in rows.items():
         key = "normalised_total_test_loss" if p.get("normalised_total_test_loss") else "total_test_loss"
         tab.add_row(name, _diff(p.get("normalised_total_test_loss")), _diff(p.get("total_test_loss")),
                     f"{paired_verdict(p.get(key))} than {base}" if paired_verdict(p.get(key)) in ("lower", "higher")
                     else paired_verdict(p.get(key)))
-    tab.caption = (f"negative: lower test loss than {base}\nverdict (normalised figure): lower or higher when "
-                   "its interval\nexcludes 0, else not separated by these seeds")
     return tab
 
 
@@ -301,23 +330,22 @@ def merge_phase_table(results: Mapping[str, Any]):
     phase's device seconds and, when all-in-one ran, its first R0 rounds' device seconds and the
     ratios (device time and sample-passes) — what measuring the affinity cost over an equal
     all-in-one."""
-    from rich.table import Table
+    from fmtl_edge.tables import Col, FitTable
 
     rows = {n: m["merge_phase"] for n, m in results["methods"].items() if m.get("merge_phase")}
     if not rows:
         return None
-    tab = Table(title="merge phase: affinity (lookahead) overhead")
-    for name, just in (("method", "left"), ("R0", "right"), ("lookahead", "right"), ("merge s", "right"),
-                       ("a-i-o s", "right"), ("x time", "right"), ("x passes", "right")):
-        tab.add_column(name, justify=just, style="bold" if name == "method" else None)
+    tab = FitTable("merge phase: affinity (lookahead) overhead",
+                   [Col("method", "left", "bold"), Col("R0"), Col("lookahead"), Col("merge s"), Col("a-i-o s"),
+                    Col("x time"), Col("x passes")],
+                   caption=("lookahead: its share of the merge rounds' sample-passes\n"
+                            "a-i-o s: all-in-one's first R0 rounds in this run\n"
+                            "x time, x passes: merge phase / those all-in-one rounds"))
     for name, ph in rows.items():
         vs = ph.get("vs_all_in_one") or {}
         share = ph.get("lookahead_share")
         tab.add_row(name, str(ph["rounds"]), "—" if share is None else f"{100 * share:.1f}%", _fmt(ph["device_s"], 1),
                     _fmt(vs.get("device_s"), 1), _fmt(vs.get("device_ratio"), 2), _fmt(vs.get("passes_ratio"), 2))
-    tab.caption = ("lookahead: its share of the merge rounds' sample-passes\n"
-                   "a-i-o s: all-in-one's first R0 rounds in this run\n"
-                   "x time, x passes: merge phase / those all-in-one rounds")
     return tab
 
 
@@ -376,14 +404,11 @@ def method_curve(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _per_task_table(title: str, tasks, methods: Mapping[str, Any], prefix: str):
-    """A task × method table of ``loss / metric`` (global: ``prefix=""``; ``personalised_``)."""
-    from rich.table import Table
+    """A task × method table of ``loss / metric`` (global: ``prefix=""``; ``personalised_``); the
+    method columns split into parts at the console's width (task and metric repeated)."""
+    from fmtl_edge.tables import Col, FitTable
 
-    tab = Table(title=title)
-    tab.add_column("task", style="bold")
-    tab.add_column("metric")
-    for name in methods:
-        tab.add_column(name, justify="right")
+    tab = FitTable(title, [Col("task", "left", "bold"), Col("metric", "left"), *[Col(n) for n in methods]], keep=2)
     for t in tasks:
         first = next(iter(methods.values()))["per_task"][t]
         tab.add_row(t, first["metric_name"] or "", *[_task_cell(m["per_task"][t], prefix) for m in methods.values()])

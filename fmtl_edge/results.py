@@ -6,7 +6,8 @@
 - :func:`results_document` — the top level: ``dataset``, ``dataset_info``, ``tasks``,
   ``task_kinds``, ``clients``, ``config``, ``versions`` (:func:`versions`), ``dropout``, ``device``,
   ``engine`` (which program ran it, and that program's own details), ``chance_loss`` and
-  ``loss_weights`` (per task, :mod:`fmtl_edge.loss_weights`) and ``methods``;
+  ``loss_weights`` (per task, :mod:`fmtl_edge.loss_weights`), ``chance_accuracy`` (the test
+  labels' majority-class rates, where the program holds the data) and ``methods``;
 - :func:`method_entry` — one method's entry (``methods.<name>``): test losses (global and
   personalised), cost (device s, CPU s, critical path, energy with its source, sample-passes,
   FLOPs), splits, affinity, jobs, per-round history, the evaluation's coverage, the merge phase and
@@ -52,7 +53,8 @@ def versions() -> dict[str, Any]:
 
 
 def results_document(*, dataset: str, dataset_info: Mapping[str, Any], tasks, clients: int, config: Mapping[str, Any],
-                     device: Mapping[str, Any], engine: Mapping[str, Any], dropout: float | None) -> dict[str, Any]:
+                     device: Mapping[str, Any], engine: Mapping[str, Any], dropout: float | None,
+                     chance_accuracy: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The top level of ``results.json`` before any method ran (``methods`` empty).
 
     Args:
@@ -64,11 +66,17 @@ def results_document(*, dataset: str, dataset_info: Mapping[str, Any], tasks, cl
         engine: ``{"name": "simulate" | "fmtl-server" | "flower", ...}`` and that program's own
             details (the server's job, devices and counters; Flower's nodes and messages).
         dropout: the simulated ``--dropout`` probability (None where devices fail for real).
+        chance_accuracy: the test labels' majority-class rates per classification/binary task
+            (:func:`fmtl_edge.verdict.chance_accuracies`; a program that holds the data passes them, the
+            report warns about accuracies at that level); None (``null``: the server and Flower
+            do not hold the data).
     """
     return {"dataset": dataset, "dataset_info": dict(dataset_info), "tasks": list(tasks.names),
             "task_kinds": {t.name: t.kind for t in tasks}, "clients": int(clients), "config": dict(config),
             "versions": versions(), "dropout": dropout, "device": dict(device), "engine": dict(engine),
-            "chance_loss": {}, "loss_weights": {}, "methods": {}}
+            "chance_loss": {}, "loss_weights": {},
+            "chance_accuracy": None if chance_accuracy is None else {k: dict(v) for k, v in chance_accuracy.items()},
+            "methods": {}}
 
 
 def final_states(method, done: Mapping[str, JobOutcome]) -> dict[str, dict[str, np.ndarray]]:

@@ -5,7 +5,8 @@ While a run trains, its progress is kept in a hidden folder beside ``--out``
 
     state.json                 format, config fingerprint, finished methods (their results.json
                                entries), the running method's job checkpoints and client-state files
-    f<seq>.safetensors         tensors referenced by state.json: a finished method's final models,
+    f<seq>.safetensors         tensors referenced by state.json: a finished method's final models
+                               (and its clients' own models, for a personalised method),
                                a job's global model after its last completed round, one client's
                                own state (personal layers, Ditto's model...) for the running method
 
@@ -191,6 +192,19 @@ class RunState:
                 models[f["tasks"][int(i)]][n] = a
         return f["entry"], models
 
+    def finished_clients(self, method: str) -> dict[str, tuple[str, dict[str, np.ndarray], list[str]]] | None:
+        """The client models (name → ``(job, state, tasks)``) of a finished method, or None."""
+        f = self.doc["finished"].get(method)
+        if not f or not f.get("client_models"):
+            return None
+        flat = self._load(f["client_models"])
+        out = {c: (job, {}, list(tasks)) for c, job, tasks in f["clients"]}
+        names = [c for c, _, _ in f["clients"]]
+        for k, a in flat.items():
+            i, _, n = k.partition("/")
+            out[names[int(i)]][1][n] = a
+        return out
+
     def running(self, method: str):
         """``(checkpoints, client-state snapshot or None)`` of ``method`` if it was the running one:
         the :class:`~fmtl_edge.plan.RoundCheckpoint` of each job it started, in order (the
@@ -243,7 +257,7 @@ class RunState:
                 os.close(fd)
         except OSError:
             pass
-        keep = {f["models"] for f in self.doc["finished"].values() if f.get("models")}
+        keep = {f[k] for f in self.doc["finished"].values() for k in ("models", "client_models") if f.get(k)}
         run = self.doc.get("running")
         if run:
             keep |= {j["file"] for j in run["jobs"]} | {c["file"] for c in run["clients"].values()}
@@ -290,13 +304,20 @@ class RunState:
         self._commit()
 
     def save_method(self, method: str, entry: Mapping[str, Any],
-                    models: Mapping[str, Mapping[str, np.ndarray]] | None) -> None:
-        """Commit a finished method: its results entry and final models; its round state is dropped."""
+                    models: Mapping[str, Mapping[str, np.ndarray]] | None, clients: Mapping[str, Any] | None = None) -> None:
+        """Commit a finished method: its results entry, final models and its clients' own models
+        (``clients``: name → ``(job, state, tasks)``, :func:`fmtl_edge.evaluation.client_models`);
+        its round state is dropped."""
         rec: dict[str, Any] = {"entry": json.loads(json.dumps(entry, default=_json_default)), "models": None, "tasks": []}
         if models is not None:
             tasks = list(models)
             rec["tasks"] = tasks
             rec["models"] = self._new_file({f"{i}/{n}": a for i, t in enumerate(tasks) for n, a in models[t].items()})
+        if clients:
+            names = list(clients)
+            rec["clients"] = [[c, clients[c][0], list(clients[c][2])] for c in names]
+            rec["client_models"] = self._new_file({f"{i}/{n}": a for i, c in enumerate(names)
+                                                   for n, a in clients[c][1].items()})
         self.doc["finished"][method] = rec
         if self.doc.get("running") and self.doc["running"]["method"] == method:
             self.doc["running"] = None

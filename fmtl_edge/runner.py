@@ -31,7 +31,7 @@ import numpy as np
 from fmtl_edge.config import ConfigError
 from fmtl_edge.coordinator import Coordinator
 from fmtl_edge.curves import CurveRecorder
-from fmtl_edge.evaluation import evaluate_method
+from fmtl_edge.evaluation import client_models, evaluate_method
 from fmtl_edge.methods import Method, make_method
 from fmtl_edge.plan import JobOutcome, RoundCheckpoint, RoundFailed, RoundRecord
 from fmtl_edge.pool import ClientPool
@@ -40,6 +40,19 @@ from fmtl_edge.results import compare_merge_phase, final_states, method_entry
 log = logging.getLogger(__name__)
 
 Models = dict[str, dict[str, np.ndarray]]
+#: ``name → (job, state, tasks)``: each client's own model (:func:`fmtl_edge.evaluation.client_models`)
+ClientModels = dict[str, tuple[str, dict[str, np.ndarray], list[str]]]
+
+
+class RunModels(dict):
+    """What :func:`run_methods` returns beside the results: ``models[method][task]`` is the final
+    global state of that task's model (backbone + its head), for every method with global models;
+    ``models.clients[method][name]`` is ``(job, state, tasks)`` of each client's own model, for the
+    personalised methods whose pool holds the clients' state (``simulate``; devices keep theirs)."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.clients: dict[str, ClientModels] = {}
 
 
 class CheckpointStore(Protocol):
@@ -62,7 +75,10 @@ class CheckpointStore(Protocol):
         """Commit a completed round (and the clients' state, :meth:`ClientPool.state_snapshot`)."""
 
     def save_method(self, method: str, entry: Mapping[str, Any], models: Models | None) -> None:
-        """Commit a finished method's entry and final models."""
+        """Commit a finished method's entry and final models. A store that keeps client models
+        (:class:`fmtl_edge.run_state.RunState`) also takes ``clients=`` (:data:`ClientModels`) and
+        gives them back with ``finished_clients(method)``; the runner passes them only when the
+        pool made some."""
 
 
 @dataclass
@@ -185,13 +201,44 @@ def prepare_methods(cfg, tasks, spec, eligible: Callable[[Sequence[str]], list[i
             continue
         if eligible is not None:
             for job in m.next_jobs({}):
+                if job.measure_affinity:
+                    check_affinity_clients(m.name, job.tasks, eligible)
                 m.strategy(job).configure_train(RoundContext(job, 0, cfg.seed, cfg.clients_per_round, eligible))
     return methods
 
 
+def check_affinity_clients(method: str, tasks: Sequence[str], eligible: Callable[[Sequence[str]], list[int]]) -> None:
+    """Refuse a job that measures task affinity when no client holds labels for two or more of its
+    ``tasks``: the lookahead (MAS Eq. 3) measures how one task's step changes *another* task's loss
+    on the same client's batch, so a client with one task measures nothing, the merge phase ends
+    with no affinity and no split can be chosen.
+
+    Args:
+        eligible: ``tasks -> clients holding labels for any of them`` (asked one task at a time).
+
+    Raises:
+        ConfigError: names ``--methods``, why, and what runs instead (nothing is raised when the
+            pool knows no client yet).
+    """
+    if len(tasks) < 2:
+        return
+    held: dict[int, int] = {}
+    for t in tasks:
+        for c in eligible([t]):
+            held[int(c)] = held.get(int(c), 0) + 1
+    if held and max(held.values()) < 2:
+        raise ConfigError(
+            "--methods",
+            f"{method} measures task affinity by lookahead (MAS Eq. 3) on clients that hold labels for two or more "
+            f"of the merged tasks ({', '.join(tasks)}), but every client here holds one task only (--task-groups, "
+            "or npz client files with one y_<task> each): it would train its merge phase and find no affinity to "
+            "split by. Run layered (clients sampled per task group) or one-by-one instead, or give clients the "
+            "labels of several tasks")
+
+
 def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results: dict[str, Any], *,
                 pooled_pool: Callable[[], ClientPool] | None = None, store: CheckpointStore | None = None,
-                hooks: RunHooks | None = None, settings: RunSettings | None = None) -> tuple[dict[str, Any], Models]:
+                hooks: RunHooks | None = None, settings: RunSettings | None = None) -> tuple[dict[str, Any], RunModels]:
     """Run ``methods`` over ``pool`` and fill ``results["methods"]`` (see the module docstring).
 
     Args:
@@ -208,8 +255,10 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
         settings: budgets, ``min_updates``, evaluation, retries.
 
     Returns:
-        ``(results, models)``: ``models[method][task]`` is the final state of that task's model
-        (backbone + its head) for every method with global models.
+        ``(results, models)``: :class:`RunModels` — ``models[method][task]`` is the final state of
+        that task's model (backbone + its head) for every method with global models, and
+        ``models.clients[method]`` each client's own model of a personalised method (when the
+        pool holds the clients' state).
 
     Raises:
         RoundFailed: a round failed (and the retry policy gave up).
@@ -222,7 +271,7 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
     results["chance_loss"], results["loss_weights"] = chance, weights
     policy = energy_policy(cfg, pool, settings.fleet, spec)
     results["energy_policy"] = policy.describe()
-    models: Models = {}
+    models = RunModels()
     pooled = None
     for method in methods:
         finished = store.finished(method.name) if store is not None else None
@@ -233,6 +282,10 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
                 final = final_states(method, _finished_jobs(store.running(method.name)[0], cfg, pool, spec, tasks, train))
             if final is not None:
                 models[method.name] = final
+            kept = getattr(store, "finished_clients", None)
+            own = kept(method.name) if kept is not None else None
+            if own:
+                models.clients[method.name] = own
             if hooks.on_method_resume:
                 hooks.on_method_resume(method, int(entry.get("rounds", 0)), entry)
             continue
@@ -276,8 +329,11 @@ def run_methods(cfg, methods: Sequence[Method], pool: ClientPool, spec, results:
         results["methods"][method.name] = entry
         if method.global_model:
             models[method.name] = final_states(method, done)
+        own = client_models(method, done, coord)
+        if own:
+            models.clients[method.name] = own
         if store is not None:
-            store.save_method(method.name, entry, models.get(method.name))
+            store.save_method(method.name, entry, models.get(method.name), **({"clients": own} if own else {}))
         if hooks.on_method_end:
             hooks.on_method_end(method, entry)
     compare_merge_phase(results)

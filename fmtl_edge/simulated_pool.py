@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from fmtl_edge.client import evaluate_assignment, execute
+from fmtl_edge.client import client_model, evaluate_assignment, execute
 from fmtl_edge.client_state import MemoryStateStore
 from fmtl_edge.data.base import FederatedDataset
 from fmtl_edge.messages import Assignment, ClientUpdate
@@ -125,6 +125,12 @@ class InProcessClientPool(ClientPool):
         for cid, a in requests:
             sums = evaluate_assignment(self._by_id[cid], self.spec, self.dataset.tasks, a, self.state_store(cid))
             out.setdefault(int(cid), {})[a.job] = sums
+        return out
+
+    def client_models(self, requests: Sequence[tuple[int, Assignment]]) -> dict[int, dict[str, tuple[dict[str, np.ndarray], list[str]]]]:
+        out: dict[int, dict[str, tuple[dict[str, np.ndarray], list[str]]]] = {}
+        for cid, a in requests:
+            out.setdefault(int(cid), {})[a.job] = client_model(self._by_id[cid], a, self.state_store(cid))
         return out
 
 

@@ -21,6 +21,7 @@ from fmtl_edge.data.base import FederatedDataset
 from fmtl_edge.results import combine_seeds, results_document
 from fmtl_edge.runner import RunHooks, RunSettings, prepare_methods, run_methods
 from fmtl_edge.simulated_pool import InProcessClientPool, dropout_faults
+from fmtl_edge.verdict import chance_accuracies
 
 if TYPE_CHECKING:
     from fmtl_edge.run_state import RunState
@@ -96,6 +97,7 @@ def run_simulation(cfg: SimulationConfig, dataset: FederatedDataset, *, hooks: R
     results = results_document(
         dataset=dataset.name, dataset_info=dataset.info, tasks=dataset.tasks, clients=dataset.n_clients,
         config=cfg.to_dict(), dropout=cfg.dropout, engine={"name": "simulate"},
+        chance_accuracy=chance_accuracies(dataset.tasks, dataset.clients),
         device={"profile": profile.name, "profile_source": profile.source, "device_class": profile.device_class,
                 "meter": type(meter).__name__, "memory_budget_bytes": profile.memory_budget_bytes,
                 "threads": threads.describe()})

@@ -219,7 +219,7 @@ def test_personal_heads_and_ditto_models_stay_on_the_agents(deployment, simulate
     d = deployment(methods=["layered", "ditto"])
     d.start_server()
     for c in range(CLIENTS):
-        d.start_agent(c)
+        d.start_agent(c, "--save-model", str(d.tmp / f"agent{c}-models"))
     res = d.results()
     assert d.server.wait(30) == 0, d.server.text()[-3000:]
 
@@ -273,6 +273,17 @@ def test_personal_heads_and_ditto_models_stay_on_the_agents(deployment, simulate
     _assert_same_models(d.tmp / "out", "ditto", ref_models)
     _assert_same_final_state(d.tmp / "state", "layered", "layered", ref_finals)
     assert res["engine"]["counters"]["updates_rejected"] == 0
+    # join --save-model (issue 22.1): each agent wrote its own model of each personalised method, equal
+    # to the simulation's client model (models/<method>/clients/<id>.safetensors of `simulate`)
+    from safetensors.numpy import load_file
+
+    for method in ("layered", "ditto"):
+        for c in range(CLIENTS):
+            job, want, tasks = ref_models.clients[method][str(c)]
+            got = load_file(str(d.tmp / f"agent{c}-models" / method / "clients" / f"{c}.safetensors"))
+            assert set(got) == set(want) and tasks == list(ref_results["tasks"]), (method, c)
+            for k, v in want.items():
+                np.testing.assert_array_equal(got[k].reshape(np.shape(v)), v, err_msg=f"{method} client {c}: {k}")
     # the agents ran every evaluation (personalised ones read their state) and keep running
     assert all(a.alive() for a in d.agents.values()), [a.text()[-2000:] for a in d.agents.values() if not a.alive()]
     assert not any("cannot run it" in a.text() for a in d.agents.values())

@@ -149,3 +149,74 @@ def test_report_merge_phase_table_and_decision_lines():
     assert "66.7%" in row and "12.0" in row and "5.0" in row and "2.40" in row and "3.00" in row
     assert "mas-2: R0 = 2 (partition stable 2 rounds, cap 5); x = 2 (eps = 0.05)" in text
     assert "1:0.100, 2:0.300, 3:0.290" in text
+
+
+# -- issue 22.4: personalised methods plotted, no empty panels, labels inside, colour bar in cell units --
+
+
+def _personalised_results():
+    res = _results()
+    lay = _entry(1.0, 5.0, 80.0, 1500, [TASKS])
+    lay.update(total_test_loss=None, personalised_total_test_loss=0.7)
+    dit = _entry(1.1, 8.0, 120.0, 2500, [TASKS])
+    dit["personalised_total_test_loss"] = 0.8
+    loc = _entry(1.0, 9.0, None, 3000, [TASKS], reference=True)
+    loc.update(total_test_loss=None, personalised_total_test_loss=0.6, energy_j=None)
+    res["methods"].update({"layered": lay, "ditto": dit, "local": loc})
+    return res
+
+
+def test_personalised_losses_are_plotted_with_a_legend_inside_the_axes():
+    import matplotlib.pyplot as plt
+
+    from fmtl_edge.plots import build_figure, scatter_points
+
+    res = _personalised_results()
+    pts = {(p["label"], p["key"]): (p["x"], p["y"]) for p in scatter_points(res, "device_s")}
+    assert pts[("layered (pers.)", "personalised_total_test_loss")] == (5.0, 0.7)
+    assert pts[("ditto", "total_test_loss")] == (8.0, 1.1) and pts[("ditto (pers.)", "personalised_total_test_loss")] == (8.0, 0.8)
+    assert pts[("local (pers.)", "personalised_total_test_loss")] == (9.0, 0.6)
+    assert ("layered", "total_test_loss") not in pts
+    fig = build_figure(res)
+    fig.canvas.draw()
+    for name in ("scatter-device", "scatter-passes"):
+        ax = _axes(fig)[name]
+        offsets = {tuple(c.get_offsets()[0]) for c in ax.collections if c.get_gid()}
+        assert (5.0 if name == "scatter-device" else 1500.0, 0.7) in offsets  # layered is not left out
+        assert len(offsets) == 6  # mas-2, all-in-one, layered, ditto x2, local (unknown energy: x)
+        assert not ax.texts  # no labels beside the points: the legend names them
+        leg = ax.get_legend()
+        labels = [t.get_text() for t in leg.get_texts()]
+        assert len(labels) == len(set(labels)) == 6 and "layered (pers.)" in labels
+        lb, ab = leg.get_window_extent(), ax.get_window_extent()
+        assert ab.x0 <= lb.x0 and lb.x1 <= ab.x1 and ab.y0 <= lb.y0 and lb.y1 <= ab.y1
+        for c in ax.collections:  # every marker inside the axes (margins)
+            x, y = ax.transData.transform(c.get_offsets()[0])
+            assert ab.x0 < x < ab.x1 and ab.y0 < y < ab.y1
+    plt.close(fig)
+
+
+def test_no_empty_panels_and_the_colour_bar_is_in_the_cells_units():
+    import matplotlib.pyplot as plt
+
+    from fmtl_edge.plots import build_figure
+
+    res = _results()
+    for m in res["methods"].values():
+        m["energy_j"] = None
+    fig = build_figure(res)
+    axes = _axes(fig)
+    assert "energy" not in axes  # nothing to draw: no panel
+    assert all(ax.get_visible() for ax in fig.axes)
+    assert set(axes) == {"scatter-device", "scatter-passes", "affinity:mas-2", "colourbar"}
+    assert len(fig.axes) == 4  # the unused grid cells are removed, not left blank
+    ax = axes["affinity:mas-2"]
+    img = ax.images[0]
+    values = [float(t.get_text()) for t in ax.texts if t.get_gid() == "value"]
+    lo, hi = img.norm.vmin, img.norm.vmax
+    assert hi == pytest.approx(1.2) and lo == pytest.approx(-1.2)  # max |S| = 0.012, shown x1e2
+    assert max(abs(v) for v in values) == pytest.approx(1.2)
+    np.testing.assert_allclose(np.asarray(img.get_array()).max(), max(values), atol=5e-3)
+    bar = next(a for a in fig.axes if a.get_label() == "colourbar")
+    assert "×1e2" in bar.get_ylabel()
+    plt.close(fig)

@@ -39,6 +39,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _env() -> dict[str, str]:
+    """The environment of a CLI subprocess: this checkout first on the import path (the package may
+    not be installed, or installed from another checkout)."""
+    here = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+
+
 def _run(out: Path, *extra: str) -> int:
     return main([*ARGS, "--out", str(out), *extra])
 
@@ -95,7 +102,7 @@ def _assert_same_results(a_dir: Path, b_dir: Path) -> None:
 def test_sigkill_mid_job_then_resume_equals_uninterrupted(tmp_path, reference, monkeypatch):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *ARGS, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path, env=_env())
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
@@ -169,3 +176,49 @@ def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):
     assert _run(out, "--overwrite", "--methods", "all-in-one") == 0
     assert not state_dir(out).exists()
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["all-in-one"]
+
+
+def test_sigterm_says_terminated_and_keeps_the_run_state(tmp_path):
+    """Issue 22.5: SIGTERM (a service manager, `kill`) stops `simulate` as Ctrl-C does: one line saying
+    "terminated", what was kept and how to continue (--resume), exit 143; the run state stays."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *ARGS, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                run = _state(out).get("running")
+            except (FileNotFoundError, ValueError):
+                run = None
+            if run and run["method"] == "ditto" and run["jobs"]:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"no checkpoint of ditto appeared (rc {proc.poll()})")
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated" in err and "--resume" in err and "Traceback" not in err, err
+    kept = _state(out)
+    assert "all-in-one" in kept["finished"] and not (out / "results.json").exists()
+
+
+def test_a_personalised_method_finished_before_the_interruption_keeps_its_client_models(tmp_path, reference,
+                                                                                        monkeypatch):
+    """ditto finishes, the run is interrupted in layered: the resumed run writes ditto's client models
+    (models/ditto/clients/<id>.safetensors, issue 22.1) from the run state, equal to the uninterrupted run's."""
+    out = tmp_path / "run"
+    _record(monkeypatch, interrupt_at="layered/")
+    assert _run(out) == 130
+    assert "ditto" in _state(out)["finished"] and _state(out)["finished"]["ditto"]["clients"]
+    monkeypatch.undo()
+    seen = _record(monkeypatch)
+    assert _run(out, "--resume") == 0
+    assert not any(k.startswith("ditto/") for k, _ in seen)
+    assert len(list((out / "models" / "ditto" / "clients").glob("*.safetensors"))) == 8
+    _assert_same_results(reference, out)

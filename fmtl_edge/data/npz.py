@@ -4,7 +4,7 @@ Layout (see ``docs/data.md``)::
 
     my_data/
       tasks.toml          # one [tasks.<name>] table per task, in the order results use
-      client_0.npz        # one file per client: x, split, y_<task> for every task
+      client_0.npz        # one file per client: x, split, y_<task> for the tasks it holds labels for
       client_1.npz
       ...
 

@@ -18,9 +18,16 @@ is dynamic; input/output names, shapes and units are in each file's metadata. Ev
 against the PyTorch model with onnxruntime on fixed inputs: a max abs difference above --tolerance
 (1e-4) removes it and fails the export (exit 1). Without --onnx, lists the run's models.
 
+Personalised methods (layered with personal layers, ditto, local) keep one model per client,
+models/<method>/clients/<id>.safetensors: --clients all (or --clients 0,3,7) exports those instead,
+RUN_DIR/onnx/<method>/clients/<id>.onnx, one output per task the client holds. A single client model
+file (what `fmtl-edge join --save-model DIR` writes on a device) is exported by naming the file.
+
 examples:
   fmtl-edge export runs/latest --onnx
   fmtl-edge export runs/utk --method mas-2 --onnx --opset 18
+  fmtl-edge export runs/har-pfl --method layered --onnx --clients all
+  fmtl-edge export models/layered/clients/3.safetensors --onnx --out onnx/
 """
 
 BENCH_HELP = """\
@@ -38,8 +45,11 @@ def register(subparsers) -> None:
     """Add ``export`` and ``bench-infer`` to an argparse subparsers object."""
     p = subparsers.add_parser("export", help="export a run's task models to ONNX (checked with onnxruntime)",
                               description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a simulate --out folder (e.g. runs/latest)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a simulate --out folder (e.g. runs/latest), or one client "
+                   "model file (.safetensors)")
     p.add_argument("--method", action="append", help="only this method (repeatable; default: all)")
+    p.add_argument("--clients", metavar="all|ID,...", help="export the personalised methods' client models "
+                   "(each client's own model) of these clients instead of the global task models")
     p.add_argument("--onnx", action="store_true", help="write ONNX files (without it: list the models)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18, the lowest supported)")
     p.add_argument("--tolerance", type=float, default=None, help="max abs difference allowed (default 1e-4)")
@@ -70,15 +80,44 @@ def _list_models(run_dir: str) -> int:
 
     models = Path(run_dir) / "models"
     files = sorted(models.glob("*/*.safetensors"))
-    if not files:
+    clients = sorted({f.parent.parent.name: f for f in models.glob("*/clients/*.safetensors")}.items())
+    if not files and not clients:
         return _err("export", f"no models under {models}; pass the --out folder of a finished simulate run")
     for f in files:
         print(f"{f.parent.name:<14} {f.stem:<16} {f.stat().st_size / 1024:8.1f} KiB  {f}")
-    print("pass --onnx to write ONNX files", file=sys.stderr)
+    for method, f in clients:
+        n = len(list(f.parent.glob("*.safetensors")))
+        print(f"{method:<14} {'clients':<16} {n:>4} client models  {f.parent}")
+    print("pass --onnx to write ONNX files" + (" (--clients all|ID,... for the client models)" if clients else ""),
+          file=sys.stderr)
+    return 0
+
+
+def _export_one_file(args) -> int:
+    """``fmtl-edge export FILE.safetensors --onnx``: one client model file (e.g. a device's own)."""
+    from pathlib import Path
+
+    from fmtl_edge.deploy import onnx_export as ox
+
+    src = Path(args.run_dir)
+    out = Path(args.out) if args.out else src.parent
+    try:
+        m = ox.export_client_model(src, out / f"{src.stem}.onnx", opset=args.opset or ox.DEFAULT_OPSET,
+                                   tolerance=args.tolerance if args.tolerance is not None else ox.TOLERANCE)
+    except ox.ParityError as e:
+        return _err("export", str(e), 1)
+    except (ImportError, FileNotFoundError, ValueError, OSError) as e:
+        return _err("export", f"{src}: {e}")
+    print(f"{m.path}: client {m.client} of {m.method}, outputs {', '.join(m.tasks)}, "
+          f"{m.weight_bytes / 1024:.1f} KiB of weights, parity max abs diff {m.max_abs_diff:.2e}")
     return 0
 
 
 def cmd_export(args) -> int:
+    if args.run_dir.endswith(".safetensors"):
+        if not args.onnx:
+            return _err("export", f"{args.run_dir}: pass --onnx to export this model file")
+        return _export_one_file(args)
     if not args.onnx:
         return _list_models(args.run_dir)
     from fmtl_edge.deploy import onnx_export as ox
@@ -86,7 +125,7 @@ def cmd_export(args) -> int:
     try:
         rep = ox.export_run(args.run_dir, args.method, opset=args.opset or ox.DEFAULT_OPSET,
                             tolerance=args.tolerance if args.tolerance is not None else ox.TOLERANCE,
-                            out_dir=args.out)
+                            out_dir=args.out, clients=ox.parse_clients(args.clients))
     except ox.ParityError as e:
         return _err("export", str(e), 1)
     except (ImportError, FileNotFoundError, ValueError) as e:
@@ -96,7 +135,7 @@ def cmd_export(args) -> int:
         return 0
     print(f"{'method':<12} {'model':<16} {'outputs':>7} {'weights KiB':>11} {'file KiB':>9} {'max |diff|':>10}")
     for m in rep.models:
-        name = m.path.stem
+        name = m.path.stem if m.client is None else f"client {m.client}"
         print(f"{m.method:<12} {name:<16} {len(m.tasks):>7} {m.weight_bytes / 1024:>11.1f} "
               f"{m.file_bytes / 1024:>9.1f} {m.max_abs_diff:>10.2e}")
     for g in rep.groups:
@@ -105,7 +144,9 @@ def cmd_export(args) -> int:
               f"(saves {g.saved_bytes / 1024:.1f} KiB)")
     for n in rep.notes:
         print(f"note: {n}", file=sys.stderr)
-    out = rep.models[0].path.parent.parent if rep.models else args.run_dir
+    from pathlib import Path
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "onnx"
     print(f"{len(rep.models)} ONNX files, parity max abs diff {rep.max_abs_diff:.2e} (tolerance {rep.tolerance:g}), "
           f"opset {rep.opset}: {out}", file=sys.stderr)
     return 0

@@ -12,6 +12,10 @@ task's final group + the task's head θ_i, see :mod:`fmtl_edge.export`) and ``re
 - ``onnx/<method>/group-<g>.onnx``: for each group of ≥ 2 tasks whose per-task models share the same
   backbone weights (a MAS split, all-in-one), one model with the backbone once and one output per task
   (``g`` counts from 1 in ``splits`` order, as in the summary table).
+- ``onnx/<method>/clients/<id>.onnx`` (with ``clients``: ``--clients all|ID,...``): each client's own
+  model of a personalised method (``models/<method>/clients/<id>.safetensors``: layered's personal
+  layers, ditto's p_k, local's model), one output per task the client holds — the model behind its
+  personalised figures, for that client's device.
 - ``onnx/export.json``: what was written, per file its size, weight bytes and parity.
 
 The batch axis is dynamic. Every file is run with onnxruntime (CPU) on fixed seeded inputs at batch 1
@@ -21,7 +25,7 @@ and 32 and compared with the PyTorch model in eval mode; a max absolute differen
 Metadata (ONNX ``metadata_props``, all strings): ``format`` = ``fmtl-edge/onnx-model/1``, ``method``,
 ``dataset``, ``tasks`` (JSON list), ``input`` (JSON: name, shape, dtype, units), ``outputs`` (JSON:
 per task name, shape, dtype, kind, units, decode, target_mean, target_std), ``opset``,
-``parity_max_abs_diff``, ``parity_tolerance``.
+``parity_max_abs_diff``, ``parity_tolerance``; a client model adds ``client`` and ``job``.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class ExportedModel:
         file_bytes: size of the file. weight_bytes: bytes of its float weights and buffers
             (what a device holds in memory for the model, activations excluded).
         max_abs_diff: parity against PyTorch (max over outputs and the batch sizes checked).
+        client: the client whose own (personalised) model it is, None for a global model.
     """
 
     path: Path
@@ -82,6 +87,7 @@ class ExportedModel:
     file_bytes: int
     weight_bytes: int
     max_abs_diff: float
+    client: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -324,18 +330,69 @@ def group_model(models: Sequence[MultiTaskModel]) -> MultiTaskModel:
     return merged.eval()
 
 
+def parse_clients(text: str | None) -> str | list[str] | None:
+    """``--clients``: ``all`` → ``"all"``; ``0,3,7`` → ``["0", "3", "7"]``; None → None.
+
+    Raises:
+        ValueError: empty, or an item that is not a client name (names ``--clients``).
+    """
+    if text is None:
+        return None
+    text = text.strip()
+    if text == "all":
+        return "all"
+    items = [c.strip() for c in text.split(",") if c.strip()]
+    if not items or not all(c.replace("-", "").replace("_", "").isalnum() for c in items):
+        raise ValueError(f"--clients {text!r}: expected all or a comma list of client ids (e.g. 0,3,7)")
+    return items
+
+
+def client_model_files(models_dir: Path, method: str) -> dict[str, Path]:
+    """``name → file`` of ``models/<method>/clients/*.safetensors``, by client id (numeric order)."""
+    files = {p.stem: p for p in (models_dir / method / "clients").glob("*.safetensors")}
+    return dict(sorted(files.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0, kv[0])))
+
+
+def export_client_model(src: str | Path, target: str | Path, *, dataset: str = "", opset: int = DEFAULT_OPSET,
+                        tolerance: float = TOLERANCE) -> ExportedModel:
+    """Export one client model file (:func:`fmtl_edge.export.save_client_model`, e.g. what
+    ``fmtl-edge join --save-model`` wrote on a device) to ONNX with the onnxruntime parity check:
+    one output per task the client holds.
+
+    Raises:
+        ValueError: not a client model file. ParityError: above ``tolerance`` (file removed).
+    """
+    from fmtl_edge.export import load_client_model
+
+    model, meta = load_client_model(src)
+    method = meta.get("method", "")
+    md = _metadata(model, method, dataset, opset)
+    md.update(client=meta.get("client", ""), job=meta.get("job", ""))
+    target = Path(target)
+    diff = export_checked(model, target, opset=opset, metadata=md, tolerance=tolerance)
+    return ExportedModel(target, list(model.task_names), method, None, target.stat().st_size, weight_bytes(model), diff,
+                         client=meta.get("client") or Path(src).stem)
+
+
 def export_run(run_dir: str | Path, methods: Sequence[str] | None = None, *, opset: int = DEFAULT_OPSET,
-               tolerance: float = TOLERANCE, out_dir: str | Path | None = None) -> ExportReport:
-    """Export every task model (and every shared-backbone group) of a finished run to ONNX.
+               tolerance: float = TOLERANCE, out_dir: str | Path | None = None,
+               clients: str | Sequence[str] | None = None) -> ExportReport:
+    """Export every task model (and every shared-backbone group) of a finished run to ONNX or, with
+    ``clients``, the client models of its personalised methods.
 
     Args:
         run_dir: a ``simulate --out`` folder (``results.json`` + ``models/``), or a symlink to one.
-        methods: method names (default: every method with a ``models/<method>`` folder).
+        methods: method names (default: every method with models of the kind asked for).
         out_dir: where the files go (default ``<run_dir>/onnx``).
+        clients: ``"all"`` or client ids (``--clients``): export those clients' own models
+            (``models/<method>/clients/<id>.safetensors`` → ``onnx/<method>/clients/<id>.onnx``) of
+            every method that has them (default methods: those). None: the global task models.
 
     Raises:
-        FileNotFoundError: no ``results.json`` / ``models/<method>``. ValueError: unknown method.
-        ParityError: a model failed the onnxruntime check. ImportError: the onnx extra is missing.
+        FileNotFoundError: no ``results.json`` / ``models/<method>``. ValueError: unknown method, a
+            method with client models only and no ``clients`` (names ``--clients``), an unknown
+            client. ParityError: a model failed the onnxruntime check. ImportError: the onnx extra
+            is missing.
     """
     from fmtl_edge.export import load_task_model
 
@@ -347,20 +404,45 @@ def export_run(run_dir: str | Path, methods: Sequence[str] | None = None, *, ops
     results = json.loads(results_path.read_text())
     models_dir = run / "models"
     available = sorted(p.name for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []
+    with_global = [m for m in available if any((models_dir / m).glob("*.safetensors"))]
+    with_clients = [m for m in available if client_model_files(models_dir, m)]
+    order = list(results.get("methods", {}))
     if methods is None:
-        methods = [m for m in results.get("methods", {}) if m in available] or available
+        pool = with_global if clients is None else with_clients
+        methods = [m for m in order if m in pool] or pool
         if not methods:
+            if with_clients:
+                raise ValueError(f"{models_dir}: this run has client (personalised) models only "
+                                 f"({', '.join(with_clients)}): pass --clients all or --clients ID,...")
             raise FileNotFoundError(f"{models_dir}: no models/<method>/ folders")
     for m in methods:
         if m not in available:
             raise ValueError(f"--method {m}: no {models_dir / m}; this run has {', '.join(available) or 'none'}")
+        if clients is None and m not in with_global:
+            raise ValueError(f"--method {m}: {m} has a personalised model per client, no global task models: "
+                             f"pass --clients all (or --clients ID,...) to export them "
+                             f"({len(client_model_files(models_dir, m))} in {models_dir / m / 'clients'})")
+        if clients is not None and m not in with_clients:
+            raise ValueError(f"--clients: {m} has no client models (global models only: export them without "
+                             f"--clients); methods with client models here: {', '.join(with_clients) or 'none'}")
     out = Path(out_dir) if out_dir is not None else run / "onnx"
     dataset = str(results.get("dataset", ""))
     report = ExportReport(run, opset, tolerance)
     for method in methods:
-        order = list(results.get("tasks", []))
+        if clients is not None:
+            files = client_model_files(models_dir, method)
+            names = list(files) if clients == "all" else list(clients)
+            unknown = [c for c in names if c not in files]
+            if unknown:
+                raise ValueError(f"--clients: {method} has no model of client {', '.join(unknown)} "
+                                 f"(it has {', '.join(files)})")
+            for c in names:
+                report.models.append(export_client_model(files[c], out / method / "clients" / f"{c}.onnx",
+                                                         dataset=dataset, opset=opset, tolerance=tolerance))
+            continue
+        task_order = list(results.get("tasks", []))
         files = sorted((models_dir / method).glob("*.safetensors"),
-                       key=lambda p: order.index(p.stem) if p.stem in order else len(order))
+                       key=lambda p: task_order.index(p.stem) if p.stem in task_order else len(task_order))
         loaded: dict[str, MultiTaskModel] = {}
         for f in files:
             model, task = load_task_model(f)

@@ -180,6 +180,7 @@ class AgentOptions:
     max_works: int | None = None      # testing only: exit after this many work items
     threads: str = "auto"             # intra-op threads per execution: N or auto (runtime.threads)
     allow_power_mode: bool = False    # switch to an assignment's power mode (nvpmodel -m), restored on exit
+    save_model: str | None = None     # write this client's personalised models here (join --save-model DIR)
 
 
 class Agent:
@@ -669,10 +670,33 @@ class Agent:
         spec = ModelSpec(tuple(int(s) for s in w.model.input_shape), width=int(w.model.width), depth=int(w.model.depth or 1))
         a = assignment_from_pb(w, model_file.load(), device=self.opts.device)
         sums = evaluate_assignment(self.client, spec, self.dataset.tasks, a, self.state_store)
+        if a.personalised and self.opts.save_model:
+            self._save_own_model(a, spec)
         meta = pb.UpdateMeta(job=w.job, round=int(w.round), client_id=self.client.client_id)
         for t, s in sums.items():
             meta.eval[t].CopyFrom(pb.EvalSums(loss_sum=s["loss_sum"], metric_sum=s["metric_sum"], n=s["n"]))
         return meta
+
+
+    def _save_own_model(self, a, spec) -> Path | None:
+        """``--save-model DIR``: write this client's own model of a personalised evaluation (the
+        model its figures come from: the final global state, its personal layers, Ditto's p_k) as
+        ``DIR/<method>/clients/<id>.safetensors`` (:func:`fmtl_edge.export.save_client_model`).
+        A write error is logged, never fatal: the evaluation goes on."""
+        from fmtl_edge.client import client_model
+        from fmtl_edge.export import save_client_model
+
+        method = (a.state_key or a.job).split("/")[0]
+        cid = self.client.client_id
+        path = Path(self.opts.save_model) / method / "clients" / f"{cid}.safetensors"
+        try:
+            state, tasks = client_model(self.client, a, self.state_store)
+            save_client_model(path, state, [self.dataset.tasks[t] for t in tasks], spec, method, cid, a.job)
+        except (OSError, ValueError) as e:
+            self.log(f"--save-model: could not write {path}: {e}")
+            return None
+        self.log(f"personalised model of {method} ({', '.join(tasks)}) written to {path}")
+        return path
 
 
 def tls_mistake(details: str, opts: AgentOptions, probe: Callable[[str], bool | None] | None = None) -> str | None:

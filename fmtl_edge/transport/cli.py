@@ -65,6 +65,10 @@ def register(sub) -> None:
                    help="let the server's assignments switch this Jetson's power mode (nvpmodel -m, needs root); "
                         "the mode found at start is restored when the agent exits, also on Ctrl-C. Without it the "
                         "device trains in its current mode and its energy records say so")
+    g.add_argument("--save-model", metavar="DIR",
+                   help="write this client's own (personalised) model of each personalised method (layered with "
+                        "personal layers, ditto, local) when the server evaluates it, as "
+                        "DIR/<method>/clients/<id>.safetensors (`fmtl-edge export FILE --onnx` makes it ONNX)")
     # testing and benchmarks only
     p.add_argument("--max-works", type=int, help=argparse.SUPPRESS)
     p.add_argument("--inject-fault", help=argparse.SUPPRESS)
@@ -96,7 +100,7 @@ def cmd_join(args: argparse.Namespace) -> int:
                             ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name,
                             work_dir=args.work_dir, max_backoff_s=args.max_backoff_s, poll_wait_s=args.poll_wait_s,
                             fault=args.inject_fault, max_works=args.max_works, threads=args.threads,
-                            allow_power_mode=args.allow_power_mode)
+                            allow_power_mode=args.allow_power_mode, save_model=args.save_model)
         agent = Agent(opts)
         agent.prepare()
     except (DataError, ValueError, FileNotFoundError) as e:

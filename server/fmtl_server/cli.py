@@ -207,35 +207,36 @@ def _fmt(v, digits=2, unit=""):
     return f"{v}{unit}"
 
 
-def _print_status(st: dict) -> None:
+def _print_status(st: dict, console=None) -> None:
+    """Print a status document (``Store.status()`` or the live ``GetStatus``) as tables that fit the
+    console (:class:`fmtl_edge.tables.FitTable`: at 80 columns, in a pipe or a log file, the columns
+    split into parts; nothing is cut)."""
     from rich.console import Console
-    from rich.table import Table
 
-    c = Console()
+    from fmtl_edge.tables import Col, FitTable
+
+    c = console or Console()
     c.print(f"[bold]job[/] {st.get('job')}  phase: {st.get('phase')}"
             + (f"  results: {st['results']}" if st.get("results") else ""))
     if st.get("counters"):
         c.print("counters: " + ", ".join(f"{k} {v}" for k, v in st["counters"].items())
                 + f", refused calls {st.get('refused_calls', 0)}")
-    t = Table(title="jobs")
-    for col in ("method", "job", "rounds", "done", "device s", "energy J", "wall s"):
-        t.add_column(col)
+    t = FitTable("jobs", [Col("method", "left"), Col("job", "left"), Col("rounds"), Col("done", "left"),
+                          Col("device s"), Col("energy J"), Col("wall s")], keep=2)
     for j in st.get("jobs", []):
         t.add_row(j["method"], j["job"], f"{j['rounds_done']}/{j['rounds']}", "yes" if j["done"] else "no",
                   _fmt(j.get("device_s"), 1), _fmt(j.get("energy_j"), 1), _fmt(j.get("wall_s"), 1))
     c.print(t)
     if st.get("methods_done"):
-        t = Table(title="finished methods")
-        for col in ("method", "total test loss", "device s", "energy J", "splits"):
-            t.add_column(col)
+        t = FitTable("finished methods", [Col("method", "left"), Col("total test loss"), Col("device s"),
+                                          Col("energy J"), Col("splits", "left", wrap=True)])
         for m in st["methods_done"]:
             t.add_row(m["method"], _fmt(m.get("total_test_loss"), 4), _fmt(m.get("device_s"), 1),
                       _fmt(m.get("energy_j"), 1), " | ".join("+".join(g) for g in (m.get("splits") or [])))
         c.print(t)
-    t = Table(title="devices")
-    for col in ("client", "device", "state", "runs", "rejected", "failures", "last device s", "last energy J", "last job",
-                "last seen"):
-        t.add_column(col)
+    t = FitTable("devices", [Col("client"), Col("device", "left"), Col("state", "left"), Col("runs"), Col("rejected"),
+                             Col("failures"), Col("last device s"), Col("last energy J"), Col("last job", "left"),
+                             Col("last seen")], keep=2)
     now = time.time()
     for d in st.get("devices", []):
         seen = d.get("last_seen_unix_s")
@@ -245,9 +246,8 @@ def _print_status(st: dict) -> None:
                   str(d.get("last_job") or "—"), f"{now - seen:.0f} s ago" if seen else "—")
     c.print(t)
     if st.get("refusals"):
-        t = Table(title="refused calls per device")
-        for col in ("device", "refused", "by RPC", "last"):
-            t.add_column(col)
+        t = FitTable("refused calls per device", [Col("device", "left"), Col("refused"), Col("by RPC", "left", wrap=True),
+                                                  Col("last", "left", wrap=True)])
         for name, r in st["refusals"].items():
             t.add_row(name, str(r.get("total", 0)), ", ".join(f"{k} {v}" for k, v in sorted(r.get("by_rpc", {}).items())),
                       str(r.get("last", "")))
