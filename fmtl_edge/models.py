@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from fmtl_edge.model_factory import TaskInfo, build_network, validate_model
 from fmtl_edge.tasks import Task, TaskSet
 
 __all__ = ["ModelSpec", "MultiTaskModel", "TaskInfo", "validate_model", "StackedHead", "stacked_head_model",
+           "state_signature", "signature_digest", "signature_difference",
            "stack_head_state"]
 
 
@@ -72,6 +73,50 @@ class ModelSpec:
     @property
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the work items and Flower messages that carry the job's model)."""
+        return {"input_shape": [int(s) for s in self.input_shape], "width": int(self.width), "depth": int(self.depth),
+                "model": self.model, "head_hidden": int(self.head_hidden)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
+        """The spec of :meth:`to_dict` (absent fields take their defaults)."""
+        return cls(tuple(int(s) for s in d["input_shape"]), width=int(d.get("width", 16)),
+                   depth=int(d.get("depth", 1) or 1), model=str(d.get("model") or "auto"),
+                   head_hidden=int(d.get("head_hidden", 0) or 0))
+
+
+def state_signature(state: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...], str]]:
+    """A model's signature: ``(name, shape, dtype)`` of every tensor of ``state`` (a state dict of
+    torch tensors or NumPy arrays), sorted by name; dtypes in NumPy's spelling (``float32``)."""
+    out = []
+    for k in sorted(state):
+        v = state[k]
+        dtype = str(v.dtype).replace("torch.", "")
+        out.append((str(k), tuple(int(n) for n in v.shape), dtype))
+    return out
+
+
+def signature_digest(signature: Sequence[tuple[str, tuple[int, ...], str]]) -> str:
+    """SHA-256 (hex) of a :func:`state_signature`: two models with the same digest have the same
+    tensor names, shapes and dtypes."""
+    import hashlib
+
+    return hashlib.sha256(repr(list(signature)).encode()).hexdigest()
+
+
+def signature_difference(expected, got) -> str | None:
+    """The first difference between two :func:`state_signature` s, in words, or None when equal."""
+    a, b = dict((n, (s, d)) for n, s, d in expected), dict((n, (s, d)) for n, s, d in got)
+    for name in sorted(set(a) | set(b)):
+        if name not in b:
+            return f"tensor {name!r} {a[name][0]} {a[name][1]} is missing"
+        if name not in a:
+            return f"tensor {name!r} {b[name][0]} {b[name][1]} is not in the job's model"
+        if a[name] != b[name]:
+            return f"tensor {name!r}: the job's is {a[name][1]}{a[name][0]}, this device's {b[name][1]}{b[name][0]}"
+    return None
 
 
 class MultiTaskModel(nn.Module):

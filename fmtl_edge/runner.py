@@ -375,8 +375,8 @@ def energy_policy(cfg, pool: ClientPool, fleet, spec):
 
 def model_key(spec) -> str:
     """The energy profiles' key of a model architecture (J per sample-pass depend on it)."""
-    return "/".join(str(v) for v in (getattr(spec, "model", "auto"), "x".join(map(str, spec.input_shape)),
-                                     f"w{spec.width}"))
+    return "/".join(str(v) for v in (spec.model, "x".join(map(str, spec.input_shape)), f"w{spec.width}",
+                                     f"d{spec.depth}", f"h{spec.head_hidden}"))
 
 
 def task_scales(cfg, pool: ClientPool, tasks) -> tuple[dict[str, float | None], dict[str, float]]:

@@ -99,7 +99,7 @@ def assignment_to_dict(a: Assignment, spec: ModelSpec) -> dict[str, Any]:
         "energy_budget_j": a.energy_budget_j, "procedure": a.procedure, "method_config": dict(a.method_config),
         "state_key": a.state_key, "personal": list(a.personal), "frozen": list(a.frozen),
         "personalised": bool(a.personalised), "power_mode": a.power_mode,
-        "model": {"input_shape": [int(s) for s in spec.input_shape], "width": int(spec.width), "depth": int(spec.depth)},
+        "model": spec.to_dict(),
     }
 
 
@@ -155,7 +155,7 @@ def decode_assignment(content) -> tuple[Assignment, ModelSpec]:
     try:
         cfg = TrainConfig(**d["config"])
         m = d["model"]
-        spec = ModelSpec(tuple(int(s) for s in m["input_shape"]), width=int(m["width"]), depth=int(m.get("depth", 1)))
+        spec = ModelSpec.from_dict(m)
         a = Assignment(job=str(d["job"]), round=int(d["round"]), tasks=tuple(d["tasks"]), state=state_from_record(rec),
                        lr=float(d["lr"]), config=cfg, measure_affinity=bool(d["measure_affinity"]), seed=int(d["seed"]),
                        time_budget_s=d.get("time_budget_s"), energy_budget_j=d.get("energy_budget_j"),

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -209,6 +209,7 @@ class Agent:
         self.work_dir = Path(opts.work_dir) if opts.work_dir else Path(tempfile.mkdtemp(prefix="fmtl-agent-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._state_store = None
+        self._checked_models: set = set()
         self.power = None  # runtime.power_modes.PowerModeControl, made by prepare()
         self._power_guard = None  # held while run() runs with --allow-power-mode
         if opts.fault is not None and opts.fault.split(":")[0] not in FAULTS:
@@ -579,14 +580,11 @@ class Agent:
     def _train(self, w: pb.Work, model_file: SafetensorsFile, upath: Path) -> pb.UpdateMeta:
         from fmtl_edge.client import execute
         from fmtl_edge.messages import ClientUpdate
-        from fmtl_edge.models import ModelSpec
         from fmtl_edge.runtime import DeviceLease
 
         fault, _, arg = (self.opts.fault or "").partition(":")
         order = model_file.names
-        spec = ModelSpec(tuple(int(s) for s in w.model.input_shape), width=int(w.model.width), depth=int(w.model.depth or 1))
-        if tuple(spec.input_shape) != tuple(self.dataset.input_shape):
-            raise ValueError(f"the job's model takes inputs {spec.input_shape}, this device's data are {self.dataset.input_shape}")
+        spec = self.job_model(w, model_file)
         p = self.profile
         if fault == "echo":  # benchmarks: no training, send the model back
             t0 = time.perf_counter()
@@ -663,11 +661,41 @@ class Agent:
             self._state_store = FolderStateStore(self.work_dir / "state" / f"client-{self.client.client_id}")
         return self._state_store
 
+    def job_model(self, w: pb.Work, model_file: SafetensorsFile):
+        """The job's model spec, once this device has checked that it builds the same network: the
+        model this device builds for the work (its factory, family, width, the work's procedure)
+        must have the tensor names, shapes and dtypes of the model the server sent (its signature).
+
+        Raises:
+            ValueError: another input shape, or the first tensor that differs, named (the work is
+                refused and the server told why).
+        """
+        import json
+
+        from fmtl_edge.models import signature_difference, signature_digest, state_signature
+        from fmtl_edge.procedures import get_procedure
+        from fmtl_edge.transport.convert import spec_from_pb
+
+        spec = spec_from_pb(w.model)
+        if tuple(spec.input_shape) != tuple(self.dataset.input_shape):
+            raise ValueError(f"the job's model takes inputs {spec.input_shape}, this device's data are {self.dataset.input_shape}")
+        key = (w.model.SerializeToString(deterministic=True), tuple(w.tasks), w.procedure, w.method_config_json)
+        if key not in self._checked_models:
+            config = json.loads(w.method_config_json) if w.method_config_json else {}
+            own = state_signature(get_procedure(w.procedure or "sgd").model(
+                spec, self.dataset.tasks.subset(tuple(w.tasks)), config).state_dict())
+            if w.model.signature and signature_digest(own) != w.model.signature:
+                theirs = sorted((n, tuple(int(v) for v in shape), dt) for n, dt, shape in model_file.spec())
+                why = signature_difference(theirs, own) or "the signatures differ"
+                raise ValueError(f"this device builds another network than the job's (--model {spec.model}, width "
+                                 f"{spec.width}): {why}; install the same model factory and version on the device")
+            self._checked_models.add(key)
+        return spec
+
     def _evaluate(self, w: pb.Work, model_file: SafetensorsFile) -> pb.UpdateMeta:
         from fmtl_edge.client import evaluate_assignment
-        from fmtl_edge.models import ModelSpec
 
-        spec = ModelSpec(tuple(int(s) for s in w.model.input_shape), width=int(w.model.width), depth=int(w.model.depth or 1))
+        spec = self.job_model(w, model_file)
         a = assignment_from_pb(w, model_file.load(), device=self.opts.device)
         sums = evaluate_assignment(self.client, spec, self.dataset.tasks, a, self.state_store)
         if a.personalised and self.opts.save_model:

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fmtl_edge.models import signature_digest, state_signature
 from fmtl_edge.messages import Assignment, TrainConfig
 from fmtl_edge.tasks import Task, TaskSet
 from fmtl_edge.transport import fmtl_edge_pb2 as pb
@@ -50,7 +51,9 @@ def work_to_pb(work_id: str, kind: str, a: Assignment, model: Mapping[str, Any],
     w = pb.Work(work_id=work_id, kind=kind, job=a.job, round=int(a.round), tasks=list(a.tasks), lr=float(a.lr),
                 config=train_config_to_pb(a.config), measure_affinity=bool(a.measure_affinity), seed=int(a.seed),
                 model=pb.ModelInfo(input_shape=[int(s) for s in model["input_shape"]], width=int(model["width"]),
-                                   depth=int(model.get("depth", 1))),
+                                   depth=int(model.get("depth", 1)), model=str(model.get("model") or "auto"),
+                                   head_hidden=int(model.get("head_hidden", 0)),
+                                   signature=signature_digest(state_signature(a.state))),
                 model_bytes=int(model_bytes), model_sha256=model_sha256, deadline_s=float(deadline_s or 0.0),
                 procedure=a.procedure, method_config_json=json.dumps(dict(a.method_config), sort_keys=True),
                 state_key=a.state_key, personal=list(a.personal), frozen=list(a.frozen), personalised=bool(a.personalised))
@@ -63,6 +66,14 @@ def work_to_pb(work_id: str, kind: str, a: Assignment, model: Mapping[str, Any],
     for t, v in a.loss_weights.items():
         w.loss_weights[t] = float(v)
     return w
+
+
+def spec_from_pb(m: pb.ModelInfo):
+    """The job's :class:`~fmtl_edge.models.ModelSpec` of a work item's ``ModelInfo``."""
+    from fmtl_edge.models import ModelSpec
+
+    return ModelSpec(tuple(int(s) for s in m.input_shape), width=int(m.width), depth=int(m.depth or 1),
+                     model=m.model or "auto", head_hidden=int(m.head_hidden))
 
 
 def assignment_from_pb(w: pb.Work, state: dict[str, np.ndarray], device: str | None = None,

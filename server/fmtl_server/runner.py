@@ -151,7 +151,7 @@ class JobServer:
             if data.get("n_clients"):
                 self.store.put("n_clients", int(data["n_clients"]))
         if self.pool is not None:
-            self.pool.model_info = {"input_shape": list(shape), "width": self.job.sim.width, "depth": 1}
+            self.pool.model_info = self.job.sim.model_spec(shape).to_dict()
             self.pool.task_kinds = {t.name: t.kind for t in tasks}
 
     def _restore_tasks(self) -> None:
@@ -167,7 +167,7 @@ class JobServer:
         self.input_shape = shape
         self._signature = self.store.get("task_signature")
         self._dataset_info = self.store.get("dataset_info", {})
-        self.pool.model_info = {"input_shape": list(shape), "width": self.job.sim.width, "depth": 1}
+        self.pool.model_info = self.job.sim.model_spec(shape).to_dict()
         self.pool.task_kinds = {t.name: t.kind for t in tasks}
 
     # -- status -----------------------------------------------------------------------------------------
