@@ -336,6 +336,24 @@ def test_personalised_and_ring_methods_equal_simulate(tmp_path, monkeypatch):
     assert results["methods"]["ditto"]["curve"], "--eval-every's curve is recorded through the Flower pool"
 
 
+def test_flower_nodes_train_the_users_network_as_simulate_does(tmp_path, monkeypatch):
+    from fmtl_edge.flower.client_app import make_client_app
+    from fmtl_edge.flower.server_app import serve
+
+    from test_model_deploy import _factory
+
+    monkeypatch.syspath_prepend(str(_factory(tmp_path / "a", 6)))
+    monkeypatch.setenv("FMTL_EDGE_RUNTIME_DIR", str(tmp_path / "lease"))
+    rc = {**SMALL, "model": "usernet:build", "threads": "1"}
+    ref_results, ref_models = _inprocess(rc, threads=1)
+    results, models, _ = serve(AppGrid(make_client_app(), 4, rc), rc, write=False)
+    assert _max_diff(models, ref_models) == 0.0
+    assert all("backbone.0.weight" in s for m in models.values() for s in m.values())
+    assert np.shape(next(iter(models["mas-2"].values()))["backbone.0.weight"])[0] == 6
+    for m in results["methods"]:
+        assert results["methods"][m]["total_test_loss"] == ref_results["methods"][m]["total_test_loss"]
+
+
 def test_pool_refuses_missing_and_error_replies():
     """A node that does not answer in time, or answers with a Flower error, is a structured
     refusal; the others' updates come back in the work's order."""
