@@ -251,6 +251,11 @@ def summary_tables(results: Mapping[str, Any]):
         caption += "\n† non-FL reference (each client alone, or pooled data)"
     if personal:
         caption += "\npers. loss: each client's own model on its own test split (test-sample-weighted mean)"
+    partial = {n: m["evaluation"] for n, m in methods.items()
+               if isinstance(m.get("evaluation"), Mapping) and m["evaluation"].get("complete") is False}
+    for n, ev in partial.items():
+        caption += (f"\n‡ {n}: evaluated on {len(ev['clients'])} of {len(ev['clients']) + len(ev['missing'])} clients "
+                    f"(missing {', '.join(map(str, ev['missing']))}): its test losses are not comparable")
     main = FitTable(f"fmtl-edge · {results['dataset']} · {len(tasks)} tasks · {results['clients']} clients", cols,
                     caption=caption)
     for name, m in methods.items():
@@ -260,7 +265,8 @@ def summary_tables(results: Mapping[str, Any]):
             if k == "energy_j" and m["energy_j"] is not None and m["energy_estimated"]:
                 text += "*"
             cells.append(_mark(text, name in best[k]))
-        main.add_row(name + ("†" if m.get("reference") else ""), *cells, str(m["rounds"]))
+        main.add_row(name + ("†" if m.get("reference") else "") + ("‡" if name in partial else ""), *cells,
+                     str(m["rounds"]))
     cost_keys = ("sample_passes", "flops_estimate", "cpu_s")
     cbest = {k: best_methods(methods, k) for k in cost_keys}
     cost = FitTable("cost: load-independent counts and CPU time",

@@ -87,3 +87,25 @@ def test_an_agent_building_another_network_refuses_the_work_naming_the_tensor(tm
     m = json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["all-in-one"]
     assert all(h["executed_by"] == [0] for h in m["history"]) and m["total_test_loss"] is not None
     assert m["evaluation"]["complete"] is False and m["evaluation"]["missing"] == [1]  # said, not hidden
+
+
+def test_the_table_says_when_an_evaluation_missed_clients(tmp_path):
+    """An evaluation that did not reach every client is marked in the table, not only in results."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from fmtl_edge.cli import main
+    from fmtl_edge.report import summary_tables
+
+    out = tmp_path / "r"
+    assert main(["simulate", "--methods", "all-in-one", "--rounds", "1", "--max-samples", "200", "--clients", "4",
+                 "--meter", "null", "--no-progress", "--log-level", "warning", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["methods"]["all-in-one"]["evaluation"]["complete"] is True
+    res["methods"]["all-in-one"]["evaluation"].update(complete=False, clients=[0, 1, 2], missing=[3])
+    buf = io.StringIO()
+    for part in summary_tables(res):
+        Console(file=buf, width=100).print(part)
+    assert "all-in-one‡" in buf.getvalue() and "evaluated on 3 of 4 clients (missing 3)" in buf.getvalue()
