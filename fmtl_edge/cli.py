@@ -289,11 +289,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from fmtl_edge.data import load_dataset
 
         with console.status(f"loading {cfg.dataset}…", spinner="dots") if not args.no_progress else _null():
-            dataset = load_dataset(
-                cfg.dataset, data_dir=cfg.data_dir, n_clients=cfg.clients, seed=cfg.data_seed, alpha=cfg.alpha,
-                image_size=cfg.image_size, max_samples=cfg.max_samples, task_groups=cfg.task_groups,
-                classes_per_client=cfg.classes_per_client,
-            )
+            dataset = load_dataset(cfg.dataset, cfg.data_options())
         if cfg.tasks:
             dataset = dataset.with_tasks(cfg.tasks)
         cfg.validate_against(len(dataset.tasks), dataset.n_clients)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 if TYPE_CHECKING:
+    from fmtl_edge.data.base import DataOptions
     from fmtl_edge.models import ModelSpec
 
 try:
@@ -120,6 +121,15 @@ class SimulationConfig:
     def data_seed(self) -> int:
         """The seed of the data partition: ``partition_seed`` when set, else ``seed``."""
         return int(self.seed if self.partition_seed is None else self.partition_seed)
+
+    def data_options(self) -> "DataOptions":
+        """The data set's loading options (:class:`~fmtl_edge.data.base.DataOptions`), seeded with the
+        partition seed :attr:`data_seed`."""
+        from fmtl_edge.data.base import DataOptions
+
+        return DataOptions(data_dir=self.data_dir, n_clients=self.clients, seed=self.data_seed, alpha=self.alpha,
+                           image_size=self.image_size, max_samples=self.max_samples, task_groups=self.task_groups,
+                           classes_per_client=self.classes_per_client)
 
     def train_config(self):
         """The clients' local-training settings (:class:`~fmtl_edge.messages.TrainConfig`)."""

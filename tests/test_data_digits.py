@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fmtl_edge.data import DATASETS, DataError, load_dataset
+from fmtl_edge.data import DATASETS, DataError, DataOptions, load_dataset
 from fmtl_edge.tasks import Task
 
 
@@ -20,6 +20,26 @@ def test_registry_and_unknown_name():
         load_dataset("mnist")
     msg = str(e.value)
     assert "mnist" in msg and all(k in msg for k in DATASETS)
+
+
+def test_options_object_is_the_keywords():
+    """``load_dataset(name, opts)`` loads what the keyword form loads; keywords beside ``opts`` replace
+    its fields; the config's options carry the partition seed; ``validate`` names the field."""
+    opts = DataOptions(n_clients=4, seed=3, max_samples=400)
+    a, b = load_dataset("digits", opts), load_dataset("digits", n_clients=4, seed=3, max_samples=400)
+    c = load_dataset("digits", opts, seed=4)
+    assert a.info == b.info and (a.info["seed"], c.info["seed"]) == (3, 4)
+    assert all(np.array_equal(x.x_train, y.x_train) for x, y in zip(a.clients, b.clients))
+    assert not all(np.array_equal(x.x_train, y.x_train) for x, y in zip(a.clients, c.clients))
+    from fmtl_edge.config import SimulationConfig
+
+    assert SimulationConfig(seed=1, partition_seed=5, clients=4).data_options() == DataOptions(n_clients=4, seed=5)
+    with pytest.raises(DataError, match="n_clients must be a positive integer"):
+        DataOptions(n_clients=0).validate()
+    with pytest.raises(DataError, match="uci-har's clients are fixed"):
+        DataOptions(classes_per_client=2).validate("uci-har")
+    v = DataOptions(n_clients=4.0, alpha=1, seed=np.int64(2)).validate()
+    assert (type(v.n_clients), type(v.alpha), type(v.seed)) == (int, float, int)
 
 
 def test_tasks(digits):

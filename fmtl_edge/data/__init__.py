@@ -8,7 +8,7 @@
 See ``docs/data.md`` for the data sets, their tasks and the ``npz`` bring-your-own-data layout.
 """
 
-from fmtl_edge.data.base import ClientData, DataError, FederatedDataset
+from fmtl_edge.data.base import ClientData, DataError, DataOptions, FederatedDataset
 from fmtl_edge.data.partition import (
     dirichlet_partition,
     iid_partition,
@@ -21,6 +21,7 @@ __all__ = [
     "DATASETS",
     "ClientData",
     "DataError",
+    "DataOptions",
     "FederatedDataset",
     "dirichlet_partition",
     "iid_partition",

@@ -1,13 +1,17 @@
 """Federated data containers shared by every loader.
 
-A loader returns a :class:`FederatedDataset`: the :class:`~fmtl_edge.tasks.TaskSet`, the input shape
-and one :class:`ClientData` per client, each with its own train/test split. Every task reads the same
+A loader takes a :class:`DataOptions` and returns a :class:`FederatedDataset`: the
+:class:`~fmtl_edge.tasks.TaskSet`, the input shape and one :class:`ClientData` per client, each with
+its own train/test split. Every task reads the same
 input ``x``; ``y[task]`` holds that task's targets (see :mod:`fmtl_edge.tasks` for dtypes/shapes).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import numbers
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +21,90 @@ from fmtl_edge.tasks import TaskSet
 
 class DataError(ValueError):
     """Bad or missing data: the message names the path or field and what would fix it."""
+
+
+#: the data sets whose partition is drawn over a label (so ``classes_per_client`` applies)
+PATHOLOGICAL = frozenset({"digits", "utkface"})
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How to load a data set and split it over clients: what every loader reads
+    (:func:`fmtl_edge.data.load_dataset`; CLI flags in brackets). An option a data set cannot use is
+    refused by its loader (:class:`DataError`), never silently ignored, unless its loader says so.
+
+    Attributes:
+        data_dir: folder (or file) holding the data [``--data-dir``]; ``None`` looks in
+            ``$FMTL_EDGE_DATA_DIR`` and ``../shared/data`` (not used by ``digits``; required by ``npz``).
+        n_clients: number of clients [``--clients``]; ``None`` for the data set's default (digits 8,
+            utkface 32, uci-har 30 = one per subject, npz = one per file).
+        seed: the partition seed: fixes the subset, partition and splits (default 0).
+        alpha: Dirichlet concentration of label-skewed partitions [``--alpha``] (> 0; ``None``: 0.5;
+            digits/utkface).
+        test_fraction: per-client test share in ``[0, 1)`` (default 0.2; uci-har and npz keep their
+            files' split).
+        image_size: side of the resized images in pixels [``--image-size``] (4..1024; utkface,
+            default 64).
+        max_samples: cap on the total number of samples (seeded stratified subset) [``--max-samples``],
+            for quick runs; ``None``: every sample.
+        cache_dir: where decoded images are cached (utkface); ``None``: ``$FMTL_EDGE_CACHE`` or
+            ``~/.cache/fmtl-edge``.
+        task_groups: give each client one of the first ``task_groups`` tasks and drop its other
+            labels [``--task-groups``] (seed 000's client groups; :func:`assign_task_groups`).
+        classes_per_client: the pathological split instead of Dirichlet [``--classes-per-client``]:
+            every client holds exactly this many classes (digits: of the digit, utkface: of race;
+            :func:`fmtl_edge.data.partition.pathological_partition`); other data sets refuse it.
+    """
+
+    data_dir: str | Path | None = None
+    n_clients: int | None = None
+    seed: int = 0
+    alpha: float | None = None
+    test_fraction: float = 0.2
+    image_size: int | None = None
+    max_samples: int | None = None
+    cache_dir: str | Path | None = None
+    task_groups: int | None = None
+    classes_per_client: int | None = None
+
+    def validate(self, dataset: str | None = None) -> "DataOptions":
+        """Check the options and return them with their numbers as ``int``/``float`` (what the
+        loaders read).
+
+        Args:
+            dataset: the registry name (``uci-har``, not ``uci_har``); when given, a
+                ``classes_per_client`` for a data set outside :data:`PATHOLOGICAL` is refused.
+
+        Raises:
+            DataError: ``n_clients``, ``max_samples`` or ``classes_per_client`` not a positive
+                integer, ``alpha`` not a finite number > 0, ``test_fraction`` outside ``[0, 1)``,
+                ``image_size`` outside 4..1024, or ``classes_per_client`` for a data set without a
+                label partition; the message names the field.
+        """
+        n_clients, alpha, image_size = self.n_clients, self.alpha, self.image_size
+        max_samples, cpc = self.max_samples, self.classes_per_client
+        if n_clients is not None and (isinstance(n_clients, bool) or int(n_clients) != n_clients or n_clients < 1):
+            raise DataError(f"n_clients must be a positive integer, got {n_clients!r}")
+        if alpha is not None and not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha > 0):
+            raise DataError(f"alpha (Dirichlet concentration) must be a number > 0, got {alpha!r}")
+        if not (isinstance(self.test_fraction, numbers.Real) and 0.0 <= self.test_fraction < 1.0):
+            raise DataError(f"test_fraction must be in [0, 1), got {self.test_fraction!r}")
+        if image_size is not None and (int(image_size) != image_size or not 4 <= image_size <= 1024):
+            raise DataError(f"image_size must be an integer in [4, 1024], got {image_size!r}")
+        if max_samples is not None and (int(max_samples) != max_samples or max_samples < 1):
+            raise DataError(f"max_samples must be a positive integer, got {max_samples!r}")
+        if cpc is not None:
+            if dataset is not None and dataset not in PATHOLOGICAL:
+                raise DataError(f"{dataset}: classes_per_client (--classes-per-client) is for the "
+                                f"label-partitioned data sets ({', '.join(sorted(PATHOLOGICAL))}); "
+                                f"{dataset}'s clients are fixed: drop it")
+            if isinstance(cpc, bool) or int(cpc) != cpc or cpc < 1:
+                raise DataError(f"classes_per_client (--classes-per-client) must be a positive integer, got {cpc!r}")
+        as_int = lambda v: None if v is None else int(v)  # noqa: E731
+        return replace(self, n_clients=as_int(n_clients), seed=int(self.seed),
+                       alpha=None if alpha is None else float(alpha), test_fraction=float(self.test_fraction),
+                       image_size=as_int(image_size), max_samples=as_int(max_samples),
+                       classes_per_client=as_int(cpc))
 
 
 @dataclass

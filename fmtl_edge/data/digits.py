@@ -22,8 +22,6 @@ Default federation: 8 clients, ``Dirichlet(0.5)`` over the digit class, each cli
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from fmtl_edge.data._common import (
@@ -34,7 +32,7 @@ from fmtl_edge.data._common import (
     seed_streams,
     sobel_edges,
 )
-from fmtl_edge.data.base import DataError, FederatedDataset
+from fmtl_edge.data.base import DataError, DataOptions, FederatedDataset
 from fmtl_edge.data.partition import split_train_test, stratified_subsample
 from fmtl_edge.tasks import Task, TaskSet
 
@@ -52,55 +50,44 @@ TASKS = TaskSet(
 )
 
 
-def load_digits(
-    *,
-    data_dir: str | Path | None = None,
-    n_clients: int | None = None,
-    seed: int = 0,
-    alpha: float | None = None,
-    test_fraction: float = 0.2,
-    image_size: int | None = None,
-    max_samples: int | None = None,
-    cache_dir: str | Path | None = None,
-    classes_per_client: int | None = None,
-) -> FederatedDataset:
-    """Load ``digits`` federated over ``n_clients`` (default 8) with ``Dirichlet(alpha)`` (0.5) over
-    the digit, or, with ``classes_per_client = C``, the pathological split (every client holds C
-    digits: :func:`~fmtl_edge.data.partition.pathological_partition`).
+def load_digits(opts: DataOptions) -> FederatedDataset:
+    """Load ``digits`` federated over ``opts.n_clients`` (default 8) with ``Dirichlet(alpha)`` (0.5)
+    over the digit, or, with ``classes_per_client = C``, the pathological split (every client holds
+    C digits: :func:`~fmtl_edge.data.partition.pathological_partition`).
 
-    ``cache_dir`` is accepted and unused (nothing to cache).
+    ``opts.cache_dir`` is accepted and unused (nothing to cache).
 
     Raises:
         DataError: ``data_dir`` given (the data is built in), ``image_size`` other than 8, both
             ``alpha`` and ``classes_per_client``, or a federation the 1,797 samples cannot fill.
     """
-    if data_dir is not None:
-        reject_option("digits", "data_dir", data_dir, "the digits ship inside scikit-learn; drop --data-dir")
-    if image_size not in (None, 8):
-        reject_option("digits", "image_size", image_size, "the digits are 8x8; drop --image-size or pass 8")
+    if opts.data_dir is not None:
+        reject_option("digits", "data_dir", opts.data_dir, "the digits ship inside scikit-learn; drop --data-dir")
+    if opts.image_size not in (None, 8):
+        reject_option("digits", "image_size", opts.image_size, "the digits are 8x8; drop --image-size or pass 8")
     try:
         from sklearn.datasets import load_digits as _sk_load_digits
     except ImportError as e:  # pragma: no cover - sklearn is a dependency
         raise DataError(f"digits: scikit-learn is needed for the built-in digits ({e}); pip install scikit-learn") from e
 
-    n_clients = DEFAULT_CLIENTS if n_clients is None else int(n_clients)
-    if classes_per_client is not None and alpha is not None:
-        reject_option("digits", "alpha", alpha, "--classes-per-client gives the pathological split; drop --alpha")
-    alpha = DEFAULT_ALPHA if alpha is None else float(alpha)
-    rng_sub, rng_part, rng_split = seed_streams(seed, 3)
+    n_clients = DEFAULT_CLIENTS if opts.n_clients is None else int(opts.n_clients)
+    if opts.classes_per_client is not None and opts.alpha is not None:
+        reject_option("digits", "alpha", opts.alpha, "--classes-per-client gives the pathological split; drop --alpha")
+    alpha = DEFAULT_ALPHA if opts.alpha is None else float(opts.alpha)
+    rng_sub, rng_part, rng_split = seed_streams(opts.seed, 3)
 
     raw = _sk_load_digits()
     images = np.asarray(raw.images, dtype=np.float32)  # (1797, 8, 8), 0..16
     labels = np.asarray(raw.target, dtype=np.int64)
-    keep = stratified_subsample(labels, max_samples, rng_sub)
+    keep = stratified_subsample(labels, opts.max_samples, rng_sub)
     images, labels = images[keep], labels[keep]
 
     x = (images / 16.0).astype(np.float32)[:, None, :, :]  # (N, 1, 8, 8) in [0, 1]
     edges = np.stack([sobel_edges(im[0]) for im in x])[:, None].astype(np.float32)
     n = len(labels)
 
-    parts, partition = label_partition(labels, n_clients, alpha, classes_per_client, rng_part, "class")
-    splits = [split_train_test(p, test_fraction, rng_split, stratify=labels[p]) for p in parts]
+    parts, partition = label_partition(labels, n_clients, alpha, opts.classes_per_client, rng_part, "class")
+    splits = [split_train_test(p, opts.test_fraction, rng_split, stratify=labels[p]) for p in parts]
 
     def get_x(idx: np.ndarray) -> np.ndarray:
         return x[idx]
@@ -127,10 +114,10 @@ def load_digits(
             "n_clients": int(n_clients),
             "partition": partition,
             "image_size": 8,
-            "test_fraction": float(test_fraction),
+            "test_fraction": float(opts.test_fraction),
             "split": "per client, stratified by digit",
-            "seed": int(seed),
-            "max_samples": None if max_samples is None else int(max_samples),
+            "seed": int(opts.seed),
+            "max_samples": None if opts.max_samples is None else int(opts.max_samples),
             "skipped_files": 0,
             "client_sizes": client_sizes(clients),
         },

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from fmtl_edge.data._common import build_clients, client_sizes, regression_stats, reject_option, seed_streams
-from fmtl_edge.data.base import DataError, FederatedDataset
+from fmtl_edge.data.base import DataError, DataOptions, FederatedDataset
 from fmtl_edge.data.partition import stratified_subsample
 from fmtl_edge.tasks import TASK_KINDS, Task, TaskSet
 
@@ -270,17 +270,7 @@ def read_client_file(path: Path, specs: list[dict[str, Any]]) -> dict[str, Any]:
 # -- loader ---------------------------------------------------------------------------------------
 
 
-def load_npz(
-    *,
-    data_dir: str | Path | None = None,
-    n_clients: int | None = None,
-    seed: int = 0,
-    alpha: float | None = None,
-    test_fraction: float = 0.2,
-    image_size: int | None = None,
-    max_samples: int | None = None,
-    cache_dir: str | Path | None = None,
-) -> FederatedDataset:
+def load_npz(opts: DataOptions) -> FederatedDataset:
     """Load a bring-your-own-data folder (layout in the module docstring and ``docs/data.md``).
 
     One client per file; the train/test split is the files' ``split`` (``test_fraction`` is
@@ -292,24 +282,26 @@ def load_npz(
             the wrong layout, ``n_clients`` other than the number of files, ``alpha`` or
             ``image_size`` given.
     """
-    if data_dir is None:
+    if opts.data_dir is None:
         raise DataError(f"npz: pass --data-dir (data_dir=...) pointing at {_LAYOUT}")
-    if alpha is not None:
-        reject_option("npz", "alpha", alpha, "the clients are the files; drop --alpha")
-    if image_size is not None:
-        reject_option("npz", "image_size", image_size, "inputs are used as stored; resize them when writing the files")
-    if test_fraction != 0.2:
-        warnings.warn(f"npz: test_fraction={test_fraction} ignored; the files' split arrays are used", stacklevel=2)
-    folder = Path(data_dir).expanduser()
+    if opts.alpha is not None:
+        reject_option("npz", "alpha", opts.alpha, "the clients are the files; drop --alpha")
+    if opts.image_size is not None:
+        reject_option("npz", "image_size", opts.image_size,
+                      "inputs are used as stored; resize them when writing the files")
+    if opts.test_fraction != 0.2:
+        warnings.warn(f"npz: test_fraction={opts.test_fraction} ignored; the files' split arrays are used",
+                      stacklevel=2)
+    folder = Path(opts.data_dir).expanduser()
     if not folder.is_dir():
         raise DataError(f"npz: data folder {str(folder)!r} does not exist or is not a folder; pass {_LAYOUT}")
     specs, description = read_tasks_toml(folder / TASKS_FILE)
     files = _client_files(folder)
     if not files:
         raise DataError(f"npz: no client_<id>.npz files in {folder}; expected {_LAYOUT}")
-    if n_clients is not None and n_clients != len(files):
+    if opts.n_clients is not None and opts.n_clients != len(files):
         raise DataError(
-            f"npz: n_clients={n_clients} but {folder} holds {len(files)} client files (one client per file); "
+            f"npz: n_clients={opts.n_clients} but {folder} holds {len(files)} client files (one client per file); "
             f"drop --clients or pass {len(files)}"
         )
 
@@ -340,8 +332,8 @@ def load_npz(
     owner = np.repeat(np.arange(len(loaded)), lengths)
     split_all = np.concatenate([c["split"] for c in loaded])
     strata = owner * 2 + split_all
-    (rng_sub,) = seed_streams(seed, 1)
-    keep = stratified_subsample(strata, max_samples, rng_sub, cover=strata)
+    (rng_sub,) = seed_streams(opts.seed, 1)
+    keep = stratified_subsample(strata, opts.max_samples, rng_sub, cover=strata)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     splits_local = []
     for k, (c, (cid, p)) in enumerate(zip(loaded, files)):
@@ -349,7 +341,7 @@ def load_npz(
         tr, te = mine[c["split"][mine] == 0], mine[c["split"][mine] == 1]
         if len(tr) == 0:
             raise DataError(
-                f"npz: {p}: no training sample left after max_samples={max_samples}; raise max_samples "
+                f"npz: {p}: no training sample left after max_samples={opts.max_samples}; raise max_samples "
                 f"(at least {2 * len(files)})"
             )
         splits_local.append((k, tr, te))
@@ -403,8 +395,8 @@ def load_npz(
             "partition": "one client per file",
             "split": "from file ('split' arrays)",
             "image_size": int(shape[-1]) if len(shape) == 3 else None,
-            "seed": int(seed),
-            "max_samples": None if max_samples is None else int(max_samples),
+            "seed": int(opts.seed),
+            "max_samples": None if opts.max_samples is None else int(opts.max_samples),
             "skipped_files": 0,
             "ignored_keys": ignored,
             "client_sizes": client_sizes(clients),

@@ -39,7 +39,7 @@ from fmtl_edge.data._common import (
     resolve_data_path,
     seed_streams,
 )
-from fmtl_edge.data.base import DataError, FederatedDataset
+from fmtl_edge.data.base import DataError, DataOptions, FederatedDataset
 from fmtl_edge.data.partition import stratified_subsample
 from fmtl_edge.tasks import Task, TaskSet
 
@@ -99,17 +99,7 @@ def read_har_npz(path: Path) -> dict[str, np.ndarray]:
     return d
 
 
-def load_uci_har(
-    *,
-    data_dir: str | Path | None = None,
-    n_clients: int | None = None,
-    seed: int = 0,
-    alpha: float | None = None,
-    test_fraction: float = 0.2,
-    image_size: int | None = None,
-    max_samples: int | None = None,
-    cache_dir: str | Path | None = None,
-) -> FederatedDataset:
+def load_uci_har(opts: DataOptions) -> FederatedDataset:
     """Load UCI HAR with one client per subject and the file's train/test split.
 
     ``test_fraction`` does not change the split (the file's per-subject 70/30 split is kept so that
@@ -122,31 +112,31 @@ def load_uci_har(
             ``alpha`` or ``image_size`` given, or ``max_samples`` too small to give every subject a
             train and a test sample.
     """
-    if alpha is not None:
-        reject_option("uci-har", "alpha", alpha, "there is one client per subject (natural non-IID); drop --alpha")
-    if image_size is not None:
-        reject_option("uci-har", "image_size", image_size, "the inputs are 265-feature vectors; drop --image-size")
-    if test_fraction != 0.2:
+    if opts.alpha is not None:
+        reject_option("uci-har", "alpha", opts.alpha, "there is one client per subject (natural non-IID); drop --alpha")
+    if opts.image_size is not None:
+        reject_option("uci-har", "image_size", opts.image_size, "the inputs are 265-feature vectors; drop --image-size")
+    if opts.test_fraction != 0.2:
         warnings.warn(
-            f"uci-har: test_fraction={test_fraction} ignored; the file's per-subject 70/30 split is used",
+            f"uci-har: test_fraction={opts.test_fraction} ignored; the file's per-subject 70/30 split is used",
             stacklevel=2,
         )
-    path = resolve_data_path("uci-har", data_dir, f"uci_har/{FILE_NAME}", _accept)
+    path = resolve_data_path("uci-har", opts.data_dir, f"uci_har/{FILE_NAME}", _accept)
     d = read_har_npz(path)
     subjects = np.unique(d["subject"])
-    if n_clients is not None and n_clients != len(subjects):
+    if opts.n_clients is not None and opts.n_clients != len(subjects):
         raise DataError(
-            f"uci-har: n_clients={n_clients} but the data has {len(subjects)} subjects and uci-har uses "
+            f"uci-har: n_clients={opts.n_clients} but the data has {len(subjects)} subjects and uci-har uses "
             f"one client per subject; drop --clients (or pass {len(subjects)})"
         )
-    (rng_sub,) = seed_streams(seed, 1)
+    (rng_sub,) = seed_streams(opts.seed, 1)
 
     x_all = np.asarray(d["X"], dtype=np.float32)
     act = d["y"].astype(np.int64) - 1
     subj = d["subject"].astype(np.int64)
     split = d["split"].astype(np.int64)
     strata = (subj * 2 + split) * 6 + act
-    keep = stratified_subsample(strata, max_samples, rng_sub, cover=subj * 2 + split)
+    keep = stratified_subsample(strata, opts.max_samples, rng_sub, cover=subj * 2 + split)
 
     splits = []
     for s in subjects:
@@ -155,8 +145,8 @@ def load_uci_har(
         if len(tr) == 0 or len(te) == 0:
             raise DataError(
                 f"uci-har: subject {int(s)} has {len(tr)} train and {len(te)} test samples"
-                + (f" after max_samples={max_samples}; raise max_samples (at least {2 * len(subjects)})"
-                   if max_samples is not None else f" in {path}; every subject needs both")
+                + (f" after max_samples={opts.max_samples}; raise max_samples (at least {2 * len(subjects)})"
+                   if opts.max_samples is not None else f" in {path}; every subject needs both")
             )
         splits.append((tr, te))
 
@@ -185,8 +175,8 @@ def load_uci_har(
             "client_subjects": [int(s) for s in subjects],
             "split": "from file (per subject, 70/30 stratified by activity)",
             "image_size": None,
-            "seed": int(seed),
-            "max_samples": None if max_samples is None else int(max_samples),
+            "seed": int(opts.seed),
+            "max_samples": None if opts.max_samples is None else int(opts.max_samples),
             "skipped_files": 0,
             "client_sizes": client_sizes(clients),
         },

@@ -64,7 +64,7 @@ from fmtl_edge.data._common import (
     seed_streams,
     sobel_edges,
 )
-from fmtl_edge.data.base import DataError, FederatedDataset
+from fmtl_edge.data.base import DataError, DataOptions, FederatedDataset
 from fmtl_edge.data.partition import split_train_test, stratified_subsample
 from fmtl_edge.tasks import Task, TaskSet
 
@@ -285,18 +285,7 @@ def _accept(p: Path) -> Path | None:
     return None
 
 
-def load_utkface(
-    *,
-    data_dir: str | Path | None = None,
-    n_clients: int | None = None,
-    seed: int = 0,
-    alpha: float | None = None,
-    test_fraction: float = 0.2,
-    image_size: int | None = None,
-    max_samples: int | None = None,
-    cache_dir: str | Path | None = None,
-    classes_per_client: int | None = None,
-) -> FederatedDataset:
+def load_utkface(opts: DataOptions) -> FederatedDataset:
     """Load UTKFace, federated over ``n_clients`` (32) with ``Dirichlet(alpha)`` (0.5) over race.
 
     ``data_dir`` is the image folder (or a folder holding ``images/`` or ``utkface/images``);
@@ -308,20 +297,20 @@ def load_utkface(
         DataError: no folder found, a folder without UTKFace-named ``.jpg`` files, no readable
             image, or a federation the data cannot fill.
     """
-    size = DEFAULT_SIZE if image_size is None else int(image_size)
-    n_clients = DEFAULT_CLIENTS if n_clients is None else int(n_clients)
-    if classes_per_client is not None and alpha is not None:
-        reject_option("utkface", "alpha", alpha, "--classes-per-client gives the pathological split; drop --alpha")
-    alpha = DEFAULT_ALPHA if alpha is None else float(alpha)
-    folder = resolve_data_path("utkface", data_dir, "utkface/images", _accept, expect=NAME_HELP)
+    size = DEFAULT_SIZE if opts.image_size is None else int(opts.image_size)
+    n_clients = DEFAULT_CLIENTS if opts.n_clients is None else int(opts.n_clients)
+    if opts.classes_per_client is not None and opts.alpha is not None:
+        reject_option("utkface", "alpha", opts.alpha, "--classes-per-client gives the pathological split; drop --alpha")
+    alpha = DEFAULT_ALPHA if opts.alpha is None else float(opts.alpha)
+    folder = resolve_data_path("utkface", opts.data_dir, "utkface/images", _accept, expect=NAME_HELP)
     names, labels, skipped = scan_folder(folder)
     if not names:  # pragma: no cover - _accept saw at least one
         raise DataError(f"utkface: no {NAME_HELP} in {folder}")
-    rng_sub, rng_part, rng_split = seed_streams(seed, 3)
+    rng_sub, rng_part, rng_split = seed_streams(opts.seed, 3)
 
-    keep = stratified_subsample(labels[:, 2], max_samples, rng_sub)
+    keep = stratified_subsample(labels[:, 2], opts.max_samples, rng_sub)
     sub_names = [names[i] for i in keep]
-    d, cache_info = load_images(folder, sub_names, size, resolve_cache_dir(cache_dir), full_names=names)
+    d, cache_info = load_images(folder, sub_names, size, resolve_cache_dir(opts.cache_dir), full_names=names)
     label_of = dict(zip(names, labels.tolist()))
     lab = np.asarray([label_of[f] for f in d["files"].tolist()], dtype=np.int64).reshape(-1, 3)
     n = len(lab)
@@ -335,8 +324,8 @@ def load_utkface(
         log.warning("utkface: %d image(s) in %s could not be decoded and are left out (e.g. %s)",
                     len(unreadable), folder, ", ".join(unreadable[:3]))
 
-    parts, partition = label_partition(race, n_clients, alpha, classes_per_client, rng_part, "race")
-    splits = [split_train_test(p, test_fraction, rng_split, stratify=race[p]) for p in parts]
+    parts, partition = label_partition(race, n_clients, alpha, opts.classes_per_client, rng_part, "race")
+    splits = [split_train_test(p, opts.test_fraction, rng_split, stratify=race[p]) for p in parts]
     age_mean, age_std = regression_stats([age[tr] for tr, _ in splits])
 
     def get_x(idx: np.ndarray) -> np.ndarray:
@@ -369,10 +358,10 @@ def load_utkface(
             "n_clients": int(n_clients),
             "partition": partition,
             "image_size": size,
-            "test_fraction": float(test_fraction),
+            "test_fraction": float(opts.test_fraction),
             "split": "per client, stratified by race",
-            "seed": int(seed),
-            "max_samples": None if max_samples is None else int(max_samples),
+            "seed": int(opts.seed),
+            "max_samples": None if opts.max_samples is None else int(opts.max_samples),
             "skipped_files": len(skipped),
             "skipped_examples": skipped[:10],
             "unreadable_files": len(unreadable),

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fmtl_edge.config import ConfigError, SimulationConfig
-from fmtl_edge.data.base import ClientData, DataError
+from fmtl_edge.data.base import ClientData, DataError, DataOptions
 from fmtl_edge.tasks import Task, TaskSet
 
 log = logging.getLogger("fmtl_edge.flower")
@@ -182,18 +182,18 @@ class LocalData:
 
 
 def _data_key(cfg: SimulationConfig, app: Mapping[str, Any]) -> tuple:
-    return (cfg.dataset, cfg.data_dir, cfg.clients, cfg.seed, cfg.alpha, cfg.image_size, cfg.max_samples,
-            cfg.task_groups, cfg.classes_per_client, int(app["synthetic-train"]), int(app["synthetic-test"]))
+    o = cfg.data_options()
+    return (cfg.dataset, o.data_dir, o.n_clients, o.seed, o.alpha, o.image_size, o.max_samples,
+            o.task_groups, o.classes_per_client, int(app["synthetic-train"]), int(app["synthetic-test"]))
 
 
 @functools.lru_cache(maxsize=2)
-def _load_partitioned(key: tuple):
-    """The data set of ``key`` split over its clients, loaded once per process (a ClientApp's)."""
+def _load_partitioned(key: tuple[str, DataOptions]):
+    """The data set ``key = (name, options)`` split over its clients, loaded once per process (a
+    ClientApp's)."""
     from fmtl_edge.data import load_dataset
 
-    name, data_dir, clients, seed, alpha, image_size, max_samples, task_groups, cpc, _, _ = key
-    return load_dataset(name, data_dir=data_dir, n_clients=clients, seed=seed, alpha=alpha, image_size=image_size,
-                        max_samples=max_samples, task_groups=task_groups, classes_per_client=cpc)
+    return load_dataset(*key)
 
 
 #: the tasks of the ``synthetic`` data set (8x8 one-channel inputs, like digits)
@@ -375,7 +375,7 @@ def local_data(cfg: SimulationConfig, app: Mapping[str, Any], client_id: int,
         got = _read_cache(path, key, pid)
         if got is not None:
             return got
-    ds = _load_partitioned(_data_key(cfg, app))
+    ds = _load_partitioned((cfg.dataset, cfg.data_options()))
     if not 0 <= pid < ds.n_clients:
         raise DataError(f"client {pid} is not one of the {ds.n_clients} clients of {ds.name} (clients = "
                         f"{ds.n_clients} in the run config)")

@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -50,6 +50,9 @@ from fmtl_edge.transport.tensors import (
     iter_chunks,
     write_update_file,
 )
+
+if TYPE_CHECKING:
+    from fmtl_edge.data.base import DataOptions
 
 EXIT_AUTH = 3
 EXIT_REFUSED = 2
@@ -135,6 +138,13 @@ class DataSpec:
             kw["data_dir"] = data_dir
         return cls(dataset=name.strip(), **kw)
 
+    def options(self) -> DataOptions:
+        """The data set's loading options (:class:`~fmtl_edge.data.base.DataOptions`)."""
+        from fmtl_edge.data.base import DataOptions
+
+        return DataOptions(data_dir=self.data_dir, n_clients=self.n_clients, seed=self.seed, alpha=self.alpha,
+                           image_size=self.image_size, max_samples=self.max_samples, task_groups=self.task_groups)
+
     def load(self):
         """(ClientData, FederatedDataset) of this client.
 
@@ -144,9 +154,7 @@ class DataSpec:
         from fmtl_edge.data import load_dataset
         from fmtl_edge.data.base import DataError
 
-        ds = load_dataset(self.dataset, data_dir=self.data_dir, n_clients=self.n_clients, seed=self.seed,
-                          alpha=self.alpha, image_size=self.image_size, max_samples=self.max_samples,
-                          task_groups=self.task_groups)
+        ds = load_dataset(self.dataset, self.options())
         by_id = {c.client_id: c for c in ds.clients}
         if self.client_id not in by_id:
             raise DataError(f"client {self.client_id} is not in the {ds.n_clients}-client partition of "
