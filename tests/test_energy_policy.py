@@ -15,38 +15,18 @@ from conftest import interrupt_then_resume
 BASE = ["simulate", "--dataset", "digits", "--max-samples", "400", "--clients", "12", "--clients-per-round", "3",
         "--rounds", "4", "--meter", "null", "--no-progress", "--log-level", "warning"]
 
-TIGHT = """
-name = "tight"
-sample_passes_per_s = 1000.0
-[[kind]]
-name = "small"
-count = 2
-idle_w = 1.0
-default_mode = "fast"
-round_energy_j = 1.0
-run_energy_j = 2.5
-  [[kind.mode]]
-  name = "slow"
-  speed = 0.5
-  watts = 4.0
-  [[kind.mode]]
-  name = "fast"
-  speed = 1.0
-  watts = 10.0
-[[kind]]
-name = "big"
-count = 2
-idle_w = 2.0
-default_mode = "max"
-  [[kind.mode]]
-  name = "eco"
-  speed = 0.4
-  watts = 6.0
-  [[kind.mode]]
-  name = "max"
-  speed = 1.0
-  watts = 20.0
-"""
+def _kind(name: str, default: str, modes: dict[str, tuple[float, float]], idle_w: float, budgets: str = "") -> str:
+    """One ``[[kind]]`` table of a fleet file, 2 devices: modes name -> (speed, watts)."""
+    rows = [f'[[kind]]\nname = "{name}"\ncount = 2\nidle_w = {idle_w}\ndefault_mode = "{default}"\n{budgets}']
+    rows += [f'  [[kind.mode]]\n  name = "{m}"\n  speed = {v}\n  watts = {w}\n' for m, (v, w) in modes.items()]
+    return "".join(rows)
+
+
+# two small devices with tight budgets (1 J per round, 2.5 J per run) and two big ones without
+TIGHT = ('name = "tight"\nsample_passes_per_s = 1000.0\n'
+         + _kind("small", "fast", {"slow": (0.5, 4.0), "fast": (1.0, 10.0)}, 1.0,
+                 "round_energy_j = 1.0\nrun_energy_j = 2.5\n")
+         + _kind("big", "max", {"eco": (0.4, 6.0), "max": (1.0, 20.0)}, 2.0))
 
 
 def _run(tmp_path, name, *extra):

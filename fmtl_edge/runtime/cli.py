@@ -86,12 +86,7 @@ def register(subparsers) -> None:
     )
     m.add_argument("--json", action="store_true", help="print one JSON object to stdout (report on stderr suppressed)")
     m.add_argument("-o", "--output", help="also write the JSON object to this file")
-    m.add_argument("--backend", choices=("auto",) + BACKENDS, help="meter backend (default: the profile's, usually auto)")
-    m.add_argument("--profile", help="device profile TOML file or device class (default: detected / $FMTL_EDGE_PROFILE)")
-    m.add_argument("--sample-hz", type=float, help="sampling rate of integrating meters (default: profile, 50)")
-    m.add_argument("--power-w", type=float, help="estimate backend: W per busy core (default: profile)")
-    m.add_argument("--idle-w", type=float, help="estimate backend: W charged per wall second (default: profile)")
-    m.add_argument("--sysfs-root", help=f"read /sys under this root (default: ${ENV_ROOT} or /)")
+    _meter_options(m, "/sys")
     # dest "cmd", not "command": the main parser's subparsers use dest="command"
     m.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command to run, after --")
     m.set_defaults(func=cmd_meter)
@@ -113,13 +108,31 @@ def register(subparsers) -> None:
     pm.add_argument("--settle-s", type=float, default=1.0, help="seconds to wait after a mode switch (default 1)")
     pm.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     pm.add_argument("-o", "--output", help="also write the JSON object to this file")
-    pm.add_argument("--backend", choices=("auto",) + BACKENDS, help="meter backend (default: the profile's, usually auto)")
-    pm.add_argument("--profile", help="device profile TOML file or device class (default: detected / $FMTL_EDGE_PROFILE)")
-    pm.add_argument("--sample-hz", type=float, help="sampling rate of integrating meters (default: profile, 50)")
-    pm.add_argument("--power-w", type=float, help="estimate backend: W per busy core (default: profile)")
-    pm.add_argument("--idle-w", type=float, help="estimate backend: W charged per wall second (default: profile)")
-    pm.add_argument("--sysfs-root", help=f"read /sys and /etc under this root (default: ${ENV_ROOT} or /)")
+    _meter_options(pm, "/sys and /etc")
     pm.set_defaults(func=cmd_profile_modes)
+
+
+def _meter_options(p: argparse.ArgumentParser, reads: str) -> None:
+    """The meter options ``meter`` and ``profile-modes`` share (backend, profile, rates, sysfs root)."""
+    p.add_argument("--backend", choices=("auto",) + BACKENDS, help="meter backend (default: the profile's, usually auto)")
+    p.add_argument("--profile", help="device profile TOML file or device class (default: detected / $FMTL_EDGE_PROFILE)")
+    p.add_argument("--sample-hz", type=float, help="sampling rate of integrating meters (default: profile, 50)")
+    p.add_argument("--power-w", type=float, help="estimate backend: W per busy core (default: profile)")
+    p.add_argument("--idle-w", type=float, help="estimate backend: W charged per wall second (default: profile)")
+    p.add_argument("--sysfs-root", help=f"read {reads} under this root (default: ${ENV_ROOT} or /)")
+
+
+def _write_json(args: argparse.Namespace, obj: dict) -> bool:
+    """``-o FILE`` writes ``obj`` there; ``--json`` prints it to stdout. True when it was printed
+    (the caller then prints no table)."""
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    if args.json:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+    return bool(args.json)
 
 
 # ---- meter ---------------------------------------------------------------------------------------
@@ -223,14 +236,7 @@ def cmd_meter(args) -> int:
     obj["command"] = cmd
     obj["exit_code"] = rc
     obj["backend"] = meter.backend
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    if args.json:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
-    else:
+    if not _write_json(args, obj):
         title = f"fmtl-edge meter: `{shlex.join(cmd)}` exited {rc} after {meas.wall_s:.3f} s ({meter.backend} meter)"
         _eprint(format_measurement(meas, title))
     return rc
@@ -269,15 +275,7 @@ def cmd_profile_modes(args) -> int:
         return 2
     finally:
         meter.close()
-    obj = rep.to_dict()
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    if args.json:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
-    else:
+    if not _write_json(args, rep.to_dict()):
         print(format_report(rep), flush=True)
     return 0
 
