@@ -116,17 +116,23 @@ class EnergyPolicy:
                history: Sequence[ClientRecord]) -> Selection:
         """The round's clients (:func:`fmtl_edge.selection.select_clients`) under the run's budgets
         (a fleet's per-device J per round and per run, spent = ``history``)."""
-        self._learn(history)
+        if self.fleet is None:  # predictions come from the profiles; a fleet's model needs none
+            self._learn(history)
         ledger = BudgetLedger.from_fleet(self.fleet, history) if self.fleet is not None else None
+        costs: dict[int, tuple[float, float] | None] = {}
+
+        def cost_of(c: int) -> tuple[float, float] | None:
+            if c not in costs:
+                dev = self.device(c)
+                costs[c] = self.cost(dev, self._mode_for_prediction(dev), self.passes(c))
+            return costs[c]
 
         def predict(c: int) -> float | None:
-            dev = self.device(c)
-            got = self.cost(dev, self._mode_for_prediction(dev), self.passes(c))
+            got = cost_of(c)
             return None if got is None else got[1]
 
         def predict_time(c: int) -> float | None:
-            dev = self.device(c)
-            got = self.cost(dev, self._mode_for_prediction(dev), self.passes(c))
+            got = cost_of(c)
             return None if got is None else got[0]
 
         return select_clients(self.selection, eligible, k, seed_parts, predict_energy=predict, budget=ledger,
